@@ -1,0 +1,1 @@
+"""Benchmarks: kernels and the layer against peers. Never imported by moe/ or kernels/."""

@@ -1,0 +1,66 @@
+"""The one seam between the layer and the knowledge-expert implementations.
+
+Shapes: T tokens, K slots per token, D model dim, F expert width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import knowledge_mlp_reference
+from kernels.torch_mlp import knowledge_mlp_torch
+
+IMPLS = ("torch", "reference")
+
+
+def _check(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> None:
+    if x_TD.dim() != 2:
+        raise ValueError(f"x_TD must be 2-D [T, D], got shape {tuple(x_TD.shape)}")
+    num_tokens, dim = x_TD.shape
+    num_experts, _, width = w1_EDF.shape
+    expected = {
+        "expert_ids_TK": (expert_ids_TK, (num_tokens, expert_ids_TK.shape[-1])),
+        "gates_TK": (gates_TK, (num_tokens, expert_ids_TK.shape[-1])),
+        "w1_EDF": (w1_EDF, (num_experts, dim, width)),
+        "w3_EDF": (w3_EDF, (num_experts, dim, width)),
+        "w2_EFD": (w2_EFD, (num_experts, width, dim)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.device != x_TD.device:
+            raise ValueError(f"{name} is on {tensor.device}, x_TD on {x_TD.device}")
+    for name, w in (("w1_EDF", w1_EDF), ("w3_EDF", w3_EDF), ("w2_EFD", w2_EFD)):
+        if w.dtype != x_TD.dtype:
+            raise ValueError(f"{name} has dtype {w.dtype}, x_TD has {x_TD.dtype}")
+    if not gates_TK.is_floating_point():
+        raise ValueError(f"gates_TK must be floating point, got {gates_TK.dtype}")
+
+
+def knowledge_mlp(
+    x_TD: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    gates_TK: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    impl: str = "torch",
+) -> torch.Tensor:
+    """Sum over each token's consulted experts of gate * SwiGLU expert(x).
+
+    Args:
+        x_TD: [T, D] tokens.
+        expert_ids_TK: [T, K] int expert ids in ``[0, E)``, or -1 for a slot that consults nothing.
+        gates_TK: [T, K] gate weights.
+        w1_EDF, w3_EDF: [E, D, F] gate and up projections; w2_EFD: [E, F, D] down projection.
+        impl: one of ``IMPLS``.
+
+    Returns:
+        y_TD: [T, D].
+    """
+    _check(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+    if impl == "torch":
+        return knowledge_mlp_torch(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+    if impl == "reference":
+        return knowledge_mlp_reference(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

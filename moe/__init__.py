@@ -1,0 +1,21 @@
+"""pure-reasoner: an always-on reasoning expert plus occasionally-consulted knowledge experts.
+
+Importing this package never imports triton.
+"""
+
+from moe.config import KnowledgeConfig, ModelConfig, MoEConfig
+from moe.layer import MoEStats, PureReasonerMoE
+from moe.model import LMOutput, PureReasonerLM
+from moe.presets import PRESET_NAMES, preset
+
+__all__ = [
+    "PRESET_NAMES",
+    "KnowledgeConfig",
+    "LMOutput",
+    "MoEConfig",
+    "MoEStats",
+    "ModelConfig",
+    "PureReasonerLM",
+    "PureReasonerMoE",
+    "preset",
+]

@@ -1,0 +1,31 @@
+"""pure-reasoner: mixture-of-experts LMs that separate reasoning from knowledge."""
+
+from setuptools import setup
+
+# Ranges that torch 2.13.0 (the CPU wheel installed first by setup.sh) satisfies, so pip never
+# swaps in a multi-GB CUDA build. megablocks pins its own torch: it lives in the [gpu] extra only.
+setup(
+    name="pure-reasoner",
+    version="0.1.0",
+    description="An always-on reasoning expert plus occasionally-consulted knowledge experts",
+    python_requires=">=3.10",
+    packages=["moe", "kernels", "train", "benchmarks"],
+    install_requires=[
+        "torch>=2.9,<2.14",
+        "triton>=3.4,<3.10",
+        "deepspeed>=0.16,<0.20",
+        "datasets>=3.0,<6",
+        "hydra-core>=1.3,<1.4",
+        "tokenizers>=0.20,<1",
+        "safetensors>=0.4,<1",
+        "numpy>=1.26,<3",
+        "tqdm>=4.66,<5",
+        "rich>=13,<15",
+        "tensorboard>=2.17,<3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6,<1"],
+        "gpu": ["megablocks>=0.7"],
+    },
+)

@@ -1,0 +1,101 @@
+"""The fast PyTorch knowledge path against the loop oracle: forward and every gradient."""
+
+import pytest
+import torch
+
+from kernels import knowledge_mlp
+from kernels.reference import knowledge_mlp_reference
+from kernels.routing import NOT_CONSULTED
+from kernels.torch_mlp import knowledge_mlp_torch
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, one_expert=None):
+    x_TD = torch.randn(num_tokens, dim, dtype=dtype, requires_grad=True)
+    ids_TK = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
+    if one_expert is not None:
+        ids_TK = torch.full((num_tokens, top_k), one_expert)
+    ids_TK = torch.where(torch.rand(num_tokens, top_k) < idle_share, NOT_CONSULTED, ids_TK)
+    gates_TK = torch.rand(num_tokens, top_k, dtype=torch.float32, requires_grad=True)
+    weights = [
+        (torch.randn(num_experts, *shape, dtype=dtype) / shape[0] ** 0.5).requires_grad_()
+        for shape in ((dim, width), (dim, width), (width, dim))
+    ]
+    return x_TD, ids_TK, gates_TK, weights
+
+
+CASES = [
+    pytest.param(1, 16, 32, 4, 2, 0.0, id="T=1"),
+    pytest.param(40, 16, 32, 4, 2, 1.0, id="no-token-consults"),
+    pytest.param(37, 16, 32, 4, 4, 0.3, id="K=E"),
+    pytest.param(45, 24, 40, 7, 2, 0.5, id="prime-E"),
+    pytest.param(33, 20, 36, 5, 2, 0.2, id="aligned-non-pow2-D-F"),
+    pytest.param(29, 15, 33, 3, 2, 0.2, id="unaligned-D-F-loop-fallback"),
+]
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
+@pytest.mark.parametrize("num_tokens,dim,width,num_experts,top_k,idle_share", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, compact):
+    x_TD, ids_TK, gates_TK, weights = _inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype)
+    tri = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=compact)
+    ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(tri, ref, **TOLERANCE[dtype])
+    if idle_share < 1.0:
+        assert tri.abs().sum() > 0
+    grad_TD = torch.randn_like(ref)
+    inputs = [x_TD, gates_TK, *weights]
+    tri_grads = torch.autograd.grad(tri, inputs, grad_TD, allow_unused=True)
+    # With nothing routed the oracle's output is a constant: every gradient is zero.
+    ref_grads = torch.autograd.grad(ref, inputs, grad_TD, allow_unused=True) if ref.requires_grad else [None] * 5
+    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads):
+        if r is None:  # nothing routed: the oracle never touched this input
+            assert t is None or t.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(t.to(r.dtype), r, **TOLERANCE[dtype], msg=name)
+
+
+def test_all_tokens_to_one_expert():
+    x_TD, ids_TK, gates_TK, weights = _inputs(31, 16, 32, 4, 1, 0.0, torch.float32, one_expert=3)
+    tri = knowledge_mlp(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(tri, knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights), **TOLERANCE[torch.float32])
+    tri.backward(torch.randn_like(tri))
+    assert weights[0].grad[:3].abs().max() == 0 and weights[0].grad[3].abs().max() > 0
+
+
+def test_expanded_upstream_gradient():
+    """``y.sum().backward()`` sends a stride-0 gradient, which grouped_mm's CPU backward rejects."""
+    x_TD, ids_TK, gates_TK, weights = _inputs(16, 16, 32, 4, 2, 0.0, torch.float32)
+    knowledge_mlp(x_TD, ids_TK, gates_TK, *weights).sum().backward()
+    assert torch.isfinite(x_TD.grad).all() and torch.isfinite(weights[2].grad).all()
+
+
+def test_masked_path_never_reads_values():
+    """On the meta device a host read raises; the masked path and its backward must still run."""
+    x_TD, ids_TK, gates_TK, weights = _inputs(16, 16, 32, 4, 2, 0.2, torch.float32)
+    # bf16: grouped_mm's meta kernel accepts only bf16 (the CPU kernel takes fp32 too).
+    x_TD, w1, w3, w2 = (t.detach().to("meta", torch.bfloat16).requires_grad_() for t in (x_TD, *weights))
+    gates_TK = gates_TK.detach().to("meta").requires_grad_()
+    y_TD = knowledge_mlp_torch(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, compact=False)
+    y_TD.backward(torch.ones_like(y_TD))
+    assert y_TD.device.type == "meta" and w1.grad.shape == w1.shape and gates_TK.grad.shape == gates_TK.shape
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: a.update(x_TD=a["x_TD"][None]), "x_TD must be 2-D"),
+        (lambda a: a.update(gates_TK=a["gates_TK"][:-1]), "gates_TK must have shape"),
+        (lambda a: a.update(w2_EFD=a["w2_EFD"].transpose(1, 2)), "w2_EFD must have shape"),
+        (lambda a: a.update(w1_EDF=a["w1_EDF"].double()), "w1_EDF has dtype"),
+        (lambda a: a.update(impl="cuda-magic"), "impl must be one of"),
+    ],
+)
+def test_bad_input(change, match):
+    x_TD, ids_TK, gates_TK, (w1, w3, w2) = _inputs(8, 16, 32, 4, 2, 0.0, torch.float32)
+    args = dict(x_TD=x_TD, expert_ids_TK=ids_TK, gates_TK=gates_TK, w1_EDF=w1, w3_EDF=w3, w2_EFD=w2)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        knowledge_mlp(**args)

@@ -1,0 +1,165 @@
+"""PureReasonerMoE: equivalences, the per-token oracle, gradients, the consult controller."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import knowledge_mlp_reference
+from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from moe.experts import SwiGLU
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _layer(mechanism="gate", dim=32, reasoning_width=48, **knowledge) -> PureReasonerMoE:
+    defaults = dict(num_experts=6, expert_width=40, top_k=2, mechanism=mechanism, num_null_experts=6)
+    if mechanism == "always":
+        defaults["consult_rate"] = 1.0
+    kcfg = KnowledgeConfig(**{**defaults, **knowledge})
+    layer = PureReasonerMoE(MoEConfig(d_model=dim, reasoning_width=reasoning_width, knowledge=kcfg))
+    layer.init_weights(std=0.3, out_std=0.3)  # large enough that every term is visible in the sum
+    return layer
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null", "always"])
+def test_knowledge_off_equals_reasoning_expert(mechanism):
+    layer = _layer(mechanism)
+    x_BSD = torch.randn(3, 7, 32)
+    y_BSD, stats = layer(x_BSD, knowledge_off=True)
+    torch.testing.assert_close(y_BSD, layer.reasoning(x_BSD), rtol=0, atol=0)
+    assert float(stats.consult_rate) == 0.0 and float(stats.expert_load_E.sum()) == 0.0
+    assert not torch.allclose(layer(x_BSD)[0], y_BSD)  # knowledge on does change the output
+
+
+def test_one_expert_always_consulted_equals_dense_swiglu():
+    """E=1, K=1, always consulted, reasoning off: the layer is a dense SwiGLU (forward and gradients)."""
+    layer = _layer("always", num_experts=1, top_k=1)
+    dense = SwiGLU(32, 40)
+    with torch.no_grad():
+        dense.w1.weight.copy_(layer.experts.w1_EDF[0].T)
+        dense.w3.weight.copy_(layer.experts.w3_EDF[0].T)
+        dense.w2.weight.copy_(layer.experts.w2_EFD[0].T)
+    x_TD = torch.randn(37, 32, requires_grad=True)
+    x_dense = x_TD.detach().clone().requires_grad_()
+    y_TD, _ = layer(x_TD, reasoning_off=True)
+    y_dense = dense(x_dense)
+    torch.testing.assert_close(y_TD, y_dense, **FP32)
+    grad = torch.randn_like(y_TD)
+    y_TD.backward(grad)
+    y_dense.backward(grad)
+    torch.testing.assert_close(x_TD.grad, x_dense.grad, **FP32)
+    torch.testing.assert_close(layer.experts.w1_EDF.grad[0], dense.w1.weight.grad.T, **FP32)
+    torch.testing.assert_close(layer.experts.w3_EDF.grad[0], dense.w3.weight.grad.T, **FP32)
+    torch.testing.assert_close(layer.experts.w2_EFD.grad[0], dense.w2.weight.grad.T, **FP32)
+
+
+def _oracle(layer: PureReasonerMoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """reasoning(x) + per-token loop over the router's choices (the router itself is exercised too)."""
+    routing = layer.router(x_TD)
+    e = layer.experts
+    return layer.reasoning(x_TD) + knowledge_mlp_reference(
+        x_TD, routing.expert_ids_TK, routing.gates_TK, e.w1_EDF, e.w3_EDF, e.w2_EFD
+    )
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null", "always"])
+def test_layer_equals_per_token_loop(mechanism):
+    layer = _layer(mechanism)
+    # Random selection-only biases make the routing random and give a mix of consulting tokens.
+    layer.router.expert_bias_E.normal_(std=1.0)
+    x_TD = torch.randn(53, 32, requires_grad=True)
+    y_TD, stats = layer(x_TD)
+    ref_TD = _oracle(layer, x_TD)
+    torch.testing.assert_close(y_TD, ref_TD, **FP32)
+    params = [x_TD, *layer.parameters()]
+    grad = torch.randn_like(y_TD)
+    ours = torch.autograd.grad(y_TD, params, grad, allow_unused=True)
+    ref = torch.autograd.grad(ref_TD, params, grad, allow_unused=True)
+    for (name, _), a, b in zip([("x", None), *layer.named_parameters()], ours, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, **FP32, msg=name)
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null"])
+def test_gradients_reach_the_router(mechanism):
+    layer = _layer(mechanism)
+    y_TD, stats = layer(torch.randn(64, 32))
+    (y_TD.square().mean() + stats.aux_loss).backward()
+    assert layer.router.proj.weight.grad.abs().sum() > 0
+    if mechanism == "gate":
+        assert layer.router.consult_proj.weight.grad.abs().sum() > 0
+        assert layer.router.consult_proj.bias.grad.abs().sum() > 0
+    assert layer.router.expert_bias_E.grad is None  # selection-only: no gradient, ever
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null"])
+@pytest.mark.parametrize("target", [0.05, 0.25])
+def test_controller_holds_the_consult_rate(mechanism, target):
+    """Train on a toy regression task; after warm-up the realized rate stays within ±20% of target."""
+    torch.manual_seed(1)
+    layer = _layer(mechanism, dim=16, reasoning_width=16, num_experts=8, expert_width=16, consult_rate=target)
+    layer.init_weights()
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
+    opt = torch.optim.AdamW(layer.parameters(), lr=3e-3)
+    rates = []
+    for step in range(400):
+        x_TD = torch.randn(256, 16)
+        y_TD, stats = layer(x_TD)
+        loss = F.mse_loss(y_TD, teacher(x_TD).detach()) + stats.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.update_controller(stats)
+        rates.append(float(stats.slot_rate))
+    late = torch.tensor(rates[200:])
+    assert abs(float(late.mean()) - target) <= 0.2 * target, f"mean rate {late.mean():.4f} vs target {target}"
+    # Rate over windows of 20 steps (5k tokens) stays in the band too, not only on average.
+    windows = late.view(-1, 20).mean(1)
+    assert bool(((windows - target).abs() <= 0.2 * target).all()), windows
+
+
+def test_balance_bias_spreads_load():
+    torch.manual_seed(2)
+    layer = _layer("always", num_experts=8, top_k=1, balance_step=0.05)
+    layer.router.proj.weight.data[0] += 1.0  # a router that prefers expert 0 for most inputs
+    x_TD = torch.randn(512, 32)
+    before = layer(x_TD)[1].expert_load_E
+    for _ in range(100):
+        layer.update_controller(layer(x_TD)[1])
+    after = layer(x_TD)[1].expert_load_E
+    assert after.max() < 0.5 * before.max(), (before, after)
+
+
+def test_stats_and_aux_losses():
+    layer = _layer("gate", consult_rate=0.5)
+    y, stats = layer(torch.randn(2, 50, 32))
+    assert stats.num_tokens == 100 and stats.num_slots == 200
+    assert 0.0 <= float(stats.consult_rate) <= 1.0
+    assert float(stats.slot_rate) == pytest.approx(float(stats.consult_rate))  # gate: all K slots or none
+    assert float(stats.z_loss.detach()) > 0 and float(stats.balance_loss.detach()) >= 0
+    expected = layer.cfg.knowledge.balance_loss_coef * stats.balance_loss + layer.cfg.knowledge.z_loss_coef * stats.z_loss
+    torch.testing.assert_close(stats.aux_loss, expected)
+
+
+def test_reasoning_gate_scales_reasoning():
+    layer = PureReasonerMoE(MoEConfig(d_model=16, reasoning_width=16, reasoning_gate=True))
+    x_TD = torch.randn(5, 16)
+    y, _ = layer(x_TD, knowledge_off=True)
+    torch.testing.assert_close(y, torch.sigmoid(layer.reasoning_gate(x_TD)) * layer.reasoning(x_TD))
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null", "always"])
+def test_whole_layer_runs_on_meta_device(mechanism):
+    """No host read anywhere in forward or backward: the meta device has no values to read."""
+    with torch.device("meta"):
+        layer = _layer(mechanism, dim=32, expert_width=32).to(torch.bfloat16)
+        x_TD = torch.empty(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    y_TD, stats = layer(x_TD)
+    (y_TD.sum() + stats.aux_loss).backward()
+    assert layer.experts.w1_EDF.grad.device.type == "meta"
+
+
+def test_wrong_width_input():
+    with pytest.raises(ValueError, match="d_model=32"):
+        _layer()(torch.randn(4, 31))

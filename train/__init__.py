@@ -1,0 +1,1 @@
+"""Training stack: Hydra entry point, data, DeepSpeed engine, checkpoints, evaluation."""
