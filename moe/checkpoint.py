@@ -1,0 +1,82 @@
+"""Exported model files: one ``model.safetensors`` plus ``config.json`` in a directory.
+
+Loading never unpickles: weights come from safetensors, the config from JSON through the typed
+dataclasses (so unknown keys and bad values raise ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moe.config import KnowledgeConfig, ModelConfig
+from moe.model import PureReasonerLM
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """Build a ModelConfig from plain values, naming any key the schema does not have."""
+    values = dict(values)
+    knowledge = values.pop("knowledge", {})
+    for cls, given in ((ModelConfig, values), (KnowledgeConfig, knowledge)):
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return ModelConfig(**values, knowledge=KnowledgeConfig(**knowledge))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: PureReasonerLM, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (buffers included) atomically into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    _atomic_write(out / WEIGHTS, lambda p: save_file(state, p))
+    text = json.dumps(dataclasses.asdict(model.cfg), indent=2)
+    _atomic_write(out / CONFIG, lambda p: Path(p).write_text(text))
+    return out
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> PureReasonerLM:
+    """Load a model written by ``save_pretrained``. Raises ValueError naming what is wrong."""
+    src = Path(directory)
+    for name in (CONFIG, WEIGHTS):
+        if not (src / name).is_file():
+            raise ValueError(f"checkpoint {src} has no {name}")
+    try:
+        cfg = config_from_dict(json.loads((src / CONFIG).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise ValueError(f"{src / CONFIG} is not a valid config: {err}") from err
+    try:
+        state = load_file(src / WEIGHTS, device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{src / WEIGHTS} is not a readable safetensors file: {err}") from err
+    model = PureReasonerLM(cfg).to(map_location)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{src / WEIGHTS} does not match its config: {err}") from err
+    return model
