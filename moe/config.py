@@ -142,8 +142,8 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not a multiple of model.n_heads={self.n_heads}")
-        if self.head_dim is not None and self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.attn_head_dim % 2:
+            raise ValueError(f"model head dim must be even for RoPE, got {self.attn_head_dim}")
         if not 0 <= self.dense_first_layers <= self.n_layers:
             raise ValueError(f"model.dense_first_layers must be in [0, n_layers], got {self.dense_first_layers}")
         if self.dense_width is None and any(not self.is_moe_layer(i) for i in range(self.n_layers)):

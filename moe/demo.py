@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             model.update_controllers(out.stats)
         out = model(torch.randint(0, cfg.vocab_size, (args.batch, seq)))
     nom, real = nominal(cfg, seq), realized(cfg, out.stats, seq)
-    print(f"preset {args.preset}: {nom.total_params / 1e6:.2f}M params, target consult rate {cfg.knowledge.consult_rate}")
+    print(f"preset {args.preset}: {nom.total_params / 1e6:.2f}M params, "
+          f"target consult rate {cfg.knowledge.consult_rate}")
     for i, s in enumerate(out.stats):
         print(f"  MoE layer {i}: consult rate {float(s.consult_rate):.3f}, slot rate {float(s.slot_rate):.3f}")
     print(f"active params/token: nominal {nom.active_params / 1e6:.3f}M, realized {real.active_params / 1e6:.3f}M")

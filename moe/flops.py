@@ -37,11 +37,12 @@ class BlockParams:
 
     @property
     def total(self) -> int:
-        return self.attention + self.norms + self.dense_ffn + self.reasoning + self.router + self.num_experts * self.one_expert
+        return int(self.active(self.num_experts))
 
     def active(self, experts_per_token: float) -> float:
         """Parameters a token touches when it uses ``experts_per_token`` knowledge experts here."""
-        return self.attention + self.norms + self.dense_ffn + self.reasoning + self.router + experts_per_token * self.one_expert
+        shared = self.attention + self.norms + self.dense_ffn + self.reasoning + self.router
+        return shared + experts_per_token * self.one_expert
 
 
 def block_params(cfg: ModelConfig, index: int) -> BlockParams:

@@ -7,7 +7,8 @@ from benchmarks.common import measure_roofline, time_interleaved, write_json
 
 def test_time_interleaved_counts_calls():
     calls = {"a": 0, "b": 0}
-    timings = time_interleaved({k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}, repeats=4, warmup=2)
+    cases = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    timings = time_interleaved(cases, repeats=4, warmup=2)
     assert calls == {"a": 6, "b": 6}
     assert all(t.repeats == 4 and t.min_s <= t.median_s <= t.max_s for t in timings.values())
 

@@ -23,6 +23,7 @@ CASES = [
     (ModelConfig, dict(dense_first_layers=1), "dense_width must be set"),
     (ModelConfig, dict(dense_first_layers=9), "dense_first_layers must be in"),
     (ModelConfig, dict(max_seq_len=0), "max_seq_len must be > 0, got 0"),
+    (ModelConfig, dict(d_model=36, n_heads=4), "head dim must be even for RoPE, got 9"),
 ]
 
 
