@@ -61,7 +61,11 @@ def block_params(cfg: ModelConfig, index: int) -> BlockParams:
 
 @dataclass(frozen=True)
 class Accounting:
-    """Per-token cost of a model. ``experts_per_token_per_layer`` lists each MoE layer's slot_rate * K."""
+    """Per-token cost of a model.
+
+    ``experts_per_token_per_layer``: each MoE layer's slot_rate * K. ``block_active_params`` and
+    ``block_flops_per_token`` (training) break the cost down per transformer block.
+    """
 
     total_params: int
     embedding_params: int
@@ -73,6 +77,8 @@ class Accounting:
     attention_flops_per_token: float
     seq_len: int
     experts_per_token_per_layer: list[float]
+    block_active_params: list[float]
+    block_flops_per_token: list[float]
 
 
 def _account(cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int) -> Accounting:
@@ -83,10 +89,12 @@ def _account(cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int)
     embed = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
     epts = iter(experts_per_token)
-    active_blocks = sum(b.active(next(epts) if cfg.is_moe_layer(i) else 0.0) for i, b in enumerate(blocks))
+    block_active = [b.active(next(epts) if cfg.is_moe_layer(i) else 0.0) for i, b in enumerate(blocks)]
+    active_blocks = sum(block_active)
     active = embed + head + cfg.d_model + active_blocks
     matmul = active_blocks - sum(b.norms for b in blocks) + embed  # LM head: tied or not, a V x D matmul
-    attn_width = cfg.n_layers * cfg.n_heads * cfg.attn_head_dim * seq_len
+    layer_attn_width = cfg.n_heads * cfg.attn_head_dim * seq_len
+    attn_width = cfg.n_layers * layer_attn_width
     return Accounting(
         total_params=embed + head + cfg.d_model + sum(b.total for b in blocks),
         embedding_params=embed + head,
@@ -98,6 +106,10 @@ def _account(cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int)
         attention_flops_per_token=12 * attn_width,
         seq_len=seq_len,
         experts_per_token_per_layer=list(experts_per_token),
+        block_active_params=block_active,
+        block_flops_per_token=[
+            6 * (a - b.norms) + 12 * layer_attn_width for a, b in zip(block_active, blocks, strict=True)
+        ],
     )
 
 

@@ -45,6 +45,11 @@ def test_realized_follows_routing():
     assert expected_extra > 0
     assert rep.active_params - base.active_params == pytest.approx(expected_extra)
     assert rep.flops_per_token - base.flops_per_token == pytest.approx(6 * expected_extra)
+    per_block_extra = [a - b for a, b in zip(rep.block_active_params, base.block_active_params, strict=True)]
+    for extra, s in zip(per_block_extra, out.stats, strict=True):  # every tiny block is a MoE block
+        assert extra == pytest.approx(float(s.expert_load_E.sum()) / 128 * one_expert)
+    embed_and_head = rep.flops_per_token - sum(rep.block_flops_per_token)
+    assert embed_and_head == pytest.approx(6 * cfg.vocab_size * cfg.d_model)  # the LM-head matmul
 
 
 def test_realized_equals_nominal_when_every_token_consults():
