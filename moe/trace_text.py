@@ -4,8 +4,9 @@ A checkpoint directory that holds ``tokenizer.json`` (a HuggingFace ``tokenizers
 with it; otherwise text is read as UTF-8 bytes (ids 0..255), one token per byte.
 
 Every token carries ``label``: the text to display for it. Labels are made visible before they reach
-any view: control characters become ``\\xNN`` and bidirectional overrides ``\\uNNNN`` (so untrusted
-text cannot move the terminal cursor or reorder what is shown); a newline shows as ``↵`` then breaks.
+any view: control characters become ``\\xNN``, line/paragraph separators and bidirectional overrides
+``\\uNNNN`` (so untrusted text cannot move the terminal cursor, break lines unseen or reorder what is
+shown); a newline shows as ``↵`` then breaks.
 Escaping for HTML is the renderer's job.
 
 Annotated JSONL (``read_jsonl``), one document per line:
@@ -62,7 +63,7 @@ def visible(text: str) -> str:
             out.append("↵\n")
         elif char == "\t":
             out.append(char)
-        elif unicodedata.category(char) == "Cc" or char in _BIDI:
+        elif unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI:
             out.append(f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
         else:
             out.append(char)
