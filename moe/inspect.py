@@ -5,7 +5,7 @@
 
 Model: ``--checkpoint DIR`` (``config.json`` + ``model.safetensors``, loaded without unpickling; its
 ``tokenizer.json`` when present, else UTF-8 bytes) or ``--random PRESET`` (random weights; the consult
-controller is first settled on random tokens so the consult rate sits near its target). Input:
+controller is first settled on the input so the consult rate sits near its target). Input:
 ``--text`` or ``--jsonl`` (a ``text`` field per line and optional fact spans, see ``moe.trace_text``;
 a ``datasets`` split written with ``Dataset.to_json`` reads as is). Output: a terminal view (tokens
 coloured by the number of layers in which they consulted knowledge, consult rates fact vs other,
@@ -41,7 +41,7 @@ from moe.trace_report import (
     trace_documents,
     trace_record,
 )
-from moe.trace_text import TextCodec, read_jsonl
+from moe.trace_text import TextCodec, Token, read_jsonl
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--show", type=int, default=3, help="documents shown in the terminal and the HTML page")
     parser.add_argument("--top-experts", type=int, default=10, help="rows of the per-expert table")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random model")
-    parser.add_argument("--warmup", type=int, default=20, help="controller batches for the --random model")
+    parser.add_argument("--warmup", type=int, default=20, help="controller passes over the input (--random only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no terminal view")
     return parser
@@ -81,20 +81,20 @@ def _load_model(args) -> tuple[PureReasonerLM, str, TextCodec]:
     else:
         torch.manual_seed(args.seed)
         model = PureReasonerLM(preset(args.random)).to(args.device)
-        _settle_controller(model, args.warmup)
-        source = f"random {args.random} (seed {args.seed}, controller settled for {args.warmup} batches)"
+        source = f"random {args.random} (seed {args.seed}, controller settled on the input for {args.warmup} passes)"
     codec = TextCodec.for_model(args.checkpoint, model.cfg.vocab_size)
     return model.eval(), source, codec
 
 
 @torch.no_grad()
-def _settle_controller(model: PureReasonerLM, steps: int) -> None:
-    """Let the consult controller steer a random model toward its target rate (no training)."""
-    cfg = model.cfg
-    for _ in range(steps):
-        # Small batches: the controller only needs the sign of the rate error, and this runs on CPUs.
-        idx_BS = torch.randint(0, cfg.vocab_size, (2, min(cfg.max_seq_len, 64)), device=model.embed.weight.device)
-        model.update_controllers(model(idx_BS).stats)
+def _settle_controller(model: PureReasonerLM, encoded: list[list[Token]], steps: int) -> None:
+    """Let the consult controller of a random model steer toward its target rate on the documents
+    themselves (no training): settled on random ids instead, a layer can consult on 60% of real text's
+    tokens, whose hidden states differ from those of uniformly random ids."""
+    device = next(model.parameters()).device
+    for step in range(steps):
+        tokens = encoded[step % len(encoded)]
+        model.update_controllers(model(torch.tensor([[t.id for t in tokens]], device=device)).stats)
 
 
 def _colour(count: int, num_layers: int) -> str:
@@ -140,6 +140,8 @@ def run(args, console: Console) -> None:
         docs = read_jsonl(args.jsonl, args.text_field, args.facts_field)[: args.max_docs]
     model, source, codec = _load_model(args)
     encoded = encode_all(codec, docs, model.cfg.max_seq_len, args.truncate)
+    if args.random is not None:
+        _settle_controller(model, encoded, args.warmup)
     traced, trace = trace_documents(model, docs, encoded)
     summary = summarize(traced, trace)
     meta = {"source": source, "tokens_from": codec.description, "moe_blocks": trace.moe_blocks,

@@ -82,7 +82,7 @@ h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 14px; margin: 12px 0 4p
 .meta, .legend { margin: 2px 0; color: #444; }
 main { display: flex; gap: 16px; padding: 0 20px; align-items: flex-start; }
 #docs { flex: 1; min-width: 0; }
-.text { font: 15px/1.9 ui-monospace, monospace; white-space: pre-wrap; word-break: break-all;
+.text { font: 15px/1.9 ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere;
   background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px 12px; }
 .t { border-radius: 3px; padding: 1px 0; cursor: pointer; }
 .t:hover, .t.pinned { outline: 2px solid #1f5fbf; }
@@ -90,7 +90,7 @@ main { display: flex; gap: 16px; padding: 0 20px; align-items: flex-start; }
 .t.ph { color: #888; font-size: 11px; }
 #detail { position: sticky; top: 12px; width: 340px; background: #fff; border: 1px solid #ddd;
   border-radius: 6px; padding: 10px 12px; }
-#detail .tok { font: 18px ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; }
+#detail .tok { font: 18px ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 #detail .sub, .none { color: #777; font-size: 12px; } #detail .fact { color: #7a1fbf; }
 #detail table { border-collapse: collapse; margin-top: 6px; width: 100%; }
 #detail th { text-align: left; font-weight: 600; padding: 3px 8px 3px 0; white-space: nowrap; vertical-align: top; }
@@ -99,7 +99,7 @@ main { display: flex; gap: 16px; padding: 0 20px; align-items: flex-start; }
 .gate { color: #555; font-size: 12px; }
 table.sum { border-collapse: collapse; margin: 6px 0 14px; background: #fff; }
 table.sum th, table.sum td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-table.sum td.l { text-align: left; }
+table.sum .l { text-align: left; }
 """
 
 
@@ -148,11 +148,12 @@ def _doc_data(doc: TracedDoc) -> dict:
 def _table_html(title: str, header: list[str], rows: list[list[str]]) -> str:
     """An escaped table; the first column and text columns (index >= 5) left-aligned."""
     e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    cells = ('<td class="l">{}</td>', "<td>{}</td>")
-    body = "".join(
-        "<tr>" + "".join(cells[0 < j < 5].format(e(c)) for j, c in enumerate(row)) + "</tr>" for row in rows
-    )
+
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f'<{tag}{"" if 0 < j < 5 else " class=l"}>{e(v)}</{tag}>' for j, v in enumerate(values))
+
+    head = cells("th", header)
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
     return f'<h2>{e(title)}</h2><table class="sum"><tr>{head}</tr>{body}</table>'
 
 

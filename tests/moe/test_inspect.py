@@ -3,7 +3,6 @@ model and on saved checkpoints, bad input, untrusted text in every view, and the
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -407,8 +406,6 @@ def test_browser_renders_every_token_inert(chromium, demo, tmp_path):
     chromium(f"{(out / 'trace.html').as_uri()}#t=0.{fact_token}", "--hide-scrollbars", "--window-size=1200,760",
              f"--screenshot={shot}")
     _check_screenshot(shot, (760, 1200))
-    if os.environ.get("KNOWLEDGE_TRACE_SCREENSHOT"):  # how docs/knowledge_trace.png is made
-        shutil.copy(shot, os.environ["KNOWLEDGE_TRACE_SCREENSHOT"])
 
 
 def _check_screenshot(path: Path, shape_HW: tuple[int, int]) -> None:
