@@ -33,6 +33,7 @@ from moe.presets import PRESET_NAMES, preset
 from moe.trace_html import render_html
 from moe.trace_report import (
     TracedDoc,
+    describe,
     encode_all,
     expert_table,
     rate_table,
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--truncate", action="store_true", help="cut documents longer than model.max_seq_len")
     parser.add_argument("--html", type=Path, help="write the self-contained HTML view here")
     parser.add_argument("--json", type=Path, help="write the raw trace here")
-    parser.add_argument("--show", type=int, default=3, help="documents shown in the terminal and the HTML page")
+    parser.add_argument("--show", type=int, default=3, help="documents shown in full (the summary covers all)")
     parser.add_argument("--top-experts", type=int, default=10, help="rows of the per-expert table")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random model")
     parser.add_argument("--warmup", type=int, default=20, help="controller passes over the input (--random only)")
@@ -144,28 +145,27 @@ def run(args, console: Console) -> None:
         _settle_controller(model, encoded, args.warmup)
     traced, trace = trace_documents(model, docs, encoded)
     summary = summarize(traced, trace)
-    meta = {"source": source, "tokens_from": codec.description, "moe_blocks": trace.moe_blocks,
-            "num_experts": trace.num_experts, "top_k": trace.top_k}
+    meta = describe(trace, source, codec)
     if not args.quiet:
         render_terminal(console, traced, summary, meta, args.show, args.top_experts)
     outputs = {}
     if args.html is not None:
         outputs[args.html] = render_html(traced[: args.show], summary, meta, args.top_experts)
     if args.json is not None:
-        outputs[args.json] = json.dumps(trace_record(traced, trace, {"source": source}, codec, summary)) + "\n"
+        outputs[args.json] = json.dumps(trace_record(traced, summary, meta)) + "\n"
     for path, text in outputs.items():
         _atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
-        console.print(f"wrote {path}")
+        console.print(Text(f"wrote {path}"))  # Text: a path is never parsed as markup
 
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     """CLI entry; returns the exit status (argparse exits 2 on bad usage)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("show", "top_experts", "max_docs"):
+    for name, least in (("show", 1), ("top_experts", 1), ("max_docs", 1), ("warmup", 0)):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     try:
         run(args, console or Console())
     except ValueError as err:

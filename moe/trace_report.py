@@ -118,11 +118,12 @@ def summarize(docs: list[TracedDoc], trace: KnowledgeTrace, top: int = 5) -> dic
     types, entities = defaultdict(Counter), defaultdict(Counter)
     layer_types = Counter()
     top_k = docs[0].expert_ids_LSK.shape[-1]
+    ids_LTK = ids_LN.view(num_layers, -1, top_k).tolist()  # plain lists: this loop is per token
     for t in fact_T.nonzero()[:, 0].tolist():
         kinds = {f.type for f in token_facts[t]}
         whos = {f.entity for f in token_facts[t]}
         for layer in range(num_layers):
-            for e in ids_LN[layer, t * top_k : (t + 1) * top_k].tolist():
+            for e in ids_LTK[layer][t]:
                 if e != NOT_CONSULTED:
                     types[layer, e].update(kinds)
                     entities[layer, e].update(whos)
@@ -216,15 +217,14 @@ def doc_record(doc: TracedDoc) -> dict:
     }
 
 
-def trace_record(
-    docs: list[TracedDoc], trace: KnowledgeTrace, model_info: dict, codec: TextCodec, summary: dict
-) -> dict:
-    """The whole raw trace as plain JSON-able values (what ``--json`` writes)."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": {**model_info, "moe_blocks": trace.moe_blocks, "num_experts": trace.num_experts, "top_k": trace.top_k},
-        "tokens_from": codec.description,
-        "summary": summary,
-        "documents": [doc_record(d) for d in docs],
-    }
+def describe(trace: KnowledgeTrace, source: str, codec: TextCodec) -> dict:
+    """What every view says about the run: ``source`` (the model), ``tokens_from`` (the codec),
+    ``moe_blocks``, ``num_experts``, ``top_k``."""
+    return {"source": source, "tokens_from": codec.description, "moe_blocks": trace.moe_blocks,
+            "num_experts": trace.num_experts, "top_k": trace.top_k}
+
+
+def trace_record(docs: list[TracedDoc], summary: dict, meta: dict) -> dict:
+    """The whole raw trace as plain JSON-able values (what ``--json`` writes); ``meta`` from ``describe``."""
+    documents = [doc_record(d) for d in docs]
+    return {"format": FORMAT, "version": VERSION, **meta, "summary": summary, "documents": documents}

@@ -234,7 +234,7 @@ def test_html_is_complete_and_inert(demo):
 def test_json_trace_and_summary(demo):
     _, trace, tokenizer = demo
     assert trace["format"] == "pure-reasoner.knowledge-trace" and TOKENIZER in trace["tokens_from"]
-    assert trace["model"]["moe_blocks"] == [0, 1] and len(trace["documents"]) == NUM_DEMO + len(PAYLOADS)
+    assert trace["moe_blocks"] == [0, 1] and len(trace["documents"]) == NUM_DEMO + len(PAYLOADS)
     # Fact-bearing: the tokenizer's character span of the token overlaps a fact span.
     num_fact_tokens = len(PAYLOADS) + sum(
         any(a < f.end and f.start < b for f in facts)
@@ -397,7 +397,7 @@ def test_browser_renders_every_token_inert(chromium, demo, tmp_path):
     # The detail panel, built by the page's script, shows the pinned token's experts and gates.
     token = docs[d]["tokens"][pinned]
     expected = [token["label"], f"document {d} · token {pinned} · id {token['id']}", f"{PAYLOADS[2]}: {PAYLOADS[1]}"]
-    for block, slots in zip(trace["model"]["moe_blocks"], token["layers"], strict=True):
+    for block, slots in zip(trace["moe_blocks"], token["layers"], strict=True):
         expected.append(f"block {block}")
         expected += [s for e, g in slots for s in (f"expert {e}", f"{g:.3f}")] or ["not consulted"]
     assert dom.detail == expected
