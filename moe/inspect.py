@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -153,8 +154,12 @@ def run(args, console: Console) -> None:
         outputs[args.html] = render_html(traced[: args.show], summary, meta, args.top_experts)
     if args.json is not None:
         outputs[args.json] = json.dumps(trace_record(traced, summary, meta)) + "\n"
+    def write(tmp: str, text: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o644)  # the temporary file is 0600; a report is for reading
+
     for path, text in outputs.items():
-        _atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        _atomic_write(path, lambda tmp, text=text: write(tmp, text))
         console.print(Text(f"wrote {path}"))  # Text: a path is never parsed as markup
 
 
