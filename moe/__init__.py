@@ -7,6 +7,7 @@ from moe.config import KnowledgeConfig, ModelConfig, MoEConfig
 from moe.layer import MoEStats, PureReasonerMoE
 from moe.model import LMOutput, PureReasonerLM
 from moe.presets import PRESET_NAMES, preset
+from moe.trace import record_knowledge_trace
 
 __all__ = [
     "PRESET_NAMES",
@@ -18,4 +19,5 @@ __all__ = [
     "PureReasonerLM",
     "PureReasonerMoE",
     "preset",
+    "record_knowledge_trace",
 ]

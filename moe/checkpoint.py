@@ -33,12 +33,19 @@ def config_from_dict(values: dict) -> ModelConfig:
     return ModelConfig(**values, knowledge=KnowledgeConfig(**knowledge))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a partial file. The result
+    gets the usual umask-derived mode (mkstemp's own 0600 would surprise readers of exported files).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,9 +61,9 @@ def save_pretrained(model: PureReasonerLM, directory: str | os.PathLike) -> Path
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _atomic_write(out / WEIGHTS, lambda p: save_file(state, p))
+    atomic_write(out / WEIGHTS, lambda p: save_file(state, p))
     text = json.dumps(dataclasses.asdict(model.cfg), indent=2)
-    _atomic_write(out / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(out / CONFIG, lambda p: Path(p).write_text(text))
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moe.checkpoint import _atomic_write, load_pretrained
+from moe.checkpoint import atomic_write, load_pretrained
 from moe.model import PureReasonerLM
 from moe.presets import PRESET_NAMES, preset
 from moe.trace_html import render_html
@@ -154,12 +153,8 @@ def run(args, console: Console) -> None:
         outputs[args.html] = render_html(traced[: args.show], summary, meta, args.top_experts)
     if args.json is not None:
         outputs[args.json] = json.dumps(trace_record(traced, summary, meta)) + "\n"
-    def write(tmp: str, text: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # the temporary file is 0600; a report is for reading
-
     for path, text in outputs.items():
-        _atomic_write(path, lambda tmp, text=text: write(tmp, text))
+        atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
         console.print(Text(f"wrote {path}"))  # Text: a path is never parsed as markup
 
 
