@@ -32,3 +32,29 @@ def dist_info():
     from train.dist import init_distributed
 
     return init_distributed()
+
+
+SMALL_RUN = (
+    "experiment=smoke",
+    "train.max_steps=12",
+    "train.ckpt_every=4",
+    "train.log_every=4",
+    "train.progress=false",
+    "data.max_chars=60000",
+    "train.threads=1",  # bitwise-reproducible matmuls across runs and processes
+)
+
+
+def run_in_process(run_dir: Path, *overrides: str):
+    """Train in this process (a one-rank group) exactly as ``python -m train`` would; returns the Summary."""
+    from train.loop import run
+
+    raw = compose_raw(*SMALL_RUN, *overrides)
+    return run(OmegaConf.to_object(raw), run_dir, OmegaConf.to_yaml(raw, resolve=True))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
