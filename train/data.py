@@ -122,6 +122,11 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     return ds
 
 
+def num_chars(docs: datasets.Dataset) -> int:
+    """Characters of text in the corpus."""
+    return int(pc.sum(pc.utf8_length(docs.data.column("text"))).as_py() or 0) if len(docs) else 0
+
+
 def _truncate(ds: datasets.Dataset, max_chars: int) -> datasets.Dataset:
     ends = np.cumsum(pc.utf8_length(ds.data.column("text")).to_numpy(zero_copy_only=False))
     keep = int(np.searchsorted(ends, max_chars)) + 1

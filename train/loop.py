@@ -48,8 +48,8 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
     path = run_dir / TOKENIZER
     with rank_zero_first(info.rank):
         docs = data.load_documents(cfg.data)
-        if len(docs) == 0:
-            raise ValueError(f"data source {cfg.data.source!r} ({cfg.data.files or cfg.data.generator or ''}) is empty")
+        if data.num_chars(docs) == 0:
+            raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():
             tok = Tokenizer.from_file(str(path))
         else:
@@ -59,6 +59,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
         stream = data.tokenize(docs, tok)
         packed = data.PackedSequences(stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}")
         if info.rank == 0 and not path.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
             data.save_tokenizer(tok, path)
     return packed, tok
 
@@ -137,7 +138,6 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     threads = set_threads(info, cfg.train.threads)
     datasets.disable_progress_bars()
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
-    run_dir.mkdir(parents=True, exist_ok=True)
     packed, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
     if info.rank == 0:
