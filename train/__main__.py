@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(3)
     print(
         f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.tokens_per_s:.0f} tokens/s, "
-        f"MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s" + (f" (resumed from {summary.resumed_from})" if summary.resumed_from else "")
+        f"MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s"
+        + (f" (resumed from {summary.resumed_from})" if summary.resumed_from else "")
     )
     return summary.final_loss
 

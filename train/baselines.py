@@ -31,8 +31,14 @@ class DeepSpeedResidualFFN(nn.Module):
         kcfg = cfg.knowledge
         self.cfg = cfg
         self.moe = MoE(
-            cfg.d_model, SwiGLU(cfg.d_model, kcfg.expert_width), num_experts=kcfg.num_experts, ep_size=ep_size,
-            k=kcfg.top_k, use_residual=True, drop_tokens=False, use_rts=False,
+            cfg.d_model,
+            SwiGLU(cfg.d_model, kcfg.expert_width),
+            num_experts=kcfg.num_experts,
+            ep_size=ep_size,
+            k=kcfg.top_k,
+            use_residual=True,
+            drop_tokens=False,
+            use_rts=False,
         )
         for name, param in self.moe.named_parameters():
             if name.endswith("bias"):

@@ -55,7 +55,9 @@ class DataConfig:
         _require(self.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         _require(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be > 0, got {self.max_chars}")
-        _require(self.source != "files" or bool(self.files), "data.files must list at least one file for source 'files'")
+        _require(
+            self.source != "files" or bool(self.files), "data.files must list at least one file for source 'files'"
+        )
         _require(
             self.source != "generator" or (self.generator or "").count(":") == 1,
             f"data.generator must be 'package.module:function' for source 'generator', got {self.generator!r}",
@@ -100,11 +102,15 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(0 <= self.warmup_steps <= self.max_steps, f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        _require(
+            0 <= self.warmup_steps <= self.max_steps,
+            f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}",
+        )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(
-            self.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            self.on_nonfinite in ON_NONFINITE,
+            f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",
         )
 
 
@@ -117,7 +123,9 @@ class DeepSpeedConfig:
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (1, 2), f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage}")
-        _require(self.precision in PRECISIONS, f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(
+            self.precision in PRECISIONS, f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}"
+        )
 
 
 @dataclass
@@ -138,7 +146,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(self.ffn in FFNS, f"ffn must be one of {FFNS}, got {self.ffn!r}")
-        _require(bool(self.name) and "/" not in self.name, f"name must be a non-empty path component, got {self.name!r}")
+        _require(
+            bool(self.name) and "/" not in self.name, f"name must be a non-empty path component, got {self.name!r}"
+        )
         _require(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",

@@ -59,13 +59,19 @@ def _load_files(paths: list[Path], fmt: str, text_field: str, cache_dir: str) ->
     """Files of one format in one ``load_dataset`` call, reduced to a ``text`` column."""
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
-        ds = datasets.load_dataset(fmt, data_files=[str(p) for p in paths], split="train", cache_dir=cache_dir, **kwargs)
+        ds = datasets.load_dataset(
+            fmt, data_files=[str(p) for p in paths], split="train", cache_dir=cache_dir, **kwargs
+        )
     except Exception as err:  # datasets wraps parser errors in its own types; name the file and line instead
         problems = [m for m in map(_first_bad_json_line, paths) if m] if fmt == "json" else []
-        raise ValueError("; ".join(problems) or f"{[str(p) for p in paths]}: could not be read as {fmt}: {err}") from err
+        raise ValueError(
+            "; ".join(problems) or f"{[str(p) for p in paths]}: could not be read as {fmt}: {err}"
+        ) from err
     column = "text" if fmt == "text" else text_field
     if column not in ds.column_names:
-        raise ValueError(f"{[str(p) for p in paths]}: no field {column!r} (columns: {ds.column_names}); set data.text_field")
+        raise ValueError(
+            f"{[str(p) for p in paths]}: no field {column!r} (columns: {ds.column_names}); set data.text_field"
+        )
     if ds.features[column].dtype not in ("string", "large_string"):
         raise ValueError(f"{[str(p) for p in paths]}: field {column!r} holds {ds.features[column]}, not text")
     ds = ds.select_columns([column])
@@ -87,7 +93,9 @@ def _generated(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
         for i, item in enumerate(fn(**cfg.generator_kwargs)):
             text = item if isinstance(item, str) else item.get(cfg.text_field) if isinstance(item, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"data.generator={cfg.generator!r} item {i} has no text field {cfg.text_field!r}: {item!r:.80}")
+                raise ValueError(
+                    f"data.generator={cfg.generator!r} item {i} has no text field {cfg.text_field!r}: {item!r:.80}"
+                )
             yield {"text": text}
 
     # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
@@ -143,7 +151,9 @@ def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Token
     """
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < len(byte_alphabet) + 1:
-        raise ValueError(f"model.vocab_size={vocab_size} is below the {len(byte_alphabet) + 1} ids a byte tokenizer needs")
+        raise ValueError(
+            f"model.vocab_size={vocab_size} is below the {len(byte_alphabet) + 1} ids a byte tokenizer needs"
+        )
     if kind == "byte":
         vocab = {ch: i for i, ch in enumerate(byte_alphabet)} | {EOD: len(byte_alphabet)}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -155,7 +165,9 @@ def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Token
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=[EOD], initial_alphabet=byte_alphabet, show_progress=False
         )
-        tok.train_from_iterator((batch["text"] for batch in docs.iter(batch_size=64)), trainer=trainer, length=len(docs))
+        tok.train_from_iterator(
+            (batch["text"] for batch in docs.iter(batch_size=64)), trainer=trainer, length=len(docs)
+        )
     tok.add_special_tokens([EOD])
     return tok
 
@@ -220,7 +232,9 @@ class PackedSequences:
         return window_BS1[:, :-1], window_BS1[:, 1:]
 
 
-def micro_batch_positions(step: int, micro_step: int, rank: int, micro_batch: int, grad_accum: int, world: int) -> torch.Tensor:
+def micro_batch_positions(
+    step: int, micro_step: int, rank: int, micro_batch: int, grad_accum: int, world: int
+) -> torch.Tensor:
     """Global read positions [B] of one micro-batch.
 
     Step ``step`` reads the ``micro_batch * grad_accum * world`` positions after the previous steps'; its

@@ -20,13 +20,23 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay,
-                       "torch_adam": True},
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,
+            },
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": max(t.warmup_steps, 1),
-                       "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": max(t.warmup_steps, 1),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+            },
         },
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},

@@ -108,8 +108,11 @@ class ExpertParallelExperts(MoE):
         dist.all_to_all_single(recv_P, send_P, group=group)
         send, recv = send_P.tolist(), recv_P.tolist()
         x_QD = all_to_all_single(
-            x_TD.new_empty(sum(recv), x_TD.shape[1]), x_TD.index_select(0, slot_R // num_slots_per_token),
-            output_split_sizes=recv, input_split_sizes=send, group=group,
+            x_TD.new_empty(sum(recv), x_TD.shape[1]),
+            x_TD.index_select(0, slot_R // num_slots_per_token),
+            output_split_sizes=recv,
+            input_split_sizes=send,
+            group=group,
         )
         local_R = expert_R - owner_R * self.num_local_experts
         local_Q = torch.empty(sum(recv), dtype=local_R.dtype, device=local_R.device)
@@ -118,8 +121,11 @@ class ExpertParallelExperts(MoE):
         ones_Q1 = torch.ones(sum(recv), 1, dtype=torch.float32, device=x_TD.device)
         y_QD = knowledge_mlp(x_QD, local_Q.unsqueeze(1), ones_Q1, w1_EDF, w3_EDF, w2_EFD, impl=self.impl)
         y_RD = all_to_all_single(
-            x_TD.new_empty(num_routed, x_TD.shape[1]), y_QD,
-            output_split_sizes=send, input_split_sizes=recv, group=group,
+            x_TD.new_empty(num_routed, x_TD.shape[1]),
+            y_QD,
+            output_split_sizes=send,
+            input_split_sizes=recv,
+            group=group,
         )
         y_RD = y_RD * gates_TK.reshape(-1).index_select(0, slot_R).to(y_RD.dtype).unsqueeze(1)
         return torch.zeros_like(x_TD).index_add(0, slot_R // num_slots_per_token, y_RD)
@@ -143,7 +149,9 @@ def gather_expert_state(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
     (These are the module weights: exact for fp32 runs, bf16-rounded for bf16 runs.)
     """
     ckpt = root / tag
-    state = {k: v.float() for k, v in torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()}
+    state = {
+        k: v.float() for k, v in torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()
+    }
     per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for path in sorted(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         for key, value in torch.load(path, weights_only=False).items():
@@ -154,6 +162,8 @@ def gather_expert_state(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
             per_expert.setdefault((prefix, name), {})[int(expert)] = value.float()
     for (prefix, name), experts in per_expert.items():
         if sorted(experts) != list(range(cfg.model.knowledge.num_experts)):
-            raise ValueError(f"{ckpt}: {prefix} has experts {sorted(experts)}, expected all {cfg.model.knowledge.num_experts}")
+            raise ValueError(
+                f"{ckpt}: {prefix} has experts {sorted(experts)}, expected all {cfg.model.knowledge.num_experts}"
+            )
         state[f"{prefix}.{_GROUPED[name]}"] = torch.stack([experts[e] for e in range(len(experts))])
     return state

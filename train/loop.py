@@ -55,9 +55,13 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
         else:
             tok = data.train_tokenizer(docs, cfg.data.tokenizer, cfg.model.vocab_size)
         if tok.get_vocab_size() > cfg.model.vocab_size:
-            raise ValueError(f"{path}: tokenizer has {tok.get_vocab_size()} ids, model.vocab_size={cfg.model.vocab_size}")
+            raise ValueError(
+                f"{path}: tokenizer has {tok.get_vocab_size()} ids, model.vocab_size={cfg.model.vocab_size}"
+            )
         stream = data.tokenize(docs, tok)
-        packed = data.PackedSequences(stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}")
+        packed = data.PackedSequences(
+            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}"
+        )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             data.save_tokenizer(tok, path)
@@ -75,8 +79,13 @@ def _check_compatible(state: dict, cfg: Config, world_size: int) -> None:
 def _identity(cfg: Config, world_size: int) -> dict:
     t = cfg.train
     return {
-        "model": asdict(cfg.model), "ffn": cfg.ffn, "data": asdict(cfg.data), "seed": t.seed,
-        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "ep_size": t.ep_size,
+        "model": asdict(cfg.model),
+        "ffn": cfg.ffn,
+        "data": asdict(cfg.data),
+        "seed": t.seed,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "ep_size": t.ep_size,
         "world_size": world_size,
     }
 
@@ -154,7 +163,12 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     peak = all_reduce_sum(torch.tensor([measure_matmul_peak(compute_dtype(cfg))], dtype=torch.float64)).item()
     log.info(
         "rank %d/%d, %d threads, %d sequences of %d tokens, peak %.1f GFLOP/s, %s",
-        info.rank, info.world_size, threads, packed.num_sequences, cfg.data.seq_len, peak / 1e9,
+        info.rank,
+        info.world_size,
+        threads,
+        packed.num_sequences,
+        cfg.data.seq_len,
+        peak / 1e9,
         f"resuming from {resumed}" if resumed else "from scratch",
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
@@ -168,69 +182,97 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
 
         export_from_engine(engine, cfg, run_dir, info)
     return Summary(
-        steps=cfg.train.max_steps, final_loss=losses[-1] if losses else math.nan,
-        tokens_per_s=last.tokens_per_s if last else math.nan, mfu=last.mfu if last else math.nan,
-        wall_s=time.perf_counter() - start_time, resumed_from=resumed, losses=losses,
+        steps=cfg.train.max_steps,
+        final_loss=losses[-1] if losses else math.nan,
+        tokens_per_s=last.tokens_per_s if last else math.nan,
+        mfu=last.mfu if last else math.nan,
+        wall_s=time.perf_counter() - start_time,
+        resumed_from=resumed,
+        losses=losses,
+    )
+
+
+def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: int) -> StepStats:
+    """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats."""
+    t = cfg.train
+    acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
+    for micro in range(t.grad_accum):
+        positions = data.micro_batch_positions(
+            step, micro, info.rank, t.micro_batch_size, t.grad_accum, info.world_size
+        )
+        idx_BS, targets_BS = (x.to(info.device) for x in packed.batch(positions))
+        out = engine(idx_BS, targets_BS)
+        if t.on_nonfinite == "abort":
+            # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
+            bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
+            if bad.item() > 0:
+                found = checkpoint.latest(run_dir)
+                raise TrainingAborted(
+                    f"non-finite loss {out.loss.item()} at step {step} (micro-step {micro}); stopped before "
+                    f"updating the weights; last good checkpoint: {found[0] if found else 'none'}"
+                )
+        engine.backward(out.loss)
+        engine.step()
+        acc.add(out.loss, out.aux_loss, out.stats)
+    acc.all_reduce()
+    return acc
+
+
+def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr: float, seconds: float, peak: float):
+    seq_len, t = cfg.data.seq_len, cfg.train
+    stats = acc.moe_stats()
+    cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
+    grad_norm = engine.get_global_grad_norm()
+    count = acc.sums[3]
+    return StepMetrics(
+        step=step + 1,
+        loss=float(acc.sums[0] / count),
+        ce=float(acc.sums[1] / count),
+        aux=float(acc.sums[2] / count),
+        lr=float(lr),
+        grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+        tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,
+        seconds=seconds,
+        flops_per_token=cost.flops_per_token,
+        peak_flops=peak,
+        skipped=not engine.was_step_applied(),
+        consult_rate_L=[float(c) / max(acc.tokens, 1) for c in acc.consult_L],
+        load_share_LE=(acc.load_LE / acc.load_LE.sum(1, keepdim=True).clamp(min=1)).tolist(),
     )
 
 
 def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
+    """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
     t, model = cfg.train, engine.module
-    moe_layers = model.moe_layers()
-    num_experts = cfg.model.knowledge.num_experts
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
     losses, last, window = [], None, []
     for step in range(start_step, t.max_steps):
-        tick = time.perf_counter()
-        lr = engine.get_lr()[0]
-        acc = StepStats(len(moe_layers), num_experts)
-        for micro in range(t.grad_accum):
-            positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size, t.grad_accum, info.world_size)
-            idx_BS, targets_BS = (x.to(info.device) for x in packed.batch(positions))
-            out = engine(idx_BS, targets_BS)
-            if t.on_nonfinite == "abort":
-                bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
-                if bad.item() > 0:
-                    found = checkpoint.latest(run_dir)
-                    raise TrainingAborted(
-                        f"non-finite loss {out.loss.item()} at step {step} (micro-step {micro}); stopped before "
-                        f"updating the weights; last good checkpoint: {found[0] if found else 'none'}"
-                    )
-            engine.backward(out.loss)
-            engine.step()
-            acc.add(out.loss, out.aux_loss, out.stats)
-        acc.all_reduce()
-        applied = engine.was_step_applied()
-        if applied and moe_layers:
-            model.update_controllers(acc.moe_stats())
-        seconds = time.perf_counter() - tick
-        loss = float(acc.sums[0] / acc.sums[3])
-        losses.append(loss)
-        grad_norm = engine.get_global_grad_norm()
-        seq_len = cfg.data.seq_len
-        stats = acc.moe_stats()
-        last = StepMetrics(
-            step=step + 1, loss=loss, ce=float(acc.sums[1] / acc.sums[3]), aux=float(acc.sums[2] / acc.sums[3]),
-            lr=float(lr), grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-            tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len, seconds=seconds,
-            flops_per_token=flops.realized(cfg.model, stats, seq_len).flops_per_token if stats
-            else flops.nominal(cfg.model, seq_len).flops_per_token,
-            peak_flops=peak, skipped=not applied,
-            consult_rate_L=[float(c) / max(acc.tokens, 1) for c in acc.consult_L],
-            load_share_LE=(acc.load_LE / acc.load_LE.sum(1, keepdim=True).clamp(min=1)).tolist(),
-        )
+        tick, lr = time.perf_counter(), engine.get_lr()[0]
+        acc = _one_step(cfg, engine, packed, info, run_dir, step)
+        if engine.was_step_applied() and model.moe_layers():
+            model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
+        last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)
+        losses.append(last.loss)
         window.append(last)
-        if logger is not None and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
+        done = step + 1
+        if logger is not None and (done % t.log_every == 0 or done == t.max_steps):
             for m in window:
                 logger.log(m)
             window = []
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last.tokens_per_s:.0f}", mfu=f"{last.mfu:.1%}")
+        bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{last.tokens_per_s:.0f}", mfu=f"{last.mfu:.1%}")
         bar.update(1)
-        if (step + 1) % t.log_every == 0:
-            log.info("step %d loss %.4f lr %.2e tok/s %.0f mfu %.2f%%", step + 1, loss, lr, last.tokens_per_s, 100 * last.mfu)
-        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.max_steps:
-            state = {"step": step + 1, "samples": (step + 1) * t.micro_batch_size * t.grad_accum * info.world_size,
-                     "identity": _identity(cfg, info.world_size)}
+        if done % t.log_every == 0:
+            log.info(
+                "step %d loss %.4f lr %.2e tok/s %.0f mfu %.2f%%",
+                done,
+                last.loss,
+                lr,
+                last.tokens_per_s,
+                100 * last.mfu,
+            )
+        if done % t.ckpt_every == 0 or done == t.max_steps:
+            samples = done * t.micro_batch_size * t.grad_accum * info.world_size
+            state = {"step": done, "samples": samples, "identity": _identity(cfg, info.world_size)}
             checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)
     bar.close()
     return losses, last

@@ -114,7 +114,9 @@ class MetricsLogger:
         if self._metrics_csv is None:
             width = len(m.load_share_LE[0]) if m.load_share_LE else 0
             self._metrics_csv, self._metrics_file = self._open(self.metrics_path, list(row))
-            self._load_csv, self._load_file = self._open(self.load_path, ["step", "layer"] + [f"e{e}" for e in range(width)])
+            self._load_csv, self._load_file = self._open(
+                self.load_path, ["step", "layer"] + [f"e{e}" for e in range(width)]
+            )
         self._metrics_csv.writerow(list(row.values()))
         for layer, shares in enumerate(m.load_share_LE):
             self._load_csv.writerow([m.step, layer, *shares])

@@ -29,7 +29,9 @@ def corpus(tmp_path):
 
 
 def test_jsonl_corpus_trains(tmp_path, corpus, dist_info):
-    summary = run_in_process(tmp_path / "run", "data=files", f"data.files=[{corpus}]", "train.max_steps=2", "train.warmup_steps=1")
+    summary = run_in_process(
+        tmp_path / "run", "data=files", f"data.files=[{corpus}]", "train.max_steps=2", "train.warmup_steps=1"
+    )
     assert summary.losses and all(torch.isfinite(torch.tensor(summary.losses)))
 
 
@@ -58,7 +60,8 @@ def test_bad_data_names_the_problem(tmp_path, corpus, case, match, dist_info):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "corpus.csv").write_text("text\nhello\n")
     source = (
-        ["data.source=generator", "data.generator=nowhere.at_all:gen"] if case == "bad_generator"
+        ["data.source=generator", "data.generator=nowhere.at_all:gen"]
+        if case == "bad_generator"
         else ["data=files", f"data.files=[{files[case]}]"]
     )
     run_dir = tmp_path / "run"
@@ -71,7 +74,9 @@ def test_cli_bad_input_exits_nonzero_naming_value(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "train", "experiment=smoke", "data.seq_len=0", f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "data.seq_len must be > 0, got 0" in proc.stderr

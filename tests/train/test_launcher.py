@@ -21,8 +21,19 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 def _launch(run_dir: Path, *overrides: str) -> subprocess.Popen:
     """``deepspeed --no_local_rank --num_gpus 2 --module train ...``: the README's multi-process command."""
-    cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "train",
-           *SMALL_RUN, f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [
+        DEEPSPEED,
+        "--no_local_rank",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "train",
+        *SMALL_RUN,
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
