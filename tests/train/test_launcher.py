@@ -74,7 +74,14 @@ def _runs_train(cmdline: list[str]) -> bool:
 
 
 def test_kill9_then_same_command_resumes(tmp_path):
-    args = ("train.max_steps=100", "train.warmup_steps=10", "train.ckpt_every=10", "train.log_every=10")
+    # Expert-parallel, so resuming also reloads DeepSpeed's per-expert checkpoint files on both ranks.
+    args = (
+        "train.max_steps=100",
+        "train.warmup_steps=10",
+        "train.ckpt_every=10",
+        "train.log_every=10",
+        "train.ep_size=2",
+    )
     proc = _launch(tmp_path, *args)
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 180

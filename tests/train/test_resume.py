@@ -88,3 +88,12 @@ def test_finished_run_is_not_rerun(uninterrupted):
     run_dir, ref = uninterrupted
     again = run_in_process(run_dir)
     assert again.resumed_from == "step_00000012" and again.losses == []
+
+
+def test_zero2_bf16_exports_fp32_master_weights(tmp_path, dist_info):
+    summary = run_in_process(tmp_path, "deepspeed=[zero2,bf16]", "train.max_steps=4", "train.warmup_steps=1")
+    assert all(torch.isfinite(torch.tensor(summary.losses)))
+    model = load_pretrained(tmp_path / "export")
+    w = model.blocks[0].attn.wq.weight
+    assert w.dtype == torch.float32
+    assert (w != w.bfloat16().float()).any()  # the fp32 master copy, not the bf16 working weights
