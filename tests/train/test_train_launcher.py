@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.train.conftest import SMALL_RUN, metrics, run_in_process
+from tests.train.helpers import SMALL_RUN, metrics, run_in_process
 from train.dist import _free_port
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

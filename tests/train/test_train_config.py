@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from moe import PureReasonerLM
-from tests.train.conftest import CONF, compose_config, compose_raw
+from tests.train.helpers import CONF, compose_config, compose_raw
 from train.baselines import DeepSpeedResidualFFN
 from train.config import MODEL_PRESETS
 from train.model import build_model

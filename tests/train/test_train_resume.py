@@ -8,7 +8,7 @@ import torch
 import train.checkpoint
 import train.data
 from moe.checkpoint import load_pretrained
-from tests.train.conftest import metrics, run_in_process
+from tests.train.helpers import metrics, run_in_process
 from train.export import export_checkpoint
 
 

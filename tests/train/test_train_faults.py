@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moe.model
-from tests.train.conftest import metrics, run_in_process
+from tests.train.helpers import metrics, run_in_process
 from train.loop import TrainingAborted
 
 
