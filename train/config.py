@@ -75,12 +75,12 @@ class TrainConfig:
         checkpoint stays the latest); ``skip`` lets DeepSpeed drop that step's update and goes on.
     """
 
-    max_steps: int = 300
-    micro_batch_size: int = 16
+    max_steps: int = 200
+    micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
