@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> float:
         print(f"aborted: {err}", file=sys.stderr)
         sys.exit(3)
     print(
-        f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.tokens_per_s:.0f} tokens/s, "
-        f"MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s"
+        f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, "
+        f"median {summary.tokens_per_s:.0f} tokens/s, MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s"
         + (f" (resumed from {summary.resumed_from})" if summary.resumed_from else "")
     )
     return summary.final_loss

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ class TrainingAborted(RuntimeError):
 
 @dataclass
 class Summary:
+    """What a run did; tokens_per_s and mfu are medians over the steps this process ran."""
+
     steps: int
     final_loss: float
     tokens_per_s: float
@@ -173,7 +176,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
     try:
-        losses, last = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger)
+        losses, steps = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger)
     finally:
         if logger is not None:
             logger.close()
@@ -184,8 +187,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     return Summary(
         steps=cfg.train.max_steps,
         final_loss=losses[-1] if losses else math.nan,
-        tokens_per_s=last.tokens_per_s if last else math.nan,
-        mfu=last.mfu if last else math.nan,
+        tokens_per_s=statistics.median(m.tokens_per_s for m in steps) if steps else math.nan,
+        mfu=statistics.median(m.mfu for m in steps) if steps else math.nan,
         wall_s=time.perf_counter() - start_time,
         resumed_from=resumed,
         losses=losses,
@@ -245,7 +248,7 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
     """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
     t, model = cfg.train, engine.module
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
-    losses, last, window = [], None, []
+    losses, steps, window = [], [], []
     for step in range(start_step, t.max_steps):
         tick, lr = time.perf_counter(), engine.get_lr()[0]
         acc = _one_step(cfg, engine, packed, info, run_dir, step)
@@ -253,6 +256,7 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)
         losses.append(last.loss)
+        steps.append(last)
         window.append(last)
         done = step + 1
         if logger is not None and (done % t.log_every == 0 or done == t.max_steps):
@@ -275,4 +279,4 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
             state = {"step": done, "samples": samples, "identity": _identity(cfg, info.world_size)}
             checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)
     bar.close()
-    return losses, last
+    return losses, steps
