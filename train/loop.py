@@ -1,0 +1,282 @@
+"""One training run: data, model, DeepSpeed engine, resume, the step loop, checkpoints, export.
+
+Shape legend: B micro-batch, S sequence length, L MoE layers, E knowledge experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from moe import MoEStats, flops
+from train import checkpoint, data
+from train.config import Config
+from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
+from train.engine import build_engine, compute_dtype
+from train.metrics import MetricsLogger, StepMetrics, measure_matmul_peak
+from train.model import build_model
+
+log = logging.getLogger("train")
+TOKENIZER = "tokenizer.json"
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. a non-finite loss); the last checkpoint is intact."""
+
+
+@dataclass
+class Summary:
+    """What a run did; tokens_per_s and mfu are medians over the steps this process ran."""
+
+    steps: int
+    final_loss: float
+    tokens_per_s: float
+    mfu: float
+    wall_s: float
+    resumed_from: str | None
+    losses: list[float]
+
+
+def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.PackedSequences, Tokenizer]:
+    """Load, tokenize and pack the corpus. Rank 0 trains (or reuses) and saves the tokenizer first."""
+    path = run_dir / TOKENIZER
+    with rank_zero_first(info.rank):
+        docs = data.load_documents(cfg.data)
+        if data.num_chars(docs) == 0:
+            raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
+        if path.exists():
+            tok = Tokenizer.from_file(str(path))
+        else:
+            tok = data.train_tokenizer(docs, cfg.data.tokenizer, cfg.model.vocab_size)
+        if tok.get_vocab_size() > cfg.model.vocab_size:
+            raise ValueError(
+                f"{path}: tokenizer has {tok.get_vocab_size()} ids, model.vocab_size={cfg.model.vocab_size}"
+            )
+        stream = data.tokenize(docs, tok)
+        packed = data.PackedSequences(
+            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}"
+        )
+        if info.rank == 0 and not path.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            data.save_tokenizer(tok, path)
+    return packed, tok
+
+
+def _check_compatible(state: dict, cfg: Config, world_size: int) -> None:
+    """A checkpoint resumes only the run that wrote it: same model, data, seed, batch layout, world size."""
+    now = _identity(cfg, world_size)
+    diffs = [k for k in now if state["identity"].get(k) != now[k]]
+    if diffs:
+        raise ValueError(f"checkpoint of step {state['step']} was written with different {diffs}; use a new name=")
+
+
+def _identity(cfg: Config, world_size: int) -> dict:
+    t = cfg.train
+    return {
+        "model": asdict(cfg.model),
+        "ffn": cfg.ffn,
+        "data": asdict(cfg.data),
+        "seed": t.seed,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "ep_size": t.ep_size,
+        "world_size": world_size,
+    }
+
+
+class StepStats:
+    """Sums over one step's micro-batches of the loss parts and each MoE layer's routing counts."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.sums = torch.zeros(4)  # loss, ce, aux, micro-batches
+        self.consult_L = torch.zeros(num_layers)
+        self.load_LE = torch.zeros(num_layers, num_experts)
+        self.tokens = self.slots = 0
+
+    def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: list[MoEStats]) -> None:
+        loss, aux = loss.detach().float().cpu(), aux.detach().float().cpu()
+        self.sums += torch.stack([loss, loss - aux, aux, torch.ones(())])
+        for i, s in enumerate(stats):
+            self.consult_L[i] += s.consulting_tokens.float().cpu()
+            self.load_LE[i] += s.expert_load_E.float().cpu()
+        if stats:
+            self.tokens += stats[0].num_tokens
+            self.slots += stats[0].num_slots
+
+    def all_reduce(self) -> None:
+        """Sum over ranks in one collective so every rank applies the same controller update."""
+        counts = torch.tensor([float(self.tokens), float(self.slots)])
+        flat = torch.cat([self.sums, self.consult_L, self.load_LE.flatten(), counts])
+        all_reduce_sum(flat)
+        n_l, n_e = self.load_LE.shape
+        self.sums, rest = flat[:4], flat[4:]
+        self.consult_L, self.load_LE = rest[:n_l], rest[n_l : n_l + n_l * n_e].view(n_l, n_e)
+        self.tokens, self.slots = int(rest[-2]), int(rest[-1])
+
+    def moe_stats(self) -> list[MoEStats]:
+        """Per-layer MoEStats of the whole (reduced) step, as the controllers and moe.flops read them."""
+        zero = torch.zeros(())
+        return [
+            MoEStats(zero, zero, zero, self.load_LE[i], self.consult_L[i], self.tokens, self.slots)
+            for i in range(self.load_LE.shape[0])
+        ]
+
+
+def _resume(engine, cfg: Config, run_dir: Path, info: DistInfo) -> tuple[int, str | None]:
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        return 0, None
+    tag, state = found
+    if not cfg.train.resume:
+        raise ValueError(f"{run_dir} already holds checkpoint {tag}; set train.resume=true or choose a new name=")
+    _check_compatible(state, cfg, info.world_size)
+    checkpoint.load(engine, run_dir, tag, info)
+    return int(state["step"]), tag
+
+
+def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
+    """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank."""
+    start_time = time.perf_counter()
+    info = init_distributed()
+    threads = set_threads(info, cfg.train.threads)
+    datasets.disable_progress_bars()
+    log.info("process group ready after %.1f s", time.perf_counter() - start_time)
+    packed, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
+    log.info("data ready after %.1f s", time.perf_counter() - start_time)
+    if info.rank == 0:
+        checkpoint.remove_partial(run_dir)
+        checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
+    model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
+    engine, scheduler = build_engine(cfg, model, info.world_size)
+    log.info("engine ready after %.1f s", time.perf_counter() - start_time)
+    start_step, resumed = _resume(engine, cfg, run_dir, info)
+    if resumed is None:
+        # DeepSpeed's WarmupCosineLR starts at iteration -1 and then 0, both at lr 0: skip one of the two.
+        scheduler.step()
+    barrier()
+    peak = all_reduce_sum(torch.tensor([measure_matmul_peak(compute_dtype(cfg))], dtype=torch.float64)).item()
+    log.info(
+        "rank %d/%d, %d threads, %d sequences of %d tokens, peak %.1f GFLOP/s, %s",
+        info.rank,
+        info.world_size,
+        threads,
+        packed.num_sequences,
+        cfg.data.seq_len,
+        peak / 1e9,
+        f"resuming from {resumed}" if resumed else "from scratch",
+    )
+    logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
+    try:
+        losses, steps = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    if cfg.train.export and cfg.ffn == "pure_reasoner" and start_step < cfg.train.max_steps:
+        from train.export import export_from_engine
+
+        export_from_engine(engine, cfg, run_dir, info)
+    return Summary(
+        steps=cfg.train.max_steps,
+        final_loss=losses[-1] if losses else math.nan,
+        tokens_per_s=statistics.median(m.tokens_per_s for m in steps) if steps else math.nan,
+        mfu=statistics.median(m.mfu for m in steps) if steps else math.nan,
+        wall_s=time.perf_counter() - start_time,
+        resumed_from=resumed,
+        losses=losses,
+    )
+
+
+def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: int) -> StepStats:
+    """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats."""
+    t = cfg.train
+    acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
+    for micro in range(t.grad_accum):
+        positions = data.micro_batch_positions(
+            step, micro, info.rank, t.micro_batch_size, t.grad_accum, info.world_size
+        )
+        idx_BS, targets_BS = (x.to(info.device) for x in packed.batch(positions))
+        out = engine(idx_BS, targets_BS)
+        if t.on_nonfinite == "abort":
+            # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
+            bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
+            if bad.item() > 0:
+                found = checkpoint.latest(run_dir)
+                raise TrainingAborted(
+                    f"non-finite loss {out.loss.item()} at step {step} (micro-step {micro}); stopped before "
+                    f"updating the weights; last good checkpoint: {found[0] if found else 'none'}"
+                )
+        engine.backward(out.loss)
+        engine.step()
+        acc.add(out.loss, out.aux_loss, out.stats)
+    acc.all_reduce()
+    return acc
+
+
+def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr: float, seconds: float, peak: float):
+    seq_len, t = cfg.data.seq_len, cfg.train
+    stats = acc.moe_stats()
+    cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
+    grad_norm = engine.get_global_grad_norm()
+    count = acc.sums[3]
+    return StepMetrics(
+        step=step + 1,
+        loss=float(acc.sums[0] / count),
+        ce=float(acc.sums[1] / count),
+        aux=float(acc.sums[2] / count),
+        lr=float(lr),
+        grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+        tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,
+        seconds=seconds,
+        flops_per_token=cost.flops_per_token,
+        peak_flops=peak,
+        skipped=not engine.was_step_applied(),
+        consult_rate_L=[float(c) / max(acc.tokens, 1) for c in acc.consult_L],
+        load_share_LE=(acc.load_LE / acc.load_LE.sum(1, keepdim=True).clamp(min=1)).tolist(),
+    )
+
+
+def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
+    """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
+    t, model = cfg.train, engine.module
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
+    losses, steps, window = [], [], []
+    for step in range(start_step, t.max_steps):
+        tick, lr = time.perf_counter(), engine.get_lr()[0]
+        acc = _one_step(cfg, engine, packed, info, run_dir, step)
+        if engine.was_step_applied() and model.moe_layers():
+            model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
+        last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)
+        losses.append(last.loss)
+        steps.append(last)
+        window.append(last)
+        done = step + 1
+        if logger is not None and (done % t.log_every == 0 or done == t.max_steps):
+            for m in window:
+                logger.log(m)
+            window = []
+        bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{last.tokens_per_s:.0f}", mfu=f"{last.mfu:.1%}")
+        bar.update(1)
+        if done % t.log_every == 0:
+            log.info(
+                "step %d loss %.4f lr %.2e tok/s %.0f mfu %.2f%%",
+                done,
+                last.loss,
+                lr,
+                last.tokens_per_s,
+                100 * last.mfu,
+            )
+        if done % t.ckpt_every == 0 or done == t.max_steps:
+            samples = done * t.micro_batch_size * t.grad_accum * info.world_size
+            state = {"step": done, "samples": samples, "identity": _identity(cfg, info.world_size)}
+            checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)
+    bar.close()
+    return losses, steps
