@@ -34,7 +34,8 @@ class KnowledgeConfig:
         token whose k slots are all null consults nothing. ``always``: plain top-k, every token
         consults (the conventional MoE; used by baselines and published presets).
     consult_rate: target share of the T*K slots that go to real experts (``gate``: share of tokens
-        that consult). The controller steers selection-only biases toward it.
+        that consult). The controller (``moe.router``) holds it: ``controller_step`` is its feedback
+        step, ``cut_momentum`` the EMA momentum of the running cut used in eval.
     """
 
     num_experts: int = 16
@@ -44,6 +45,7 @@ class KnowledgeConfig:
     num_null_experts: int = 16
     consult_rate: float = 0.125
     controller_step: float = 0.05
+    cut_momentum: float = 0.2
     balance_step: float = 1e-3
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
@@ -65,10 +67,13 @@ class KnowledgeConfig:
         _non_negative(
             "knowledge",
             controller_step=self.controller_step,
+            cut_momentum=self.cut_momentum,
             balance_step=self.balance_step,
             balance_loss_coef=self.balance_loss_coef,
             z_loss_coef=self.z_loss_coef,
         )
+        if not 0.0 < self.cut_momentum <= 1.0:
+            raise ValueError(f"knowledge.cut_momentum must be in (0, 1], got {self.cut_momentum}")
         if self.impl not in IMPLS:
             raise ValueError(f"knowledge.impl must be one of {IMPLS}, got {self.impl!r}")
 

@@ -30,6 +30,8 @@ class MoEStats(NamedTuple):
     consulting_tokens: 0-d, tokens that consulted at least one expert.
     num_tokens: T.
     num_slots: T*K.
+    consult_threshold: 0-d ``Routing.consult_threshold`` for the consult controller; None when the
+        router did not run. Average it (like summing the counts) over micro-batches and ranks.
     """
 
     aux_loss: torch.Tensor
@@ -39,6 +41,7 @@ class MoEStats(NamedTuple):
     consulting_tokens: torch.Tensor
     num_tokens: int
     num_slots: int
+    consult_threshold: torch.Tensor | None = None
 
     @property
     def consult_rate(self) -> torch.Tensor:
@@ -103,6 +106,7 @@ class PureReasonerMoE(nn.Module):
             consulting_tokens=(routing.expert_ids_TK >= 0).any(1).sum(),
             num_tokens=x_TD.shape[0],
             num_slots=routing.expert_ids_TK.numel(),
+            consult_threshold=routing.consult_threshold,
         )
         return y_TD.view_as(x), stats
 
@@ -131,4 +135,4 @@ class PureReasonerMoE(nn.Module):
     def update_controller(self, stats: MoEStats) -> None:
         """Steer the consult rate and expert balance from one step's stats (all-reduce them first
         when training data-parallel, so every rank applies the same update)."""
-        self.router.update_biases(stats.expert_load_E, stats.num_slots)
+        self.router.update_biases(stats.expert_load_E, stats.num_slots, stats.consult_threshold)

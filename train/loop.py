@@ -100,6 +100,7 @@ class StepStats:
         self.sums = torch.zeros(4)  # loss, ce, aux, micro-batches
         self.consult_L = torch.zeros(num_layers)
         self.load_LE = torch.zeros(num_layers, num_experts)
+        self.threshold_L = torch.zeros(num_layers)  # summed; averaged over micro-batches x ranks
         self.tokens = self.slots = 0
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: list[MoEStats]) -> None:
@@ -108,6 +109,8 @@ class StepStats:
         for i, s in enumerate(stats):
             self.consult_L[i] += s.consulting_tokens.float().cpu()
             self.load_LE[i] += s.expert_load_E.float().cpu()
+            if s.consult_threshold is not None:
+                self.threshold_L[i] += s.consult_threshold.float().cpu()
         if stats:
             self.tokens += stats[0].num_tokens
             self.slots += stats[0].num_slots
@@ -115,18 +118,29 @@ class StepStats:
     def all_reduce(self) -> None:
         """Sum over ranks in one collective so every rank applies the same controller update."""
         counts = torch.tensor([float(self.tokens), float(self.slots)])
-        flat = torch.cat([self.sums, self.consult_L, self.load_LE.flatten(), counts])
+        flat = torch.cat([self.sums, self.consult_L, self.threshold_L, self.load_LE.flatten(), counts])
         all_reduce_sum(flat)
         n_l, n_e = self.load_LE.shape
         self.sums, rest = flat[:4], flat[4:]
-        self.consult_L, self.load_LE = rest[:n_l], rest[n_l : n_l + n_l * n_e].view(n_l, n_e)
+        self.consult_L, self.threshold_L = rest[:n_l], rest[n_l : 2 * n_l]
+        self.load_LE = rest[2 * n_l : 2 * n_l + n_l * n_e].view(n_l, n_e)
         self.tokens, self.slots = int(rest[-2]), int(rest[-1])
 
     def moe_stats(self) -> list[MoEStats]:
         """Per-layer MoEStats of the whole (reduced) step, as the controllers and moe.flops read them."""
         zero = torch.zeros(())
+        passes = self.sums[3]  # micro-batches (summed over ranks after all_reduce)
         return [
-            MoEStats(zero, zero, zero, self.load_LE[i], self.consult_L[i], self.tokens, self.slots)
+            MoEStats(
+                zero,
+                zero,
+                zero,
+                self.load_LE[i],
+                self.consult_L[i],
+                self.tokens,
+                self.slots,
+                consult_threshold=self.threshold_L[i] / passes.clamp(min=1.0),
+            )
             for i in range(self.load_LE.shape[0])
         ]
 

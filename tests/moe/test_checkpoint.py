@@ -14,12 +14,12 @@ def test_round_trip(tmp_path, tied):
     cfg = preset("tiny")
     cfg.tie_embeddings = tied
     model = PureReasonerLM(cfg)
-    model.moe_layers()[0].router.consult_bias.fill_(0.7)  # controller state travels too
+    model.moe_layers()[0].router.consult_cut.fill_(0.7)  # controller state travels too
     save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path)
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     torch.testing.assert_close(loaded(idx).logits_BSV, model(idx).logits_BSV, rtol=0, atol=0)
-    assert float(loaded.moe_layers()[0].router.consult_bias) == pytest.approx(0.7)
+    assert float(loaded.moe_layers()[0].router.consult_cut) == pytest.approx(0.7)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 

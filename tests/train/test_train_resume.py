@@ -81,7 +81,7 @@ def test_export_loads_back(uninterrupted, tmp_path):
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
     torch.testing.assert_close(again(idx).logits_BSV, model(idx).logits_BSV, rtol=0, atol=0)
     # and the controller state (selection biases) travelled with the weights
-    assert float(model.moe_layers()[0].router.consult_bias) != 0.0
+    assert float(model.moe_layers()[0].router.consult_cut) != 0.0
 
 
 def test_finished_run_is_not_rerun(uninterrupted):
