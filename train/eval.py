@@ -192,7 +192,8 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
         ans_hits += (consulted_LBS & answer_BS).flatten(1).sum(1)
         other_hits += (consulted_LBS & other_BS).flatten(1).sum(1)
         ans_n, other_n = ans_n + int(answer_BS.sum()), other_n + int(other_BS.sum())
-    per_layer = [em.routing_specificity(float(a), ans_n, float(o), other_n) for a, o in zip(ans_hits, other_hits)]
+    per_layer = [em.routing_specificity(float(a), ans_n, float(o), other_n)
+                 for a, o in zip(ans_hits, other_hits, strict=True)]
     overall = em.routing_specificity(float(ans_hits.mean()) if num_layers else 0.0, ans_n,
                                      float(other_hits.mean()) if num_layers else 0.0, other_n)
     return {**overall, "per_layer": per_layer}
