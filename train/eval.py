@@ -77,10 +77,17 @@ def _fit(ids: list[int], limit: int) -> list[int]:
     return ids[-limit:]
 
 
-@torch.no_grad()
 def score_continuations(model: PureReasonerLM, codec: Codec, pairs: Sequence[tuple[str, str]], *,
                         ablation: str = "base", batch_size: int = 16) -> tuple[list[float], list[bool], int]:
-    """Log-likelihood of each continuation given its context.
+    """Log-likelihood of each continuation string given its context string (see ``score_ids``)."""
+    return score_ids(model, [(codec.encode(c), codec.encode(t)) for c, t in pairs], ablation=ablation,
+                     batch_size=batch_size)
+
+
+@torch.no_grad()
+def score_ids(model: PureReasonerLM, pairs: Sequence[tuple[list[int], list[int]]], *, ablation: str = "base",
+              batch_size: int = 16) -> tuple[list[float], list[bool], int]:
+    """Log-likelihood of each continuation given its context, as token ids.
 
     Returns:
         logprobs (natural log, summed over continuation tokens), whether each continuation is the greedy one,
@@ -88,11 +95,10 @@ def score_continuations(model: PureReasonerLM, codec: Codec, pairs: Sequence[tup
     """
     limit = model.cfg.max_seq_len + 1  # inputs are ids[:-1]
     encoded, truncated = [], 0
-    for context, cont in pairs:
-        ctx_ids, cont_ids = codec.encode(context), codec.encode(cont)
+    for ctx_ids, cont_ids in pairs:
         if not cont_ids or len(cont_ids) >= limit:
-            raise ValueError(f"continuation {cont!r} has {len(cont_ids)} tokens; need 1..{limit - 1}")
-        ids = _fit(ctx_ids + cont_ids, limit)
+            raise ValueError(f"continuation has {len(cont_ids)} tokens; need 1..{limit - 1}")
+        ids = _fit([*ctx_ids, *cont_ids], limit)
         truncated += len(ctx_ids) + len(cont_ids) > limit
         encoded.append((ids, len(cont_ids)))
     logprobs, greedy = [0.0] * len(pairs), [False] * len(pairs)

@@ -177,3 +177,51 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--splits", "closed_book,telepathy"])
     assert main(["--checkpoint", str(tmp_path / "missing"), "--world", str(tmp_path / "world.json")]) == 2
+
+
+def test_lm_eval_harness_matches_train_eval(tmp_path):
+    """``lm_eval`` (offline, our tasks and model class) scores exactly what train.eval scores."""
+    pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train.eval import evaluate_split
+    from train.world_splits import split_examples
+    from train.world_text import continuation
+
+    cfg = world_config("tiny", seed=2, num_distractors=0, eval_examples=3)
+    model = _tiny_model(max_seq_len=512)
+    save_pretrained(model, tmp_path / "ckpt")
+    save_world_config(cfg, tmp_path / "ckpt")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root),
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "train.lm_eval_model", "--model", "pure_reasoner", "--model_args",
+           f"checkpoint={tmp_path / 'ckpt'}", "--device", "cpu", "--batch_size", "8", "--log_samples",
+           "--tasks", "pr_counterfactual,pr_open_book_gen", "--include_path", str(root / "train/lm_eval_tasks"),
+           "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_path,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_path.read_text())["results"]
+    world = build_world(cfg)
+
+    counterfactual = split_examples(world, "counterfactual")
+    (samples_path,) = (tmp_path / "out").rglob("samples_pr_counterfactual_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    pairs = [(ex["prompt"], continuation(c)) for ex in counterfactual for c in ex["choices"]]
+    ours, _, _ = score_continuations(model, Codec(), pairs)
+    theirs = [float(resp[0]) for s in samples for resp in s["filtered_resps"]]
+    assert theirs == pytest.approx(ours, abs=1e-4)
+    assert results["pr_counterfactual"]["acc,none"] == evaluate_split(model, Codec(), counterfactual, "base",
+                                                                      generate=False).acc
+
+    open_book = split_examples(world, "open_book")
+    (samples_path,) = (tmp_path / "out").rglob("samples_pr_open_book_gen_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    ours = greedy_generate(model, Codec(), [ex["prompt"] for ex in open_book], 32)
+    assert [s["filtered_resps"][0] for s in samples] == [o.strip() for o in ours]
+    assert results["pr_open_book_gen"]["exact_match,strip"] == em.accuracy(
+        [o.strip() == ex["answer"] for o, ex in zip(ours, open_book, strict=True)])
