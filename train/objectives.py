@@ -10,16 +10,25 @@ targets of one unpacked row).
 
 Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
 shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
-student to put its mass on one of the teacher's modes rather than spread it over all of them.
+student to put its mass on one of the teacher's modes rather than spread it over all of them. Wiring, per batch
+of (context_ids, text_ids) rows (``train.world`` rows with a context; the teacher from
+``moe.checkpoint.load_pretrained(DIR).eval()``)::
+
+    batch = distill_batch(rows)
+    loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0)   # loss includes the MoE aux loss
+    loss.backward(); student.update_controllers(out.stats)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from moe import LMOutput, PureReasonerLM
 
 IGNORE_INDEX = -100
 
@@ -160,3 +169,16 @@ def distillation_loss(
     kl = reverse_kl(student_logits_BSV, aligned_BSV, mask_BS, temperature)
     ce = lm_loss(student_logits_BSV, batch.student_targets_BS)
     return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}
+
+
+def distill_forward(student: PureReasonerLM, teacher: PureReasonerLM, batch: DistillBatch, **loss_kwargs
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], LMOutput]:
+    """Teacher (no grad) on context + text, student on text; ``distillation_loss`` plus the student's aux loss.
+
+    Returns (loss, parts, the student's LMOutput: its ``stats`` feed ``update_controllers``).
+    """
+    with torch.no_grad():
+        teacher_logits_BTV = teacher(batch.teacher_ids_BT).logits_BSV
+    out = student(batch.student_ids_BS)
+    loss, parts = distillation_loss(out.logits_BSV, teacher_logits_BTV, batch, **loss_kwargs)
+    return loss + out.aux_loss, parts, out

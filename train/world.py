@@ -21,6 +21,8 @@ Training data (``pretraining_corpus``, usable as ``data.generator=train.world:pr
              ``context_column=False`` the context is merged into ``text`` instead (plain LM on everything).
     kind:    ``bio`` | ``qa`` | ``comparison`` | ``world`` | ``drill``.
     spans:   facts in ``context + text``: list of {start, end, type, entity} (see ``train.world_text``).
+The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``). For drills that are new in every
+batch, the pipeline can instead append ``drill_rows(world, step, count)`` (same columns) to each batch.
 
 Evaluation splits (``eval_splits``), one ``datasets.Dataset`` each, columns: id, split, prompt (context +
 ``Q: ...\\nA:``), context, question, choices, gold (index into choices), answer, memorised (counterfactual: the
@@ -41,11 +43,11 @@ from pathlib import Path
 import datasets
 
 from train import world_text as wt
-from train.world_splits import SPLITS, context_for, eval_splits, reading_drills
+from train.world_splits import SPLITS, context_for, drill_rows, eval_splits, reading_drills
 from train.world_text import ATTRIBUTES, TWO_HOP, Builder
 
-__all__ = ["SPLITS", "Person", "World", "WorldConfig", "build_world", "eval_splits", "pretraining_corpus",
-           "reading_drills", "world_config"]
+__all__ = ["SPLITS", "Person", "World", "WorldConfig", "build_world", "drill_rows", "eval_splits",
+           "pretraining_corpus", "reading_drills", "world_config"]
 MAJORS = ("Physics", "Chemistry", "History", "Economics", "Biology", "Linguistics", "Mathematics", "Philosophy",
           "Medicine", "Law", "Music", "Architecture", "Geology", "Astronomy", "Sociology", "Psychology",
           "Engineering", "Literature", "Statistics", "Botany", "Anthropology", "Geography", "Theology", "Zoology")
@@ -224,7 +226,7 @@ class World:
         return Person(name, self.random_date(rng), rng.choice(tuple(self.city_country)), rng.choice(self.universities),
                       rng.choice(self.majors), rng.choice(tuple(self.employer_city)))
 
-    def fresh_people(self, step: int, count: int) -> list[Person]:
+    def fresh_people(self, step: int | str, count: int) -> list[Person]:
         """``count`` people never in the world (neither known nor unseen), deterministic in (seed, step)."""
         rng = random.Random(f"{self.cfg.seed}:fresh:{step}")
         exclude = set(self.names)
@@ -344,10 +346,7 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
         context = context_for(world, context_rng, people, ("country", "headquarters")) if supplied else None
         rows.append(_row(kind, text, context))
     rows += [_row("world", text) for text in _world_rows(world, rng)]
-    for drill in reading_drills(world, epoch, cfg.num_people if num_drills is None else num_drills):
-        # The drill's spans already index into prompt + continuation == context + text.
-        text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
-        rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"]})
+    rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus")
     random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)
     if not context_column:
         rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"]} for r in rows]

@@ -155,15 +155,15 @@ def eval_splits(world: World, splits: tuple[str, ...] = SPLITS) -> datasets.Data
     return datasets.DatasetDict({s: datasets.Dataset.from_list(split_examples(world, s)) for s in splits})
 
 
-def reading_drills(world: World, step: int, count: int) -> list[dict]:
+def reading_drills(world: World, step: int, count: int, stream: str = "drill") -> list[dict]:
     """``count`` open-book examples about people generated fresh for ``step`` (never in the world).
 
-    Deterministic in (seed, step); a different step gives different people. Each example has the eval schema
-    (``split`` = ``drill``); train on it as context = ``context`` (no loss), text = the QA line.
+    Deterministic in (seed, stream, step); another step or stream gives other people. Each example has the eval
+    schema (``split`` = ``drill``); ``drill_rows`` turns them into training rows.
     """
     cfg = world.cfg
-    people = world.fresh_people(step, count * (cfg.num_distractors + 1))
-    rng = random.Random(f"{cfg.seed}:drill:{step}")
+    people = world.fresh_people(f"{stream}:{step}", count * (cfg.num_distractors + 1))
+    rng = random.Random(f"{cfg.seed}:{stream}:{step}")
     group = cfg.num_distractors + 1
     out = []
     for i in range(count):
@@ -171,3 +171,14 @@ def reading_drills(world: World, step: int, count: int) -> list[dict]:
         out.append(open_book(world, rng, "drill", step * count + i, subject, distractors,
                              rng.choice(ATTRIBUTES + TWO_HOP)))
     return out
+
+
+def drill_rows(world: World, step: int, count: int, stream: str = "drill") -> list[dict]:
+    """Reading drills as training rows {text, context, kind, spans}: context = the biographies (no loss),
+    text = the QA line. Call with the training step to give every batch people never seen before."""
+    rows = []
+    for drill in reading_drills(world, step, count, stream):
+        # The drill's spans already index into prompt + continuation == context + text.
+        text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
+        rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"]})
+    return rows

@@ -11,6 +11,7 @@ from train.objectives import (
     IGNORE_INDEX,
     align_teacher,
     distill_batch,
+    distill_forward,
     distillation_loss,
     in_context_example,
     in_context_tokens,
@@ -128,3 +129,21 @@ def test_teacher_alignment_and_distillation():
     assert float(parts["reverse_kl"]) > 0.1
     _, valid = align_teacher(teacher_logits, torch.tensor([2, 1, 5]), 3)
     assert valid.tolist() == [[True] * 3, [True] * 3, [True, False, False]]
+
+
+def test_distill_forward_trains_student_toward_teacher():
+    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, reasoning_width=16,
+                      knowledge=KnowledgeConfig(num_experts=2, expert_width=8, top_k=1))
+    teacher, student = PureReasonerLM(cfg).eval(), PureReasonerLM(cfg)
+    batch = distill_batch([([1, 2, 3], [4, 5, 6, 7]), ([2], [8, 9, 10])])
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    kls = []
+    for _ in range(30):
+        loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0, ce_weight=0.0)
+        assert len(out.stats) == 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(float(parts["reverse_kl"]))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert kls[-1] < 0.5 * kls[0]

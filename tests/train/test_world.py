@@ -9,6 +9,7 @@ from train.world import (
     SPLITS,
     WorldConfig,
     build_world,
+    drill_rows,
     eval_splits,
     load_world_config,
     main,
@@ -184,3 +185,18 @@ def test_cli_writes_splits(tmp_path):
     for split in SPLITS:
         lines = (tmp_path / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line)["id"] for line in lines] == [f"{split}-{i}" for i in range(3)]
+
+
+def test_hydra_style_call_and_drill_rows(world):
+    # data.generator=train.world:pretraining_corpus with plain keyword values only.
+    assert pretraining_corpus(preset="tiny", seed=3, num_drills=2).to_list() == \
+        pretraining_corpus(world, num_drills=2).to_list()
+    rows = drill_rows(world, 0, 3)
+    assert rows == drill_rows(world, 0, 3) and rows != drill_rows(world, 1, 3)
+    corpus_drills = [r for r in pretraining_corpus(world, num_drills=3) if r["kind"] == "drill"]
+    assert {r["text"] for r in rows}.isdisjoint({r["text"] for r in corpus_drills})  # another stream of people
+    for row in rows:
+        assert row["context"] and row["text"].startswith("Q: ") and row["text"].endswith(".")
+        full = row["context"] + row["text"]
+        (answer,) = [s for s in row["spans"] if s["type"] == "answer"]
+        assert row["text"].endswith(f"A: {full[answer['start'] : answer['end']]}.")
