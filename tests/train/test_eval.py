@@ -142,14 +142,15 @@ def test_smoke_train_then_eval(tmp_path):
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0  # bytes: from ~5.5 nats to well below
     save_pretrained(model, tmp_path / "ckpt")
     save_world_config(cfg, tmp_path / "ckpt")
-    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--json", str(tmp_path / "r.json"), "--bits-people", "8"]) == 0
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--json", str(tmp_path / "r.json"), "--bits-people", "8",
+                 "--max-examples", "4"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["tokenizer"] == "bytes" and report["world"]["seed"] == 1
     assert set(report["splits"]) == set(SPLITS)
     for split, by_ablation in report["splits"].items():
         assert set(by_ablation) == {"base", "knowledge_off", "reasoning_off"}
         for r in by_ablation.values():
-            assert r["n"] == 6 and r["chance"] == (0.5 if split == "comparison" else 0.25)
+            assert r["n"] == 4 and r["chance"] == (0.5 if split == "comparison" else 0.25)
             assert 0 <= r["acc"] <= 1 and 0 <= r["exact_match"] <= 1 and r["truncated"] == 0
             assert r["acc_adjusted"] == pytest.approx((r["acc"] - r["chance"]) / (1 - r["chance"]))
             assert r["acc_interval"][0] <= r["acc"] <= r["acc_interval"][1]
@@ -158,7 +159,7 @@ def test_smoke_train_then_eval(tmp_path):
     for d in report["decoupling"]:
         assert (d["score"] is None) == (d["reason"] != "ok")
     faith = report["faithfulness"]["base"]["choice"]
-    assert faith["n"] == 6 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
+    assert faith["n"] == 4 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
     bits = report["knowledge_bits"]
     assert bits["people_scored"] == 8 and bits["bits"] <= bits["max_bits"]
     assert bits["knowledge_expert_params"] == 2 * 4 * 3 * 32 * 32

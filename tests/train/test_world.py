@@ -121,13 +121,16 @@ def test_every_example_is_well_formed(world, splits):
 def test_open_book_answer_is_in_context(world, splits):
     for split in ("open_book", "open_book_two_hop", "counterfactual"):
         for ex in splits[split]:
-            stated = {(s["entity"], full) for s in ex["spans"]
-                      if (full := ex["context"][s["start"] : s["end"]]) and s["end"] <= len(ex["context"])}
+            stated = {(s["entity"], s["type"], ex["context"][s["start"] : s["end"]])
+                      for s in ex["spans"] if s["end"] <= len(ex["context"])}
             if ex["attribute"] in TWO_HOP:
-                # The subject's bridge value (city or employer) is in context, and the bridge fact for it too.
-                assert any(e != ex["person"] and v == ex["answer"] for e, v in stated), ex["prompt"]
+                # The subject's birth city (employer) is in context, and so is the bridge fact from it to the answer.
+                key, kind = ("birth_city", "country") if ex["attribute"] == "birth_country" else ("employer",
+                                                                                                 "headquarters")
+                (hop,) = {v for e, t, v in stated if e == ex["person"] and t == key}
+                assert (hop, kind, ex["answer"]) in stated, ex["prompt"]
             else:
-                assert (ex["person"], ex["answer"]) in stated, ex["prompt"]
+                assert (ex["person"], ex["attribute"], ex["answer"]) in stated, ex["prompt"]
 
 
 def test_counterfactual_contradicts_training(world, splits):
