@@ -60,7 +60,13 @@ def load_codec(directory: str | Path, vocab_size: int) -> Codec:
     if path.is_file():
         from tokenizers import Tokenizer
 
-        return Codec(Tokenizer.from_file(str(path)))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own Exception type for malformed files
+            raise ValueError(f"{path} is not a readable tokenizers file: {err}") from err
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ValueError(f"{path} has {tokenizer.get_vocab_size()} tokens but the model's vocab_size={vocab_size}")
+        return Codec(tokenizer)
     if vocab_size < 256:
         raise ValueError(f"{directory} has no tokenizer.json and vocab_size={vocab_size} < 256 byte ids")
     return Codec()

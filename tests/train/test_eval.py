@@ -71,10 +71,10 @@ def test_routing_specificity_metric():
     assert em.routing_specificity(1, 10, 0, 50)["ratio"] is None
 
 
-def _tiny_model(max_seq_len=64, mechanism="gate"):
+def _tiny_model(max_seq_len=64, mechanism="gate", vocab_size=256):
     rate = 1.0 if mechanism == "always" else 0.5
     return PureReasonerLM(ModelConfig(
-        vocab_size=256, d_model=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len, reasoning_width=64,
+        vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len, reasoning_width=64,
         knowledge=KnowledgeConfig(num_experts=4, expert_width=32, top_k=2, mechanism=mechanism, consult_rate=rate),
     )).eval()
 
@@ -97,6 +97,36 @@ def test_scoring_matches_direct_computation():
     for prompt, out in zip(prompts, outs, strict=True):
         ref = model.generate(torch.tensor([codec.encode(prompt)[-64:]]), 5, greedy=True)[0, -5:]
         assert out == codec.decode(ref.tolist())
+
+
+def test_tokenizer_json_codec(tmp_path):
+    """A checkpoint with a byte-level BPE ``tokenizer.json`` is scored and decoded through it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from train.eval import load
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(pretraining_corpus(preset="tiny")["text"]), trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    save_pretrained(_tiny_model(), tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="300 tokens"):
+        load(tmp_path)
+    model = _tiny_model(vocab_size=320)
+    save_pretrained(model, tmp_path)
+    loaded, codec = load(tmp_path)
+    assert codec.name == "tokenizer.json"
+    text = "Q: Where was Thom Fibiabou born?\nA: Drodath."
+    assert codec.decode(codec.encode(text)) == text and len(codec.encode(text)) < len(text)
+    (logprob,), _, _ = score_continuations(loaded, codec, [("Q: Where?\nA:", " Drodath.")])
+    ids = codec.encode("Q: Where?\nA:") + codec.encode(" Drodath.")
+    n = len(codec.encode(" Drodath."))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits_BSV[0], -1)
+    assert logprob == pytest.approx(sum(float(logp[len(ids) - 1 - n + j, ids[len(ids) - n + j]]) for j in range(n)),
+                                    abs=1e-4)
 
 
 def test_consult_map_matches_stats():
