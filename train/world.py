@@ -21,8 +21,11 @@ Training data (``pretraining_corpus``, usable as ``data.generator=train.world:pr
              ``context_column=False`` the context is merged into ``text`` instead (plain LM on everything).
     kind:    ``bio`` | ``qa`` | ``comparison`` | ``world`` | ``drill``.
     spans:   facts in ``context + text``: list of {start, end, type, entity} (see ``train.world_text``).
-The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``). For drills that are new in every
+The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``); for drills that are new in every
 batch, the pipeline can instead append ``drill_rows(world, step, count)`` (same columns) to each batch.
+Lengths at the default size: a row with its context is at most ~830 bytes (~400 tokens with a 512-token
+byte-level BPE trained on the corpus; drills and open-book prompts ~300), so a training sequence must hold that
+much for a context to stay with its text.
 
 Evaluation splits (``eval_splits``), one ``datasets.Dataset`` each, columns: id, split, prompt (context +
 ``Q: ...\\nA:``), context, question, choices, gold (index into choices), answer, memorised (counterfactual: the
@@ -77,7 +80,7 @@ class WorldConfig:
     qa_fraction: float = 0.5
     comparisons_per_person: int = 2
     bridge_repeats: int = 5
-    num_distractors: int = 2
+    num_distractors: int = 1
     num_choices: int = 4
     eval_examples: int = 200
 
@@ -306,14 +309,15 @@ def _known_rows(world: World, rng: random.Random) -> list[tuple[str, Builder, li
     return rows
 
 
-def _world_rows(world: World, rng: random.Random) -> list[Builder]:
-    """``bridge_repeats`` paraphrased listings of every bridge fact (city -> country, employer -> city)."""
+def _world_rows(world: World, rng: random.Random, facts_per_row: int = 8) -> list[Builder]:
+    """``bridge_repeats`` paraphrased passes over every bridge fact (city -> country, employer -> city), shuffled
+    and cut into rows of ``facts_per_row`` facts (short rows pack like the rest of the corpus)."""
     out = []
     for _ in range(world.cfg.bridge_repeats):
         facts = [wt.bridge_sentence("country", c, k, rng) for c, k in world.city_country.items()]
         facts += [wt.bridge_sentence("headquarters", e, c, rng) for e, c in world.employer_city.items()]
         rng.shuffle(facts)
-        out.append(_lines(facts))
+        out += [_lines(facts[i : i + facts_per_row]) for i in range(0, len(facts), facts_per_row)]
     return out
 
 
