@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on the synthetic world: ``python -m train.eval --checkpoint DIR [--splits ...] [--json PATH]``.
 
 Per split and ablation (base, knowledge_off, reasoning_off): log-likelihood multiple-choice accuracy, its
-chance-adjusted value and Wilson interval, and exact-match greedy generation; then the decoupling score,
+chance-adjusted value and Wilson interval, and exact-match greedy generation (for the ablations in
+``--generate``, default base only: each costs about one more multiple-choice pass); then the decoupling score,
 counterfactual faithfulness, knowledge stored in bits per knowledge-expert parameter and routing specificity
 (definitions: ``train.eval_metrics``).
 
@@ -284,11 +285,12 @@ def _decoupling(results: dict, closed: str, opened: str) -> dict:
 
 
 def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence[str] = SPLITS,
-             ablations: Sequence[str] = tuple(ABLATIONS), *, max_examples: int | None = None, generate: bool = True,
+             ablations: Sequence[str] = tuple(ABLATIONS), *, max_examples: int | None = None,
+             generate: Sequence[str] = ("base",),
              bits_people: int = 200, batch_size: int = 16) -> dict:
     """The full report as a JSON-ready dict (see the module docstring)."""
     examples = {s: split_examples(world, s)[:max_examples] for s in splits}
-    results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=generate)
+    results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=a in generate)
                    for a in ablations} for s in splits}
     report = {"splits": {s: {a: {k: v for k, v in asdict(r).items() if k not in ("predictions", "generations")}
                              for a, r in by_ablation.items()} for s, by_ablation in results.items()}}
@@ -319,13 +321,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world", default=None, help="WorldConfig JSON (default: CHECKPOINT/world.json)")
     parser.add_argument("--max-examples", type=int, default=None, help="per split (default: all of the world's)")
     parser.add_argument("--bits-people", type=int, default=200, help="people sampled for the bits estimate; 0: skip")
-    parser.add_argument("--no-generate", action="store_true", help="skip exact-match generation")
+    parser.add_argument("--generate", default="base",
+                        help="ablations to run exact-match generation for (comma-separated, 'all' or 'none'); "
+                             "greedy generation costs about as much as the multiple-choice scoring per ablation")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     splits, ablations = args.splits.split(","), args.ablations.split(",")
-    for given, known, what in ((splits, SPLITS, "split"), (ablations, tuple(ABLATIONS), "ablation")):
+    generate = {"all": ablations, "none": []}.get(args.generate, args.generate.split(","))
+    for given, known, what in ((splits, SPLITS, "split"), (ablations, tuple(ABLATIONS), "ablation"),
+                               (generate or ["base"], tuple(ablations), "--generate ablation")):
         bad = [x for x in given if x not in known]
         if bad or not given:
             parser.error(f"unknown {what}(s) {bad}; choose from {','.join(known)}")
@@ -346,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = {"checkpoint": str(args.checkpoint), "tokenizer": codec.name, "world": asdict(world_cfg),
               **evaluate(model, codec, build_world(world_cfg), splits, ablations, max_examples=args.max_examples,
-                         generate=not args.no_generate, bits_people=args.bits_people, batch_size=args.batch_size)}
+                         generate=generate, bits_people=args.bits_people, batch_size=args.batch_size)}
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

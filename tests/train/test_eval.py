@@ -179,15 +179,19 @@ def test_smoke_train_then_eval(tmp_path):
     assert set(report["splits"]) == set(SPLITS)
     for split, by_ablation in report["splits"].items():
         assert set(by_ablation) == {"base", "knowledge_off", "reasoning_off"}
-        for r in by_ablation.values():
+        for ablation, r in by_ablation.items():
             assert r["n"] == 4 and r["chance"] == (0.5 if split == "comparison" else 0.25)
-            assert 0 <= r["acc"] <= 1 and 0 <= r["exact_match"] <= 1 and r["truncated"] == 0
+            assert 0 <= r["acc"] <= 1 and r["truncated"] == 0
+            # Generation runs for the base model only by default (--generate).
+            assert (0 <= r["exact_match"] <= 1) if ablation == "base" else r["exact_match"] is None
             assert r["acc_adjusted"] == pytest.approx((r["acc"] - r["chance"]) / (1 - r["chance"]))
             assert r["acc_interval"][0] <= r["acc"] <= r["acc_interval"][1]
     assert [(d["closed"], d["open"]) for d in report["decoupling"]] == [
         ("closed_book", "open_book"), ("closed_book_two_hop", "open_book_two_hop")]
     for d in report["decoupling"]:
         assert (d["score"] is None) == (d["reason"] != "ok")
+    assert report["faithfulness"]["knowledge_off"]["generation"] is None
+    assert report["faithfulness"]["base"]["generation"]["n"] == 4
     faith = report["faithfulness"]["base"]["choice"]
     assert faith["n"] == 4 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
     bits = report["knowledge_bits"]
@@ -207,6 +211,8 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     save_world_config(world_config("tiny"), tmp_path)
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--splits", "closed_book,telepathy"])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--ablations", "base", "--generate", "knowledge_off"])
     assert main(["--checkpoint", str(tmp_path / "missing"), "--world", str(tmp_path / "world.json")]) == 2
 
 
