@@ -1,0 +1,264 @@
+"""Evaluation: metrics on hand-made cases, the scoring machinery against direct computation, and a smoke run
+(train a tiny model on a tiny world for a few dozen steps, save it, run ``python -m train.eval`` on it)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from moe.checkpoint import save_pretrained
+from train import eval_metrics as em
+from train.eval import Codec, consult_map, greedy_generate, main, score_continuations
+from train.objectives import in_context_tokens, lm_loss, shift_targets
+from train.world import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
+
+
+def test_chance_adjustment():
+    assert em.chance_level([4, 4, 2, 2]) == pytest.approx(0.375)
+    assert em.chance_adjusted(0.25, 0.25) == 0.0
+    assert em.chance_adjusted(1.0, 0.25) == 1.0
+    assert em.chance_adjusted(0.625, 0.25) == pytest.approx(0.5)
+    assert em.chance_adjusted(0.0, 0.5) == -1.0
+    assert em.accuracy([True, False, True, True]) == 0.75
+    with pytest.raises(ValueError, match="chance"):
+        em.chance_adjusted(0.5, 1.0)
+
+
+def test_wilson_and_well_above_chance():
+    lo, hi = em.wilson_interval(8, 10)
+    assert (lo, hi) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    assert em.well_above_chance(30, 40, 0.25)
+    assert not em.well_above_chance(13, 40, 0.25)  # adjusted 0.1 < 0.25
+    assert not em.well_above_chance(2, 2, 0.5)  # perfect, but two examples prove nothing
+    assert em.well_above_chance(40, 40, 0.5)
+
+
+def test_decoupling_score():
+    score, reason = em.decoupling_score(0.8, 0.0, 0.6, 0.54, open_well_above_chance=True)
+    assert score == pytest.approx(1.0 - 0.1) and reason == "ok"
+    score, _ = em.decoupling_score(0.8, 0.4, 0.6, 0.3, True)  # both halve: no decoupling
+    assert score == pytest.approx(0.0)
+    score, reason = em.decoupling_score(0.8, 0.0, 0.1, 0.1, False)
+    assert score is None and "open book" in reason
+    score, reason = em.decoupling_score(-0.02, 0.0, 0.6, 0.6, True)
+    assert score is None and "closed book" in reason
+    assert em.relative_drop(0.5, 0.6) == pytest.approx(-0.2)
+
+
+def test_faithfulness():
+    out = em.faithfulness(["a", "m", "a", "x"], ["a", "a", "a", "a"], ["m", "m", "m", "m"])
+    assert out["follows_context"] == 0.5 and out["follows_memory"] == 0.25 and out["neither"] == 0.25
+    assert out["faithfulness"] == pytest.approx(2 / 3)
+    assert em.faithfulness(["x"], ["a"], ["m"])["faithfulness"] is None
+
+
+def test_knowledge_bits():
+    assert em.knowledge_bits([0.0, 0.0], [4, 1024]) == pytest.approx(12.0)  # certain: all of log2|V|
+    assert em.knowledge_bits([-math.log(4), -math.log(8)], [4, 8]) == pytest.approx(0.0)  # uniform: nothing
+    assert em.knowledge_bits([math.log(0.5)], [4]) == pytest.approx(1.0)  # half the mass on the truth: 1 of 2 bits
+    assert em.knowledge_bits([-math.log(16)], [4]) == pytest.approx(-2.0)  # worse than uniform: negative
+    assert em.per_parameter(12.0, 6) == 2.0 and em.per_parameter(1.0, 0) is None
+    with pytest.raises(ValueError):
+        em.knowledge_bits([0.3], [4])
+
+
+def test_routing_specificity_metric():
+    out = em.routing_specificity(6, 10, 20, 200)
+    assert out["answer_rate"] == 0.6 and out["other_rate"] == 0.1 and out["ratio"] == pytest.approx(6.0)
+    assert em.routing_specificity(1, 10, 0, 50)["ratio"] is None
+
+
+def _tiny_model(max_seq_len=64, mechanism="gate", vocab_size=256):
+    rate = 1.0 if mechanism == "always" else 0.5
+    return PureReasonerLM(ModelConfig(
+        vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len, reasoning_width=64,
+        knowledge=KnowledgeConfig(num_experts=4, expert_width=32, top_k=2, mechanism=mechanism, consult_rate=rate),
+    )).eval()
+
+
+def test_scoring_matches_direct_computation():
+    model, codec = _tiny_model(), Codec()
+    pairs = [("Q: Where?\nA:", " Vora."), ("x" * 70, " Brim Ka."), ("Hello", " world.")]  # the 2nd is truncated
+    logprobs, greedy, truncated = score_continuations(model, codec, pairs, batch_size=2)
+    assert truncated == 1
+    for (context, cont), got in zip(pairs, logprobs, strict=True):
+        ids = (codec.encode(context) + codec.encode(cont))[-65:]
+        n = len(codec.encode(cont))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits_BSV[0], -1)
+        want = sum(float(logp[len(ids) - 1 - n + j, ids[len(ids) - n + j]]) for j in range(n))
+        assert got == pytest.approx(want, abs=1e-4)
+    assert greedy == [False, False, False]  # an untrained model does not predict these
+    prompts = ["Q: Where?\nA:", "abc", "x" * 70]
+    outs = greedy_generate(model, codec, prompts, 5, stop=(), batch_size=3)
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = model.generate(torch.tensor([codec.encode(prompt)[-64:]]), 5, greedy=True)[0, -5:]
+        assert out == codec.decode(ref.tolist())
+
+
+def test_tokenizer_json_codec(tmp_path):
+    """A checkpoint with a byte-level BPE ``tokenizer.json`` is scored and decoded through it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from train.eval import load
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(pretraining_corpus(preset="tiny")["text"]), trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    save_pretrained(_tiny_model(), tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="300 tokens"):
+        load(tmp_path)
+    model = _tiny_model(vocab_size=320)
+    save_pretrained(model, tmp_path)
+    loaded, codec = load(tmp_path)
+    assert codec.name == "tokenizer.json"
+    text = "Q: Where was Thom Fibiabou born?\nA: Drodath."
+    assert codec.decode(codec.encode(text)) == text and len(codec.encode(text)) < len(text)
+    (logprob,), _, _ = score_continuations(loaded, codec, [("Q: Where?\nA:", " Drodath.")])
+    ids = codec.encode("Q: Where?\nA:") + codec.encode(" Drodath.")
+    n = len(codec.encode(" Drodath."))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits_BSV[0], -1)
+    assert logprob == pytest.approx(sum(float(logp[len(ids) - 1 - n + j, ids[len(ids) - n + j]]) for j in range(n)),
+                                    abs=1e-4)
+
+
+def test_consult_map_matches_stats():
+    model = _tiny_model()
+    idx = torch.randint(0, 256, (3, 20))
+    consulted_LBS = consult_map(model, idx)
+    stats = model(idx).stats
+    assert consulted_LBS.shape == (2, 3, 20)
+    assert consulted_LBS.flatten(1).sum(1).tolist() == [int(s.consulting_tokens) for s in stats]
+    assert consult_map(_tiny_model(mechanism="always"), idx).all()
+
+
+def _train_tiny(world, steps=40, seq=128, batch=8):
+    """A plain torch loop on the tiny world's corpus (byte tokens, contexts loss-masked)."""
+    torch.manual_seed(0)
+    model = _tiny_model(max_seq_len=384).train()
+    ids, mask = [], []
+    for row in pretraining_corpus(world, in_context_fraction=0.25):
+        row_ids, row_mask = in_context_tokens(list(row["context"].encode()), list((row["text"] + "\n").encode()))
+        ids += row_ids
+        mask += row_mask
+    ids_N, mask_N = torch.tensor(ids), torch.tensor(mask)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng, losses = random.Random(0), []
+    for _ in range(steps):
+        starts = [rng.randrange(len(ids) - seq - 1) for _ in range(batch)]
+        inputs, targets = shift_targets(torch.stack([ids_N[s : s + seq + 1] for s in starts]),
+                                        torch.stack([mask_N[s : s + seq + 1] for s in starts]))
+        out = model(inputs, targets)
+        loss = lm_loss(out.logits_BSV, targets) + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_controllers(out.stats)
+        losses.append(float(loss.detach()))
+    return model.eval(), losses
+
+
+def test_smoke_train_then_eval(tmp_path):
+    cfg = world_config("tiny", seed=1, num_distractors=0, eval_examples=6)
+    world = build_world(cfg)
+    model, losses = _train_tiny(world)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0  # bytes: from ~5.5 nats to well below
+    save_pretrained(model, tmp_path / "ckpt")
+    save_world_config(cfg, tmp_path / "ckpt")
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--json", str(tmp_path / "r.json"), "--bits-people", "8",
+                 "--max-examples", "4"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokenizer"] == "bytes" and report["world"]["seed"] == 1
+    assert set(report["splits"]) == set(SPLITS)
+    for split, by_ablation in report["splits"].items():
+        assert set(by_ablation) == {"base", "knowledge_off", "reasoning_off"}
+        for ablation, r in by_ablation.items():
+            assert r["n"] == 4 and r["chance"] == (0.5 if split == "comparison" else 0.25)
+            assert 0 <= r["acc"] <= 1 and r["truncated"] == 0
+            # Generation runs for the base model only by default (--generate).
+            assert (0 <= r["exact_match"] <= 1) if ablation == "base" else r["exact_match"] is None
+            assert r["acc_adjusted"] == pytest.approx((r["acc"] - r["chance"]) / (1 - r["chance"]))
+            assert r["acc_interval"][0] <= r["acc"] <= r["acc_interval"][1]
+    assert [(d["closed"], d["open"]) for d in report["decoupling"]] == [
+        ("closed_book", "open_book"), ("closed_book_two_hop", "open_book_two_hop")]
+    for d in report["decoupling"]:
+        assert (d["score"] is None) == (d["reason"] != "ok")
+    assert report["faithfulness"]["knowledge_off"]["generation"] is None
+    assert report["faithfulness"]["base"]["generation"]["n"] == 4
+    faith = report["faithfulness"]["base"]["choice"]
+    assert faith["n"] == 4 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
+    bits = report["knowledge_bits"]
+    assert bits["people_scored"] == 8 and bits["bits"] <= bits["max_bits"]
+    assert bits["knowledge_expert_params"] == 2 * 4 * 3 * 32 * 32
+    assert bits["bits_per_knowledge_param"] == pytest.approx(bits["bits"] / bits["knowledge_expert_params"])
+    for group in ("closed_book", "open_book"):
+        r = report["routing"][group]
+        assert 0 <= r["answer_rate"] <= 1 and 0 <= r["other_rate"] <= 1 and len(r["per_layer"]) == 2
+        assert r["answer_tokens"] > 0 and r["other_tokens"] > r["answer_tokens"]
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    save_pretrained(_tiny_model(), tmp_path)
+    assert main(["--checkpoint", str(tmp_path)]) == 2  # no world.json
+    assert "world" in capsys.readouterr().err
+    save_world_config(world_config("tiny"), tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--splits", "closed_book,telepathy"])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--ablations", "base", "--generate", "knowledge_off"])
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--world", str(tmp_path / "world.json")]) == 2
+
+
+def test_lm_eval_harness_matches_train_eval(tmp_path):
+    """``lm_eval`` (offline, our tasks and model class) scores exactly what train.eval scores."""
+    pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train.eval import evaluate_split
+    from train.world_splits import split_examples
+    from train.world_text import continuation
+
+    cfg = world_config("tiny", seed=2, num_distractors=0, eval_examples=3)
+    model = _tiny_model(max_seq_len=512)
+    save_pretrained(model, tmp_path / "ckpt")
+    save_world_config(cfg, tmp_path / "ckpt")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root),
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "train.lm_eval_model", "--model", "pure_reasoner", "--model_args",
+           f"checkpoint={tmp_path / 'ckpt'}", "--device", "cpu", "--batch_size", "8", "--log_samples",
+           "--tasks", "pr_counterfactual,pr_open_book_gen", "--include_path", str(root / "train/lm_eval_tasks"),
+           "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_path,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_path.read_text())["results"]
+    world = build_world(cfg)
+
+    counterfactual = split_examples(world, "counterfactual")
+    (samples_path,) = (tmp_path / "out").rglob("samples_pr_counterfactual_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    pairs = [(ex["prompt"], continuation(c)) for ex in counterfactual for c in ex["choices"]]
+    ours, _, _ = score_continuations(model, Codec(), pairs)
+    theirs = [float(resp[0]) for s in samples for resp in s["filtered_resps"]]
+    assert theirs == pytest.approx(ours, abs=1e-4)
+    assert results["pr_counterfactual"]["acc,none"] == evaluate_split(model, Codec(), counterfactual, "base",
+                                                                      generate=False).acc
+
+    open_book = split_examples(world, "open_book")
+    (samples_path,) = (tmp_path / "out").rglob("samples_pr_open_book_gen_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    ours = greedy_generate(model, Codec(), [ex["prompt"] for ex in open_book], 32)
+    assert [s["filtered_resps"][0] for s in samples] == [o.strip() for o in ours]
+    assert results["pr_open_book_gen"]["exact_match,strip"] == em.accuracy(
+        [o.strip() == ex["answer"] for o, ex in zip(ours, open_book, strict=True)])

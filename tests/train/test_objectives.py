@@ -1,0 +1,149 @@
+"""Objectives: targets and loss masks, reverse KL against the direct formula, teacher alignment."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from train.objectives import (
+    IGNORE_INDEX,
+    align_teacher,
+    distill_batch,
+    distill_forward,
+    distillation_loss,
+    in_context_example,
+    in_context_tokens,
+    lm_loss,
+    reverse_kl,
+    shift_targets,
+)
+
+
+def _reverse_kl_direct(student, teacher, mask):
+    """sum_v p_s log(p_s / p_t) per position with plain probabilities, averaged over masked positions."""
+    total, count = 0.0, 0
+    for n in range(student.shape[0]):
+        if not mask[n]:
+            continue
+        p_s = torch.softmax(student[n].double(), -1)
+        p_t = torch.softmax(teacher[n].double(), -1)
+        total += sum(float(p_s[v] * math.log(p_s[v] / p_t[v])) for v in range(student.shape[1]))
+        count += 1
+    return total / max(count, 1)
+
+
+def test_reverse_kl_matches_direct_formula():
+    student, teacher = torch.randn(7, 11) * 2, torch.randn(7, 11) * 2
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    got = reverse_kl(student, teacher, mask)
+    assert float(got) == pytest.approx(_reverse_kl_direct(student, teacher, mask), rel=1e-5)
+    # Masked positions do not count: change them arbitrarily.
+    student2 = student.clone()
+    student2[~mask] = torch.randn(int((~mask).sum()), 11) * 10
+    assert float(reverse_kl(student2, teacher, mask)) == pytest.approx(float(got), rel=1e-6)
+    # Reverse, not forward: swapping the arguments gives a different value.
+    assert float(reverse_kl(teacher, student, mask)) != pytest.approx(float(got), rel=1e-3)
+    # Temperature: softened distributions, scaled by T^2.
+    assert float(reverse_kl(student, teacher, mask, temperature=2.0)) == pytest.approx(
+        4 * _reverse_kl_direct(student / 2, teacher / 2, mask), rel=1e-5)
+
+
+def test_reverse_kl_zero_iff_distributions_match():
+    logits = torch.randn(5, 9)
+    assert float(reverse_kl(logits, logits + 3.7)) == pytest.approx(0.0, abs=1e-6)  # same softmax
+    perturbed = logits.clone()
+    perturbed[2, 4] += 0.05
+    assert float(reverse_kl(perturbed, logits)) > 1e-6
+    assert float(reverse_kl(logits, perturbed, torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool))) == pytest.approx(
+        0.0, abs=1e-6)
+    assert float(reverse_kl(logits, perturbed, torch.zeros(5, dtype=torch.bool))) == 0.0
+
+
+def test_reverse_kl_is_mode_seeking():
+    """Teacher with two modes: a student on one mode beats a broad student in reverse KL, not in forward KL."""
+    teacher = torch.log(torch.tensor([[0.495, 0.01, 0.495]]))
+    one_mode = torch.log(torch.tensor([[0.98, 0.01, 0.01]]))
+    broad = torch.log(torch.tensor([[0.2, 0.6, 0.2]]))
+    assert reverse_kl(one_mode, teacher) < reverse_kl(broad, teacher)
+    assert reverse_kl(teacher, one_mode) > reverse_kl(teacher, broad)  # forward KL prefers covering
+
+
+def test_reverse_kl_gradient_only_to_student():
+    student = torch.randn(4, 6, requires_grad=True)
+    teacher = torch.randn(4, 6, requires_grad=True)
+    reverse_kl(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad.abs().sum() > 0
+    # Gradient of sum_v p log(p/q) w.r.t. student logits z: p * (log p - log q - KL) / N.
+    p, log_p, log_q = torch.softmax(student, -1), torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    kl = (p * (log_p - log_q)).sum(-1, keepdim=True)
+    torch.testing.assert_close(student.grad, (p * (log_p - log_q - kl) / 4).detach())
+
+
+def test_in_context_masks_the_supplied_facts():
+    context, text = [5, 6, 7], [1, 2, 3, 4]
+    ids, mask = in_context_tokens(context, text)
+    assert ids == [5, 6, 7, 1, 2, 3, 4] and mask == [False] * 3 + [True] * 4
+    inputs, targets = in_context_example(context, text)
+    assert inputs.tolist() == [5, 6, 7, 1, 2, 3]
+    # Position 2 (last context token) predicts the first text token; no context token is a target.
+    assert targets.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 1, 2, 3, 4]
+    inputs_BS, targets_BS = shift_targets(torch.tensor([ids, ids]), torch.tensor([mask, [True] * 7]))
+    assert targets_BS.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 1, 2, 3, 4], [6, 7, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="at least 2"):
+        shift_targets(torch.tensor([3]))
+
+
+def test_lm_loss_is_the_models_cross_entropy():
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, reasoning_width=16,
+                      knowledge=KnowledgeConfig(num_experts=2, expert_width=8, top_k=1))
+    model = PureReasonerLM(cfg)
+    inputs, targets = in_context_example([3, 4, 5], [6, 7, 8, 9])
+    out = model(inputs[None], targets[None])
+    torch.testing.assert_close(lm_loss(out.logits_BSV, targets[None]), out.loss - out.aux_loss)
+    manual = F.cross_entropy(out.logits_BSV[0, 2:], targets[2:])
+    torch.testing.assert_close(lm_loss(out.logits_BSV, targets[None]), manual)
+
+
+def test_teacher_alignment_and_distillation():
+    rows = [([9, 9], [1, 2, 3, 4]), ([8], [5, 6, 7]), ([], [2, 3])]
+    batch = distill_batch(rows, pad_id=0)
+    assert batch.teacher_ids_BT.tolist() == [[9, 9, 1, 2, 3, 4], [8, 5, 6, 7, 0, 0], [2, 3, 0, 0, 0, 0]]
+    assert batch.student_ids_BS.tolist() == [[1, 2, 3], [5, 6, 0], [2, 0, 0]]
+    assert batch.student_targets_BS.tolist() == [[2, 3, 4], [6, 7, -100], [3, -100, -100]]
+    assert batch.offset_B.tolist() == [2, 1, 0]
+    # A "model" whose logits one-hot the input token: aligned teacher rows must one-hot the student's inputs.
+    vocab = 10
+    teacher_logits = F.one_hot(batch.teacher_ids_BT, vocab).float()
+    aligned, valid = align_teacher(teacher_logits, batch.offset_B, 3)
+    assert valid.all()
+    assert aligned.argmax(-1)[batch.student_targets_BS != -100].tolist() == [1, 2, 3, 5, 6, 2]
+    # A student equal to the aligned teacher has zero KL; its loss is then its CE alone.
+    student = (aligned * 5).requires_grad_()
+    loss, parts = distillation_loss(student, teacher_logits * 5, batch, kl_weight=2.0)
+    assert float(parts["reverse_kl"]) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(loss, parts["ce"])
+    _, parts = distillation_loss(torch.randn(3, 3, vocab), teacher_logits, batch)
+    assert float(parts["reverse_kl"]) > 0.1
+    _, valid = align_teacher(teacher_logits, torch.tensor([2, 1, 5]), 3)
+    assert valid.tolist() == [[True] * 3, [True] * 3, [True, False, False]]
+
+
+def test_distill_forward_trains_student_toward_teacher():
+    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, reasoning_width=16,
+                      knowledge=KnowledgeConfig(num_experts=2, expert_width=8, top_k=1))
+    teacher, student = PureReasonerLM(cfg).eval(), PureReasonerLM(cfg)
+    batch = distill_batch([([1, 2, 3], [4, 5, 6, 7]), ([2], [8, 9, 10])])
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    kls = []
+    for _ in range(30):
+        loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0, ce_weight=0.0)
+        assert len(out.stats) == 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(float(parts["reverse_kl"]))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert kls[-1] < 0.5 * kls[0]

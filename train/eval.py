@@ -1,0 +1,381 @@
+"""Evaluate a checkpoint on the synthetic world: ``python -m train.eval --checkpoint DIR [--splits ...] [--json PATH]``.
+
+Per split and ablation (base, knowledge_off, reasoning_off): log-likelihood multiple-choice accuracy, its
+chance-adjusted value and Wilson interval, and exact-match greedy generation (for the ablations in
+``--generate``, default base only: each costs about one more multiple-choice pass); then the decoupling score,
+counterfactual faithfulness, knowledge stored in bits per knowledge-expert parameter and routing specificity
+(definitions: ``train.eval_metrics``).
+
+The checkpoint directory holds ``config.json`` + ``model.safetensors`` (``moe.checkpoint``), optionally
+``tokenizer.json`` (else byte-level ids: token = UTF-8 byte) and ``world.json`` (the WorldConfig it was trained
+on; else pass ``--world PATH``).
+
+Shape legend: B batch, S sequence, V vocabulary, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe import PureReasonerLM
+from moe.checkpoint import load_pretrained
+from train import eval_metrics as em
+from train.world import SPLITS, World, build_world, load_world_config
+from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
+from train.world_text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
+
+ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True}}
+STOP = ("\n", ".")
+
+
+class Codec:
+    """Text <-> token ids: a ``tokenizers`` file, or UTF-8 bytes when there is none."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+        self.name = "tokenizer.json" if tokenizer is not None else "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            return list(text.encode("utf-8"))
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return bytes(ids).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def load_codec(directory: str | Path, vocab_size: int) -> Codec:
+    path = Path(directory) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own Exception type for malformed files
+            raise ValueError(f"{path} is not a readable tokenizers file: {err}") from err
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ValueError(f"{path} has {tokenizer.get_vocab_size()} tokens but the model's vocab_size={vocab_size}")
+        return Codec(tokenizer)
+    if vocab_size < 256:
+        raise ValueError(f"{directory} has no tokenizer.json and vocab_size={vocab_size} < 256 byte ids")
+    return Codec()
+
+
+def load(directory: str | Path, device: str = "cpu") -> tuple[PureReasonerLM, Codec]:
+    """The model (eval mode) and its codec from a checkpoint directory."""
+    model = load_pretrained(directory, map_location=device).eval()
+    return model, load_codec(directory, model.cfg.vocab_size)
+
+
+def _fit(ids: list[int], limit: int) -> list[int]:
+    """Keep the last ``limit`` tokens (the question and answer sit at the end of a prompt)."""
+    return ids[-limit:]
+
+
+def score_continuations(model: PureReasonerLM, codec: Codec, pairs: Sequence[tuple[str, str]], *,
+                        ablation: str = "base", batch_size: int = 16) -> tuple[list[float], list[bool], int]:
+    """Log-likelihood of each continuation string given its context string (see ``score_ids``)."""
+    return score_ids(model, [(codec.encode(c), codec.encode(t)) for c, t in pairs], ablation=ablation,
+                     batch_size=batch_size)
+
+
+@torch.no_grad()
+def score_ids(model: PureReasonerLM, pairs: Sequence[tuple[list[int], list[int]]], *, ablation: str = "base",
+              batch_size: int = 16) -> tuple[list[float], list[bool], int]:
+    """Log-likelihood of each continuation given its context, as token ids.
+
+    Returns:
+        logprobs (natural log, summed over continuation tokens), whether each continuation is the greedy one,
+        and how many contexts were cut from the left to fit ``max_seq_len``.
+    """
+    limit = model.cfg.max_seq_len + 1  # inputs are ids[:-1]
+    encoded, truncated = [], 0
+    for ctx_ids, cont_ids in pairs:
+        if not cont_ids or len(cont_ids) >= limit:
+            raise ValueError(f"continuation has {len(cont_ids)} tokens; need 1..{limit - 1}")
+        ids = _fit([*ctx_ids, *cont_ids], limit)
+        truncated += len(ctx_ids) + len(cont_ids) > limit
+        encoded.append((ids, len(cont_ids)))
+    logprobs, greedy = [0.0] * len(pairs), [False] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i][0]) for i in rows) - 1
+        idx_BS = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, i in enumerate(rows):
+            ids = encoded[i][0]
+            idx_BS[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        logp_BSV = F.log_softmax(model(idx_BS.to(_device(model)), **ABLATIONS[ablation]).logits_BSV.float(), -1).cpu()
+        for b, i in enumerate(rows):
+            ids, n = encoded[i]
+            target = torch.tensor(ids[-n:])
+            logp_NV = logp_BSV[b, len(ids) - 1 - n : len(ids) - 1]
+            logprobs[i] = float(logp_NV.gather(1, target[:, None]).sum())
+            greedy[i] = bool((logp_NV.argmax(-1) == target).all())
+    return logprobs, greedy, truncated
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str], max_new_tokens: int, *,
+                    stop: Sequence[str] = STOP, ablation: str = "base", batch_size: int = 16) -> list[str]:
+    """Greedy continuations, each cut at the first stop string. Batched with right padding: causal attention
+    makes a row's logits at its own last position independent of the padding after it."""
+    limit = model.cfg.max_seq_len
+    outputs = [""] * len(prompts)
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        seqs = {i: codec.encode(prompts[i]) for i in rows}
+        new = {i: [] for i in rows}
+        active = set(rows)
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            live = sorted(active)
+            ctx = {i: _fit(seqs[i] + new[i], limit) for i in live}
+            idx_BS = torch.zeros(len(live), max(len(c) for c in ctx.values()), dtype=torch.long)
+            for b, i in enumerate(live):
+                idx_BS[b, : len(ctx[i])] = torch.tensor(ctx[i])
+            logits_BSV = model(idx_BS.to(_device(model)), **ABLATIONS[ablation]).logits_BSV
+            for b, i in enumerate(live):
+                new[i].append(int(logits_BSV[b, len(ctx[i]) - 1].argmax()))
+                text = codec.decode(new[i])
+                if any(s in text for s in stop):
+                    active.discard(i)
+        for i in rows:
+            text = codec.decode(new[i])
+            cut = min((text.find(s) for s in stop if s in text), default=len(text))
+            outputs[i] = text[:cut]
+    return outputs
+
+
+@torch.no_grad()
+def consult_map(model: PureReasonerLM, idx_BS: torch.Tensor) -> torch.Tensor:
+    """[L, B, S] bool: whether each token consulted any knowledge expert in each MoE layer (router hook)."""
+    captured = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
+             for layer in model.moe_layers()]
+    try:
+        model(idx_BS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not captured:
+        return torch.zeros(0, *idx_BS.shape, dtype=torch.bool)
+    return torch.stack([(ids_TK >= 0).any(-1).view(idx_BS.shape) for ids_TK in captured]).cpu()
+
+
+def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], batch_size: int = 16) -> dict:
+    """Consult rates on answer positions vs other positions, per MoE layer and over all layers."""
+    limit = model.cfg.max_seq_len + 1
+    num_layers = len(model.moe_layers())
+    ans_hits, ans_n = torch.zeros(num_layers), 0
+    other_hits, other_n = torch.zeros(num_layers), 0
+    for start in range(0, len(examples), batch_size):
+        batch = []
+        for ex in examples[start : start + batch_size]:
+            answer_ids = codec.encode(" " + ex["answer"])
+            ids = _fit(codec.encode(ex["prompt"]) + answer_ids + codec.encode("."), limit)
+            first = len(ids) - len(answer_ids) - len(codec.encode(".")) - 1  # predicts the first answer token
+            batch.append((ids[:-1], first, len(answer_ids)))
+        idx_BS = torch.zeros(len(batch), max(len(ids) for ids, _, _ in batch), dtype=torch.long)
+        answer_BS = torch.zeros(idx_BS.shape, dtype=torch.bool)
+        valid_BS = torch.zeros(idx_BS.shape, dtype=torch.bool)
+        for b, (ids, first, n) in enumerate(batch):
+            idx_BS[b, : len(ids)] = torch.tensor(ids)
+            valid_BS[b, : len(ids)] = True
+            answer_BS[b, max(first, 0) : first + n] = True
+        consulted_LBS = consult_map(model, idx_BS.to(_device(model)))
+        other_BS = valid_BS & ~answer_BS
+        ans_hits += (consulted_LBS & answer_BS).flatten(1).sum(1)
+        other_hits += (consulted_LBS & other_BS).flatten(1).sum(1)
+        ans_n, other_n = ans_n + int(answer_BS.sum()), other_n + int(other_BS.sum())
+    per_layer = [em.routing_specificity(float(a), ans_n, float(o), other_n)
+                 for a, o in zip(ans_hits, other_hits, strict=True)]
+    overall = em.routing_specificity(float(ans_hits.mean()) if num_layers else 0.0, ans_n,
+                                     float(other_hits.mean()) if num_layers else 0.0, other_n)
+    return {**overall, "per_layer": per_layer}
+
+
+def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people: int, batch_size: int = 16) -> dict:
+    """Bits about the known people's attribute values held by the model (``eval_metrics.knowledge_bits``),
+    estimated on a uniform sample of people and scaled to all of them."""
+    people = random.Random(f"{world.cfg.seed}:bits").sample(world.people, min(max_people, len(world.people)))
+    scale = len(world.people) / len(people)
+    per_attribute = {}
+    for attribute in ATTRIBUTES:
+        prefix = prefix_of(BIO_TEMPLATES[attribute][0])
+        pairs = [(prefix.format(name=p.name), continuation(world.values(p)[attribute])) for p in people]
+        logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+        size = world.num_values(attribute)
+        bits = em.knowledge_bits(logprobs, [size] * len(people)) * scale
+        per_attribute[attribute] = {"bits": bits, "max_bits": len(world.people) * math.log2(size)}
+    total = sum(v["bits"] for v in per_attribute.values())
+    expert_params = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
+    all_params = sum(p.numel() for p in model.parameters())
+    return {"bits": total, "max_bits": sum(v["max_bits"] for v in per_attribute.values()),
+            "people_scored": len(people), "people": len(world.people), "per_attribute": per_attribute,
+            "knowledge_expert_params": expert_params, "params": all_params,
+            "bits_per_knowledge_param": em.per_parameter(total, expert_params),
+            "bits_per_param": em.per_parameter(total, all_params)}
+
+
+@dataclass
+class SplitResult:
+    n: int
+    chance: float
+    acc: float
+    acc_adjusted: float
+    acc_interval: tuple[float, float]
+    well_above_chance: bool
+    exact_match: float | None
+    truncated: int
+    predictions: list[str]
+    generations: list[str] | None
+
+
+def evaluate_split(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], ablation: str, *,
+                   batch_size: int = 16, generate: bool = True) -> SplitResult:
+    pairs = [(ex["prompt"], continuation(c)) for ex in examples for c in ex["choices"]]
+    logprobs, _, truncated = score_continuations(model, codec, pairs, ablation=ablation, batch_size=batch_size)
+    predictions, correct, offset = [], [], 0
+    for ex in examples:
+        scores = logprobs[offset : offset + len(ex["choices"])]
+        offset += len(ex["choices"])
+        best = max(range(len(scores)), key=scores.__getitem__)
+        predictions.append(ex["choices"][best])
+        correct.append(best == ex["gold"])
+    chance = em.chance_level([len(ex["choices"]) for ex in examples])
+    acc, hits = em.accuracy(correct), sum(correct)
+    generations = exact = None
+    if generate:
+        longest = max(len(codec.encode(continuation(ex["answer"]))) for ex in examples)
+        generations = greedy_generate(model, codec, [ex["prompt"] for ex in examples], longest + 2,
+                                      ablation=ablation, batch_size=batch_size)
+        exact = em.accuracy([g.strip() == ex["answer"] for g, ex in zip(generations, examples, strict=True)])
+    return SplitResult(len(examples), chance, acc, em.chance_adjusted(acc, chance),
+                       em.wilson_interval(hits, len(examples)), em.well_above_chance(hits, len(examples), chance),
+                       exact, truncated // max(len(examples[0]["choices"]), 1), predictions, generations)
+
+
+def _decoupling(results: dict, closed: str, opened: str) -> dict:
+    base_c, off_c = results[closed]["base"], results[closed]["knowledge_off"]
+    base_o, off_o = results[opened]["base"], results[opened]["knowledge_off"]
+    score, reason = em.decoupling_score(base_c.acc_adjusted, off_c.acc_adjusted, base_o.acc_adjusted,
+                                        off_o.acc_adjusted, base_o.well_above_chance)
+    return {"closed": closed, "open": opened, "score": score, "reason": reason,
+            "closed_relative_drop": em.relative_drop(base_c.acc_adjusted, off_c.acc_adjusted),
+            "open_relative_drop": em.relative_drop(base_o.acc_adjusted, off_o.acc_adjusted),
+            "open_min_adjusted": em.OPEN_BOOK_MIN_ADJUSTED}
+
+
+def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence[str] = SPLITS,
+             ablations: Sequence[str] = tuple(ABLATIONS), *, max_examples: int | None = None,
+             generate: Sequence[str] = ("base",),
+             bits_people: int = 200, batch_size: int = 16) -> dict:
+    """The full report as a JSON-ready dict (see the module docstring)."""
+    examples = {s: split_examples(world, s)[:max_examples] for s in splits}
+    results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=a in generate)
+                   for a in ablations} for s in splits}
+    report = {"splits": {s: {a: {k: v for k, v in asdict(r).items() if k not in ("predictions", "generations")}
+                             for a, r in by_ablation.items()} for s, by_ablation in results.items()}}
+    report["decoupling"] = [_decoupling(results, c, o) for c, o in
+                            (("closed_book", "open_book"), ("closed_book_two_hop", "open_book_two_hop"))
+                            if c in splits and o in splits and {"base", "knowledge_off"} <= set(ablations)]
+    if "counterfactual" in splits:
+        exs = examples["counterfactual"]
+        stated, memorised = [ex["answer"] for ex in exs], [ex["memorised"] for ex in exs]
+        report["faithfulness"] = {
+            a: {"choice": em.faithfulness(r.predictions, stated, memorised),
+                "generation": em.faithfulness([g.strip() for g in r.generations], stated, memorised)
+                if r.generations is not None else None}
+            for a, r in results["counterfactual"].items()}
+    report["knowledge_bits"] = knowledge_bits(model, codec, world, bits_people, batch_size) if bits_people else None
+    groups = {"closed_book": [s for s in splits if s in CLOSED_BOOK_SPLITS and s != "comparison"],
+              "open_book": [s for s in splits if s in ("open_book", "open_book_two_hop")]}
+    report["routing"] = {g: routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size)
+                         for g, ss in groups.items() if ss and model.moe_layers()}
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="directory with config.json + model.safetensors")
+    parser.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, from {','.join(SPLITS)}")
+    parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma-separated, from {','.join(ABLATIONS)}")
+    parser.add_argument("--world", default=None, help="WorldConfig JSON (default: CHECKPOINT/world.json)")
+    parser.add_argument("--max-examples", type=int, default=None, help="per split (default: all of the world's)")
+    parser.add_argument("--bits-people", type=int, default=200, help="people sampled for the bits estimate; 0: skip")
+    parser.add_argument("--generate", default="base",
+                        help="ablations to run exact-match generation for (comma-separated, 'all' or 'none'); "
+                             "greedy generation costs about as much as the multiple-choice scoring per ablation")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    splits, ablations = args.splits.split(","), args.ablations.split(",")
+    generate = {"all": ablations, "none": []}.get(args.generate, args.generate.split(","))
+    for given, known, what in ((splits, SPLITS, "split"), (ablations, tuple(ABLATIONS), "ablation"),
+                               (generate or ["base"], tuple(ablations), "--generate ablation")):
+        bad = [x for x in given if x not in known]
+        if bad or not given:
+            parser.error(f"unknown {what}(s) {bad}; choose from {','.join(known)}")
+    for name in ("max_examples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.bits_people < 0:
+        parser.error(f"--bits-people must be >= 0, got {args.bits_people}")
+    world_path = Path(args.world) if args.world else Path(args.checkpoint) / "world.json"
+    try:
+        if not world_path.is_file():
+            raise ValueError(f"no world config at {world_path}; pass --world PATH")
+        world_cfg = load_world_config(world_path)
+        model, codec = load(args.checkpoint, args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = {"checkpoint": str(args.checkpoint), "tokenizer": codec.name, "world": asdict(world_cfg),
+              **evaluate(model, codec, build_world(world_cfg), splits, ablations, max_examples=args.max_examples,
+                         generate=generate, bits_people=args.bits_people, batch_size=args.batch_size)}
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report: dict) -> None:
+    for split, by_ablation in report["splits"].items():
+        cells = "  ".join(f"{a}: acc {r['acc']:.3f} adj {r['acc_adjusted']:+.3f}"
+                          + (f" em {r['exact_match']:.3f}" if r["exact_match"] is not None else "")
+                          for a, r in by_ablation.items())
+        print(f"{split:>20}  n={next(iter(by_ablation.values()))['n']:<4} {cells}")
+    for d in report["decoupling"]:
+        print(f"decoupling {d['closed']} vs {d['open']}: {d['score']} ({d['reason']})")
+    if report.get("knowledge_bits"):
+        kb = report["knowledge_bits"]
+        print(f"knowledge: {kb['bits']:.1f} bits of {kb['max_bits']:.1f}; per knowledge-expert param "
+              f"{kb['bits_per_knowledge_param']}")
+    for group, r in report["routing"].items():
+        print(f"routing {group}: answer {r['answer_rate']} other {r['other_rate']} ratio {r['ratio']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Datasets of the ``pure_reasoner`` lm_eval tasks: local JSON-lines files of the world's evaluation splits.
+
+Where the files come from (first that applies):
+  1. ``world_dir``: a directory written by ``python -m train.world --out DIR`` (``DIR/<split>.jsonl``), from
+     ``--metadata '{"world_dir": "DIR"}'``, ``--model_args ...,world_dir=DIR`` or the env var PURE_REASONER_WORLD_DIR;
+  2. ``CHECKPOINT/world/<split>.jsonl`` when the checkpoint directory carries them;
+  3. else the splits are regenerated in memory from ``CHECKPOINT/world.json`` (the generator is deterministic,
+     so this is the same data as 1 for the same WorldConfig).
+Nothing is downloaded (works with HF_DATASETS_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+import train.lm_eval_model  # noqa: F401  registers the pure_reasoner model when a task YAML is loaded by path
+from train.world import SPLITS, build_world, eval_splits, load_world_config
+from train.world_text import continuation
+
+
+def _with_choice_texts(data: datasets.Dataset) -> datasets.Dataset:
+    """Add ``choice_texts``: the exact continuations train.eval scores (``" {choice}."``)."""
+    return data.map(lambda ex: {"choice_texts": [continuation(c) for c in ex["choices"]]})
+
+
+def load_split(split: str, world_dir: str | None = None, checkpoint: str | None = None, **_unused):
+    """{"test": Dataset} of one split (called by lm_eval with the task's metadata and dataset_kwargs)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    world_dir = world_dir or os.environ.get("PURE_REASONER_WORLD_DIR")
+    candidates = [Path(world_dir)] if world_dir else []
+    candidates += [Path(checkpoint) / "world"] if checkpoint else []
+    for directory in candidates:
+        path = directory / f"{split}.jsonl"
+        if path.is_file():
+            data = datasets.load_dataset("json", data_files={"test": str(path)})["test"]
+            return {"test": _with_choice_texts(data)}
+    if world_dir:
+        raise ValueError(f"world_dir {world_dir} has no {split}.jsonl (write it with python -m train.world --out)")
+    if checkpoint is None or not (Path(checkpoint) / "world.json").is_file():
+        raise ValueError(f"no data for split {split!r}: pass world_dir=DIR, or a checkpoint with world.json")
+    world = build_world(load_world_config(Path(checkpoint) / "world.json"))
+    return {"test": _with_choice_texts(eval_splits(world, (split,))[split])}

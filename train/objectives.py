@@ -1,0 +1,184 @@
+"""Training objectives as pure functions on tensors: plain LM, knowledge in context, mode-seeking distillation.
+
+Shape legend: B batch, S (student) sequence, T teacher sequence, V vocabulary, N flattened positions.
+Targets follow ``PureReasonerLM``: ``targets_BS[b, s]`` is the token that position ``s`` must predict, -100 to ignore.
+
+Knowledge in context (``train.world`` rows with a ``context``): the facts are supplied before the text and no
+loss is taken on them, so the model is trained to *use* facts from its context. Build a row with
+``in_context_tokens`` (ids + per-token loss mask, for packing pipelines) or ``in_context_example`` (inputs and
+targets of one unpacked row).
+
+Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
+shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
+student to put its mass on one of the teacher's modes rather than spread it over all of them. Wiring, per batch
+of (context_ids, text_ids) rows (``train.world`` rows with a context; the teacher from
+``moe.checkpoint.load_pretrained(DIR).eval()``)::
+
+    batch = distill_batch(rows)
+    loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0)   # loss includes the MoE aux loss
+    loss.backward(); student.update_controllers(out.stats)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from moe import LMOutput, PureReasonerLM
+
+IGNORE_INDEX = -100
+
+
+def shift_targets(ids_BS: torch.Tensor, loss_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of a block of tokens.
+
+    Args:
+        ids_BS: [B, S] (or [S]) token ids.
+        loss_mask_BS: same shape, bool; False on tokens that are supplied, not predicted (no loss on them).
+
+    Returns:
+        inputs [B, S-1] = ids[:, :-1]; targets [B, S-1] = ids[:, 1:], IGNORE_INDEX where the mask is False.
+    """
+    if ids_BS.shape[-1] < 2:
+        raise ValueError(f"need at least 2 tokens to predict one, got shape {tuple(ids_BS.shape)}")
+    targets = ids_BS[..., 1:].clone()
+    if loss_mask_BS is not None:
+        if loss_mask_BS.shape != ids_BS.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask_BS.shape)} != ids shape {tuple(ids_BS.shape)}")
+        targets = targets.masked_fill(~loss_mask_BS[..., 1:].bool(), IGNORE_INDEX)
+    return ids_BS[..., :-1], targets
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Plain LM: mean next-token cross-entropy (fp32) over targets != IGNORE_INDEX."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, -2), targets_BS.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def in_context_tokens(context_ids: Sequence[int], text_ids: Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Knowledge in context, for packing: the supplied facts, then the text; loss only on text tokens.
+
+    Returns:
+        ids (len C + X) and a per-token loss mask (False on the C context tokens). Pack the row as one unit
+        and feed the mask to ``shift_targets``: the first text token is still predicted (from the last
+        context token), no context token is.
+    """
+    return [*context_ids, *text_ids], [False] * len(context_ids) + [True] * len(text_ids)
+
+
+def in_context_example(context_ids: Sequence[int], text_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unpacked row: (input_ids [C+X-1], targets [C+X-1]) with IGNORE_INDEX on the supplied facts."""
+    ids, mask = in_context_tokens(context_ids, text_ids)
+    return shift_targets(torch.tensor(ids), torch.tensor(mask))
+
+
+def reverse_kl(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    mask_N: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over valid positions of KL(p_s || p_t) = sum_v p_s(v) (log p_s(v) - log p_t(v)), times temperature².
+
+    Computed in fp32 from log-softmaxes (no log of a rounded probability). The teacher is detached. Zero iff
+    the two distributions are equal at every valid position; 0 when no position is valid.
+
+    Args:
+        student_logits_NV, teacher_logits_NV: [..., V] logits (any leading shape, the same for both).
+        mask_N: [...] bool, True on positions that count (default: all).
+        temperature: both distributions are softened by it; the result is scaled by temperature² so gradient
+            magnitudes do not shrink with it (Hinton et al., 2015).
+    """
+    if student_logits_NV.shape != teacher_logits_NV.shape:
+        raise ValueError(f"student logits {tuple(student_logits_NV.shape)} != teacher {tuple(teacher_logits_NV.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_s_NV = F.log_softmax(student_logits_NV.float() / temperature, dim=-1)
+    log_t_NV = F.log_softmax(teacher_logits_NV.detach().float() / temperature, dim=-1)
+    kl_N = (log_s_NV.exp() * (log_s_NV - log_t_NV)).sum(-1)
+    if mask_N is None:
+        return kl_N.mean() * temperature**2
+    if mask_N.shape != kl_N.shape:
+        raise ValueError(f"mask shape {tuple(mask_N.shape)} != positions {tuple(kl_N.shape)}")
+    weights_N = mask_N.to(kl_N.dtype)
+    return (kl_N * weights_N).sum() / weights_N.sum().clamp(min=1.0) * temperature**2
+
+
+def align_teacher(teacher_logits_BTV: torch.Tensor, offset_B: torch.Tensor, student_len: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits at the student's positions: student position s <-> teacher position s + offset_B[b].
+
+    With teacher input ``context_b + text_b`` and student input ``text_b``, ``offset_B`` = len(context_b).
+
+    Returns:
+        aligned [B, S, V] (rows past the teacher's end are zero) and valid [B, S] bool.
+    """
+    batch, teacher_len, vocab = teacher_logits_BTV.shape
+    if offset_B.shape != (batch,) or (offset_B < 0).any():
+        raise ValueError(f"offset_B must be [B]={batch} non-negative offsets, got {offset_B.tolist()}")
+    pos_BS = torch.arange(student_len, device=offset_B.device).unsqueeze(0) + offset_B.unsqueeze(1)
+    valid_BS = pos_BS < teacher_len
+    index_BSV = pos_BS.clamp(max=teacher_len - 1).unsqueeze(-1).expand(batch, student_len, vocab)
+    aligned = teacher_logits_BTV.gather(1, index_BSV) * valid_BS.unsqueeze(-1)
+    return aligned, valid_BS
+
+
+class DistillBatch(NamedTuple):
+    """student_ids_BS / student_targets_BS: text only; teacher_ids_BT: context + text; offset_B: context lengths."""
+
+    student_ids_BS: torch.Tensor
+    student_targets_BS: torch.Tensor
+    teacher_ids_BT: torch.Tensor
+    offset_B: torch.Tensor
+
+
+def distill_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> DistillBatch:
+    """Right-padded student (text) and teacher (context + text) batches from (context_ids, text_ids) rows."""
+    if not rows or any(len(text) < 2 for _, text in rows):
+        raise ValueError("every row needs a text of >= 2 tokens")
+    student_len = max(len(text) for _, text in rows) - 1
+    teacher_len = max(len(c) + len(t) for c, t in rows)
+    student = torch.full((len(rows), student_len), pad_id)
+    targets = torch.full((len(rows), student_len), IGNORE_INDEX)
+    teacher = torch.full((len(rows), teacher_len), pad_id)
+    for b, (context, text) in enumerate(rows):
+        student[b, : len(text) - 1] = torch.tensor(text[:-1])
+        targets[b, : len(text) - 1] = torch.tensor(text[1:])
+        teacher[b, : len(context) + len(text)] = torch.tensor([*context, *text])
+    return DistillBatch(student, targets, teacher, torch.tensor([len(c) for c, _ in rows]))
+
+
+def distillation_loss(
+    student_logits_BSV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    batch: DistillBatch,
+    kl_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ce_weight * CE(student) + kl_weight * reverse KL(student || teacher)`` on the shared suffix.
+
+    The KL counts the positions where the student has a target (padding excluded) and the teacher has the
+    aligned position. Returns the loss and its detached parts ``{"ce", "reverse_kl"}``.
+    """
+    aligned_BSV, valid_BS = align_teacher(teacher_logits_BTV, batch.offset_B, student_logits_BSV.shape[1])
+    mask_BS = valid_BS & (batch.student_targets_BS != IGNORE_INDEX)
+    kl = reverse_kl(student_logits_BSV, aligned_BSV, mask_BS, temperature)
+    ce = lm_loss(student_logits_BSV, batch.student_targets_BS)
+    return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}
+
+
+def distill_forward(student: PureReasonerLM, teacher: PureReasonerLM, batch: DistillBatch, **loss_kwargs
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], LMOutput]:
+    """Teacher (no grad) on context + text, student on text; ``distillation_loss`` plus the student's aux loss.
+
+    Returns (loss, parts, the student's LMOutput: its ``stats`` feed ``update_controllers``).
+    """
+    with torch.no_grad():
+        teacher_logits_BTV = teacher(batch.teacher_ids_BT).logits_BSV
+    out = student(batch.student_ids_BS)
+    loss, parts = distillation_loss(out.logits_BSV, teacher_logits_BTV, batch, **loss_kwargs)
+    return loss + out.aux_loss, parts, out
