@@ -19,7 +19,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from train.config import register_configs  # noqa: E402
+from train.config import register_configs, to_config  # noqa: E402
 
 register_configs()
 
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float:
     from train.loop import TrainingAborted, run
 
     try:
-        config = OmegaConf.to_object(cfg)
+        config = to_config(cfg)
         summary = run(config, Path(HydraConfig.get().runtime.output_dir), OmegaConf.to_yaml(cfg, resolve=True))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -37,6 +37,9 @@ def main(cfg: DictConfig) -> float:
     except TrainingAborted as err:
         print(f"aborted: {err}", file=sys.stderr)
         sys.exit(3)
+    except OSError as err:  # e.g. a full disk while checkpointing; the previous checkpoint stays `latest`
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(4)
     print(
         f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, "
         f"median {summary.tokens_per_s:.0f} tokens/s, MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s"

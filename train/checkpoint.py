@@ -5,7 +5,11 @@ Layout under ``<run dir>/checkpoints``: ``step_00000100/`` (DeepSpeed's files, e
 
 A save writes into ``.tmp-step_.../``, fsyncs it, renames it to ``step_.../`` and only then replaces
 ``latest`` (temporary file + rename). A process killed at any point leaves ``latest`` naming a complete
-checkpoint; half-written ``.tmp-*`` directories are removed by the next run.
+checkpoint; half-written ``.tmp-*`` directories are removed by the next run. A save that fails (e.g. a
+full disk) removes its ``.tmp-*`` directory and raises ``OSError`` naming the step; ``latest`` is untouched.
+
+Loading never runs code from the files: DeepSpeed's ``torch.load`` calls are forced to ``weights_only``
+(``safe_torch_load``), with only the few DeepSpeed classes its checkpoints hold allowlisted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +27,29 @@ from safetensors.torch import load_file, save_file
 from train.dist import DistInfo, barrier
 
 CHECKPOINTS, LATEST, TMP_PREFIX, STATE = "checkpoints", "latest", ".tmp-", "trainer_state.json"
+
+
+@contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's included, which pass ``weights_only=False``) unpickles weights only.
+
+    A pickle carrying code then fails with ``UnpicklingError`` instead of running. The environment
+    variable is read per call by ``torch.load``; the previous value is restored on exit.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    key, before = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def tag_for(step: int) -> str:
@@ -74,17 +103,24 @@ def save(engine, run_dir: Path, state: dict, info: DistInfo, keep: int) -> str:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends in a barrier
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, root / tmp_tag / f"rng_rank{info.rank}.safetensors")
-    barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends in a barrier
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, root / tmp_tag / f"rng_rank{info.rank}.safetensors")
+        barrier()
+        if info.rank == 0:
+            (root / tmp_tag / STATE).write_text(json.dumps(state, indent=2))
+            for path in sorted((root / tmp_tag).rglob("*"), reverse=True):
+                _fsync(path)
+            _fsync(root / tmp_tag)
+    except OSError as err:  # e.g. ENOSPC: drop the partial copy so the disk is not left fuller
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        pointer = root / LATEST
+        kept = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise OSError(err.errno, f"could not write checkpoint {tag} under {root} ({err}); latest stays {kept}") from err
     if info.rank == 0:
-        (root / tmp_tag / STATE).write_text(json.dumps(state, indent=2))
-        for path in sorted((root / tmp_tag).rglob("*"), reverse=True):
-            _fsync(path)
-        _fsync(root / tmp_tag)
         if (root / tag).exists():  # a step redone after a crash; `latest` names an older tag, so this is safe
             shutil.rmtree(root / tag)
         os.rename(root / tmp_tag, root / tag)
@@ -105,7 +141,8 @@ def _prune(root: Path, keep: int, newest: str) -> None:
 def load(engine, run_dir: Path, tag: str, info: DistInfo) -> None:
     """Restore model, optimizer, scheduler (DeepSpeed) and this rank's RNG from checkpoint ``tag``."""
     root = run_dir / CHECKPOINTS
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
+    with safe_torch_load():
+        path, _ = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {root / tag}")
     rng = load_file(root / tag / f"rng_rank{info.rank}.safetensors")

@@ -8,6 +8,7 @@ and the model presets are ConfigStore nodes built from ``moe.preset`` so no numb
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,12 @@ class TrainConfig:
     The global batch is ``micro_batch_size * grad_accum * world_size`` sequences per optimizer step.
     ep_size: expert-parallel degree (1: every rank holds every knowledge expert).
     threads: torch intra-op threads per rank (None: the machine's cores split evenly over local ranks).
-    on_nonfinite: ``abort`` stops at the first NaN/inf loss before it reaches the weights (the last
-        checkpoint stays the latest); ``skip`` lets DeepSpeed drop that step's update and goes on.
+    on_nonfinite: ``abort`` stops at the first NaN/inf loss before it reaches the weights, or at the first
+        step whose gradients were non-finite (DeepSpeed dropped its update; the last checkpoint stays the
+        latest); ``skip`` lets DeepSpeed drop that step's update, warns, and goes on.
+    collapse_window, collapse_max_share: warn (naming the MoE layer) when one expert took more than
+        ``collapse_max_share`` of a layer's load, or its consult rate sat at 0 or 1, on each of the last
+        ``collapse_window`` steps (``train.guards``).
     """
 
     max_steps: int = 200
@@ -93,11 +98,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True
     on_nonfinite: str = "abort"
+    collapse_window: int = 20
+    collapse_max_share: float = 0.9
     export: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "ep_size", "log_every", "ckpt_every"):
+        for key in (
+            "max_steps", "micro_batch_size", "grad_accum", "ep_size", "log_every", "ckpt_every", "collapse_window"
+        ):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -105,6 +114,10 @@ class TrainConfig:
         _require(
             0 <= self.warmup_steps <= self.max_steps,
             f"train.warmup_steps must be in [0, max_steps], got {self.warmup_steps}",
+        )
+        _require(
+            0 < self.collapse_max_share <= 1,
+            f"train.collapse_max_share must be in (0, 1], got {self.collapse_max_share}",
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
@@ -161,6 +174,34 @@ class Config:
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")
             _require(kcfg.mechanism == "always", "ffn=deepspeed_residual routes every token: set mechanism 'always'")
+
+
+def _unknown_keys(node, cls, prefix: str) -> list[str]:
+    """Keys of ``node`` (a DictConfig) that the dataclass ``cls`` does not declare, recursively."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = []
+    for key in node.keys():
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+        else:
+            sub = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(sub) and hasattr(node[key], "keys"):
+                unknown += _unknown_keys(node[key], type(sub), f"{prefix}{key}.")
+    return unknown
+
+
+def to_config(node) -> Config:
+    """The typed Config of a composed Hydra node. Raises ValueError naming keys the schema lacks.
+
+    Hydra rejects ``train.typo=1`` itself, but ``+train.typo=1`` appends to the struct and
+    ``OmegaConf.to_object`` would drop it silently.
+    """
+    from omegaconf import OmegaConf
+
+    unknown = _unknown_keys(node, Config, "")
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    return OmegaConf.to_object(node)
 
 
 def register_configs() -> None:

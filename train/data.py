@@ -10,6 +10,7 @@ given (step, micro-step) is a pure function of those numbers, so resuming needs 
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import importlib.util
 import json
@@ -53,6 +54,27 @@ def _first_bad_json_line(path: Path) -> str:
                 except json.JSONDecodeError as err:
                     return f"{path}:{lineno}: malformed JSON line ({err.msg}): {line.strip()[:80]!r}"
     return ""
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise ValueError naming the file, line and byte offset of the first byte sequence that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = offset + err.start
+                line += chunk[: err.start].count(b"\n")
+                raise ValueError(
+                    f"{path}:{line}: not UTF-8 text (byte {chunk[err.start:err.start + 1]!r} at offset {at})"
+                ) from err
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (truncated multi-byte sequence at the end)") from err
 
 
 def _load_files(paths: list[Path], fmt: str, text_field: str, cache_dir: str) -> datasets.Dataset:
@@ -109,6 +131,10 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         for p in paths:
             if not p.is_file():
                 raise ValueError(f"data.files: {p} does not exist or is not a file")
+            if p.stat().st_size == 0:
+                raise ValueError(f"data.files: {p} is empty")
+            if FORMATS.get(p.suffix.lower()) in ("json", "text"):
+                _check_utf8(p)
     else:
         paths = shakespeare_files() if cfg.source == "shakespeare" else []
     with tempfile.TemporaryDirectory(prefix="pure-reasoner-data-") as cache_dir:

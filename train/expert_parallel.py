@@ -148,13 +148,17 @@ def gather_expert_state(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
     ``layer_<l>_expert_<e>_...`` file; experts are stacked back into GroupedExperts' [E, ...] tensors.
     (These are the module weights: exact for fp32 runs, bf16-rounded for bf16 runs.)
     """
+    from train.checkpoint import safe_torch_load
+
     ckpt = root / tag
-    state = {
-        k: v.float() for k, v in torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()
-    }
+    with safe_torch_load():
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    state = {k: v.float() for k, v in module.items()}
     per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for path in sorted(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for key, value in torch.load(path, weights_only=False).items():
+        with safe_torch_load():
+            experts_state = torch.load(path, weights_only=True)
+        for key, value in experts_state.items():
             match = _EXPERT_KEY.match(key)
             if match is None:
                 raise ValueError(f"{path}: unexpected expert key {key!r}")

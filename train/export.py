@@ -54,7 +54,8 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
 
         state = gather_expert_state(root, tag, cfg)
     else:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        with checkpoint.safe_torch_load():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model = PureReasonerLM(cfg.model)
     model.load_state_dict(state, strict=True)
     out = out_dir or run_dir / EXPORT

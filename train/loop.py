@@ -22,6 +22,7 @@ from train import checkpoint, data
 from train.config import Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from train.engine import build_engine, compute_dtype
+from train.guards import collapse_warnings
 from train.metrics import MetricsLogger, StepMetrics, measure_matmul_peak
 from train.model import build_model
 
@@ -231,6 +232,13 @@ def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: 
         engine.backward(out.loss)
         engine.step()
         acc.add(out.loss, out.aux_loss, out.stats)
+    if not engine.was_step_applied():
+        # DeepSpeed found non-finite gradients (the overflow flag is agreed over ranks) and dropped the update.
+        what = f"non-finite gradients at step {step}; DeepSpeed dropped the update"
+        if t.on_nonfinite == "abort":
+            found = checkpoint.latest(run_dir)
+            raise TrainingAborted(f"{what}; last good checkpoint: {found[0] if found else 'none'}")
+        log.warning("%s (train.on_nonfinite=skip)", what)
     acc.all_reduce()
     return acc
 
@@ -263,6 +271,7 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
     t, model = cfg.train, engine.module
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
     losses, steps, window = [], [], []
+    history = max(t.collapse_window, 1)
     for step in range(start_step, t.max_steps):
         tick, lr = time.perf_counter(), engine.get_lr()[0]
         acc = _one_step(cfg, engine, packed, info, run_dir, step)
@@ -279,6 +288,16 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
             window = []
         bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{last.tokens_per_s:.0f}", mfu=f"{last.mfu:.1%}")
         bar.update(1)
+        if info.rank == 0 and done % t.log_every == 0 and model.moe_layers():
+            recent = steps[-history:]
+            for warning in collapse_warnings(
+                [m.load_share_LE for m in recent],
+                [m.consult_rate_L for m in recent],
+                cfg.model.knowledge.consult_rate,
+                t.collapse_max_share,
+                t.collapse_window,
+            ):
+                log.warning("step %d: %s", done, warning)
         if done % t.log_every == 0:
             log.info(
                 "step %d loss %.4f lr %.2e tok/s %.0f mfu %.2f%%",
