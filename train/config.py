@@ -105,7 +105,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in (
-            "max_steps", "micro_batch_size", "grad_accum", "ep_size", "log_every", "ckpt_every", "collapse_window"
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum",
+            "ep_size",
+            "log_every",
+            "ckpt_every",
+            "collapse_window",
         ):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")

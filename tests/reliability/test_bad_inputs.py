@@ -25,6 +25,7 @@ from tests.train.helpers import compose_raw, run_in_process
 from train.config import to_config
 from train.eval import load_codec
 
+
 class Boom:
     """Unpickling this creates the file named in its argument: proof that code ran."""
 
@@ -84,7 +85,11 @@ def _data_file(tmp: Path, case: str) -> tuple[list[str], str]:
         "wrong_column": ("col.jsonl", b'{"body": "words"}\n', r"no field 'text'"),
         "wrong_column_type": ("num.jsonl", b'{"text": 5}\n', r"field 'text' holds .*int64.*, not text"),
         "non_utf8_jsonl": ("latin.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin.jsonl:2: not UTF-8"),
-        "non_utf8_txt": ("bin.txt", b"hello \xff\xfe world\n", r"bin.txt:1: not UTF-8 text \(byte b'\\xff' at offset 6"),
+        "non_utf8_txt": (
+            "bin.txt",
+            b"hello \xff\xfe world\n",
+            r"bin.txt:1: not UTF-8 text \(byte b'\\xff' at offset 6",
+        ),
     }
     name, content, match = files[case]
     if content is not None:
@@ -93,7 +98,12 @@ def _data_file(tmp: Path, case: str) -> tuple[list[str], str]:
 
 
 DATA_CASES = [
-    "missing_file", "empty_file", "malformed_json_line", "wrong_column", "wrong_column_type", "non_utf8_jsonl",
+    "missing_file",
+    "empty_file",
+    "malformed_json_line",
+    "wrong_column",
+    "wrong_column_type",
+    "non_utf8_jsonl",
     "non_utf8_txt",
 ]
 

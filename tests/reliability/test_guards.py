@@ -65,7 +65,9 @@ def _nan_grads_at(monkeypatch, call: int) -> None:
 
 def test_nonfinite_gradients_abort_within_the_step(tmp_path, monkeypatch, dist_info):
     _nan_grads_at(monkeypatch, 7)  # step index 6, after the checkpoint of step 4
-    with pytest.raises(TrainingAborted, match=r"non-finite gradients at step 6; .* last good checkpoint: step_00000004"):
+    with pytest.raises(
+        TrainingAborted, match=r"non-finite gradients at step 6; .* last good checkpoint: step_00000004"
+    ):
         run_in_process(tmp_path, "train.max_steps=8")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
 
@@ -92,5 +94,7 @@ def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, dist_info, capl
 
     monkeypatch.setattr(moe.router.KnowledgeRouter, "forward", forward)
     with caplog.at_level(logging.WARNING, logger="train"):
-        run_in_process(tmp_path, "train.max_steps=4", "train.warmup_steps=1", "train.collapse_window=4", "train.export=false")
+        run_in_process(
+            tmp_path, "train.max_steps=4", "train.warmup_steps=1", "train.collapse_window=4", "train.export=false"
+        )
     assert "step 4: router collapse in MoE layer 0: expert 0 took > 90% of the load" in caplog.text

@@ -32,7 +32,9 @@ def test_no_unsafe_loader_in_the_code():
     pattern = r"weights_only=False[,)]|pickle\.loads?\(|yaml\.load\(|yaml\.unsafe_load|[^.a-z_]eval\(|[^.a-z_]exec\("
     found = subprocess.run(
         ["grep", "-rEn", pattern, "--include=*.py", "moe", "train", "kernels", "benchmarks", "scripts"],
-        cwd=root, capture_output=True, text=True,
+        cwd=root,
+        capture_output=True,
+        text=True,
     ).stdout
     assert found == "", found
 
@@ -93,7 +95,9 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, 
         return real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(OSError, match=r"could not write checkpoint step_00000004 .*No space left.*latest stays step_00000002"):
+    with pytest.raises(
+        OSError, match=r"could not write checkpoint step_00000004 .*No space left.*latest stays step_00000002"
+    ):
         run_in_process(tmp_path, "train.max_steps=4", "train.warmup_steps=1", "train.ckpt_every=2")
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text() == "step_00000002"
@@ -122,10 +126,24 @@ def test_cli_full_disk_exits_nonzero(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in dist_keys} | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "train", "experiment=smoke", "data.max_chars=60000", "train.max_steps=4",
-         "train.warmup_steps=1", "train.ckpt_every=2", "train.progress=false", "train.threads=1",
-         f"hydra.run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=root,
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "experiment=smoke",
+            "data.max_chars=60000",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.ckpt_every=2",
+            "train.progress=false",
+            "train.threads=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
     )
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "No space left on device" in proc.stderr and "latest stays step_00000002" in proc.stderr
