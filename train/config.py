@@ -78,6 +78,8 @@ class TrainConfig:
     collapse_window, collapse_max_share: warn (naming the MoE layer) when one expert took more than
         ``collapse_max_share`` of a layer's load, or its consult rate sat at 0 or 1, on each of the last
         ``collapse_window`` steps (``train.guards``).
+    collective_timeout_s: a rank waits at most this long in one collective (e.g. on a hung peer),
+        then fails with an error; the last checkpoint stays the latest.
     """
 
     max_steps: int = 200
@@ -98,6 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True
     on_nonfinite: str = "abort"
+    collective_timeout_s: float = 600.0
     collapse_window: int = 20
     collapse_max_share: float = 0.9
     export: bool = True
@@ -124,6 +127,9 @@ class TrainConfig:
         _require(
             0 < self.collapse_max_share <= 1,
             f"train.collapse_max_share must be in (0, 1], got {self.collapse_max_share}",
+        )
+        _require(
+            self.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}"
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")

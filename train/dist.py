@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -31,8 +32,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Join (or create) the default process group: gloo on CPU, NCCL on CUDA. Idempotent."""
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Join (or create) the default process group: gloo on CPU, NCCL on CUDA. Idempotent.
+
+    timeout_s bounds every collective: a rank whose peer hangs (not dies: a dead peer's socket closes
+    at once) fails after this long with an error instead of waiting forever.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -44,7 +49,9 @@ def init_distributed() -> DistInfo:
         # its inference all-reduce uses it; marking it unavailable leaves every collective to gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timedelta(seconds=timeout_s)
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # torchrun exports LOCAL_WORLD_SIZE; DeepSpeed's launcher exports LOCAL_SIZE (single node: the world).

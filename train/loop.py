@@ -161,7 +161,7 @@ def _resume(engine, cfg: Config, run_dir: Path, info: DistInfo) -> tuple[int, st
 def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank."""
     start_time = time.perf_counter()
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     threads = set_threads(info, cfg.train.threads)
     datasets.disable_progress_bars()
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
