@@ -10,6 +10,10 @@ an edge: T=1, no token consults, every slot to one expert, K=E, or duplicate-fre
 token to every expert. Each case checks the output and the gradient of every input (x, gates, w1, w3,
 w2) against the reference; the fast path must also never produce a non-finite value on finite input.
 Prints the count of cases, the count per edge kind and any failure; exit status 1 on a failure.
+
+``--poison`` makes ``grouped_mm`` fill the rows it leaves unwritten (past the last expert's offset)
+with NaN, as uninitialised memory may: the masked path must keep them out of the output and of
+every gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,6 +102,25 @@ def check(gen: torch.Generator, s: dict) -> str:
     return ""
 
 
+@contextmanager
+def poisoned_grouped_mm():
+    """``kernels.torch_mlp``'s ``grouped_mm`` with its unwritten rows set to NaN."""
+    import kernels.torch_mlp as torch_mlp
+
+    real = torch_mlp.F.grouped_mm
+
+    def grouped_mm(x_RI, w_EIO, offs):
+        out_RO = real(x_RI, w_EIO, offs=offs).clone()
+        out_RO[int(offs[-1]) :] = float("nan")
+        return out_RO
+
+    torch_mlp.F.grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        torch_mlp.F.grouped_mm = real
+
+
 def fuzz(cases: int, seed: int) -> tuple[Counter, list[str]]:
     gen = torch.Generator().manual_seed(seed)
     kinds, failures = Counter(), []
@@ -113,14 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--poison", action="store_true", help="NaN in the rows grouped_mm leaves unwritten")
     args = parser.parse_args(argv)
     if args.cases < 1:
         parser.error(f"--cases must be >= 1, got {args.cases}")
     torch.set_num_threads(1)
-    kinds, failures = fuzz(args.cases, args.seed)
-    print(f"{args.cases} cases (seed {args.seed}): {dict(kinds)}; {len(failures)} failed")
+    if args.poison:
+        with poisoned_grouped_mm():
+            kinds, failures = fuzz(args.cases, args.seed)
+    else:
+        kinds, failures = fuzz(args.cases, args.seed)
+    poison = ", unwritten rows poisoned" if args.poison else ""
+    print(f"{args.cases} cases (seed {args.seed}{poison}): {dict(kinds)}; {len(failures)} failed")
     for line in failures[:20]:
-        print(line)
+        print(line.split("\n")[0])
     return 1 if failures else 0
 
 
