@@ -86,7 +86,9 @@ def check_latest(run_dir: Path) -> tuple[int, str]:
         return -1, f"{tag}: {type(err).__name__}: {err}"
 
 
-def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, during_save: bool, max_delay: float) -> str:
+def _kill_at(
+    proc: subprocess.Popen, run_dir: Path, rng: random.Random, during_save: bool, max_delay: float, last_step: int
+) -> str:
     """Wait for the moment, SIGKILL the process group; returns what the moment was ('' if the run ended first)."""
     start_steps = max(logged_losses(run_dir), default=0)
     root = run_dir / "checkpoints"
@@ -95,16 +97,18 @@ def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, during_s
     progressed_at = None
     while proc.poll() is None and time.monotonic() < deadline:
         if during_save:
-            if any(root.glob(".tmp-step_*")):
+            if root.is_dir() and any(e.name.startswith(".tmp-step_") for e in os.scandir(root)):
                 time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside DeepSpeed's writes or the fsyncs
                 moment = "during a checkpoint write"
                 break
-        else:
-            if progressed_at is None and max(logged_losses(run_dir), default=0) > start_steps:
-                progressed_at = time.monotonic()
-            if progressed_at is not None and time.monotonic() - progressed_at >= delay:
-                moment = f"{delay:.2f} s after the first new step"
-                break
+            time.sleep(0.001)
+            continue
+        logged = max(logged_losses(run_dir), default=0)
+        if progressed_at is None and logged > start_steps:
+            progressed_at = time.monotonic()
+        if progressed_at is not None and (time.monotonic() - progressed_at >= delay or logged >= last_step - 1):
+            moment = f"{time.monotonic() - progressed_at:.2f} s after the first new step"
+            break
         time.sleep(0.005)
     else:
         return ""
@@ -121,20 +125,21 @@ def soak(workdir: Path, kills: int, steps: int, ckpt_every: int, seed: int, max_
     t0 = time.time()
     subprocess.run(command(ref_dir, steps, ckpt_every), env=env, check=True, capture_output=True)
     reference = logged_losses(ref_dir)
-    problems, lost, moments, launches = [], [], [], 0
+    problems, lost, moments, launches, fresh_start = [], [], [], 0, 0
     while len(lost) < kills:
         launches += 1
         proc = subprocess.Popen(
             command(run_dir, steps, ckpt_every), env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        moment = _kill_at(proc, run_dir, rng, during_save=len(lost) % 3 == 2, max_delay=max_delay)
+        moment = _kill_at(proc, run_dir, rng, len(lost) % 3 == 2, max_delay, steps)
         if not moment:  # finished (or crashed) before the moment came: start over from scratch
             err = proc.stderr.read().decode()[-2000:]
             if proc.returncode != 0:
                 problems.append(f"launch {launches} exited {proc.returncode}: {err}")
                 break
-            shutil.rmtree(run_dir)
+            shutil.rmtree(run_dir)  # the run finished unkilled: start over (kills so far stay counted)
+            fresh_start = len(lost)
             continue
         proc.stderr.close()
         done = max(logged_losses(run_dir), default=0)
@@ -157,6 +162,7 @@ def soak(workdir: Path, kills: int, steps: int, ckpt_every: int, seed: int, max_
         "kills": len(lost),
         "kills_during_checkpoint_write": sum("checkpoint" in m for m in moments),
         "launches": launches + 1,
+        "kills_behind_final_curve": len(lost) - fresh_start,
         "steps": steps,
         "ckpt_every": ckpt_every,
         "steps_lost_per_kill": lost,
