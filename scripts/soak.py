@@ -11,7 +11,9 @@
    RNG, model and optimizer files, each readable without unpickling code) - the one the relaunch will
    select - and the steps lost (last step logged minus the step of ``latest``) must be at most one
    checkpoint interval.
-4. The final run finishes; its whole loss curve (metrics.csv) must equal the reference's bitwise.
+4. Every run that finishes (the final one, and any launch the kill moment missed, after which the soak
+   starts over in a fresh directory) must have a whole loss curve (metrics.csv) bitwise equal to the
+   reference's; each kill is behind exactly one such compared curve.
 
 Prints the counts; exit status 1 if any check failed. Run from the repository root.
 """
@@ -55,6 +57,14 @@ def logged_losses(run_dir: Path) -> dict[int, str]:
         return {}
     with open(path, newline="") as f:
         return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r.get("loss")}
+
+
+def _curve_problem(curve: dict[int, str], reference: dict[int, str]) -> str:
+    """'' when ``curve`` has exactly the reference's steps with bitwise-equal losses, else how it differs."""
+    mismatched = [s for s in reference if curve.get(s) != reference[s]]
+    if sorted(curve) == sorted(reference) and not mismatched:
+        return ""
+    return f"differs from the uninterrupted run at steps {mismatched[:10]} (logged {len(curve)} of {len(reference)})"
 
 
 def check_latest(run_dir: Path) -> tuple[int, str]:
@@ -126,6 +136,7 @@ def soak(workdir: Path, kills: int, steps: int, ckpt_every: int, seed: int, max_
     subprocess.run(command(ref_dir, steps, ckpt_every), env=env, check=True, capture_output=True)
     reference = logged_losses(ref_dir)
     problems, lost, moments, launches, fresh_start = [], [], [], 0, 0
+    curves: list[tuple[int, str]] = []  # (kills behind a finished run's curve, '' or how it differs)
     while len(lost) < kills:
         launches += 1
         proc = subprocess.Popen(
@@ -138,7 +149,9 @@ def soak(workdir: Path, kills: int, steps: int, ckpt_every: int, seed: int, max_
             if proc.returncode != 0:
                 problems.append(f"launch {launches} exited {proc.returncode}: {err}")
                 break
-            shutil.rmtree(run_dir)  # the run finished unkilled: start over (kills so far stay counted)
+            # The run finished unkilled: its curve covers the kills since the last fresh start; compare it, start over.
+            curves.append((len(lost) - fresh_start, _curve_problem(logged_losses(run_dir), reference)))
+            shutil.rmtree(run_dir)
             fresh_start = len(lost)
             continue
         proc.stderr.close()
@@ -153,21 +166,19 @@ def soak(workdir: Path, kills: int, steps: int, ckpt_every: int, seed: int, max_
     final = subprocess.run(command(run_dir, steps, ckpt_every), env=env, capture_output=True, text=True)
     if final.returncode != 0:
         problems.append(f"final run exited {final.returncode}: {final.stderr[-2000:]}")
-    curve = logged_losses(run_dir)
-    mismatched = [s for s in reference if curve.get(s) != reference[s]]
-    if sorted(curve) != sorted(reference) or mismatched:
-        problems.append(f"loss curve differs from the uninterrupted run at steps {mismatched[:10]} "
-                        f"(logged {len(curve)} of {len(reference)} steps)")  # fmt: skip
+    curves.append((len(lost) - fresh_start, _curve_problem(logged_losses(run_dir), reference)))
+    problems += [f"curve after {n} kills: {problem}" for n, problem in curves if problem]
     return {
         "kills": len(lost),
         "kills_during_checkpoint_write": sum("checkpoint" in m for m in moments),
         "launches": launches + 1,
-        "kills_behind_final_curve": len(lost) - fresh_start,
+        "curves_compared": len(curves),
+        "kills_behind_compared_curves": [n for n, _ in curves],
         "steps": steps,
         "ckpt_every": ckpt_every,
         "steps_lost_per_kill": lost,
         "max_steps_lost": max(lost, default=0),
-        "curve_matches": not mismatched and sorted(curve) == sorted(reference),
+        "curves_match": all(not problem for _, problem in curves),
         "problems": problems,
         "wall_s": round(time.time() - t0, 1),
     }
