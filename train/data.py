@@ -6,7 +6,8 @@ Documents are tokenized, each followed by an end-of-document id, concatenated in
 cut into N windows of S + 1 tokens (inputs are the first S, targets the last S): packing, so no
 padding. With ``data.in_context_fraction`` set (knowledge in context), a row with a ``context`` is one unit
 ``context + text + EOD`` that never straddles two windows (EOD padding, without loss, moves it to the next
-window when it would), and a per-token loss mask sets the targets of context tokens to -100. Sequence order is a seeded permutation per epoch, and which sequences a rank reads at a
+window when it would), and a per-token loss mask sets the targets of context tokens to -100.
+Sequence order is a seeded permutation per epoch, and which sequences a rank reads at a
 given (step, micro-step) is a pure function of those numbers, so resuming needs only the step.
 """
 
