@@ -56,7 +56,7 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
         "splits": splits,
         "decoupling": [{k: d.get(k) for k in ("closed", "open", "score", "reason", "closed_relative_drop",
                                                "open_relative_drop")} for d in report.get("decoupling", [])],
-        "faithfulness": {a: f.get("choice") for a, f in (report.get("faithfulness") or {}).items()},
+        "faithfulness": {a: f.get("choice") or {} for a, f in (report.get("faithfulness") or {}).items()},
         "bits": bits.get("bits"),
         "max_bits": bits.get("max_bits"),
         "bits_per_knowledge_param": bits.get("bits_per_knowledge_param"),
@@ -73,6 +73,14 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _faith(f: dict | None) -> str:
+    """'faithfulness (context / memory / neither)' of a train.eval faithfulness record."""
+    if not f:
+        return "—"
+    return (f"{_fmt(f.get('faithfulness'), '.2f')} ({_fmt(f.get('follows_context'), '.2f')} / "
+            f"{_fmt(f.get('follows_memory'), '.2f')} / {_fmt(f.get('neither'), '.2f')})")
+
+
 def markdown(models: list[dict], notes: str = "") -> str:
     """``notes`` then tables: chance-adjusted accuracy per split and ablation; headline numbers; the commands."""
     splits = list(dict.fromkeys(s for m in models for s in m["splits"]))
@@ -86,7 +94,7 @@ def markdown(models: list[dict], notes: str = "") -> str:
             lines.append(f"| {m['model']} | {a} | " + " | ".join(cells) + " |")
     lines += ["", "### Headline numbers per model", "",
               "| model | train FLOPs/token | active / total params | decoupling (closed vs open) | "
-              "faithfulness (base) | bits / knowledge param | bits / param | consult ratio answer/other "
+              "faithfulness (base; context / memory / neither) | bits / knowledge param | bits / param | consult ratio answer/other "
               "(closed, open) | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         f = m["flops"] or {}
@@ -95,7 +103,7 @@ def markdown(models: list[dict], notes: str = "") -> str:
         ratios = ", ".join(_fmt((m["routing"].get(g) or {}).get("ratio"), ".2f") for g in ("closed_book", "open_book"))
         params = (f"{_fmt(f.get('active_params'), ',.0f')} / {_fmt(f.get('total_params'), ',.0f')}" if f else "—")
         lines.append(f"| {m['model']} | {_fmt(f.get('flops_per_token'), ',.0f')} | {params} | {dec} | "
-                     f"{_fmt(m['faithfulness'].get('base'))} | {_fmt(m['bits_per_knowledge_param'], '.4f')} | "
+                     f"{_faith(m['faithfulness'].get('base'))} | {_fmt(m['bits_per_knowledge_param'], '.4f')} | "
                      f"{_fmt(m['bits_per_param'], '.4f')} | {ratios} | {_fmt(m['run'].get('wall_s'), '.0f')} |")
     commands = [(m["model"], c) for m in models for c in m["run"].get("commands", [])]
     if commands:

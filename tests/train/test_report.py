@@ -17,7 +17,8 @@ def _report(base_closed: float, off_closed: float, faith: float, checkpoint: str
                    "open_book": {"base": cell(0.5), "knowledge_off": cell(0.45)}},
         "decoupling": [{"closed": "closed_book", "open": "open_book", "score": 0.7, "reason": "ok",
                         "closed_relative_drop": 0.8, "open_relative_drop": 0.1, "open_min_adjusted": 0.5}],
-        "faithfulness": {"base": {"choice": faith, "generation": None}},
+        "faithfulness": {"base": {"choice": {"follows_context": faith, "follows_memory": 1 - faith, "neither": 0.0,
+                                             "faithfulness": faith, "n": 8}, "generation": None}},
         "knowledge_bits": {"bits": 12.0, "max_bits": 100.0, "bits_per_knowledge_param": 0.001,
                            "bits_per_param": 0.0005},
         "routing": {"closed_book": {"answer_rate": 0.3, "other_rate": 0.1, "ratio": 3.0,
@@ -37,7 +38,7 @@ def test_report_from_hand_made_json(tmp_path):
     by_name = {m["model"]: m for m in out["models"]}
     assert set(by_name) == {"reasoner", "dense"}
     assert by_name["reasoner"]["splits"]["closed_book"]["knowledge_off"]["acc_adjusted"] == 0.05
-    assert by_name["dense"]["faithfulness"] == {"base": 0.2}
+    assert by_name["dense"]["faithfulness"]["base"]["faithfulness"] == 0.2
     assert by_name["dense"]["run"]["wall_s"] == 321 and by_name["reasoner"]["run"] == {}
     assert by_name["reasoner"]["flops"] is None  # the checkpoint is not on disk
     assert [x["ratio"] for x in by_name["reasoner"]["routing"]["closed_book"]["per_layer"]] == [2.0, 4.0]
@@ -46,6 +47,7 @@ def test_report_from_hand_made_json(tmp_path):
     assert "| reasoner | knowledge_off | +0.050 | +0.450 |" in md
     assert "| dense | base | +0.400 | +0.500 |" in md
     assert "python -m train x" in md and "| 321 |" in md
+    assert "| 0.90 (0.90 / 0.10 / 0.00) |" in md
     for name in ("accuracy.png", "ablations.png", "consult_rate.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
