@@ -94,8 +94,8 @@ def markdown(models: list[dict], notes: str = "") -> str:
             lines.append(f"| {m['model']} | {a} | " + " | ".join(cells) + " |")
     lines += ["", "### Headline numbers per model", "",
               "| model | train FLOPs/token | active / total params | decoupling (closed vs open) | "
-              "faithfulness (base; context / memory / neither) | bits / knowledge param | bits / param | consult ratio answer/other "
-              "(closed, open) | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
+              "faithfulness (base; context / memory / neither) | bits / knowledge param | bits / param | "
+              "consult ratio answer/other (closed, open) | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         f = m["flops"] or {}
         dec = "; ".join(f"{d['score'] if d['score'] is None else format(d['score'], '+.2f')} ({d['reason']})"
