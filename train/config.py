@@ -40,6 +40,10 @@ class DataConfig:
         (256 byte ids plus an end-of-document id).
     seq_len: tokens per training sequence (packed across document boundaries).
     max_chars: keep only the first ``max_chars`` characters of the corpus (None: all of it).
+    in_context_fraction: None (plain LM on the ``text`` column) or the knowledge-in-context objective for a
+        generator with a ``context`` column (``train.world:pretraining_corpus``): the value is passed to the
+        generator as ``in_context_fraction``, every row with a context is packed as one unit
+        ``context + text + EOD`` inside one sequence, and no loss is taken on the context tokens.
     """
 
     source: str = "shakespeare"
@@ -50,8 +54,17 @@ class DataConfig:
     tokenizer: str = "bpe"
     seq_len: int = 128
     max_chars: int | None = None
+    in_context_fraction: float | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.in_context_fraction is None or 0.0 <= self.in_context_fraction <= 1.0,
+            f"data.in_context_fraction must be in [0, 1], got {self.in_context_fraction}",
+        )
+        _require(
+            self.in_context_fraction is None or self.source == "generator",
+            f"data.in_context_fraction needs source 'generator' (a context column), got {self.source!r}",
+        )
         _require(self.source in SOURCES, f"data.source must be one of {SOURCES}, got {self.source!r}")
         _require(self.tokenizer in TOKENIZERS, f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         _require(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")

@@ -4,7 +4,10 @@ Shape legend: N packed sequences, S sequence length, B micro-batch size.
 
 Documents are tokenized, each followed by an end-of-document id, concatenated into one stream and
 cut into N windows of S + 1 tokens (inputs are the first S, targets the last S): packing, so no
-padding. Sequence order is a seeded permutation per epoch, and which sequences a rank reads at a
+padding. With ``data.in_context_fraction`` set (knowledge in context), a row with a ``context`` is one unit
+``context + text + EOD`` that never straddles two windows (EOD padding, without loss, moves it to the next
+window when it would), and a per-token loss mask sets the targets of context tokens to -100.
+Sequence order is a seeded permutation per epoch, and which sequences a rank reads at a
 given (step, micro-step) is a pure function of those numbers, so resuming needs only the step.
 """
 
@@ -26,6 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from train.config import DataConfig
+from train.objectives import IGNORE_INDEX, in_context_tokens
 
 EOD = "<|endoftext|>"
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
@@ -110,15 +114,21 @@ def _import(path: str) -> Callable:
 
 def _generated(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
     fn = _import(cfg.generator)
+    in_context = cfg.in_context_fraction is not None
+    kwargs = {**cfg.generator_kwargs, **({"in_context_fraction": cfg.in_context_fraction} if in_context else {})}
 
     def rows() -> Iterator[dict]:
-        for i, item in enumerate(fn(**cfg.generator_kwargs)):
+        for i, item in enumerate(fn(**kwargs)):
             text = item if isinstance(item, str) else item.get(cfg.text_field) if isinstance(item, dict) else None
             if not isinstance(text, str):
                 raise ValueError(
                     f"data.generator={cfg.generator!r} item {i} has no text field {cfg.text_field!r}: {item!r:.80}"
                 )
-            yield {"text": text}
+            if in_context:
+                context = item.get("context") if isinstance(item, dict) else ""
+                yield {"text": text, "context": context or ""}
+            else:
+                yield {"text": text}
 
     # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
     return datasets.Dataset.from_generator(rows, cache_dir=cache_dir, keep_in_memory=True)
@@ -222,6 +232,43 @@ def tokenize(docs: datasets.Dataset, tok: Tokenizer) -> torch.Tensor:
     return torch.from_numpy(flat.to_numpy(zero_copy_only=False).astype(np.int64))
 
 
+def tokenize_in_context(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knowledge in context: (stream [L] int64, loss_mask [L] bool) from ``text`` + ``context`` columns.
+
+    A row without context is ``text + EOD`` (mask True), packed like ``tokenize`` does. A row with one is the
+    unit ``context + text + EOD`` (``train.objectives.in_context_tokens``: mask False on the context) placed
+    wholly inside one window ``[w*S, w*S + S + 1)``: when it would cross the end of the current window, EOD
+    padding with mask False fills up to the next window's start. A unit longer than S + 1 is a ValueError.
+    """
+    eod = tok.token_to_id(EOD)
+    window = seq_len + 1
+    ids: list[int] = []
+    mask: list[bool] = []
+    for start in range(0, len(docs), 256):
+        batch = docs[start : start + 256]
+        texts = tok.encode_batch_fast(batch["text"])
+        contexts = tok.encode_batch_fast(batch["context"])
+        for i, (text, context, raw) in enumerate(zip(texts, contexts, batch["context"], strict=True)):
+            if not raw:
+                ids += text.ids + [eod]
+                mask += [True] * (len(text.ids) + 1)
+                continue
+            unit, unit_mask = in_context_tokens(context.ids, text.ids + [eod])
+            if len(unit) > window:
+                raise ValueError(
+                    f"row {start + i}: context + text is {len(unit)} tokens, more than data.seq_len + 1 = {window}; "
+                    f"raise data.seq_len (and model.max_seq_len) to at least {len(unit) - 1}"
+                )
+            here = len(ids)
+            if here + len(unit) > (here // seq_len) * seq_len + window:  # would leave the current window
+                pad = -here % seq_len
+                ids += [eod] * pad
+                mask += [False] * pad
+            ids += unit
+            mask += unit_mask
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
+
+
 class PackedSequences:
     """N = (len(stream) - 1) // S windows of S + 1 tokens, read in a seeded per-epoch order.
 
@@ -230,12 +277,16 @@ class PackedSequences:
         seq_len: S.
         seed: the permutation of epoch e is ``randperm(N)`` seeded with (seed, e).
         source: what the stream came from, for error messages.
+        loss_mask: [L] bool or None; a target whose token is False in it becomes -100 (no loss).
     """
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus"):
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
+                 loss_mask: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
-        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+        if loss_mask is not None and loss_mask.shape != stream.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
+        self.stream, self.seq_len, self.seed, self.loss_mask = stream, seq_len, seed, loss_mask
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -255,7 +306,10 @@ class PackedSequences:
         seq_ids = torch.stack([self._order(int(e))[int(w)] for e, w in zip(epochs, within, strict=True)])
         offsets_BS1 = seq_ids.unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
         window_BS1 = self.stream[offsets_BS1]
-        return window_BS1[:, :-1], window_BS1[:, 1:]
+        targets_BS = window_BS1[:, 1:]
+        if self.loss_mask is not None:
+            targets_BS = targets_BS.masked_fill(~self.loss_mask[offsets_BS1[:, 1:]], IGNORE_INDEX)
+        return window_BS1[:, :-1], targets_BS
 
 
 def micro_batch_positions(

@@ -60,11 +60,11 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     model.load_state_dict(state, strict=True)
     out = out_dir or run_dir / EXPORT
     save_pretrained(model, out)
-    tokenizer = run_dir / "tokenizer.json"
-    if tokenizer.exists():
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tokenizer, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+    for name in ("tokenizer.json", "world.json"):  # the tokenizer, and the world train.eval asks about
+        if (run_dir / name).exists():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(run_dir / name, tmp)
+            os.replace(tmp, out / name)
     return out
 
 

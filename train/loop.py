@@ -25,9 +25,11 @@ from train.engine import build_engine, compute_dtype
 from train.guards import collapse_warnings
 from train.metrics import MetricsLogger, StepMetrics, measure_matmul_peak
 from train.model import build_model
+from train.world import corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
 TOKENIZER = "tokenizer.json"
+WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
 class TrainingAborted(RuntimeError):
@@ -62,13 +64,19 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
             raise ValueError(
                 f"{path}: tokenizer has {tok.get_vocab_size()} ids, model.vocab_size={cfg.model.vocab_size}"
             )
-        stream = data.tokenize(docs, tok)
+        if cfg.data.in_context_fraction is None:
+            stream, loss_mask = data.tokenize(docs, tok), None
+        else:
+            stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
         packed = data.PackedSequences(
-            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}"
+            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             data.save_tokenizer(tok, path)
+        if info.rank == 0 and cfg.data.generator == WORLD_GENERATOR:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_world_config(corpus_world_config(**cfg.data.generator_kwargs), run_dir)
     return packed, tok
 
 

@@ -357,6 +357,15 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
     return datasets.Dataset.from_list(rows)
 
 
+CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "epoch", "context_column")
+
+
+def corpus_world_config(world: dict | None = None, **kwargs) -> WorldConfig:
+    """The WorldConfig that ``pretraining_corpus(world, **kwargs)`` builds (dict/None ``world`` only)."""
+    overrides = {k: v for k, v in kwargs.items() if k not in CORPUS_ONLY_KWARGS}
+    return world_config(**{**(world or {}), **overrides})
+
+
 def save_world_config(cfg: WorldConfig, directory: str | Path) -> Path:
     """Write ``world.json`` (the WorldConfig) into ``directory``; ``train.eval`` reads it from a checkpoint."""
     path = Path(directory) / "world.json"

@@ -59,7 +59,9 @@ def test_residual_moe_uses_deepspeed(dist_info):
 
 @pytest.mark.parametrize("group", ["data", "train", "deepspeed", "experiment"])
 def test_every_option_composes(group):
-    needs = {"data=files": ["data.files=[corpus.jsonl]"]}  # checked for existence when loaded, not here
+    needs = {"data=files": ["data.files=[corpus.jsonl]"],  # checked for existence when loaded, not here
+             # its name interpolates ${hydra:runtime.choices.model}, which resolves only under a real Hydra run
+             "experiment=decoupling": ["name=decoupling"]}
     for option in _options(group):
         cfg = compose_config(f"{group}={option}", *needs.get(f"{group}={option}", []))
         assert cfg.model.vocab_size > 0

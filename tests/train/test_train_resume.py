@@ -76,6 +76,7 @@ def test_export_loads_back(uninterrupted, tmp_path):
     run_dir, _ = uninterrupted
     model = load_pretrained(run_dir / "export")
     assert (run_dir / "export" / "tokenizer.json").is_file()
+    assert (run_dir / "export" / "world.json").is_file()  # the world train.eval asks about
     # The export equals the fp32 weights DeepSpeed checkpointed, re-exported on demand from the same tag.
     again = load_pretrained(export_checkpoint(run_dir, "step_00000012", tmp_path / "again"))
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16))

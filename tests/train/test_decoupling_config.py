@@ -1,0 +1,21 @@
+"""experiment=decoupling: every model composes, fits a context row, and matches the pure reasoner's active FLOPs."""
+
+import pytest
+
+from moe import flops
+from tests.train.helpers import compose_config
+
+MODELS = ("tiny_reasoner", "tiny_dense", "tiny_topk_moe", "tiny_shared_moe")
+
+
+def test_models_at_equal_active_flops():
+    # name= given: the experiment's ${hydra:runtime.choices.model} resolves only under a real Hydra run
+    cfgs = {m: compose_config("experiment=decoupling", f"model={m}", f"name={m}") for m in MODELS}
+    reference = flops.nominal(cfgs["tiny_reasoner"].model, cfgs["tiny_reasoner"].data.seq_len).flops_per_token
+    for cfg in cfgs.values():
+        assert cfg.data.in_context_fraction == 0.5 and cfg.data.seq_len <= cfg.model.max_seq_len
+        assert (cfg.data, cfg.train) == (cfgs["tiny_reasoner"].data, cfgs["tiny_reasoner"].train)  # same data, seed
+        assert flops.nominal(cfg.model, cfg.data.seq_len).flops_per_token == pytest.approx(reference, rel=0.01)
+    assert cfgs["tiny_dense"].model.dense_first_layers == cfgs["tiny_dense"].model.n_layers
+    assert cfgs["tiny_topk_moe"].model.reasoning_width is None
+    assert cfgs["tiny_shared_moe"].model.knowledge.mechanism == "always"

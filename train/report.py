@@ -1,0 +1,205 @@
+"""Turn ``python -m train.eval`` reports into the decoupling comparison: JSON, a markdown table, matplotlib plots.
+
+    python -m train.report results/            # reads results/eval/<model>.json (+ results/runs.json)
+
+Inputs (in DIR):
+    eval/<model>.json: one ``python -m train.eval --json`` report per model (the file stem names the model).
+    runs.json (optional): {model: {"wall_s": ..., "commands": [...], ...}}, copied into the output as is.
+    notes.md (optional): text put before the tables of ``decoupling.md`` (what was run, what it shows).
+Outputs (in DIR): ``decoupling.json`` (per model: per-split accuracy under every ablation, decoupling scores,
+faithfulness, bits per parameter, routing, active FLOPs/token from ``moe.flops.nominal`` of the checkpoint's
+config when it is still on disk), ``decoupling.md`` (tables), ``accuracy.png`` (chance-adjusted accuracy per
+split per model), ``ablations.png`` (per split, each model's bars under each ablation), ``consult_rate.png``
+(answer vs other-token consult rate per MoE layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+EVAL_DIR, RUNS, NOTES = "eval", "runs.json", "notes.md"
+
+
+def _flops(checkpoint: str | None) -> dict | None:
+    """Nominal active FLOPs/token of an exported checkpoint at its max_seq_len, or None when it is gone."""
+    config = Path(checkpoint or "") / "config.json"
+    if not checkpoint or not config.is_file():
+        return None
+    from moe import flops
+    from moe.checkpoint import config_from_dict
+
+    cfg = config_from_dict(json.loads(config.read_text()))
+    acc = flops.nominal(cfg, cfg.max_seq_len)
+    return {"seq_len": cfg.max_seq_len, "flops_per_token": acc.flops_per_token,
+            "inference_flops_per_token": acc.inference_flops_per_token,
+            "active_params": acc.active_params, "total_params": acc.total_params}
+
+
+def summarize(name: str, report: dict, run: dict | None = None) -> dict:
+    """One model's row of the comparison from its eval report (and its run record)."""
+    splits = {s: {a: {"acc": r["acc"], "acc_adjusted": r["acc_adjusted"], "n": r["n"], "chance": r["chance"],
+                      "exact_match": r.get("exact_match")} for a, r in by_ablation.items()}
+              for s, by_ablation in report["splits"].items()}
+    bits = report.get("knowledge_bits") or {}
+    routing = report.get("routing") or {}
+    return {
+        "model": name,
+        "checkpoint": report.get("checkpoint"),
+        "splits": splits,
+        "decoupling": [{k: d.get(k) for k in ("closed", "open", "score", "reason", "closed_relative_drop",
+                                               "open_relative_drop")} for d in report.get("decoupling", [])],
+        "faithfulness": {a: f.get("choice") or {} for a, f in (report.get("faithfulness") or {}).items()},
+        "bits": bits.get("bits"),
+        "max_bits": bits.get("max_bits"),
+        "bits_per_knowledge_param": bits.get("bits_per_knowledge_param"),
+        "bits_per_param": bits.get("bits_per_param"),
+        "routing": {g: {k: r.get(k) for k in ("answer_rate", "other_rate", "ratio")}
+                    | {"per_layer": [{k: x.get(k) for k in ("answer_rate", "other_rate", "ratio")}
+                                     for x in r.get("per_layer", [])]} for g, r in routing.items()},
+        "flops": _flops(report.get("checkpoint")),
+        "run": run or {},
+    }
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _faith(f: dict | None) -> str:
+    """'faithfulness (context / memory / neither)' of a train.eval faithfulness record."""
+    if not f:
+        return "—"
+    return (f"{_fmt(f.get('faithfulness'), '.2f')} ({_fmt(f.get('follows_context'), '.2f')} / "
+            f"{_fmt(f.get('follows_memory'), '.2f')} / {_fmt(f.get('neither'), '.2f')})")
+
+
+def markdown(models: list[dict], notes: str = "") -> str:
+    """``notes`` then tables: chance-adjusted accuracy per split and ablation; headline numbers; the commands."""
+    splits = list(dict.fromkeys(s for m in models for s in m["splits"]))
+    ablations = list(dict.fromkeys(a for m in models for s in m["splits"].values() for a in s))
+    lines = [notes.rstrip(), ""] if notes.strip() else []
+    lines += ["### Chance-adjusted accuracy (multiple choice; 0 = chance, 1 = perfect)", "",
+             "| model | ablation | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    for m in models:
+        for a in ablations:
+            cells = [_fmt(m["splits"].get(s, {}).get(a, {}).get("acc_adjusted"), "+.3f") for s in splits]
+            lines.append(f"| {m['model']} | {a} | " + " | ".join(cells) + " |")
+    lines += ["", "### Headline numbers per model", "",
+              "| model | train FLOPs/token | active / total params | decoupling (closed vs open) | "
+              "faithfulness (base; context / memory / neither) | bits / knowledge param | bits / param | "
+              "consult ratio answer/other (closed, open) | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        f = m["flops"] or {}
+        dec = "; ".join(f"{d['score'] if d['score'] is None else format(d['score'], '+.2f')} ({d['reason']})"
+                        for d in m["decoupling"]) or "—"
+        ratios = ", ".join(_fmt((m["routing"].get(g) or {}).get("ratio"), ".2f") for g in ("closed_book", "open_book"))
+        params = (f"{_fmt(f.get('active_params'), ',.0f')} / {_fmt(f.get('total_params'), ',.0f')}" if f else "—")
+        lines.append(f"| {m['model']} | {_fmt(f.get('flops_per_token'), ',.0f')} | {params} | {dec} | "
+                     f"{_faith(m['faithfulness'].get('base'))} | {_fmt(m['bits_per_knowledge_param'], '.4f')} | "
+                     f"{_fmt(m['bits_per_param'], '.4f')} | {ratios} | {_fmt(m['run'].get('wall_s'), '.0f')} |")
+    commands = [(m["model"], c) for m in models for c in m["run"].get("commands", [])]
+    if commands:
+        lines += ["", "### Commands", "", "```bash", *(c for _, c in commands), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(models: list[dict], out: Path) -> list[Path]:
+    """accuracy.png, ablations.png, consult_rate.png under ``out``."""
+    paths = []
+    splits = list(dict.fromkeys(s for m in models for s in m["splits"]))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(splits)), 4))
+    for i, m in enumerate(models):
+        ys = [m["splits"].get(s, {}).get("base", {}).get("acc_adjusted") or 0.0 for s in splits]
+        ax.bar([j + i * width for j in range(len(splits))], ys, width, label=m["model"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits, rotation=20, ha="right")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("chance-adjusted accuracy")
+    ax.set_title("Accuracy per split (no ablation)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "accuracy.png"))
+
+    ablations = list(dict.fromkeys(a for m in models for s in m["splits"].values() for a in s))
+    fig, axes = plt.subplots(1, len(splits), figsize=(3 * len(splits), 3.5), sharey=True, squeeze=False)
+    width = 0.8 / max(len(ablations), 1)
+    for ax, s in zip(axes[0], splits, strict=True):
+        for k, a in enumerate(ablations):
+            ys = [m["splits"].get(s, {}).get(a, {}).get("acc_adjusted") or 0.0 for m in models]
+            ax.bar([j + k * width for j in range(len(models))], ys, width, label=a)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], [m["model"] for m in models],
+                      rotation=30, ha="right", fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(s, fontsize=9)
+    axes[0][0].set_ylabel("chance-adjusted accuracy")
+    axes[0][0].legend(fontsize=7)
+    paths.append(_save(fig, out / "ablations.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in models:
+        for group, style in (("closed_book", "-"), ("open_book", "--")):
+            layers = (m["routing"].get(group) or {}).get("per_layer") or []
+            if layers:
+                ax.plot(range(len(layers)), [x["answer_rate"] or 0.0 for x in layers], style, marker="o",
+                        label=f"{m['model']} {group} answer")
+                ax.plot(range(len(layers)), [x["other_rate"] or 0.0 for x in layers], style, marker="x",
+                        alpha=0.5, label=f"{m['model']} {group} other")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("consult rate")
+    ax.set_title("Knowledge-expert consult rate per layer (answer vs other tokens)")
+    ax.legend(fontsize=6)
+    paths.append(_save(fig, out / "consult_rate.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build(directory: str | Path) -> dict:
+    """Read DIR/eval/*.json (+ DIR/runs.json), write decoupling.json, decoupling.md and the plots into DIR."""
+    directory = Path(directory)
+    files = sorted((directory / EVAL_DIR).glob("*.json"))
+    if not files:
+        raise ValueError(f"no eval reports under {directory / EVAL_DIR}")
+    runs = json.loads((directory / RUNS).read_text()) if (directory / RUNS).is_file() else {}
+    models = []
+    for path in files:
+        try:
+            report = json.loads(path.read_text())
+            models.append(summarize(path.stem, report, runs.get(path.stem)))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a train.eval report ({err!r})") from err
+    out = {"models": models}
+    (directory / "decoupling.json").write_text(json.dumps(out, indent=2))
+    notes = (directory / NOTES).read_text() if (directory / NOTES).is_file() else ""
+    (directory / "decoupling.md").write_text(markdown(models, notes))
+    plot(models, directory)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        out = build(args.directory)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.directory}/decoupling.json, decoupling.md and 3 plots for {len(out['models'])} models")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
