@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_schedule import check_device, configs, expert_row_block, padded, row_blocks
+from kernels.backends import check_triton
+from kernels.triton_schedule import configs, expert_row_block, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -92,7 +93,7 @@ def _down_scatter_bwd_kernel(
 
 
 def _check(h_SF: torch.Tensor, gates_TK: torch.Tensor, slot_order_S, offsets_E, w2_EFD: torch.Tensor) -> None:
-    check_device(h_SF, w2_EFD)
+    check_triton(h_SF, w2_EFD)
     if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
         raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
     if gates_TK.numel() != h_SF.shape[0] or w2_EFD.shape[1] != h_SF.shape[1] or w2_EFD.dtype != h_SF.dtype:

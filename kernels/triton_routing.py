@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backends import check_triton
 from kernels.routing import RoutingMeta, check_ids
-from kernels.triton_schedule import check_device
 
 _TILE_ELEMENTS = 8192  # BLOCK_S * P: one int32 one-hot tile per program
 
@@ -61,7 +61,7 @@ def _block_size(num_buckets_padded: int) -> int:
 
 def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     check_ids(expert_ids_TK, num_experts)
-    check_device(expert_ids_TK)
+    check_triton(expert_ids_TK)
     ids_S = expert_ids_TK.reshape(-1).contiguous()
     num_slots, device = ids_S.numel(), ids_S.device
     num_buckets_padded = triton.next_power_of_2(num_experts + 1)

@@ -16,16 +16,10 @@ Importing this module imports triton: only the Triton implementation does, on fi
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``) instead of compiling for a GPU."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.backends import interpreting
 
 
 def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
@@ -42,15 +36,6 @@ def row_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
 def padded(num_experts: int) -> int:
     """P: E rounded up to a power of two, for ``tl.arange`` over experts."""
     return triton.next_power_of_2(num_experts)
-
-
-def check_device(*tensors: torch.Tensor) -> None:
-    """Triton needs CUDA tensors, or CPU tensors under the interpreter; bf16 only on the GPU."""
-    for t in tensors:
-        if t.device.type == "cpu" and not interpreting():
-            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (or CUDA tensors)")
-        if interpreting() and t.dtype == torch.bfloat16:
-            raise ValueError("the Triton interpreter computes bf16 tl.dot wrongly: use float32/float16 or a GPU")
 
 
 @triton.jit

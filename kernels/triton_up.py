@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_schedule import check_device, configs, expert_row_block, padded, row_blocks
+from kernels.backends import check_triton
+from kernels.triton_schedule import configs, expert_row_block, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -108,7 +109,7 @@ def _gather_swiglu_bwd_kernel(
 
 
 def _check(x_TD: torch.Tensor, slot_order_S: torch.Tensor, offsets_E: torch.Tensor, *weights: torch.Tensor) -> None:
-    check_device(x_TD, *weights)
+    check_triton(x_TD, *weights)
     if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
         raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
     for w in weights:
@@ -220,6 +221,7 @@ def _(dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, num_sl
 def _setup_context(ctx, inputs, output):
     x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, _ = inputs
     _, a1_SF, a3_SF = output
+    ctx.mark_non_differentiable(a1_SF, a3_SF)  # saved pre-activations, not results
     ctx.save_for_backward(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF)
     ctx.num_slots_per_token = num_slots_per_token
 
