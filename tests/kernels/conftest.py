@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def poison():
     """Fill every torch.empty* with NaN (ints with their max) so an element a kernel forgets to write fails."""
-    was_on, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True

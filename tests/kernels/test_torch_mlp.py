@@ -50,7 +50,7 @@ def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_shar
     tri_grads = torch.autograd.grad(tri, inputs, grad_TD, allow_unused=True)
     # With nothing routed the oracle's output is a constant: every gradient is zero.
     ref_grads = torch.autograd.grad(ref, inputs, grad_TD, allow_unused=True) if ref.requires_grad else [None] * 5
-    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads):
+    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads, strict=True):
         if r is None:  # nothing routed: the oracle never touched this input
             assert t is None or t.abs().max() == 0, name
             continue
@@ -60,7 +60,8 @@ def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_shar
 def test_all_tokens_to_one_expert():
     x_TD, ids_TK, gates_TK, weights = _inputs(31, 16, 32, 4, 1, 0.0, torch.float32, one_expert=3)
     tri = knowledge_mlp(x_TD, ids_TK, gates_TK, *weights)
-    torch.testing.assert_close(tri, knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights), **TOLERANCE[torch.float32])
+    ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(tri, ref, **TOLERANCE[torch.float32])
     tri.backward(torch.randn_like(tri))
     assert weights[0].grad[:3].abs().max() == 0 and weights[0].grad[3].abs().max() > 0
 

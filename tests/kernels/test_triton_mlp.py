@@ -66,7 +66,8 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(y, y_eager)
     floats = [inputs[0], *inputs[2:]]
     dy = torch.randn_like(y)
-    for name, g, g_eager in zip(NAMES, torch.autograd.grad(y, floats, dy), torch.autograd.grad(y_eager, floats, dy)):
+    grads, grads_eager = torch.autograd.grad(y, floats, dy), torch.autograd.grad(y_eager, floats, dy)
+    for name, g, g_eager in zip(NAMES, grads, grads_eager, strict=True):
         torch.testing.assert_close(g, g_eager, msg=name)
 
 

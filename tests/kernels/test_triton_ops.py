@@ -60,7 +60,8 @@ def test_grouped_wgrad(a_gather, b_gather, scale, poison):
     a = torch.randn(rows[a_gather], dim_in, device=DEVICE)
     b = torch.randn(rows[b_gather], dim_out, device=DEVICE)
     scale_S = gates_TK.detach().reshape(-1) if scale else None
-    dw = grouped_wgrad(a, b, meta.slot_order_S.to(DEVICE), meta.offsets_E.to(DEVICE), top_k, a_gather, b_gather, scale_S)
+    slot_order_S, offsets_E = meta.slot_order_S.to(DEVICE), meta.offsets_E.to(DEVICE)
+    dw = grouped_wgrad(a, b, slot_order_S, offsets_E, top_k, a_gather, b_gather, scale_S)
     expected = torch.zeros(num_experts, dim_in, dim_out, dtype=torch.float64)
     for r in range(int(meta.num_routed)):
         slot = int(meta.slot_order_S[r])
@@ -79,15 +80,13 @@ def test_opcheck():
     a1_SF, a3_SF = (torch.randn(18, 40, device=DEVICE) for _ in range(2))
     h_SF = torch.randn(18, 40, device=DEVICE, requires_grad=True)
     dy = torch.randn(9, 24, device=DEVICE)
-    plain = [t.detach() for t in (x_TD, gates_TK, w1, w3, w2, h_SF)]
+    x, gates, w1_, w3_, w2_, h = (t.detach() for t in (x_TD, gates_TK, w1, w3, w2, h_SF))  # no autograd: bwd ops
     cases = {
         ops.triton_routing.default: (ids_TK, 4),
         ops.triton_gather_swiglu.default: (x_TD, slot_order_S, offsets_E, w1, w3, 2, True),
         ops.triton_down_scatter.default: (h_SF, gates_TK, slot_order_S, offsets_E, w2),
-        ops.triton_gather_swiglu_bwd.default: (
-            plain[5], plain[0], slot_order_S, offsets_E, plain[2], plain[3], a1_SF, a3_SF, 2
-        ),
-        ops.triton_down_scatter_bwd.default: (dy, plain[5], plain[1], slot_order_S, offsets_E, plain[4]),
+        ops.triton_gather_swiglu_bwd.default: (h, x, slot_order_S, offsets_E, w1_, w3_, a1_SF, a3_SF, 2),
+        ops.triton_down_scatter_bwd.default: (dy, h, gates, slot_order_S, offsets_E, w2_),
     }
     assert routing_metadata_triton  # its import registered pure_reasoner::triton_routing
     for op, args in cases.items():
