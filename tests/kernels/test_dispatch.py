@@ -38,13 +38,16 @@ def test_megablocks_without_cuda_is_a_clear_error(monkeypatch):
         knowledge_mlp(*_inputs(), impl="megablocks")
 
 
-def test_torch_and_reference_never_import_triton():
+def test_torch_and_reference_never_load_the_triton_kernels():
+    """Only impl='triton' loads kernels.triton_*. (Calling any torch.library custom op makes torch import
+    torch._dynamo, which imports the ``triton`` package itself if installed; that is torch's doing.)"""
     code = (
         "import sys, torch, kernels\n"
         "x = torch.randn(4, 16); w = torch.randn(2, 16, 16)\n"
         "ids = torch.tensor([[0, 1], [1, -1], [-1, -1], [0, 0]])\n"
         "for impl in ('torch', 'reference'):\n"
         "    kernels.knowledge_mlp(x, ids, torch.rand(4, 2), w, w, w, impl=impl)\n"
-        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "loaded = [m for m in sys.modules if m.startswith('kernels.triton')]\n"
+        "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
