@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.backends import check_triton
-from kernels.triton_schedule import configs, expert_row_block, padded, row_blocks
+from kernels.triton_schedule import configs, dot_precision, expert_row_block, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -37,7 +37,8 @@ _CONFIGS = configs(
 def _down_scatter_fwd_kernel(
     h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, y_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction).
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
@@ -52,7 +53,7 @@ def _down_scatter_fwd_kernel(
         h = tl.load(h_ptr + rows[:, None] * F + kk[None, :], mask=row_mask[:, None] & (kk < F)[None, :], other=0.0)
         w_offs = w_base + kk[:, None] * D + cols[None, :]
         w = tl.load(w2_ptr + w_offs, mask=(kk < F)[:, None] & (cols < D)[None, :], other=0.0)
-        acc += tl.dot(h, w, input_precision="ieee")
+        acc += tl.dot(h, w, input_precision=DOT_PRECISION)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     tokens = slots // num_slots_per_token
     out_mask = row_mask[:, None] & (cols < D)[None, :]
@@ -64,7 +65,8 @@ def _down_scatter_fwd_kernel(
 def _down_scatter_bwd_kernel(
     dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction).
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
@@ -85,7 +87,7 @@ def _down_scatter_bwd_kernel(
         # w2[e]ᵀ tile [BLOCK_K of D, BLOCK_N of F], read straight from the [E, F, D] layout.
         w_mask = (kk < D)[:, None] & (cols < F)[None, :]
         w = tl.load(w2_ptr + w_base + cols[None, :] * D + kk[:, None], mask=w_mask, other=0.0)
-        u += tl.dot(dy, w, input_precision="ieee")
+        u += tl.dot(dy, w, input_precision=DOT_PRECISION)
     h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
@@ -121,7 +123,8 @@ def down_scatter_fwd(
 
     _down_scatter_fwd_kernel[grid](
         h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, y_TD,
-        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0), P=padded(num_experts),
+        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
+        P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
     )  # fmt: skip
     return y_TD.to(h_SF.dtype)
 
@@ -147,7 +150,8 @@ def down_scatter_bwd(
 
     _down_scatter_bwd_kernel[grid](
         dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, dh_SF, dgates_S,
-        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0), P=padded(num_experts),
+        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
+        P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
     )  # fmt: skip
     dw2_EFD = grouped_wgrad(
         h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float()

@@ -16,6 +16,7 @@ Importing this module imports triton: only the Triton implementation does, on fi
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -26,6 +27,12 @@ def configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton
     """Autotune candidates: several on a GPU; exactly one under the interpreter, which has no driver to
     benchmark with ("0 active drivers") and gains nothing from tuning."""
     return [interpreter] if interpreting() else gpu
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot``'s input precision: exact IEEE for fp32 (no TF32 rounding, as the tests require);
+    the default (tensor cores) for fp16/bf16. fp32 on a GPU is therefore slow: train in bf16."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def row_blocks(num_slots: int, num_experts: int, block_m: int) -> int:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.backends import check_triton
-from kernels.triton_schedule import configs, expert_row_block, padded, row_blocks
+from kernels.triton_schedule import configs, dot_precision, expert_row_block, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -38,7 +38,7 @@ _CONFIGS = configs(
 def _gather_swiglu_fwd_kernel(
     x_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, h_ptr, a1_ptr, a3_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    SAVE_PREACT: tl.constexpr, P: tl.constexpr,
+    SAVE_PREACT: tl.constexpr, P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
@@ -61,8 +61,8 @@ def _gather_swiglu_fwd_kernel(
         x = tl.load(x_ptr + tokens[:, None] * D + kk[None, :], mask=row_mask[:, None] & (kk < D)[None, :], other=0.0)
         w_offs = w_base + kk[:, None] * F + cols[None, :]
         w_mask = (kk < D)[:, None] & (cols < F)[None, :]
-        acc1 += tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision="ieee")
-        acc3 += tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision="ieee")
+        acc1 += tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc3 += tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     h = acc1 * tl.sigmoid(acc1) * acc3
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_mask)
     if SAVE_PREACT:
@@ -75,7 +75,8 @@ def _gather_swiglu_fwd_kernel(
 def _gather_swiglu_bwd_kernel(
     dh_ptr, a1_ptr, a3_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, dx_ptr, da1_ptr, da3_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction).
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
@@ -103,8 +104,8 @@ def _gather_swiglu_bwd_kernel(
         # w[e]ᵀ tile [BLOCK_K of F, BLOCK_N of D], read straight from the [E, D, F] layout.
         w_offs = w_base + cols[None, :] * F + kk[:, None]
         w_mask = (kk < F)[:, None] & (cols < D)[None, :]
-        acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision="ieee")
-        acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision="ieee")
+        acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     tl.atomic_add(dx_ptr + tokens[:, None] * D + cols[None, :], acc, mask=row_mask[:, None] & (cols < D)[None, :])
 
 
@@ -141,7 +142,7 @@ def gather_swiglu_fwd(
     _gather_swiglu_fwd_kernel[grid](
         x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, h_SF, a1_SF, a3_SF,
         num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
-        SAVE_PREACT=save_preact, P=padded(num_experts),
+        SAVE_PREACT=save_preact, P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
     )  # fmt: skip
     return h_SF, a1_SF, a3_SF
 
@@ -171,7 +172,8 @@ def gather_swiglu_bwd(
 
     _gather_swiglu_bwd_kernel[grid](
         dh_SF, a1_SF, a3_SF, slot_order_S, offsets_E, w1_EDF, w3_EDF, dx_TD, da1_SF, da3_SF,
-        num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0), P=padded(num_experts),
+        num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
+        P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
     )  # fmt: skip
     dw1_EDF = grouped_wgrad(x_TD, da1_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)
     dw3_EDF = grouped_wgrad(x_TD, da3_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_schedule import configs
+from kernels.triton_schedule import configs, dot_precision
 
 _CONFIGS = configs(
     gpu=[
@@ -35,7 +35,7 @@ _CONFIGS = configs(
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, slot_order_ptr, scale_ptr, offsets_ptr, dw_ptr,
     num_slots_per_token, DIM_IN, DIM_OUT, stride_a, stride_b, stride_de, stride_di,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     expert = tl.program_id(0)
@@ -58,7 +58,7 @@ def _grouped_wgrad_kernel(
         if SCALE:
             gate = tl.load(scale_ptr + slots, mask=row_mask, other=0.0)
             b = (b.to(tl.float32) * gate[:, None]).to(b.dtype)
-        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+        acc += tl.dot(tl.trans(a), b, input_precision=DOT_PRECISION)
     mask = (ii < DIM_IN)[:, None] & (oo < DIM_OUT)[None, :]
     dw = dw_ptr + expert.to(tl.int64) * stride_de + ii[:, None] * stride_di + oo[None, :]
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=mask)
@@ -98,6 +98,6 @@ def grouped_wgrad(
     _grouped_wgrad_kernel[grid](
         a_RI, b_RO, slot_order_S, scale, offsets_E, dw_EIO,
         num_slots_per_token, dim_in, dim_out, a_RI.stride(0), b_RO.stride(0), dw_EIO.stride(0), dw_EIO.stride(1),
-        A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None,
+        A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None, DOT_PRECISION=dot_precision(a_RI.dtype),
     )  # fmt: skip
     return dw_EIO
