@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Roofline, measure_roofline, print_table, time_interleaved, write_json
+from benchmarks.common import Roofline, Timing, measure_roofline, print_table, time_interleaved, write_json
 from kernels import NOT_CONSULTED, knowledge_mlp
 from kernels.routing import routing_metadata, routing_metadata_reference
 
@@ -175,12 +175,12 @@ def check_providers_agree(providers: dict[str, Provider], inputs, dtype: torch.d
             torch.testing.assert_close(p.fn(x_TD, gates_TK).float(), ours, rtol=tol, atol=tol, msg=name)
 
 
-def _row(w: Workload, rate: float, op: str, provider: str, mode: str, seconds: float, flops, bytes_, roof, where):
-    roof_s = roof.time_s(flops, bytes_)
+def _row(w: Workload, rate: float, op: str, provider: str, mode: str, t: Timing, flops, bytes_, roof, where):
+    seconds, roof_s = t.median_s, roof.time_s(flops, bytes_)
     return {
         "device": where, "workload": w.name, "T": w.tokens, "D": w.dim, "F": w.width, "E": w.experts,
         "K": w.top_k, "rate": rate,
-        "op": op, "provider": provider, "mode": mode, "ms": seconds * 1e3,
+        "op": op, "provider": provider, "mode": mode, "ms": seconds * 1e3, "min_ms": t.min_s * 1e3,
         "GFLOP/s": flops / seconds / 1e9, "GB/s": bytes_ / seconds / 1e9,
         "roofline_ms": roof_s * 1e3, "x_roofline": seconds / roof_s, "flops": flops, "bytes": bytes_,
     }  # fmt: skip
@@ -197,7 +197,7 @@ def bench_routing(w: Workload, rate: float, ids_TK, roof: Roofline, repeats: int
         cases["triton"] = lambda: routing_metadata_triton(ids_TK, w.experts)
     bytes_ = ids_TK.numel() * (ids_TK.element_size() + 3 * 8) + w.experts * 12
     timings = time_interleaved(cases, repeats=repeats, device=device)
-    return [_row(w, rate, "routing", n, "fwd", t.median_s, 0, bytes_, roof, device) for n, t in timings.items()]
+    return [_row(w, rate, "routing", n, "fwd", t, 0, bytes_, roof, device) for n, t in timings.items()]
 
 
 def bench_mlp(w: Workload, rate: float, inputs, roof: Roofline, repeats: int, device: str, dtype) -> list[dict]:
@@ -209,7 +209,7 @@ def bench_mlp(w: Workload, rate: float, inputs, roof: Roofline, repeats: int, de
     where = _where(device, dtype)
     for (provider, mode), t in timings.items():
         flops, bytes_ = mlp_cost(w, inputs[1], mode, itemsize)
-        rows.append(_row(w, rate, "knowledge_mlp", provider, mode, t.median_s, flops, bytes_, roof, where))
+        rows.append(_row(w, rate, "knowledge_mlp", provider, mode, t, flops, bytes_, roof, where))
     return rows
 
 
@@ -230,7 +230,8 @@ def run(workloads, repeats: int, device: str, dtype: torch.dtype) -> tuple[list[
     return rows, roof
 
 
-COLUMNS = ["device", "workload", "rate", "op", "provider", "mode", "ms", "GFLOP/s", "GB/s", "roofline_ms", "x_roofline"]
+COLUMNS = ["device", "workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s"]
+COLUMNS += ["roofline_ms", "x_roofline"]
 
 
 def main(argv: list[str] | None = None) -> None:
