@@ -1,16 +1,27 @@
 """The one seam between the layer and the knowledge-expert implementations.
 
 Shapes: T tokens, K slots per token, D model dim, F expert width, E experts.
+
+| impl       | runs on                                   | role                                  |
+|------------|-------------------------------------------|---------------------------------------|
+| torch      | anywhere                                  | fast path on CPU (grouped_mm)         |
+| reference  | anywhere                                  | loop oracle for tests                 |
+| triton     | CUDA, or CPU with ``TRITON_INTERPRET=1``  | production GPU path                   |
+| megablocks | CUDA with ``pip install -e .[gpu]``       | peer backend for GPU benchmarks       |
+
+The optional ones are imported on first use, after their device checks, so importing ``kernels``
+never imports triton or megablocks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.backends import check_megablocks, check_triton
 from kernels.reference import knowledge_mlp_reference
 from kernels.torch_mlp import knowledge_mlp_torch
 
-IMPLS = ("torch", "reference")
+IMPLS = ("torch", "reference", "triton", "megablocks")
 
 
 def _check(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> None:
@@ -58,9 +69,20 @@ def knowledge_mlp(
     Returns:
         y_TD: [T, D].
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+    args = (x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
     if impl == "torch":
-        return knowledge_mlp_torch(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+        return knowledge_mlp_torch(*args)
     if impl == "reference":
-        return knowledge_mlp_reference(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        return knowledge_mlp_reference(*args)
+    if impl == "triton":
+        check_triton(x_TD, expert_ids_TK)  # weights and gates share x's device; weights its dtype
+        from kernels.triton_mlp import knowledge_mlp_triton
+
+        return knowledge_mlp_triton(*args)
+    check_megablocks(x_TD)
+    from kernels.megablocks_mlp import knowledge_mlp_megablocks
+
+    return knowledge_mlp_megablocks(*args)

@@ -32,3 +32,58 @@ def knowledge_mlp_reference(
             y_D = y_D + gates_TK[t, k].to(x_TD.dtype) * (h_F @ w2_EFD[e])
         rows.append(y_D)
     return torch.stack(rows) if rows else torch.zeros_like(x_TD)
+
+
+def _expert_of_row(expert_ids_TK: torch.Tensor, slot_order_S: torch.Tensor, r: int) -> tuple[int, int, int]:
+    """(slot, token, expert) of sorted row r."""
+    slot = int(slot_order_S[r])
+    return slot, slot // expert_ids_TK.shape[1], int(expert_ids_TK.reshape(-1)[slot])
+
+
+def gather_swiglu_reference(
+    x_TD: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """Oracle of the gather + up/gate + SwiGLU op: a loop over sorted rows.
+
+    Args:
+        x_TD: [T, D]; expert_ids_TK: [T, K]; slot_order_S: [S] (``routing_metadata``); w1_EDF, w3_EDF: [E, D, F].
+
+    Returns:
+        h_SF: [S, F], zero on rows of idle slots.
+    """
+    rows = []
+    for r in range(slot_order_S.numel()):
+        _, t, e = _expert_of_row(expert_ids_TK, slot_order_S, r)
+        if e < 0:
+            rows.append(x_TD.new_zeros(w1_EDF.shape[2]))
+        else:
+            rows.append(F.silu(x_TD[t] @ w1_EDF[e]) * (x_TD[t] @ w3_EDF[e]))
+    return torch.stack(rows) if rows else x_TD.new_zeros(0, w1_EDF.shape[2])
+
+
+def down_scatter_reference(
+    h_SF: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    gates_TK: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    w2_EFD: torch.Tensor,
+) -> torch.Tensor:
+    """Oracle of the down projection + gate-weighted scatter-add: a loop over sorted rows.
+
+    Args:
+        h_SF: [S, F] in sorted-row order; expert_ids_TK, gates_TK: [T, K]; slot_order_S: [S]; w2_EFD: [E, F, D].
+
+    Returns:
+        y_TD: [T, D].
+    """
+    num_tokens = expert_ids_TK.shape[0]
+    y = [h_SF.new_zeros(w2_EFD.shape[2]) for _ in range(num_tokens)]
+    for r in range(slot_order_S.numel()):
+        slot, t, e = _expert_of_row(expert_ids_TK, slot_order_S, r)
+        if e >= 0:
+            y[t] = y[t] + gates_TK.reshape(-1)[slot].to(h_SF.dtype) * (h_SF[r] @ w2_EFD[e])
+    return torch.stack(y) if y else h_SF.new_zeros(0, w2_EFD.shape[2])

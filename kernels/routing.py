@@ -35,7 +35,7 @@ class RoutingMeta(NamedTuple):
     num_routed: torch.Tensor
 
 
-def _check_ids(expert_ids_TK: torch.Tensor, num_experts: int) -> None:
+def check_ids(expert_ids_TK: torch.Tensor, num_experts: int) -> None:
     if expert_ids_TK.dim() != 2:
         raise ValueError(f"expert_ids_TK must be 2-D [T, K], got shape {tuple(expert_ids_TK.shape)}")
     if expert_ids_TK.dtype not in (torch.int32, torch.int64):
@@ -54,7 +54,7 @@ def routing_metadata(expert_ids_TK: torch.Tensor, num_experts: int) -> RoutingMe
     Returns:
         RoutingMeta (see its docstring).
     """
-    _check_ids(expert_ids_TK, num_experts)
+    check_ids(expert_ids_TK, num_experts)
     num_slots_per_token = expert_ids_TK.shape[1]
     ids_S = expert_ids_TK.reshape(-1).long()
     # The sentinel sorts after every real expert; a stable sort keeps token order inside a group,
@@ -80,7 +80,7 @@ def routing_metadata(expert_ids_TK: torch.Tensor, num_experts: int) -> RoutingMe
 
 def routing_metadata_reference(expert_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
     """Oracle: the same metadata built with Python loops over slots."""
-    _check_ids(expert_ids_TK, num_experts)
+    check_ids(expert_ids_TK, num_experts)
     num_tokens, num_slots_per_token = expert_ids_TK.shape
     groups: list[list[int]] = [[] for _ in range(num_experts + 1)]
     for t in range(num_tokens):

@@ -6,7 +6,7 @@ import torch
 from kernels import knowledge_mlp
 from kernels.reference import knowledge_mlp_reference
 from kernels.routing import NOT_CONSULTED
-from kernels.torch_mlp import knowledge_mlp_torch
+from kernels.torch_mlp import knowledge_mlp_torch, mlp_backward, mlp_forward
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -38,7 +38,7 @@ CASES = [
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
 @pytest.mark.parametrize("num_tokens,dim,width,num_experts,top_k,idle_share", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, compact):
+def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, compact, poison):
     x_TD, ids_TK, gates_TK, weights = _inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype)
     tri = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=compact)
     ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
@@ -50,7 +50,7 @@ def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_shar
     tri_grads = torch.autograd.grad(tri, inputs, grad_TD, allow_unused=True)
     # With nothing routed the oracle's output is a constant: every gradient is zero.
     ref_grads = torch.autograd.grad(ref, inputs, grad_TD, allow_unused=True) if ref.requires_grad else [None] * 5
-    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads, strict=False):
+    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads, strict=True):
         if r is None:  # nothing routed: the oracle never touched this input
             assert t is None or t.abs().max() == 0, name
             continue
@@ -74,14 +74,41 @@ def test_expanded_upstream_gradient():
 
 
 def test_masked_path_never_reads_values():
-    """On the meta device a host read raises; the masked path and its backward must still run."""
+    """On the meta device a host read raises; the masked forward and backward must still run.
+
+    Calls the functions behind the custom ops: through the op, meta tensors would reach its fake kernel.
+    """
     x_TD, ids_TK, gates_TK, weights = _inputs(16, 16, 32, 4, 2, 0.2, torch.float32)
     # bf16: grouped_mm's meta kernel accepts only bf16 (the CPU kernel takes fp32 too).
-    x_TD, w1, w3, w2 = (t.detach().to("meta", torch.bfloat16).requires_grad_() for t in (x_TD, *weights))
-    gates_TK = gates_TK.detach().to("meta").requires_grad_()
-    y_TD = knowledge_mlp_torch(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, compact=False)
-    y_TD.backward(torch.ones_like(y_TD))
-    assert y_TD.device.type == "meta" and w1.grad.shape == w1.shape and gates_TK.grad.shape == gates_TK.shape
+    x_TD, w1, w3, w2 = (t.detach().to("meta", torch.bfloat16) for t in (x_TD, *weights))
+    gates_TK = gates_TK.detach().to("meta")
+    y_TD, *saved = mlp_forward(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, compact=False)
+    grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, w1, w3, w2, *saved, compact=False)
+    assert y_TD.device.type == "meta" and [g.shape for g in grads] == [t.shape for t in (x_TD, gates_TK, w1, w3, w2)]
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
+def test_opcheck(compact):
+    """Schema, fake kernels (a data-dependent row count when compact), autograd, AOT dispatch."""
+    x_TD, ids_TK, gates_TK, weights = _inputs(9, 16, 32, 4, 2, 0.3, torch.float32)
+    ops = torch.ops.pure_reasoner
+    torch.library.opcheck(ops.torch_knowledge_mlp.default, (x_TD, ids_TK, gates_TK, *weights, compact))
+    y_TD, *saved = ops.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, compact)
+    plain = [t.detach() for t in (x_TD, gates_TK, *weights)]
+    bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact)
+    torch.library.opcheck(ops.torch_knowledge_mlp_bwd.default, bwd_args)
+
+
+def test_compiles_without_graph_breaks():
+    x_TD, ids_TK, gates_TK, weights = _inputs(12, 16, 32, 4, 2, 0.3, torch.float32)
+    compiled = torch.compile(knowledge_mlp_torch, backend="aot_eager", fullgraph=True)
+    inputs = [x_TD, gates_TK, *weights]
+    y, y_eager = compiled(x_TD, ids_TK, gates_TK, *weights), knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(y, y_eager)
+    dy = torch.randn_like(y)
+    grads, grads_eager = torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_eager, inputs, dy)
+    for g, g_eager in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, g_eager)
 
 
 @pytest.mark.parametrize(

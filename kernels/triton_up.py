@@ -1,0 +1,264 @@
+"""Fused gather + grouped up/gate GEMM + SwiGLU in Triton, forward and backward.
+
+Shapes: T tokens, K slots per token, S = T*K sorted rows (the first R = offsets[-1] routed), D model
+dim, F expert width, E experts. Row r belongs to flat slot ``slot_order[r]`` and token ``slot // K``.
+
+    forward:   a1[r] = x[token_r] @ w1[e_r],  a3[r] = x[token_r] @ w3[e_r],  h[r] = silu(a1[r]) * a3[r]
+    backward:  da1 = dh * a3 * silu'(a1),  da3 = dh * silu(a1)
+               dx[t] = Σ_{r: token_r = t} da1[r] @ w1[e_r]ᵀ + da3[r] @ w3[e_r]ᵀ   (atomic scatter-add)
+               dw1[e] = Σ_{r in e} x[token_r]ᵀ da1[r],  dw3 likewise           (kernels.triton_wgrad)
+
+Rows of x are read by token index: no permuted copy of x exists. Idle rows (r >= R) of h (and of the
+saved a1, a3) are written as zeros by the programs left over from the grid's upper bound, so the
+outputs are fully defined without reading R on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backends import check_triton
+from kernels.triton_schedule import configs, dot_precision, expert_row_block, padded, row_blocks
+from kernels.triton_wgrad import grouped_wgrad
+
+_CONFIGS = configs(
+    gpu=[
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8),
+    ],
+    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "F"])
+@triton.jit
+def _gather_swiglu_fwd_kernel(
+    x_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, h_ptr, a1_ptr, a3_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we,
+    SAVE_PREACT: tl.constexpr, P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = rows[:, None] * F + cols[None, :]
+    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    if expert >= num_experts:
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=h_ptr.dtype.element_ty)
+        tl.store(h_ptr + out, zeros, mask=out_mask)
+        if SAVE_PREACT:
+            tl.store(a1_ptr + out, zeros, mask=out_mask)
+            tl.store(a3_ptr + out, zeros, mask=out_mask)
+        return
+    tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
+    w_base = expert.to(tl.int64) * stride_we
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + tokens[:, None] * D + kk[None, :], mask=row_mask[:, None] & (kk < D)[None, :], other=0.0)
+        w_offs = w_base + kk[:, None] * F + cols[None, :]
+        w_mask = (kk < D)[:, None] & (cols < F)[None, :]
+        acc1 += tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc3 += tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    h = acc1 * tl.sigmoid(acc1) * acc3
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE_PREACT:
+        tl.store(a1_ptr + out, acc1.to(a1_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(a3_ptr + out, acc3.to(a3_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_CONFIGS, key=["D", "F"], reset_to_zero=["dx_ptr"])
+@triton.jit
+def _gather_swiglu_bwd_kernel(
+    dh_ptr, a1_ptr, a3_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, dx_ptr, da1_ptr, da3_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction).
+    expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    if expert >= num_experts:
+        return
+    tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Every D block needs da1/da3; the first one also writes them for the weight gradients.
+    write_da = tl.program_id(1) == 0
+    w_base = expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        offs = rows[:, None] * F + kk[None, :]
+        mask = row_mask[:, None] & (kk < F)[None, :]
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a1 = tl.load(a1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a3 = tl.load(a3_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a1)
+        da1 = (dh * a3 * sig * (1.0 + a1 * (1.0 - sig))).to(da1_ptr.dtype.element_ty)
+        da3 = (dh * a1 * sig).to(da3_ptr.dtype.element_ty)
+        if write_da:
+            tl.store(da1_ptr + offs, da1, mask=mask)
+            tl.store(da3_ptr + offs, da3, mask=mask)
+        # w[e]ᵀ tile [BLOCK_K of F, BLOCK_N of D], read straight from the [E, D, F] layout.
+        w_offs = w_base + cols[None, :] * F + kk[:, None]
+        w_mask = (kk < F)[:, None] & (cols < D)[None, :]
+        acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+    tl.atomic_add(dx_ptr + tokens[:, None] * D + cols[None, :], acc, mask=row_mask[:, None] & (cols < D)[None, :])
+
+
+def _check(x_TD: torch.Tensor, slot_order_S: torch.Tensor, offsets_E: torch.Tensor, *weights: torch.Tensor) -> None:
+    check_triton(x_TD, *weights)
+    if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
+        raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
+    for w in weights:
+        if w.shape != weights[0].shape or w.dtype != x_TD.dtype:
+            raise ValueError(f"w1/w3 must share shape and x's dtype, got {tuple(w.shape)} {w.dtype}")
+    if weights[0].shape[0] != offsets_E.numel() or weights[0].shape[1] != x_TD.shape[1]:
+        raise ValueError(f"weights {tuple(weights[0].shape)} do not fit x {tuple(x_TD.shape)}, E={offsets_E.numel()}")
+
+
+def gather_swiglu_fwd(
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    num_slots_per_token: int,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward. Returns h_SF and, if ``save_preact``, a1_SF and a3_SF (else [0, F] each)."""
+    _check(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF)
+    x_TD, w1_EDF, w3_EDF = x_TD.contiguous(), w1_EDF.contiguous(), w3_EDF.contiguous()
+    num_slots, (num_experts, dim, width) = slot_order_S.numel(), w1_EDF.shape
+    h_SF = x_TD.new_empty(num_slots, width)
+    a1_SF, a3_SF = (x_TD.new_empty(num_slots if save_preact else 0, width) for _ in range(2))
+
+    def grid(meta):
+        return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
+
+    _gather_swiglu_fwd_kernel[grid](
+        x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, h_SF, a1_SF, a3_SF,
+        num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
+        SAVE_PREACT=save_preact, P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
+    )  # fmt: skip
+    return h_SF, a1_SF, a3_SF
+
+
+def gather_swiglu_bwd(
+    dh_SF: torch.Tensor,
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    a1_SF: torch.Tensor,
+    a3_SF: torch.Tensor,
+    num_slots_per_token: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward. Returns dx_TD, dw1_EDF, dw3_EDF."""
+    _check(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF)
+    if a1_SF.shape != dh_SF.shape or a3_SF.shape != dh_SF.shape:
+        raise ValueError(f"backward needs the saved a1/a3 of shape {tuple(dh_SF.shape)}, got {tuple(a1_SF.shape)}")
+    x_TD, w1_EDF, w3_EDF, dh_SF = (t.contiguous() for t in (x_TD, w1_EDF, w3_EDF, dh_SF))
+    num_slots, (num_experts, dim, width) = slot_order_S.numel(), w1_EDF.shape
+    dx_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)  # atomic accumulator
+    da1_SF, da3_SF = torch.empty_like(dh_SF), torch.empty_like(dh_SF)
+
+    def grid(meta):
+        return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]))
+
+    _gather_swiglu_bwd_kernel[grid](
+        dh_SF, a1_SF, a3_SF, slot_order_S, offsets_E, w1_EDF, w3_EDF, dx_TD, da1_SF, da3_SF,
+        num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
+        P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
+    )  # fmt: skip
+    dw1_EDF = grouped_wgrad(x_TD, da1_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)
+    dw3_EDF = grouped_wgrad(x_TD, da3_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)
+    return dx_TD.to(x_TD.dtype), dw1_EDF, dw3_EDF
+
+
+@torch.library.custom_op("pure_reasoner::triton_gather_swiglu", mutates_args=())
+def _gather_swiglu_op(
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    num_slots_per_token: int,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gather_swiglu_fwd(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save_preact)
+
+
+@_gather_swiglu_op.register_fake
+def _(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save_preact):
+    num_slots, width = slot_order_S.shape[0], w1_EDF.shape[2]
+    saved = num_slots if save_preact else 0
+    return x_TD.new_empty(num_slots, width), x_TD.new_empty(saved, width), x_TD.new_empty(saved, width)
+
+
+@torch.library.custom_op("pure_reasoner::triton_gather_swiglu_bwd", mutates_args=())
+def _gather_swiglu_bwd_op(
+    dh_SF: torch.Tensor,
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    a1_SF: torch.Tensor,
+    a3_SF: torch.Tensor,
+    num_slots_per_token: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gather_swiglu_bwd(dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, num_slots_per_token)
+
+
+@_gather_swiglu_bwd_op.register_fake
+def _(dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, num_slots_per_token):
+    return torch.empty_like(x_TD), torch.empty_like(w1_EDF), torch.empty_like(w3_EDF)
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, _ = inputs
+    _, a1_SF, a3_SF = output
+    ctx.mark_non_differentiable(a1_SF, a3_SF)  # saved pre-activations, not results
+    ctx.save_for_backward(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF)
+    ctx.num_slots_per_token = num_slots_per_token
+
+
+def _backward(ctx, dh_SF, _da1, _da3):
+    x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF = ctx.saved_tensors
+    dx_TD, dw1_EDF, dw3_EDF = _gather_swiglu_bwd_op(
+        dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, ctx.num_slots_per_token
+    )
+    return dx_TD, None, None, dw1_EDF, dw3_EDF, None, None
+
+
+_gather_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_swiglu(
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    num_slots_per_token: int,
+) -> torch.Tensor:
+    """h = silu(x @ w1) * (x @ w3) for every routed row, x read by token; differentiable in x, w1, w3.
+
+    Args:
+        x_TD: [T, D] tokens (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        slot_order_S: [S] int64 flat slot of each sorted row; offsets_E: [E] int32 end offsets
+            (``kernels.routing_metadata``).
+        w1_EDF, w3_EDF: [E, D, F] gate and up projections.
+        num_slots_per_token: K.
+
+    Returns:
+        h_SF: [S, F] in sorted-row order; rows past the routed count are zero.
+    """
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w1_EDF, w3_EDF))
+    h_SF, _, _ = _gather_swiglu_op(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save)
+    return h_SF

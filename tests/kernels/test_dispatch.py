@@ -1,0 +1,53 @@
+"""The impl seam: every name in IMPLS is reachable, and the optional backends fail clearly."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import IMPLS, knowledge_mlp
+from moe import KnowledgeConfig
+
+
+def _inputs():
+    x_TD = torch.randn(4, 16)
+    ids_TK = torch.tensor([[0, 1], [1, -1], [-1, -1], [0, 0]])
+    weights = [torch.randn(2, 16, 16) for _ in range(3)]
+    return x_TD, ids_TK, torch.rand(4, 2), *weights
+
+
+def test_config_accepts_every_impl():
+    for impl in IMPLS:
+        assert KnowledgeConfig(impl=impl).impl == impl
+    with pytest.raises(ValueError, match="knowledge.impl"):
+        KnowledgeConfig(impl="cuda-magic")
+
+
+def test_megablocks_not_installed_is_a_clear_error():
+    if importlib.util.find_spec("megablocks") is not None:
+        pytest.skip("megablocks is installed here")
+    with pytest.raises(ValueError, match="megablocks"):
+        knowledge_mlp(*_inputs(), impl="megablocks")
+
+
+def test_megablocks_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # pretend it is installed
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        knowledge_mlp(*_inputs(), impl="megablocks")
+
+
+def test_torch_and_reference_never_load_the_triton_kernels():
+    """Only impl='triton' loads kernels.triton_*. (Calling any torch.library custom op makes torch import
+    torch._dynamo, which imports the ``triton`` package itself if installed; that is torch's doing.)"""
+    code = (
+        "import sys, torch, kernels\n"
+        "x = torch.randn(4, 16); w = torch.randn(2, 16, 16)\n"
+        "ids = torch.tensor([[0, 1], [1, -1], [-1, -1], [0, 0]])\n"
+        "for impl in ('torch', 'reference'):\n"
+        "    kernels.knowledge_mlp(x, ids, torch.rand(4, 2), w, w, w, impl=impl)\n"
+        "loaded = [m for m in sys.modules if m.startswith('kernels.triton')]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

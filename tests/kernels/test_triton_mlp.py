@@ -1,0 +1,85 @@
+"""The Triton knowledge path through the ``impl`` seam, end to end, against the loop oracle.
+
+Runs under Triton's CPU interpreter when there is no GPU (see conftest.py).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_inputs import DEVICE, DTYPES, as_oracle_input, assert_outputs_and_grads, mlp_inputs
+
+from kernels import knowledge_mlp
+from kernels.reference import knowledge_mlp_reference
+
+NAMES = ["x", "gates", "w1", "w3", "w2"]
+
+# (T, D, F, E, K, idle share, one expert): each names the edge it targets.
+CASES = [
+    pytest.param(1, 32, 48, 4, 2, 0.0, None, id="T=1"),
+    pytest.param(20, 32, 48, 4, 2, 1.0, None, id="no-token-consults"),
+    pytest.param(40, 32, 48, 5, 1, 0.0, 3, id="all-tokens-to-one-expert"),
+    pytest.param(24, 32, 48, 4, 4, 0.3, None, id="K=E"),
+    pytest.param(45, 32, 48, 7, 2, 0.4, None, id="prime-E"),
+    pytest.param(33, 40, 72, 5, 2, 0.2, None, id="non-pow2-D-F"),
+    pytest.param(5, 32, 48, 3, 2, 0.0, None, id="T-below-row-block"),
+    pytest.param(10, 16, 32, 70, 2, 0.2, None, id="E-above-T*K-empty-experts"),
+]
+
+
+def _check(inputs, dtype):
+    tri = knowledge_mlp(*inputs, impl="triton")
+    floats = [inputs[0], *inputs[2:]]
+    ref_floats = [as_oracle_input(t) for t in floats]
+    ref = knowledge_mlp_reference(ref_floats[0], inputs[1].cpu(), *ref_floats[1:])
+    assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens,dim,width,num_experts,top_k,idle_share,one_expert", CASES)
+def test_matches_reference(num_tokens, dim, width, num_experts, top_k, idle_share, one_expert, dtype, poison):
+    _check(mlp_inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, one_expert), dtype)
+
+
+@settings(max_examples=10, deadline=None)  # ~3 s an example under the interpreter
+@given(
+    num_tokens=st.integers(1, 40),
+    dim=st.integers(1, 70),
+    width=st.integers(1, 70),
+    num_experts=st.integers(1, 12),
+    top_k=st.integers(1, 4),
+    idle_share=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_shapes_and_routings(num_tokens, dim, width, num_experts, top_k, idle_share, seed):
+    torch.manual_seed(seed)
+    inputs = mlp_inputs(num_tokens, dim, width, num_experts, min(top_k, num_experts), idle_share, torch.float32)
+    _check(inputs, torch.float32)
+
+
+def test_compiles_without_graph_breaks():
+    """Under torch.compile the path is opaque custom ops with fake kernels: one graph, fwd and bwd."""
+    inputs = mlp_inputs(12, 24, 40, 4, 2, 0.3, torch.float32)
+    compiled = torch.compile(lambda *a: knowledge_mlp(*a, impl="triton"), backend="aot_eager", fullgraph=True)
+    y = compiled(*inputs)
+    y_eager = knowledge_mlp(*inputs, impl="triton")
+    torch.testing.assert_close(y, y_eager)
+    floats = [inputs[0], *inputs[2:]]
+    dy = torch.randn_like(y)
+    grads, grads_eager = torch.autograd.grad(y, floats, dy), torch.autograd.grad(y_eager, floats, dy)
+    for name, g, g_eager in zip(NAMES, grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, g_eager, msg=name)
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = [t.detach().cpu() for t in mlp_inputs(4, 16, 16, 2, 1, 0.0, torch.float32)]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        knowledge_mlp(*inputs, impl="triton")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bf16 check only applies on CPU")
+def test_interpreter_rejects_bf16():
+    inputs = mlp_inputs(4, 16, 16, 2, 1, 0.0, torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16"):
+        knowledge_mlp(*inputs, impl="triton")
