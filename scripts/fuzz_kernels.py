@@ -111,8 +111,9 @@ def poisoned_grouped_mm():
 
     def grouped_mm(x_RI, w_EIO, offs):
         out_RO = real(x_RI, w_EIO, offs=offs).clone()
-        out_RO[int(offs[-1]) :] = float("nan")
-        return out_RO
+        if w_EIO.dim() == 3:  # 2-D x 3-D (activations): rows past offs[-1] are unwritten
+            out_RO[int(offs[-1]) :] = float("nan")
+        return out_RO  # 2-D x 2-D (weight gradients) is [E, I, O]: every expert is written
 
     torch_mlp.F.grouped_mm = grouped_mm
     try:
