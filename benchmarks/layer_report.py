@@ -176,3 +176,43 @@ def plot(records: Sequence[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    """Markdown tables (fwd+bwd per case, speedups, targets) of a ``benchmarks.layer`` JSON result."""
+    records, lines = result["records"], []
+
+    def table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        lines.extend(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
+        lines.extend("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows)
+        lines.append("")
+
+    for case in dict.fromkeys(r["case"] for r in records):
+        for mode in dict.fromkeys(r["mode"] for r in records if r["case"] == case):
+            tokens = next(r["tokens"] for r in records if r["case"] == case)
+            lines.append(f"**{case}, {mode}** ({tokens} tokens)")
+            lines.append("")
+            table([{**r, "rate": _rate(r["consult_rate"]), "peak %": 100 * r["peak_fraction"],
+                    "spread": f"{r['min_s'] / r['time_s']:.2f}..{r['max_s'] / r['time_s']:.2f}",
+                    "act MiB": r["activation_bytes"] / 2**20 if "activation_bytes" in r else ""}
+                   for r in records if (r["case"], r["mode"]) == (case, mode)],
+                  ["provider", "rate", "time_s", "spread", "tokens_per_s", "gflops_per_s", "peak %", "roofline_s",
+                   "vs_roofline", "act MiB"])
+        sp = speedups(records, case)
+        if sp:
+            lines.extend([f"**{case}, fwd+bwd: speedup of ours over peers, measured vs roofline**", ""])
+            table([{**s, "rate": _rate(s["rate"])} for s in sp],
+                  ["rate", "peer", "measured", "roofline", "share", "flop_ratio"])
+    lines.extend(["**Targets**", ""])
+    table([{**t, "met": "met" if t["met"] else "**MISSED**"} for t in result["targets"]],
+          ["case", "target", "met", "value", "threshold", "detail"])
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)))
