@@ -34,28 +34,88 @@ class Timing:
 
 
 def time_interleaved(
-    cases: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu"
+    cases: dict[str, Callable[..., object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    setup: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
     """Time every case ``repeats`` times, interleaving cases so drift hits them all alike.
 
     Args:
-        cases: name -> zero-argument callable doing one unit of work.
+        cases: name -> callable doing one unit of work (no arguments, unless it has a setup).
         repeats: timed calls per case; warmup: untimed calls per case first.
         device: where the work runs (synchronised around each call on CUDA).
+        setup: name -> zero-argument callable run untimed before every call of that case; the case is
+            called with its result (e.g. setup runs a forward, the case times only the backward).
     """
     device = torch.device(device)
-    for fn in cases.values():
+    setup = setup or {}
+    unknown = set(setup) - set(cases)
+    if unknown:
+        raise ValueError(f"setup names cases that do not exist: {sorted(unknown)}")
+
+    def call(name: str) -> float:
+        args = (setup[name](),) if name in setup else ()
+        _sync(device)
+        start = time.perf_counter()
+        cases[name](*args)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for name in cases:
         for _ in range(warmup):
-            fn()
+            call(name)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        for name, fn in cases.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
+        for name in cases:
+            samples[name].append(call(name))
     return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """Tensor memory allocated while a call ran, above what was live when it started (bytes).
+
+    peak_bytes: most such bytes live at once. retained_bytes: such bytes still live at the end
+    (e.g. gradients), negative when the call freed more than it kept.
+    """
+
+    peak_bytes: int
+    retained_bytes: int
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> MemoryPeak:
+    """Run ``fn()`` once and measure the tensor memory it allocated.
+
+    CUDA: the caching allocator's peak statistics. CPU has no such statistics, so this replays the
+    allocator events that ``torch.profiler`` records with ``profile_memory=True``: every allocation and
+    free through PyTorch's CPU allocator (tensors and ATen temporaries), in time order. Memory that
+    oneDNN/MKL or Python allocate on their own is not seen, and neither is the RSS of the process.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return MemoryPeak(peak_bytes=peak, retained_bytes=torch.cuda.memory_allocated(device) - base)
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto_results holds every "[memory]" event; prof.events() keeps only those outside any op.
+    events = prof.profiler.kineto_results.events()
+    allocs = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in allocs:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return MemoryPeak(peak_bytes=peak, retained_bytes=live)
 
 
 @dataclass(frozen=True)
@@ -86,6 +146,9 @@ def measure_roofline(
     )
 
 
+_TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     info = {
@@ -94,6 +157,10 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # Other work on the machine skews timings: record how busy it was (1, 5, 15 min averages).
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        # Settings that change CPU timings: thread count and PyTorch's huge-page allocation.
+        "env": {k: os.environ[k] for k in _TIMING_ENV if k in os.environ},
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

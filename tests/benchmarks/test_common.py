@@ -2,7 +2,10 @@
 
 import json
 
-from benchmarks.common import measure_roofline, time_interleaved, write_json
+import pytest
+import torch
+
+from benchmarks.common import measure_roofline, peak_memory, time_interleaved, write_json
 
 
 def test_time_interleaved_counts_calls():
@@ -20,3 +23,27 @@ def test_roofline_is_positive_and_bounds_time(tmp_path):
     assert roof.time_s(0, 1e9) == 1e9 / (roof.copy_gbs * 1e9)
     write_json(tmp_path / "r.json", [{"x": 1}], roofline={"p": roof.matmul_gflops})
     assert json.loads((tmp_path / "r.json").read_text())["records"] == [{"x": 1}]
+
+
+def test_setup_runs_untimed_and_feeds_the_case():
+    seen = []
+    timings = time_interleaved({"a": seen.append}, repeats=3, warmup=1, setup={"a": lambda: len(seen)})
+    assert seen == [0, 1, 2, 3] and timings["a"].repeats == 3
+
+
+def test_setup_for_unknown_case_is_rejected():
+    with pytest.raises(ValueError, match="nope"):
+        time_interleaved({"a": lambda: None}, setup={"nope": lambda: None})
+
+
+def test_peak_memory_counts_live_bytes():
+    def work():
+        a = torch.empty(2**20, dtype=torch.uint8)  # 1 MiB
+        b = torch.empty(2**21, dtype=torch.uint8)  # 2 MiB while a is live: peak 3 MiB
+        del a
+        kept.append(b)
+
+    kept = []
+    mem = peak_memory(work)
+    assert mem.peak_bytes == 3 * 2**20
+    assert mem.retained_bytes == 2**21
