@@ -185,3 +185,25 @@ def write_json(path: str | os.PathLike, records: Sequence[dict], **meta) -> None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), **meta, "records": list(records)}, indent=2))
+
+
+def _knowledge_mlp_flops(x_TD, expert_ids_TK, gates_TK, w1_EDF, *args, out_val=None, **kwargs) -> int:
+    return 3 * 2 * int((expert_ids_TK >= 0).sum()) * w1_EDF.shape[1] * w1_EDF.shape[2]
+
+
+def _knowledge_mlp_bwd_flops(dy_TD, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_RF, a3_RF, slot_R, offsets_E, *args,
+                             out_val=None, **kwargs) -> int:
+    rows = int(offsets_E[-1]) if offsets_E.numel() else 0
+    return 6 * 2 * rows * w1_EDF.shape[1] * w1_EDF.shape[2]
+
+
+def knowledge_mlp_flop_formulas() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` entries for the torch path's custom ops, whose insides the
+    counter cannot see: 2 * routed rows * D * F per GEMM, 3 GEMMs forward, 6 backward. Kept out of
+    kernels/ because importing torch.utils.flop_counter imports triton."""
+    import kernels.torch_mlp  # noqa: F401  (registers the ops)
+
+    for fn in (_knowledge_mlp_flops, _knowledge_mlp_bwd_flops):
+        fn._get_raw = True  # FlopCounterMode passes tensors, not shapes: the row count is data-dependent
+    ops = torch.ops.pure_reasoner
+    return {ops.torch_knowledge_mlp: _knowledge_mlp_flops, ops.torch_knowledge_mlp_bwd: _knowledge_mlp_bwd_flops}

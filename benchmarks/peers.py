@@ -83,8 +83,8 @@ def _itemsize(shapes: Shapes) -> int:
 def consult_bias_for_rate(layer: PureReasonerMoE, x_TD: torch.Tensor, rate: float) -> float:
     """The consult bias under which exactly ``round(rate * T)`` tokens of ``x_TD`` consult knowledge.
 
-    Mirrors the ``gate`` router's decision ``consult_logit + consult_bias > 0``, with the logit computed
-    the way the router computes it (fp32); the bias sits halfway between two neighbouring logits.
+    Mirrors the ``gate`` router's eval-mode decision ``consult_logit > consult_cut`` (cut = -bias), with
+    the logit computed as the router does (fp32); the bias sits halfway between two neighbouring logits.
     """
     proj = layer.router.consult_proj
     with torch.no_grad():
@@ -105,7 +105,8 @@ def build_ours(shapes: Shapes, impl: str = "torch") -> PureReasonerMoE:
         impl=impl,
     )
     layer = PureReasonerMoE(MoEConfig(d_model=shapes.d_model, reasoning_width=shapes.reasoning_width, knowledge=kcfg))
-    return layer.to(shapes.dtype)
+    # Eval mode: the router uses its stored cut (set per call by ``ours``), not the batch quantile.
+    return layer.to(shapes.dtype).eval()
 
 
 def ours(name: str, layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, rate: float) -> Provider:
@@ -116,11 +117,11 @@ def ours(name: str, layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, 
     bias = consult_bias_for_rate(layer, x_TD, rate)
 
     def call(x):
-        layer.router.consult_bias.fill_(bias)
+        layer.router.consult_cut.fill_(-bias)
         return layer(x)[0]
 
     with torch.no_grad():
-        layer.router.consult_bias.fill_(bias)
+        layer.router.consult_cut.fill_(-bias)
         _, stats = layer(x_TD)
     load_E = stats.expert_load_E
     rows, touched = int(load_E.sum()), int((load_E > 0).sum())

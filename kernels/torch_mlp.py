@@ -250,3 +250,4 @@ def knowledge_mlp_torch(
         compact = x_TD.device.type == "cpu"
     y_TD, *_ = _mlp_op(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD, compact)
     return y_TD
+
