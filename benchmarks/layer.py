@@ -17,6 +17,7 @@ once. Peak memory is that of one extra fwd+bwd per provider (see ``benchmarks.co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -184,10 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     roof_size = dict(n=256, copy_mb=8, repeats=2) if args.quick else {}
     started = time.time()
     roof_before = measure_roofline(**roof_size)
-    records, memory_checks = [], {}
+    records, memory_checks, load = [], {}, {}
     for name in names:
         modes, repeats, warmup = plan[name]
+        load[name] = {"start": os.getloadavg()}  # other work on the machine skews timings: keep the evidence
         case_records, memory_checks[name] = run_case(shapes[name], modes, repeats, warmup)
+        load[name]["end"] = os.getloadavg()
         records += case_records
     roof_after = measure_roofline(**roof_size)
     # Judge against the better of the two measurements: the machine can do at least that much.
@@ -202,12 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": time.time() - started,
         "roofline": {"before": vars(roof_before), "after": vars(roof_after), "used": vars(roof)},
         "shapes": {n: {k: str(v) if k == "dtype" else v for k, v in vars(shapes[n]).items()} for n in names},
-        "memory_vs_experts": memory_checks, "targets": targets,
+        "load_avg_1_5_15min": load, "memory_vs_experts": memory_checks, "targets": targets,
     }
     if args.json:
         write_json(args.json, records, **meta)
     if args.plot:
         plot(records, args.plot)
+    print("load average (1, 5, 15 min) at the start and end of each case:",
+          {n: {k: [round(x, 2) for x in v] for k, v in d.items()} for n, d in load.items()})
     print(f"done in {meta['seconds']:.0f} s; machine: {machine()}")
     return 0
 
