@@ -219,7 +219,8 @@ def _where(device: str, dtype: torch.dtype) -> str:
 
 def run(workloads, repeats: int, device: str, dtype: torch.dtype) -> tuple[list[dict], Roofline]:
     roof = measure_roofline(device, dtype)
-    print(f"roofline on {device} {dtype}: P = {roof.matmul_gflops:.1f} GFLOP/s (dense matmul), ", end="")
+    engines = ", ".join(f"{k} {v:.1f}" for k, v in roof.engines.items())
+    print(f"roofline on {device} {dtype}: P = {roof.matmul_gflops:.1f} GFLOP/s (dense matmul: {engines}), ", end="")
     print(f"W = {roof.copy_gbs:.1f} GB/s (copy)")
     rows = []
     for w in workloads:

@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     roof_after = measure_roofline(**roof_size)
     # Judge against the better of the two measurements: the machine can do at least that much.
     roof = Roofline(max(roof_before.matmul_gflops, roof_after.matmul_gflops),
-                    max(roof_before.copy_gbs, roof_after.copy_gbs))
+                    max(roof_before.copy_gbs, roof_after.copy_gbs),
+                    {k: max(v, roof_after.engines.get(k, 0.0)) for k, v in roof_before.engines.items()})
     records = [_judge(r, roof) for r in records]
     targets = check_targets(records, memory_checks)
     print_report(records, targets, roof_before, roof_after)

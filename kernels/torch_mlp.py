@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import onednn_gemm
 from kernels.routing import routing_metadata
 
 _GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm rejects row strides that are not a multiple of 16 bytes
@@ -61,6 +62,8 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     Returns:
         [R, O]
     """
+    if onednn_gemm.usable(x_RI, w_EIO):
+        return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
     if _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
         return F.grouped_mm(x_RI, w_EIO, offs=offsets_E)
     out_RO = x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[2])
@@ -71,6 +74,8 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
 
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
+    if onednn_gemm.usable(a_RI, b_RO):
+        return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
     if _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
         return F.grouped_mm(a_RI.t(), b_RO, offs=offsets_E)
     out_EIO = a_RI.new_zeros(offsets_E.numel(), a_RI.shape[1], b_RO.shape[1])
