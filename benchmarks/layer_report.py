@@ -122,7 +122,8 @@ def print_report(records: Sequence[dict], targets: Sequence[dict], roof_before: 
     print(f"matmul peak P: {roof_before.matmul_gflops:.1f} GFLOP/s before, {roof_after.matmul_gflops:.1f} after; "
           f"copy W: {roof_before.copy_gbs:.1f} GB/s before, {roof_after.copy_gbs:.1f} after (the better is used)")
     for name, roof in (("before", roof_before), ("after", roof_after)):
-        print(f"  dense matmul GFLOP/s by engine, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in roof.engines.items()))
+        engines = ", ".join(f"{k} {v:.1f}" for k, v in roof.engines.items())
+        print(f"  dense matmul GFLOP/s by engine, {name}: {engines}")
     for case in dict.fromkeys(r["case"] for r in records):
         rows = [{
             **r, "rate": _rate(r["consult_rate"]), "peak%": 100 * r["peak_fraction"],
