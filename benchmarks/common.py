@@ -210,13 +210,24 @@ def _knowledge_mlp_bwd_flops(dy_TD, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_R
     return 6 * 2 * rows * w1_EDF.shape[1] * w1_EDF.shape[2]
 
 
-def knowledge_mlp_flop_formulas() -> dict:
-    """``FlopCounterMode(custom_mapping=...)`` entries for the torch path's custom ops, whose insides the
-    counter cannot see: 2 * routed rows * D * F per GEMM, 3 GEMMs forward, 6 backward. Kept out of
-    kernels/ because importing torch.utils.flop_counter imports triton."""
-    import kernels.torch_mlp  # noqa: F401  (registers the ops)
+def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+
+def _onednn_linear_bwd_flops(dy_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _onednn_linear_flops(x_shape, w_shape)
+
+
+def custom_op_flop_formulas() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` entries for our custom ops, whose insides the counter
+    cannot see. Knowledge MLP: 2 * routed rows * D * F per GEMM, 3 GEMMs forward, 6 backward (the row
+    count is data-dependent: these get the tensors). oneDNN linear: 2 * M * I * O forward, twice that
+    backward. Kept out of kernels/ because importing torch.utils.flop_counter imports triton."""
+    import kernels.onednn_linear  # noqa: F401  (registers the ops)
+    import kernels.torch_mlp  # noqa: F401
 
     for fn in (_knowledge_mlp_flops, _knowledge_mlp_bwd_flops):
         fn._get_raw = True  # FlopCounterMode passes tensors, not shapes: the row count is data-dependent
     ops = torch.ops.pure_reasoner
-    return {ops.torch_knowledge_mlp: _knowledge_mlp_flops, ops.torch_knowledge_mlp_bwd: _knowledge_mlp_bwd_flops}
+    return {ops.torch_knowledge_mlp: _knowledge_mlp_flops, ops.torch_knowledge_mlp_bwd: _knowledge_mlp_bwd_flops,
+            ops.onednn_linear: _onednn_linear_flops, ops.onednn_linear_bwd: _onednn_linear_bwd_flops}

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 
+# A constant of the build (torch.compile cannot trace ``torch.backends.mkldnn.is_available()``).
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
 
 def usable(*tensors: torch.Tensor) -> bool:
     """oneDNN can run these: CPU fp32 tensors on a PyTorch build with oneDNN."""
-    return torch.backends.mkldnn.is_available() and all(
+    return _HAS_ONEDNN and all(
         t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
     )
 

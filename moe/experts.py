@@ -10,16 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import knowledge_mlp
+from kernels.onednn_linear import Linear
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN: ``w2(silu(w1 x) * w3 x)``."""
+    """Dense SwiGLU FFN: ``w2(silu(w1 x) * w3 x)`` (oneDNN GEMMs on CPU fp32, see ``kernels.onednn_linear``)."""
 
     def __init__(self, d_model: int, width: int):
         super().__init__()
-        self.w1 = nn.Linear(d_model, width, bias=False)
-        self.w3 = nn.Linear(d_model, width, bias=False)
-        self.w2 = nn.Linear(width, d_model, bias=False)
+        self.w1 = Linear(d_model, width, bias=False)
+        self.w3 = Linear(d_model, width, bias=False)
+        self.w2 = Linear(width, d_model, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., D]."""

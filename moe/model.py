@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.onednn_linear import Linear, linear
 from moe.config import ModelConfig
 from moe.experts import SwiGLU
 from moe.layer import MoEStats, PureReasonerMoE
@@ -49,10 +50,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.wq = Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wo = Linear(q_dim, cfg.d_model, bias=False)
         # OLMoE-style QK-norm over the whole projection.
         self.q_norm = nn.RMSNorm(q_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(kv_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -101,7 +102,7 @@ class PureReasonerLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos_SQ, sin_SQ = rope_tables(cfg.max_seq_len, cfg.attn_head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos_SQ, persistent=False)
         self.register_buffer("rope_sin", sin_SQ, persistent=False)
@@ -148,7 +149,7 @@ class PureReasonerLM(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
         x_BSD = self.norm(x_BSD)
-        logits_BSV = self.lm_head(x_BSD) if self.lm_head is not None else F.linear(x_BSD, self.embed.weight)
+        logits_BSV = self.lm_head(x_BSD) if self.lm_head is not None else linear(x_BSD, self.embed.weight)
         aux_loss = sum((s.aux_loss for s in all_stats), x_BSD.new_zeros((), dtype=torch.float32))
         loss = None
         if targets_BS is not None:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import layer, peers
-from benchmarks.common import knowledge_mlp_flop_formulas
+from benchmarks.common import custom_op_flop_formulas
 
 SHAPES = peers.Shapes("test", tokens=64, d_model=32, reasoning_width=48, expert_width=40, num_experts=8, top_k=2)
 
@@ -20,8 +20,9 @@ def _grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
 def _counted_matmul_flops(fn) -> int:
     counts = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten._grouped_mm,
               # the torch path's custom ops (benchmarks.common gives their FLOP formulas)
-              torch.ops.pure_reasoner.torch_knowledge_mlp, torch.ops.pure_reasoner.torch_knowledge_mlp_bwd}
-    mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops, **knowledge_mlp_flop_formulas()}
+              torch.ops.pure_reasoner.torch_knowledge_mlp, torch.ops.pure_reasoner.torch_knowledge_mlp_bwd,
+              torch.ops.pure_reasoner.onednn_linear, torch.ops.pure_reasoner.onednn_linear_bwd}
+    mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops, **custom_op_flop_formulas()}
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     # DeepSpeed's gate also runs a [T,1,E] x [T,E,1] bmm per slot: elementwise work, not counted by us.

@@ -1,0 +1,87 @@
+"""oneDNN GEMMs (grouped, and the linear op) against float64 references."""
+
+import pytest
+import torch
+
+from kernels import onednn_gemm, onednn_linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def _offsets(counts: list[int]) -> torch.Tensor:
+    return torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
+# Empty experts first, in the middle and last; rows past the last offset (masked mode) at the end.
+COUNTS = [0, 5, 1, 0, 9, 3, 0]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous-w", "transposed-view-w"])
+@pytest.mark.parametrize("extra_rows", [0, 4])
+def test_grouped_matmul(transposed, extra_rows, poison):
+    offsets_E = _offsets(COUNTS)
+    rows, dim_in, dim_out = sum(COUNTS) + extra_rows, 24, 40
+    x_RI = torch.randn(rows, dim_in)
+    w_EIO = torch.randn(len(COUNTS), dim_out, dim_in).transpose(1, 2) if transposed else torch.randn(
+        len(COUNTS), dim_in, dim_out)
+    got_RO = onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
+    want_RO = torch.zeros(rows, dim_out, dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        want_RO[start:end] = x_RI[start:end].double() @ w_EIO[e].double()
+        start = end
+    torch.testing.assert_close(got_RO.double(), want_RO, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_wgrad(poison):
+    offsets_E = _offsets(COUNTS)
+    a_RI, b_RO = torch.randn(sum(COUNTS), 24), torch.randn(sum(COUNTS), 40)
+    got_EIO = onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        want_IO = a_RI[start:end].double().t() @ b_RO[start:end].double()  # zeros for an empty expert
+        torch.testing.assert_close(got_EIO[e].double(), want_IO, rtol=1e-5, atol=1e-5, msg=f"expert {e}")
+        start = end
+
+
+def test_usable_only_for_cpu_fp32():
+    assert onednn_gemm.usable(torch.randn(2, 2))
+    assert not onednn_gemm.usable(torch.randn(2, 2), torch.randn(2, 2, dtype=torch.float64))
+    assert not onednn_gemm.usable(torch.randn(2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(9,), (2, 5)], ids=["2d", "3d"])
+def test_linear_matches_float64(bias, lead):
+    x = torch.randn(*lead, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    got = onednn_linear.linear(x, w, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(got)
+    inputs = [x, w] + ([b] if bias else [])
+    got_grads, want_grads = torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy.double())
+    for name, g, r in zip("xwb"[: len(inputs)], got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_linear_takes_an_expanded_upstream_gradient():
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    onednn_linear.linear(x, w).sum().backward()  # dy is a stride-0 expand of a scalar
+    torch.testing.assert_close(x.grad, w.sum(0).expand(6, 8))
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 8))
+
+
+def test_linear_opcheck_and_compile():
+    x, w = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.pure_reasoner.onednn_linear.default, (x, w))
+    bwd_args = (torch.randn(5, 3), x.detach(), w.detach())
+    torch.library.opcheck(torch.ops.pure_reasoner.onednn_linear_bwd.default, bwd_args)
+    compiled = torch.compile(onednn_linear.linear, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_off_fp32_cpu():
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(onednn_linear.linear(x, w), x @ w.t())
