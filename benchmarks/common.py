@@ -141,15 +141,14 @@ def measure_roofline(
     repeats: int = 5,
 ) -> Roofline:
     """Measure P (an n x n x n matmul, each engine) and W (a ``copy_mb`` MB copy: read + write counted)."""
-    from kernels import onednn_gemm
+    from kernels import dense_matmul_engines
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     numel = copy_mb * 2**20 // a.element_size()
     src, dst = torch.randn(numel, device=device, dtype=dtype), torch.empty(numel, device=device, dtype=dtype)
-    cases = {"torch.mm": lambda: a @ b, "copy": lambda: dst.copy_(src)}
-    if onednn_gemm.usable(a):
-        cases["onednn"] = lambda: onednn_gemm.matmul(a, b)
+    cases = {name: lambda mm=mm: mm(a, b) for name, mm in dense_matmul_engines(a).items()}
+    cases["copy"] = lambda: dst.copy_(src)
     t = time_interleaved(cases, repeats=repeats, device=device)
     engines = {k: 2 * n**3 / v.median_s / 1e9 for k, v in t.items() if k != "copy"}
     return Roofline(

@@ -12,6 +12,8 @@ Shapes: R rows sorted by expert, E experts, I input and O output width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # A constant of the build (torch.compile cannot trace ``torch.backends.mkldnn.is_available()``).
@@ -33,6 +35,11 @@ def _linear(a_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
 def matmul(a_MI: torch.Tensor, b_IO: torch.Tensor) -> torch.Tensor:
     """a @ b: [M, O] (a dense matmul through oneDNN)."""
     return _linear(a_MI, b_IO.t())
+
+
+def dense_matmul_engines(a: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The dense matmuls that can run on ``a``'s device and dtype, by name: what a matmul peak is the best of."""
+    return {"torch.mm": torch.mm, **({"onednn": matmul} if usable(a) else {})}
 
 
 def _groups(offsets_E: torch.Tensor):

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import knowledge_mlp
-from kernels.onednn_linear import Linear
+from kernels import Linear, knowledge_mlp
 
 
 class SwiGLU(nn.Module):

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
+
+from kernels import dense_matmul_engines
 from moe.config import ModelConfig
 from moe.layer import MoEStats
 from moe.presets import PRESET_NAMES, preset
@@ -137,6 +142,25 @@ def realized(cfg: ModelConfig, stats: Sequence[MoEStats], seq_len: int) -> Accou
     """
     per_layer = [float(s.expert_load_E.sum()) / max(s.num_tokens, 1) for s in stats]
     return _account(cfg, per_layer, seq_len)
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul on this process's threads, the best engine's median of ``repeats``.
+
+    The denominator of MFU. Every engine counts (on CPU fp32: MKL's ``torch.mm`` and oneDNN, ~2x apart on
+    non-Intel CPUs): a peak of the slower one would flatter the model, which runs on the faster one.
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = 0.0
+    for mm in dense_matmul_engines(a).values():
+        mm(a, b)  # warm-up: thread pool start, first-touch of the output
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mm(a, b)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * n**3 / statistics.median(times))
+    return best
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.onednn_linear import Linear, linear
+from kernels import Linear, linear
 from moe.config import ModelConfig
 from moe.experts import SwiGLU
 from moe.layer import MoEStats, PureReasonerMoE

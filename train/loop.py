@@ -23,7 +23,7 @@ from train.config import Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from train.engine import build_engine, compute_dtype
 from train.guards import collapse_warnings
-from train.metrics import MetricsLogger, StepMetrics, measure_matmul_peak
+from train.metrics import MetricsLogger, StepMetrics
 from train.model import build_model
 from train.world import corpus_world_config, save_world_config
 
@@ -186,7 +186,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         # DeepSpeed's WarmupCosineLR starts at iteration -1 and then 0, both at lr 0: skip one of the two.
         scheduler.step()
     barrier()
-    peak = all_reduce_sum(torch.tensor([measure_matmul_peak(compute_dtype(cfg))], dtype=torch.float64)).item()
+    peak = all_reduce_sum(torch.tensor([flops.measure_matmul_peak(compute_dtype(cfg))], dtype=torch.float64)).item()
     log.info(
         "rank %d/%d, %d threads, %d sequences of %d tokens, peak %.1f GFLOP/s, %s",
         info.rank,

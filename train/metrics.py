@@ -10,29 +10,11 @@ from __future__ import annotations
 import csv
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul on this rank's threads: the median of ``repeats`` timed calls.
-
-    The denominator of MFU. (benchmarks.common.measure_roofline measures the same thing, but train/ may
-    not import benchmarks/; this is the ten lines it needs.)
-    """
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: thread pool start, first-touch of the output
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
 
 
 @dataclass
