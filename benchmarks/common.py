@@ -137,7 +137,7 @@ class Roofline:
 
 
 def measure_roofline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, copy_mb: int = 256,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 4096, copy_mb: int = 256,
     repeats: int = 5,
 ) -> Roofline:
     """Measure P (an n x n x n matmul, each engine) and W (a ``copy_mb`` MB copy: read + write counted)."""
@@ -150,10 +150,12 @@ def measure_roofline(
     cases = {name: lambda mm=mm: mm(a, b) for name, mm in dense_matmul_engines(a).items()}
     cases["copy"] = lambda: dst.copy_(src)
     t = time_interleaved(cases, repeats=repeats, device=device)
-    engines = {k: 2 * n**3 / v.median_s / 1e9 for k, v in t.items() if k != "copy"}
+    # The fastest of the repeats: what the machine can do (a shared VM's speed drifts by up to 2x over
+    # minutes; judging the cases' medians against the best the machine showed is the strict reading).
+    engines = {k: 2 * n**3 / v.min_s / 1e9 for k, v in t.items() if k != "copy"}
     return Roofline(
         matmul_gflops=max(engines.values()),
-        copy_gbs=2 * numel * a.element_size() / t["copy"].median_s / 1e9,
+        copy_gbs=2 * numel * a.element_size() / t["copy"].min_s / 1e9,
         engines=engines,
     )
 

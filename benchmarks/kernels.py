@@ -13,9 +13,11 @@ of a used expert read once, each output and gradient written once), the achieved
 roofline time ``max(FLOPs / P, bytes / W)`` with P and W measured in the same run
 (``benchmarks.common.measure_roofline``), and time / roofline.
 
-On CPU, set ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's allocator then backs large tensors with 2 MiB
-pages): a backward must write fresh [E, D, F] weight gradients, and first-touching 256 MiB in 4 KiB
-pages cost ~155 ms here against ~25 ms with huge pages. The setting is recorded in the JSON.
+On CPU, run under ``source scripts/cpu_env.sh`` (jemalloc that keeps freed pages, on huge pages): a
+backward writes fresh [E, D, F] weight gradients, and PyTorch's own allocator returns them to the OS
+after every call, so each call re-faults 256 MiB per weight (75 ms to seconds here, the latter when
+the kernel compacts memory for huge pages). ``THP_MEM_ALLOC_ENABLE=1`` helps less. Both settings
+are recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -217,8 +219,8 @@ def _where(device: str, dtype: torch.dtype) -> str:
     return f"{device} {str(dtype).removeprefix('torch.')}"
 
 
-def run(workloads, repeats: int, device: str, dtype: torch.dtype) -> tuple[list[dict], Roofline]:
-    roof = measure_roofline(device, dtype)
+def run(workloads, repeats: int, device: str, dtype: torch.dtype, quick: bool) -> tuple[list[dict], Roofline]:
+    roof = measure_roofline(device, dtype, **(dict(n=256, copy_mb=8, repeats=2) if quick else {}))
     engines = ", ".join(f"{k} {v:.1f}" for k, v in roof.engines.items())
     print(f"roofline on {device} {dtype}: P = {roof.matmul_gflops:.1f} GFLOP/s (dense matmul: {engines}), ", end="")
     print(f"W = {roof.copy_gbs:.1f} GB/s (copy)")
@@ -246,13 +248,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be >= 1, got {repeats}")
     workloads = (QUICK,) if args.quick else WORKLOADS
     huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
-    if huge_pages != "1":
-        print("note: THP_MEM_ALLOC_ENABLE is not 1: fresh large tensors (weight gradients) fault in 4 KiB pages")
+    if huge_pages != "1" and "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
+        print("note: neither jemalloc (source scripts/cpu_env.sh) nor THP_MEM_ALLOC_ENABLE=1: every call re-faults "
+              "its fresh large tensors (weight gradients) page by page")
 
-    rows, roof = run(workloads, repeats, "cpu", torch.float32)
+    rows, roof = run(workloads, repeats, "cpu", torch.float32, args.quick)
     rooflines = {"cpu float32": asdict(roof)}
     if torch.cuda.is_available():
-        gpu_rows, gpu_roof = run(workloads, repeats, "cuda", torch.bfloat16)
+        gpu_rows, gpu_roof = run(workloads, repeats, "cuda", torch.bfloat16, args.quick)
         rows, rooflines["cuda bfloat16"] = rows + gpu_rows, asdict(gpu_roof)
         if "megablocks" not in {r["provider"] for r in gpu_rows}:
             print("skipped: megablocks not installed (pip install -e '.[gpu]')")

@@ -18,6 +18,12 @@ import torch
 
 # A constant of the build (torch.compile cannot trace ``torch.backends.mkldnn.is_available()``).
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN JIT-compiles a kernel for every new GEMM shape (~0.5 ms here, then cached); MKL does not. So
+# oneDNN only pays off for GEMMs big enough that the compile is quickly amortised: per-expert weights of at
+# least 512 x 512 (the grouped path sees a new row count per expert now and then), and dense GEMMs of at
+# least 2**24 multiply-adds (training repeats the same shape every step; generation grows it each token).
+MIN_GROUPED_WEIGHT = 512 * 512
+MIN_DENSE_MACS = 2**24
 
 
 def usable(*tensors: torch.Tensor) -> bool:

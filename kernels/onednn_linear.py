@@ -5,7 +5,8 @@ Shapes: M rows (all leading dims flattened), I in features, O out features.
     y = x @ wᵀ + b,   dx = dy @ w,   dw = dyᵀ @ x,   db = sum over rows of dy
 
 A torch.library custom op with a fake kernel and an autograd formula, so ``torch.compile`` sees one
-opaque node. Anything oneDNN cannot take (other devices and dtypes) goes to ``F.linear``.
+opaque node. Anything oneDNN cannot take (other devices and dtypes) or that is too small to repay its
+kernel compile (``onednn_gemm.MIN_DENSE_MACS``) goes to ``F.linear``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x_MI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as ``F.linear(x, w, b)`` ([..., I] -> [..., O]); oneDNN GEMMs for CPU fp32."""
-    if not onednn_gemm.usable(x_MI, w_OI):
+    """Same as ``F.linear(x, w, b)`` ([..., I] -> [..., O]); oneDNN GEMMs for big enough CPU fp32 ones."""
+    if not onednn_gemm.usable(x_MI, w_OI) or x_MI.numel() * w_OI.shape[0] < onednn_gemm.MIN_DENSE_MACS:
         return F.linear(x_MI, w_OI, b_O)
     y_MO = _linear_op(x_MI.reshape(-1, x_MI.shape[-1]), w_OI).view(*x_MI.shape[:-1], w_OI.shape[0])
     return y_MO if b_O is None else y_MO + b_O

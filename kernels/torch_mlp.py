@@ -62,7 +62,7 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     Returns:
         [R, O]
     """
-    if onednn_gemm.usable(x_RI, w_EIO):
+    if onednn_gemm.usable(x_RI, w_EIO) and w_EIO.shape[1] * w_EIO.shape[2] >= onednn_gemm.MIN_GROUPED_WEIGHT:
         return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
     if _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
         return F.grouped_mm(x_RI, w_EIO, offs=offsets_E)
@@ -74,7 +74,7 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
 
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
-    if onednn_gemm.usable(a_RI, b_RO):
+    if onednn_gemm.usable(a_RI, b_RO) and a_RI.shape[1] * b_RO.shape[1] >= onednn_gemm.MIN_GROUPED_WEIGHT:
         return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
     if _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
         return F.grouped_mm(a_RI.t(), b_RO, offs=offsets_E)
