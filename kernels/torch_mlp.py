@@ -219,9 +219,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(a1_RF, a3_RF, slot_R, offsets_E)  # saved for backward, not results
     ctx.save_for_backward(x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_RF, a3_RF, slot_R, offsets_E)
     ctx.compact = compact
+    # Compact mode with nothing routed (a row count known on the host; symbolic under torch.compile, where
+    # this shortcut is skipped): every gradient is zero, so return none at all. Autograd then leaves the
+    # experts' .grad untouched instead of writing 3 x [E, D, F] zeros.
+    ctx.nothing_routed = compact and isinstance(a1_RF.shape[0], int) and a1_RF.shape[0] == 0
 
 
 def _backward(ctx, dy_TD, *_saved_grads):
+    if ctx.nothing_routed:
+        return (None,) * 7
     dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD = _mlp_bwd_op(dy_TD, *ctx.saved_tensors, ctx.compact)
     return dx_TD, None, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD, None
 

@@ -127,3 +127,14 @@ def test_bad_input(change, match):
     change(args)
     with pytest.raises(ValueError, match=match):
         knowledge_mlp(**args)
+
+
+def test_nothing_routed_leaves_expert_grads_untouched():
+    """Compact mode, no slot routed: backward writes no [E, D, F] zeros; every .grad stays None."""
+    x_TD, ids_TK, gates_TK, weights = _inputs(16, 16, 32, 4, 2, 1.0, torch.float32)
+    assert (ids_TK == NOT_CONSULTED).all()
+    y_TD = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=True)
+    (y_TD.sum() + x_TD.sum()).backward()  # x also feeds another branch, as the reasoning expert's input does
+    assert y_TD.abs().max() == 0
+    assert all(w.grad is None for w in weights) and gates_TK.grad is None
+    torch.testing.assert_close(x_TD.grad, torch.ones_like(x_TD))

@@ -1,4 +1,4 @@
-"""experiment=decoupling: every model composes, fits a context row, and matches the pure reasoner's active FLOPs."""
+"""experiment=decoupling (and _tiny): every model composes, fits a context row, and matches the pure reasoner's active FLOPs."""
 
 import pytest
 
@@ -8,9 +8,10 @@ from tests.train.helpers import compose_config
 MODELS = ("tiny_reasoner", "tiny_dense", "tiny_topk_moe", "tiny_shared_moe")
 
 
-def test_models_at_equal_active_flops():
+@pytest.mark.parametrize("experiment", ["decoupling", "decoupling_tiny"])
+def test_models_at_equal_active_flops(experiment):
     # name= given: the experiment's ${hydra:runtime.choices.model} resolves only under a real Hydra run
-    cfgs = {m: compose_config("experiment=decoupling", f"model={m}", f"name={m}") for m in MODELS}
+    cfgs = {m: compose_config(f"experiment={experiment}", f"model={m}", f"name={m}") for m in MODELS}
     reference = flops.nominal(cfgs["tiny_reasoner"].model, cfgs["tiny_reasoner"].data.seq_len).flops_per_token
     for cfg in cfgs.values():
         assert cfg.data.in_context_fraction == 0.5 and cfg.data.seq_len <= cfg.model.max_seq_len

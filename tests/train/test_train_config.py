@@ -61,7 +61,7 @@ def test_residual_moe_uses_deepspeed(dist_info):
 def test_every_option_composes(group):
     needs = {"data=files": ["data.files=[corpus.jsonl]"],  # checked for existence when loaded, not here
              # its name interpolates ${hydra:runtime.choices.model}, which resolves only under a real Hydra run
-             "experiment=decoupling": ["name=decoupling"]}
+             "experiment=decoupling": ["name=decoupling"], "experiment=decoupling_tiny": ["name=decoupling_tiny"]}
     for option in _options(group):
         cfg = compose_config(f"{group}={option}", *needs.get(f"{group}={option}", []))
         assert cfg.model.vocab_size > 0
