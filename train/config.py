@@ -22,6 +22,7 @@ TOKENIZERS = ("bpe", "byte")
 FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
+OBJECTIVES = ("lm", "distill")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -167,12 +168,40 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the loss is.
+
+    kind: ``lm`` (next-token cross-entropy; with ``data.in_context_fraction`` set, knowledge in context) or
+        ``distill`` (mode-seeking distillation: ``ce_weight`` * CE + ``kl_weight`` * reverse KL(student ||
+        teacher)). The teacher reads the packed knowledge-in-context sequence, the student the same sequence
+        without its context tokens (``train.objectives.drop_context``); needs ``data.in_context_fraction``.
+    teacher: with ``distill``, a ``train.export`` directory (config.json, model.safetensors, tokenizer.json);
+        the student uses its tokenizer and vocabulary.
+    temperature: softens both distributions (the KL is scaled by temperature²).
+    """
+
+    kind: str = "lm"
+    teacher: str | None = None
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
+        _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
+        for key in ("kl_weight", "ce_weight"):
+            _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
+        _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class Config:
     """Everything one training run needs.
 
     name: the run's name; its directory is ``runs/<name>`` (so the same command resumes).
     ffn: ``pure_reasoner`` (the model's own MoE blocks) or ``deepspeed_residual`` (each MoE block's FFN
         replaced by DeepSpeed's Residual MoE, a baseline).
+    objective: the loss (``ObjectiveConfig``).
     """
 
     name: str = "default"
@@ -181,6 +210,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
         _require(self.ffn in FFNS, f"ffn must be one of {FFNS}, got {self.ffn!r}")
@@ -199,6 +229,10 @@ class Config:
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")
             _require(kcfg.mechanism == "always", "ffn=deepspeed_residual routes every token: set mechanism 'always'")
+        _require(
+            self.objective.kind != "distill" or self.data.in_context_fraction is not None,
+            "objective.kind=distill needs data.in_context_fraction (the teacher reads the supplied facts)",
+        )
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

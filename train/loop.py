@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from moe import MoEStats, flops
-from train import checkpoint, data
+from train import checkpoint, data, distill
 from train.config import Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from train.engine import build_engine, compute_dtype
@@ -99,6 +99,7 @@ def _identity(cfg: Config, world_size: int) -> dict:
         "grad_accum": t.grad_accum,
         "ep_size": t.ep_size,
         "world_size": world_size,
+        "objective": asdict(cfg.objective),
     }
 
 
@@ -173,6 +174,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     threads = set_threads(info, cfg.train.threads)
     datasets.disable_progress_bars()
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
+    with rank_zero_first(info.rank):
+        teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
     packed, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
     if info.rank == 0:
@@ -199,7 +202,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
     try:
-        losses, steps = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger)
+        losses, steps = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger, teacher)
     finally:
         if logger is not None:
             logger.close()
@@ -218,8 +221,10 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     )
 
 
-def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: int) -> StepStats:
-    """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats."""
+def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: int, teacher=None) -> StepStats:
+    """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats.
+
+    With a teacher (``objective.kind=distill``) the loss is ``distill.distill_forward``'s."""
     t = cfg.train
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
     for micro in range(t.grad_accum):
@@ -227,7 +232,10 @@ def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: 
             step, micro, info.rank, t.micro_batch_size, t.grad_accum, info.world_size
         )
         idx_BS, targets_BS = (x.to(info.device) for x in packed.batch(positions))
-        out = engine(idx_BS, targets_BS)
+        if teacher is None:
+            out = engine(idx_BS, targets_BS)
+        else:
+            out = distill.distill_forward(engine, teacher, idx_BS, targets_BS, cfg.objective)
         if t.on_nonfinite == "abort":
             # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
             bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
@@ -274,7 +282,7 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     )
 
 
-def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
+def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger, teacher=None):
     """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
     t, model = cfg.train, engine.module
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
@@ -282,7 +290,7 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger):
     history = max(t.collapse_window, 1)
     for step in range(start_step, t.max_steps):
         tick, lr = time.perf_counter(), engine.get_lr()[0]
-        acc = _one_step(cfg, engine, packed, info, run_dir, step)
+        acc = _one_step(cfg, engine, packed, info, run_dir, step, teacher)
         if engine.was_step_applied() and model.moe_layers():
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)

@@ -10,9 +10,12 @@ targets of one unpacked row).
 
 Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
 shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
-student to put its mass on one of the teacher's modes rather than spread it over all of them. Wiring, per batch
-of (context_ids, text_ids) rows (``train.world`` rows with a context; the teacher from
-``moe.checkpoint.load_pretrained(DIR).eval()``)::
+student to put its mass on one of the teacher's modes rather than spread it over all of them. Two layouts:
+- packed (what ``python -m train objective=distill`` runs): the teacher reads a packed knowledge-in-context
+  sequence, the student the same sequence with its context tokens removed (``drop_context``), and the teacher's
+  logits are gathered at the student's positions;
+- per row, for unpacked (context_ids, text_ids) rows (the teacher from
+  ``moe.checkpoint.load_pretrained(DIR).eval()``)::
 
     batch = distill_batch(rows)
     loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0)   # loss includes the MoE aux loss
@@ -182,3 +185,71 @@ def distill_forward(student: PureReasonerLM, teacher: PureReasonerLM, batch: Dis
     out = student(batch.student_ids_BS)
     loss, parts = distillation_loss(out.logits_BSV, teacher_logits_BTV, batch, **loss_kwargs)
     return loss + out.aux_loss, parts, out
+
+
+class StudentView(NamedTuple):
+    """A packed knowledge-in-context batch with its context tokens removed (see ``drop_context``).
+
+    ids_BS / targets_BS: the student's inputs and next-token targets (IGNORE_INDEX where the next student token
+    does not follow in the teacher's sequence, and on padding); teacher_pos_BS: for each student position, the
+    teacher position holding the same token (0 on padding).
+    """
+
+    ids_BS: torch.Tensor
+    targets_BS: torch.Tensor
+    teacher_pos_BS: torch.Tensor
+
+
+def drop_context(ids_BS: torch.Tensor, targets_BS: torch.Tensor, pad_id: int) -> StudentView:
+    """The student's view of a packed knowledge-in-context batch: every supplied token removed.
+
+    Token ``s >= 1`` of a row is supplied (context, or padding without loss) iff ``targets_BS[s - 1]`` is
+    IGNORE_INDEX; token 0 is kept. The kept tokens, in order and left-aligned, are the student's row (padded
+    with ``pad_id``). A student target is the next kept token where it is also the teacher's next token (inside
+    one text); at a seam, where the teacher reads a context the student does not see, it is IGNORE_INDEX, and so
+    are padding positions.
+
+    Args:
+        ids_BS, targets_BS: [B, S] a batch of ``data.PackedSequences`` with a loss mask.
+
+    Returns:
+        StudentView with [B, S] tensors.
+    """
+    if ids_BS.shape != targets_BS.shape or ids_BS.dim() != 2:
+        raise ValueError(f"ids {tuple(ids_BS.shape)} and targets {tuple(targets_BS.shape)} must be the same [B, S]")
+    batch, seq = ids_BS.shape
+    keep_BS = torch.ones_like(ids_BS, dtype=torch.bool)
+    keep_BS[:, 1:] = targets_BS[:, :-1] != IGNORE_INDEX
+    student = torch.full_like(ids_BS, pad_id)
+    targets = torch.full_like(targets_BS, IGNORE_INDEX)
+    teacher_pos = torch.zeros_like(ids_BS)
+    for b in range(batch):
+        pos_K = keep_BS[b].nonzero().squeeze(1)
+        count = pos_K.numel()
+        student[b, :count] = ids_BS[b, pos_K]
+        teacher_pos[b, :count] = pos_K
+        follows_K = pos_K[1:] == pos_K[:-1] + 1  # the next kept token is the teacher's next token
+        targets[b, : count - 1] = torch.where(follows_K, targets_BS[b, pos_K[:-1]], IGNORE_INDEX)
+        if pos_K[-1] == seq - 1:  # the row's last token: its target (the next sequence's first) follows directly
+            targets[b, count - 1] = targets_BS[b, seq - 1]
+    return StudentView(student, targets, teacher_pos)
+
+
+def packed_distillation_loss(
+    student_logits_BSV: torch.Tensor,
+    teacher_logits_BSV: torch.Tensor,
+    view: StudentView,
+    kl_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ce_weight * CE(student) + kl_weight * reverse KL(student || teacher)`` for ``drop_context`` batches.
+
+    The teacher's logits are taken at ``view.teacher_pos_BS``; both terms count the positions with a target.
+    Returns the loss and its detached parts ``{"ce", "reverse_kl"}``.
+    """
+    index_BSV = view.teacher_pos_BS.unsqueeze(-1).expand(*view.teacher_pos_BS.shape, teacher_logits_BSV.shape[-1])
+    aligned_BSV = teacher_logits_BSV.gather(1, index_BSV)
+    kl = reverse_kl(student_logits_BSV, aligned_BSV, view.targets_BS != IGNORE_INDEX, temperature)
+    ce = lm_loss(student_logits_BSV, view.targets_BS)
+    return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from benchmarks.kernels import main
+from benchmarks.results_md import kernels_markdown
 
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
@@ -23,6 +24,8 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     for r in data["records"]:
         assert r["ms"] > 0 and r["roofline_ms"] > 0 and r["x_roofline"] > 0, r
         assert r["op"] == "routing" or r["flops"] > 0
+    table = kernels_markdown(data).splitlines()
+    assert "onednn" in table[2] and len([t for t in table if t.startswith("| tiny")]) == len(data["records"])
 
 
 def test_bad_repeats_exits_nonzero():

@@ -1,4 +1,4 @@
-"""experiment=decoupling (and _tiny): every model composes, fits a context row, and matches the pure reasoner's active FLOPs."""
+"""experiment=decoupling(_tiny): every model composes, fits a context row, matches the reasoner's active FLOPs."""
 
 import pytest
 

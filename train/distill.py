@@ -1,0 +1,60 @@
+"""Mode-seeking distillation in the training loop (``objective.kind=distill``).
+
+The teacher (a ``train.export`` directory, frozen, in eval mode) reads each packed knowledge-in-context
+sequence; the student reads the same sequence without its supplied tokens (``objectives.drop_context``) and
+minimises ``ce_weight`` * CE + ``kl_weight`` * KL(student || teacher) at the aligned positions, plus its MoE
+aux loss. Shape legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe import LMOutput, PureReasonerLM
+from moe.checkpoint import load_pretrained
+from train.config import Config, ObjectiveConfig
+from train.objectives import drop_context, packed_distillation_loss
+
+TOKENIZER = "tokenizer.json"
+
+
+def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:
+    """The frozen teacher for ``objective.kind=distill`` (None otherwise). Rank 0 puts the teacher's tokenizer
+    in the run directory when it has none yet, so the student reads the teacher's token ids.
+
+    Raises ValueError naming the teacher when it cannot be loaded or its vocabulary differs from the student's.
+    """
+    if cfg.objective.kind != "distill":
+        return None
+    src = Path(cfg.objective.teacher)
+    teacher = load_pretrained(src).eval().requires_grad_(False)
+    if teacher.cfg.vocab_size != cfg.model.vocab_size:
+        raise ValueError(
+            f"objective.teacher={src} has vocab_size {teacher.cfg.vocab_size}, model.vocab_size={cfg.model.vocab_size}"
+        )
+    if not (src / TOKENIZER).is_file():
+        raise ValueError(f"objective.teacher={src} has no {TOKENIZER}")
+    if rank == 0 and not (run_dir / TOKENIZER).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / TOKENIZER, run_dir / TOKENIZER)
+    return teacher
+
+
+def distill_forward(engine, teacher: PureReasonerLM, idx_BS: torch.Tensor, targets_BS: torch.Tensor,
+                    obj: ObjectiveConfig) -> LMOutput:
+    """The student's LMOutput on the context-free view of the batch, its ``loss`` the distillation loss + aux.
+
+    Args:
+        engine: the student (a DeepSpeed engine or the model); called as ``engine(idx_BS)``.
+        idx_BS, targets_BS: [B, S] a packed knowledge-in-context batch (IGNORE_INDEX on supplied tokens).
+    """
+    with torch.no_grad():
+        teacher_logits_BSV = teacher(idx_BS).logits_BSV
+    view = drop_context(idx_BS, targets_BS, pad_id=0)
+    out = engine(view.ids_BS)
+    loss, _ = packed_distillation_loss(out.logits_BSV, teacher_logits_BSV, view, obj.kl_weight, obj.ce_weight,
+                                       obj.temperature)
+    return out._replace(loss=loss + out.aux_loss)
