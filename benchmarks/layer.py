@@ -119,7 +119,7 @@ def _record(p: Provider, shapes: Shapes, mode: str, timing) -> dict:
     # Least traffic: x, y (and dy, dx) once each; weights read once; weight gradients written once.
     bytes_moved = {"fwd": 2 * act_bytes + p.weight_bytes, "bwd": 3 * act_bytes + 2 * p.weight_bytes,
                    "fwd+bwd": 4 * act_bytes + 2 * p.weight_bytes}[mode]
-    flops = FLOPS_PER_FWD[mode] * p.fwd_flops
+    flops = p.mode_flops(mode)
     return {
         "case": shapes.name, "provider": p.name, "consult_rate": p.consult_rate, "mode": mode,
         "tokens": shapes.tokens, "time_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s,

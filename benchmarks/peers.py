@@ -55,6 +55,12 @@ class Provider:
     total_params: int
     routed_rows: int = 0
     touched_experts: int = 0
+    bwd_flops: float | None = None  # None: twice the forward (input and weight gradients of every matmul)
+
+    def mode_flops(self, mode: str) -> float:
+        """Matmul FLOPs of one call in ``mode`` (fwd, bwd or fwd+bwd)."""
+        bwd = 2 * self.fwd_flops if self.bwd_flops is None else self.bwd_flops
+        return {"fwd": self.fwd_flops, "bwd": bwd, "fwd+bwd": self.fwd_flops + bwd}[mode]
 
 
 def swiglu_flops(rows: int, d_model: int, width: int) -> float:
@@ -126,15 +132,16 @@ def ours(name: str, layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, 
     load_E = stats.expert_load_E
     rows, touched = int(load_E.sum()), int((load_E > 0).sum())
     d, e = shapes.d_model, shapes.num_experts
-    flops = (
-        swiglu_flops(shapes.tokens, d, shapes.reasoning_width)
-        + 2.0 * shapes.tokens * d * (e + 1)  # expert logits and the consult gate
-        + swiglu_flops(rows, d, shapes.expert_width)
-    )
+    router_flops = 2.0 * shapes.tokens * d * (e + 1)  # expert logits and the consult gate
+    flops = (swiglu_flops(shapes.tokens, d, shapes.reasoning_width) + router_flops
+             + swiglu_flops(rows, d, shapes.expert_width))
     weights = 3 * d * shapes.reasoning_width + d * (e + 1) + 1 + touched * 3 * d * shapes.expert_width
+    # With no token consulting, y does not depend on the gates: the router's backward never runs (in training
+    # its aux losses would still reach it; the benchmark times y alone).
+    bwd_flops = 2 * (flops - router_flops) if rows == 0 else None
     return Provider(
         name, float(stats.consult_rate), layer, call, flops, weights * _itemsize(shapes), _num_params(layer),
-        rows, touched,
+        rows, touched, bwd_flops,
     )
 
 

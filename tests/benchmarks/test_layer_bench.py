@@ -50,7 +50,11 @@ def test_realized_flops_match_pytorch_counter():
     for p in providers:
         assert _counted_matmul_flops(lambda p=p: p.call(x_TD)) == p.fwd_flops, p.name
         counted = _counted_matmul_flops(lambda p=p: p.call(x_grad_TD).backward(torch.ones_like(x_TD)))
-        assert counted == layer.FLOPS_PER_FWD["fwd+bwd"] * p.fwd_flops, p.name
+        assert counted == p.mode_flops("fwd+bwd"), p.name
+        if p.routed_rows > 0 or p.name != "ours":
+            assert counted == layer.FLOPS_PER_FWD["fwd+bwd"] * p.fwd_flops, p.name
+        else:  # nothing routed: no router backward, so less than 3x the forward
+            assert counted < layer.FLOPS_PER_FWD["fwd+bwd"] * p.fwd_flops, p.name
 
 
 def test_peers_have_equal_total_params():
