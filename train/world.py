@@ -220,7 +220,16 @@ class World:
                 "employer_city": self.employer_city[person.employer]}
 
     def new_person(self, rng: random.Random, exclude: set[str]) -> Person:
-        """A person with a full name not in ``exclude`` (which it is added to); attributes uniform."""
+        """A person with a full name not in ``exclude`` (which it is added to); attributes uniform.
+
+        Raises ValueError when every full name of the world's name pool is taken (the pool grows with
+        ``num_people + num_unseen``; reading drills draw from it too).
+        """
+        if len(exclude) >= len(self.first_names) * len(self.last_names):
+            raise ValueError(
+                f"the world's {len(self.first_names)} x {len(self.last_names)} full names are all taken: ask for "
+                f"fewer reading drills or fresh people, or a bigger world (num_people + num_unseen)"
+            )
         while True:
             name = f"{rng.choice(self.first_names)} {rng.choice(self.last_names)}"
             if name not in exclude:

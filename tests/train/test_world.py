@@ -155,6 +155,13 @@ def test_biographies_name_every_sentence(world, corpus):
         assert {a: found[a] for a in ATTRIBUTES} == {a: values[a] for a in ATTRIBUTES}
 
 
+def test_exhausted_name_pool_raises_instead_of_hanging(world):
+    names = len(world.first_names) * len(world.last_names)
+    with pytest.raises(ValueError, match="full names are all taken"):
+        world.fresh_people("too-many", names)  # the world's own people already hold some of them
+    assert len(world.fresh_people("fits", names - len(world.names))) == names - len(world.names)
+
+
 def test_in_context_fraction(world):
     none = pretraining_corpus(world, in_context_fraction=0.0, num_drills=3)
     assert [r["kind"] for r in none if r["context"]] == ["drill"] * 3
