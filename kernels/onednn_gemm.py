@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.routing import expert_row_ranges
+
 # A constant of the build (torch.compile cannot trace ``torch.backends.mkldnn.is_available()``).
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 # oneDNN JIT-compiles a kernel for every new GEMM shape (~0.5 ms here, then cached); MKL does not. So
@@ -33,6 +35,11 @@ def usable(*tensors: torch.Tensor) -> bool:
     )
 
 
+def grouped_worthwhile(x: torch.Tensor, in_dim: int, out_dim: int) -> bool:
+    """oneDNN can run ``x``'s grouped GEMMs and their [in_dim, out_dim] weights are big enough to repay it."""
+    return usable(x) and in_dim * out_dim >= MIN_GROUPED_WEIGHT
+
+
 def _linear(a_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """a @ wᵀ: [M, O]."""
     return torch.ops.mkldnn._linear_pointwise(a_MI, w_OI, None, "none", [], "")
@@ -48,21 +55,13 @@ def dense_matmul_engines(a: torch.Tensor) -> dict[str, Callable[[torch.Tensor, t
     return {"torch.mm": torch.mm, **({"onednn": matmul} if usable(a) else {})}
 
 
-def _groups(offsets_E: torch.Tensor):
-    """(expert, start, end) of each expert with rows."""
-    start = 0
-    for e, end in enumerate(offsets_E.tolist()):
-        if end > start:
-            yield e, start, end
-        start = end
-
-
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows ``[offsets[e-1], offsets[e])`` of x times ``w[e]``: [R, O]; rows past ``offsets[-1]`` are zero."""
     out_RO = x_RI.new_empty(x_RI.shape[0], w_EIO.shape[2])
     end = 0
-    for e, start, end in _groups(offsets_E):
-        out_RO[start:end] = matmul(x_RI[start:end], w_EIO[e])
+    for e, start, end in expert_row_ranges(offsets_E):
+        if end > start:
+            out_RO[start:end] = matmul(x_RI[start:end], w_EIO[e])
     out_RO[end:].zero_()
     return out_RO
 
@@ -70,10 +69,9 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
     out_EIO = a_RI.new_empty(offsets_E.numel(), a_RI.shape[1], b_RO.shape[1])
-    done = [False] * offsets_E.numel()
-    for e, start, end in _groups(offsets_E):
-        out_EIO[e] = matmul(a_RI[start:end].t(), b_RO[start:end])
-        done[e] = True
-    for e in (e for e, d in enumerate(done) if not d):
-        out_EIO[e].zero_()
+    for e, start, end in expert_row_ranges(offsets_E):
+        if end > start:
+            out_EIO[e] = matmul(a_RI[start:end].t(), b_RO[start:end])
+        else:
+            out_EIO[e].zero_()
     return out_EIO

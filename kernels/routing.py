@@ -106,3 +106,14 @@ def routing_metadata_reference(expert_ids_TK: torch.Tensor, num_experts: int) ->
         offsets_E=torch.tensor(offsets, dtype=torch.int32, device=device),
         num_routed=torch.tensor(running, dtype=torch.int64, device=device),
     )
+
+
+def expert_row_ranges(offsets_E: torch.Tensor):
+    """(expert, start, end) of every expert's rows in the sorted order, empty experts included.
+
+    Reads the offsets on the host: for CPU paths (a load from host memory) and loop fallbacks only.
+    """
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        yield e, start, end
+        start = end

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import onednn_gemm
-from kernels.routing import routing_metadata
+from kernels.routing import expert_row_ranges, routing_metadata
 
 _GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm rejects row strides that are not a multiple of 16 bytes
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,14 +37,6 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_mm_ok(dtype: torch.dtype, *dims: int) -> bool:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return dtype in _GROUPED_MM_DTYPES and all((n * itemsize) % _GROUPED_MM_ALIGN_BYTES == 0 for n in dims)
-
-
-def _groups(offsets_E: torch.Tensor):
-    """(expert, start, end) of each group; reads the offsets on the host (the loop fallback only)."""
-    start = 0
-    for e, end in enumerate(offsets_E.tolist()):
-        yield e, start, end
-        start = end
 
 
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -62,24 +54,24 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     Returns:
         [R, O]
     """
-    if onednn_gemm.usable(x_RI, w_EIO) and w_EIO.shape[1] * w_EIO.shape[2] >= onednn_gemm.MIN_GROUPED_WEIGHT:
+    if onednn_gemm.grouped_worthwhile(x_RI, w_EIO.shape[1], w_EIO.shape[2]):
         return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
     if _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
         return F.grouped_mm(x_RI, w_EIO, offs=offsets_E)
     out_RO = x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[2])
-    for e, start, end in _groups(offsets_E):
+    for e, start, end in expert_row_ranges(offsets_E):
         torch.mm(x_RI[start:end], w_EIO[e], out=out_RO[start:end])
     return out_RO
 
 
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
-    if onednn_gemm.usable(a_RI, b_RO) and a_RI.shape[1] * b_RO.shape[1] >= onednn_gemm.MIN_GROUPED_WEIGHT:
+    if onednn_gemm.grouped_worthwhile(a_RI, a_RI.shape[1], b_RO.shape[1]):
         return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
     if _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
         return F.grouped_mm(a_RI.t(), b_RO, offs=offsets_E)
     out_EIO = a_RI.new_zeros(offsets_E.numel(), a_RI.shape[1], b_RO.shape[1])
-    for e, start, end in _groups(offsets_E):
+    for e, start, end in expert_row_ranges(offsets_E):
         torch.mm(a_RI[start:end].t(), b_RO[start:end], out=out_EIO[e])
     return out_EIO
 

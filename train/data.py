@@ -33,6 +33,7 @@ from train.objectives import IGNORE_INDEX, in_context_tokens
 
 EOD = "<|endoftext|>"
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+TOKENIZER = "tokenizer.json"  # a run's (and an export's) tokenizer file
 
 
 def shakespeare_files() -> list[Path]:

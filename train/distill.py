@@ -16,9 +16,8 @@ import torch
 from moe import LMOutput, PureReasonerLM
 from moe.checkpoint import load_pretrained
 from train.config import Config, ObjectiveConfig
+from train.data import TOKENIZER
 from train.objectives import drop_context, packed_distillation_loss
-
-TOKENIZER = "tokenizer.json"
 
 
 def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:

@@ -28,7 +28,6 @@ from train.model import build_model
 from train.world import corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
-TOKENIZER = "tokenizer.json"
 WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
@@ -51,7 +50,7 @@ class Summary:
 
 def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.PackedSequences, Tokenizer]:
     """Load, tokenize and pack the corpus. Rank 0 trains (or reuses) and saves the tokenizer first."""
-    path = run_dir / TOKENIZER
+    path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
         docs = data.load_documents(cfg.data)
         if data.num_chars(docs) == 0:

@@ -168,9 +168,15 @@ def distillation_loss(
     aligned position. Returns the loss and its detached parts ``{"ce", "reverse_kl"}``.
     """
     aligned_BSV, valid_BS = align_teacher(teacher_logits_BTV, batch.offset_B, student_logits_BSV.shape[1])
-    mask_BS = valid_BS & (batch.student_targets_BS != IGNORE_INDEX)
-    kl = reverse_kl(student_logits_BSV, aligned_BSV, mask_BS, temperature)
-    ce = lm_loss(student_logits_BSV, batch.student_targets_BS)
+    return _ce_plus_reverse_kl(student_logits_BSV, aligned_BSV, batch.student_targets_BS, valid_BS, kl_weight,
+                               ce_weight, temperature)
+
+
+def _ce_plus_reverse_kl(student_logits_BSV, aligned_teacher_BSV, targets_BS, valid_BS, kl_weight, ce_weight,
+                        temperature) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE on the targets, reverse KL where a target exists and the teacher position is valid; weighted sum + parts."""
+    kl = reverse_kl(student_logits_BSV, aligned_teacher_BSV, valid_BS & (targets_BS != IGNORE_INDEX), temperature)
+    ce = lm_loss(student_logits_BSV, targets_BS)
     return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}
 
 
@@ -250,6 +256,6 @@ def packed_distillation_loss(
     """
     index_BSV = view.teacher_pos_BS.unsqueeze(-1).expand(*view.teacher_pos_BS.shape, teacher_logits_BSV.shape[-1])
     aligned_BSV = teacher_logits_BSV.gather(1, index_BSV)
-    kl = reverse_kl(student_logits_BSV, aligned_BSV, view.targets_BS != IGNORE_INDEX, temperature)
-    ce = lm_loss(student_logits_BSV, view.targets_BS)
-    return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}
+    valid_BS = torch.ones_like(view.targets_BS, dtype=torch.bool)
+    return _ce_plus_reverse_kl(student_logits_BSV, aligned_BSV, view.targets_BS, valid_BS, kl_weight, ce_weight,
+                               temperature)
