@@ -4,7 +4,8 @@
 # activations and fresh weight gradients page by page (~75 ms per 256 MiB here, and much worse
 # when the kernel must compact memory for huge pages: seconds of system time per fwd+bwd in a VM).
 # jemalloc that keeps freed pages (no decay) and backs them with huge pages removes that cost:
-# the default knowledge-path fwd+bwd (benchmarks.kernels, rate 1) went from 1.3-4.2 s to 1.05-1.2 s.
+# the default knowledge-path fwd+bwd (benchmarks.kernels, rate 1, on the MKL path it had before the
+# oneDNN change) went from 1.3-4.2 s between identical calls to 1.05-1.2 s.
 # Install it with `apt-get install libjemalloc2` (Debian/Ubuntu); without it this file does nothing.
 for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
            /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2; do
