@@ -20,6 +20,7 @@ from moe.config import KnowledgeConfig, ModelConfig
 from moe.model import PureReasonerLM
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+FFN_FILE = "ffn.json"  # present in exports of a baseline whose FFNs are not PureReasonerMoE (train.baselines)
 
 
 def config_from_dict(values: dict) -> ModelConfig:
@@ -73,6 +74,9 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     for name in (CONFIG, WEIGHTS):
         if not (src / name).is_file():
             raise ValueError(f"checkpoint {src} has no {name}")
+    if (src / FFN_FILE).is_file():
+        raise ValueError(f"checkpoint {src} is a baseline with other FFNs ({(src / FFN_FILE).read_text()}); "
+                         "load it with train.baselines.load_residual_pretrained")
     try:
         cfg = config_from_dict(json.loads((src / CONFIG).read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:

@@ -36,6 +36,8 @@ class KnowledgeConfig:
     consult_rate: target share of the T*K slots that go to real experts (``gate``: share of tokens
         that consult). The controller (``moe.router``) holds it: ``controller_step`` is its feedback
         step, ``cut_momentum`` the EMA momentum of the running cut used in eval.
+    consult_loss_coef: weight of the supervised consult loss (``gate`` only): when the model is given
+        per-token consult targets, BCE of each layer's consult logit against them joins the aux loss.
     """
 
     num_experts: int = 16
@@ -49,6 +51,7 @@ class KnowledgeConfig:
     balance_step: float = 1e-3
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
+    consult_loss_coef: float = 0.0
     normalize_gates: bool = True
     impl: str = "torch"
 
@@ -71,7 +74,10 @@ class KnowledgeConfig:
             balance_step=self.balance_step,
             balance_loss_coef=self.balance_loss_coef,
             z_loss_coef=self.z_loss_coef,
+            consult_loss_coef=self.consult_loss_coef,
         )
+        if self.consult_loss_coef and self.mechanism != "gate":
+            raise ValueError(f"knowledge.consult_loss_coef needs mechanism 'gate', got {self.mechanism!r}")
         if not 0.0 < self.cut_momentum <= 1.0:
             raise ValueError(f"knowledge.cut_momentum must be in (0, 1], got {self.cut_momentum}")
         if self.impl not in IMPLS:

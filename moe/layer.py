@@ -77,7 +77,12 @@ class PureReasonerMoE(nn.Module):
                 nn.init.normal_(param, std=out_std if is_out else std)
 
     def forward(
-        self, x: torch.Tensor, knowledge_off: bool = False, reasoning_off: bool = False
+        self,
+        x: torch.Tensor,
+        knowledge_off: bool = False,
+        reasoning_off: bool = False,
+        reasoning_frozen: torch.Tensor | None = None,
+        consult_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats]:
         """Apply the layer.
 
@@ -85,6 +90,11 @@ class PureReasonerMoE(nn.Module):
             x: [..., D] tokens (e.g. [B, S, D]).
             knowledge_off: ablation; no token consults (the router does not run).
             reasoning_off: ablation; the reasoning expert's output is zero.
+            reasoning_frozen: None or [...] bool (x's shape without D): where True, the reasoning expert's
+                output is detached, so no gradient reaches the reasoning expert (or, through it, the layers
+                below) from that token; the forward value is unchanged (knowledge gradient routing).
+            consult_target: None or [...] bool: which tokens should consult; with ``consult_loss_coef`` the
+                router's consult loss against it joins ``aux_loss`` (supervised consult).
 
         Returns:
             y: same shape as x; stats: MoEStats of this call.
@@ -93,13 +103,21 @@ class PureReasonerMoE(nn.Module):
             raise ValueError(f"x must have last dim d_model={self.cfg.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, x.shape[-1])
         y_TD = torch.zeros_like(x_TD) if reasoning_off else self._reasoning(x_TD)
+        for name, mask in (("reasoning_frozen", reasoning_frozen), ("consult_target", consult_target)):
+            if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
+                raise ValueError(f"{name} must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
+        if reasoning_frozen is not None and not reasoning_off:
+            y_TD = torch.where(reasoning_frozen.reshape(-1, 1), y_TD.detach(), y_TD)
         if knowledge_off:
             return y_TD.view_as(x), self._idle_stats(x_TD)
-        routing = self.router(x_TD)
+        target_T = None if consult_target is None else consult_target.reshape(-1)
+        routing = self.router(x_TD, target_T)
         y_TD = y_TD + self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
         kcfg = self.cfg.knowledge
         stats = MoEStats(
-            aux_loss=kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss,
+            aux_loss=kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss
+            + kcfg.consult_loss_coef * routing.consult_loss,
             balance_loss=routing.balance_loss,
             z_loss=routing.z_loss,
             expert_load_E=expert_load(routing.expert_ids_TK, kcfg.num_experts),

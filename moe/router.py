@@ -40,6 +40,7 @@ class Routing(NamedTuple):
     z_loss: 0-d, mean squared log-sum-exp of the router logits.
     consult_threshold: 0-d, the consult-margin quantile that hits the target rate on this batch
         (NaN for mechanism ``always``), detached.
+    consult_loss: 0-d, mean BCE of the consult logits against the given consult targets (0 without them).
     """
 
     expert_ids_TK: torch.Tensor
@@ -47,6 +48,7 @@ class Routing(NamedTuple):
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
     consult_threshold: torch.Tensor
+    consult_loss: torch.Tensor
 
 
 def _masked_mean(values_TX: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
@@ -68,11 +70,13 @@ class KnowledgeRouter(nn.Module):
         self.register_buffer("consult_correction", torch.zeros(()))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, consult_target_T: torch.Tensor | None = None) -> Routing:
         """Route T tokens.
 
         Args:
             x_TD: [T, D] tokens (any float dtype; routing runs in fp32).
+            consult_target_T: None or [T] bool, whether each token should consult (``gate`` only): trains the
+                consult logit by BCE (``Routing.consult_loss``); the routing itself is unchanged.
 
         Returns:
             Routing for the T tokens.
@@ -107,12 +111,18 @@ class KnowledgeRouter(nn.Module):
             real_TK = real_TK & (margin > cut).unsqueeze(1)
         ids_TK = torch.where(real_TK, ids_TK, NOT_CONSULTED)
         gates_TK = torch.where(real_TK, gates_TK, 0.0)
+        consult_loss = x_TD.new_zeros(())
+        if consult_target_T is not None:
+            if consult_logit_T is None:
+                raise ValueError(f"consult targets need mechanism 'gate', got {cfg.mechanism!r}")
+            consult_loss = F.binary_cross_entropy_with_logits(consult_logit_T, consult_target_T.float())
         return Routing(
             expert_ids_TK=ids_TK,
             gates_TK=gates_TK,
             balance_loss=self._balance_loss(real_logits_TE, ids_TK, real_TK.any(1)),
             z_loss=torch.logsumexp(logits_TL, dim=1).square().mean(),
             consult_threshold=threshold,
+            consult_loss=consult_loss,
         )
 
     def _threshold(self, margin: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
+WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -45,6 +46,10 @@ class DataConfig:
         generator with a ``context`` column (``train.world:pretraining_corpus``): the value is passed to the
         generator as ``in_context_fraction``, every row with a context is packed as one unit
         ``context + text + EOD`` inside one sequence, and no loss is taken on the context tokens.
+    fresh_drills: with the world generator (``WORLD_GENERATOR``) and ``in_context_fraction`` set, this many of
+        each micro-batch's sequences are reading drills about people generated for that micro-batch
+        (``train.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
+        lines per drill (default 1).
     """
 
     source: str = "shakespeare"
@@ -56,8 +61,16 @@ class DataConfig:
     seq_len: int = 128
     max_chars: int | None = None
     in_context_fraction: float | None = None
+    fresh_drills: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.fresh_drills >= 0, f"data.fresh_drills must be >= 0, got {self.fresh_drills}")
+        _require(
+            not self.fresh_drills or (self.generator == WORLD_GENERATOR and self.in_context_fraction is not None),
+            f"data.fresh_drills={self.fresh_drills} needs data.generator={WORLD_GENERATOR} and "
+            f"data.in_context_fraction set, got generator={self.generator!r}, "
+            f"in_context_fraction={self.in_context_fraction}",
+        )
         _require(
             self.in_context_fraction is None or 0.0 <= self.in_context_fraction <= 1.0,
             f"data.in_context_fraction must be in [0, 1], got {self.in_context_fraction}",
@@ -178,6 +191,11 @@ class ObjectiveConfig:
     teacher: with ``distill``, a ``train.export`` directory (config.json, model.safetensors, tokenizer.json);
         the student uses its tokenizer and vocabulary.
     temperature: softens both distributions (the KL is scaled by temperature²).
+    route_knowledge: knowledge gradient routing (with ``lm`` and ``data.in_context_fraction``): on the tokens of
+        rows stated without their facts in context (biographies, QA, comparisons, world facts: what can only
+        be memorised), the reasoning experts' outputs are detached, so memorisation's gradient reaches the
+        knowledge experts, attention and embeddings but never a reasoning expert; rows with a context and
+        reading drills train everything. The forward pass is unchanged.
     """
 
     kind: str = "lm"
@@ -185,6 +203,7 @@ class ObjectiveConfig:
     kl_weight: float = 1.0
     ce_weight: float = 1.0
     temperature: float = 1.0
+    route_knowledge: bool = False
 
     def __post_init__(self) -> None:
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
@@ -192,6 +211,8 @@ class ObjectiveConfig:
         for key in ("kl_weight", "ce_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
+        _require(not self.route_knowledge or self.kind == "lm",
+                 f"objective.route_knowledge needs objective.kind=lm, got {self.kind!r}")
 
 
 @dataclass
@@ -232,6 +253,25 @@ class Config:
         _require(
             self.objective.kind != "distill" or self.data.in_context_fraction is not None,
             "objective.kind=distill needs data.in_context_fraction (the teacher reads the supplied facts)",
+        )
+        closed_book = {"objective.route_knowledge": self.objective.route_knowledge,
+                       "model.knowledge.consult_loss_coef": kcfg.consult_loss_coef > 0}
+        for key, on in closed_book.items():  # both read the closed-book tokens of knowledge-in-context data
+            _require(
+                not on
+                or (self.data.in_context_fraction is not None and self.ffn == "pure_reasoner"
+                    and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
+                f"{key} needs data.in_context_fraction, ffn=pure_reasoner and MoE layers; got in_context_fraction="
+                f"{self.data.in_context_fraction}, ffn={self.ffn!r}",
+            )
+        _require(
+            not self.objective.route_knowledge or self.model.reasoning_width is not None,
+            "objective.route_knowledge needs a reasoning expert, got model.reasoning_width=None",
+        )
+        _require(
+            self.data.fresh_drills < self.train.micro_batch_size,
+            f"data.fresh_drills={self.data.fresh_drills} must be below train.micro_batch_size="
+            f"{self.train.micro_batch_size} (at least one corpus sequence per micro-batch)",
         )
 
 

@@ -19,7 +19,7 @@ import importlib.util
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -242,22 +242,35 @@ def tokenize_in_context(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) ->
     padding with mask False fills up to the next window's start. A unit longer than S + 1 is a ValueError.
     """
     eod = tok.token_to_id(EOD)
+
+    def units() -> Iterator[tuple[list[int], list[bool]]]:
+        for start in range(0, len(docs), 256):
+            batch = docs[start : start + 256]
+            texts = tok.encode_batch_fast(batch["text"])
+            contexts = tok.encode_batch_fast(batch["context"])
+            for text, context, raw in zip(texts, contexts, batch["context"], strict=True):
+                if not raw:
+                    yield text.ids + [eod], [True] * (len(text.ids) + 1)
+                else:
+                    yield in_context_tokens(context.ids, text.ids + [eod])
+
+    return pack_units(units(), seq_len, eod)
+
+
+def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod: int,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream [L] int64, loss_mask [L] bool) of (ids, mask) units: a unit whose mask is all True packs across
+    window boundaries like plain text; any other unit lies wholly inside one window ``[w*S, w*S + S + 1)``
+    (EOD padding with mask False fills up to the next window's start when it would cross the end of the
+    current one). A unit of the second kind longer than S + 1 is a ValueError naming its index."""
     window = seq_len + 1
     ids: list[int] = []
     mask: list[bool] = []
-    for start in range(0, len(docs), 256):
-        batch = docs[start : start + 256]
-        texts = tok.encode_batch_fast(batch["text"])
-        contexts = tok.encode_batch_fast(batch["context"])
-        for i, (text, context, raw) in enumerate(zip(texts, contexts, batch["context"], strict=True)):
-            if not raw:
-                ids += text.ids + [eod]
-                mask += [True] * (len(text.ids) + 1)
-                continue
-            unit, unit_mask = in_context_tokens(context.ids, text.ids + [eod])
+    for i, (unit, unit_mask) in enumerate(units):
+        if not all(unit_mask):
             if len(unit) > window:
                 raise ValueError(
-                    f"row {start + i}: context + text is {len(unit)} tokens, more than data.seq_len + 1 = {window}; "
+                    f"row {i}: context + text is {len(unit)} tokens, more than data.seq_len + 1 = {window}; "
                     f"raise data.seq_len (and model.max_seq_len) to at least {len(unit) - 1}"
                 )
             here = len(ids)
@@ -265,9 +278,19 @@ def tokenize_in_context(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) ->
                 pad = -here % seq_len
                 ids += [eod] * pad
                 mask += [False] * pad
-            ids += unit
-            mask += unit_mask
+        ids += unit
+        mask += unit_mask
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
+
+
+def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) -> torch.Tensor:
+    """[L] bool: True on the tokens of rows that carry no context (a unit of ``pack_units`` from its first token
+    through its EOD whose loss mask is True throughout): text whose facts the model must hold in its weights.
+    Context rows, their text included, and EOD padding are False."""
+    is_eod = stream == eod
+    unit_L = torch.cumsum(is_eod.long(), 0) - is_eod.long()  # an EOD belongs to the unit it ends
+    has_masked = torch.zeros(int(unit_L[-1]) + 1, dtype=torch.bool).index_put_((unit_L,), ~loss_mask, accumulate=True)
+    return ~has_masked[unit_L]
 
 
 class PackedSequences:
@@ -279,15 +302,18 @@ class PackedSequences:
         seed: the permutation of epoch e is ``randperm(N)`` seeded with (seed, e).
         source: what the stream came from, for error messages.
         loss_mask: [L] bool or None; a target whose token is False in it becomes -100 (no loss).
+        closed: [L] bool or None (``closed_book_tokens``); ``closed(positions)`` reads it like ``batch``.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
-                 loss_mask: torch.Tensor | None = None):
+                 loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         if loss_mask is not None and loss_mask.shape != stream.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
-        self.stream, self.seq_len, self.seed, self.loss_mask = stream, seq_len, seed, loss_mask
+        if closed is not None and closed.shape != stream.shape:
+            raise ValueError(f"closed shape {tuple(closed.shape)} != stream shape {tuple(stream.shape)}")
+        self.stream, self.seq_len, self.seed, self.loss_mask, self.closed_L = stream, seq_len, seed, loss_mask, closed
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -301,11 +327,21 @@ class PackedSequences:
             self._orders = {epoch: torch.randperm(self.num_sequences, generator=gen)}  # keep one epoch only
         return self._orders[epoch]
 
-    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""
+    def _offsets(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S + 1] stream offsets of the windows at global read positions [B]."""
         epochs, within = positions // self.num_sequences, positions % self.num_sequences
         seq_ids = torch.stack([self._order(int(e))[int(w)] for e, w in zip(epochs, within, strict=True)])
-        offsets_BS1 = seq_ids.unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
+        return seq_ids.unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
+
+    def closed(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: ``closed`` at the input tokens of the sequences ``batch(positions)`` returns."""
+        if self.closed_L is None:
+            raise ValueError("these sequences were packed without a closed-book mask")
+        return self.closed_L[self._offsets(positions)[:, :-1]]
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""
+        offsets_BS1 = self._offsets(positions)
         window_BS1 = self.stream[offsets_BS1]
         targets_BS = window_BS1[:, 1:]
         if self.loss_mask is not None:

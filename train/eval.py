@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import PureReasonerLM
-from moe.checkpoint import load_pretrained
+from moe.checkpoint import FFN_FILE, load_pretrained
 from train import eval_metrics as em
 from train.world import SPLITS, World, build_world, load_world_config
 from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
@@ -75,7 +75,12 @@ def load_codec(directory: str | Path, vocab_size: int) -> Codec:
 
 def load(directory: str | Path, device: str = "cpu") -> tuple[PureReasonerLM, Codec]:
     """The model (eval mode) and its codec from a checkpoint directory."""
-    model = load_pretrained(directory, map_location=device).eval()
+    if (Path(directory) / FFN_FILE).is_file():  # the residual_moe baseline
+        from train.baselines import load_residual_pretrained
+
+        model = load_residual_pretrained(Path(directory), map_location=device).eval()
+    else:
+        model = load_pretrained(directory, map_location=device).eval()
     return model, load_codec(directory, model.cfg.vocab_size)
 
 
@@ -167,6 +172,9 @@ def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str],
 @torch.no_grad()
 def consult_map(model: PureReasonerLM, idx_BS: torch.Tensor) -> torch.Tensor:
     """[L, B, S] bool: whether each token consulted any knowledge expert in each MoE layer (router hook)."""
+    layers = model.moe_layers()
+    if any(getattr(layer, "router", None) is None for layer in layers):  # residual_moe: every token is routed
+        return torch.ones(len(layers), *idx_BS.shape, dtype=torch.bool)
     captured = []
     hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
              for layer in model.moe_layers()]

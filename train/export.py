@@ -60,18 +60,31 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     model.load_state_dict(state, strict=True)
     out = out_dir or run_dir / EXPORT
     save_pretrained(model, out)
+    _copy_run_files(run_dir, out)
+    return out
+
+
+def _copy_run_files(run_dir: Path, out: Path) -> None:
     for name in ("tokenizer.json", "world.json"):  # the tokenizer, and the world train.eval asks about
         if (run_dir / name).exists():
             tmp = out / f".{name}.tmp"
             shutil.copyfile(run_dir / name, tmp)
             os.replace(tmp, out / name)
-    return out
 
 
 def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> None:
-    """At the end of training: rank 0 exports the checkpoint just written; the others wait."""
+    """At the end of training: rank 0 exports the checkpoint just written; the others wait.
+
+    The residual_moe baseline (``ffn=deepspeed_residual``, one expert-parallel rank, fp32) is exported from the
+    engine's module, whose fp32 weights are the trained ones (DeepSpeed keeps MoE experts outside the
+    ZeRO files that ``zero_to_fp32`` merges)."""
     if info.rank == 0:
-        export_checkpoint(run_dir)
+        if cfg.ffn == "deepspeed_residual":
+            from train.baselines import save_residual_pretrained
+
+            _copy_run_files(run_dir, save_residual_pretrained(engine.module, run_dir / EXPORT))
+        else:
+            export_checkpoint(run_dir)
     barrier()
 
 

@@ -19,16 +19,16 @@ from tqdm import tqdm
 
 from moe import MoEStats, flops
 from train import checkpoint, data, distill
-from train.config import Config
+from train.config import WORLD_GENERATOR, Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
+from train.drills import FreshDrills
 from train.engine import build_engine, compute_dtype
 from train.guards import collapse_warnings
 from train.metrics import MetricsLogger, StepMetrics
 from train.model import build_model
-from train.world import corpus_world_config, save_world_config
+from train.world import build_world, corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
-WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
 class TrainingAborted(RuntimeError):
@@ -48,7 +48,38 @@ class Summary:
     losses: list[float]
 
 
-def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.PackedSequences, Tokenizer]:
+@dataclass
+class TrainData:
+    """Where each micro-batch comes from: corpus sequences, plus ``data.fresh_drills`` drill sequences."""
+
+    packed: data.PackedSequences
+    drills: FreshDrills | None
+
+    def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
+        closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS with
+        ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef``."""
+        t, fresh = cfg.train, cfg.data.fresh_drills
+        positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
+                                               info.world_size)
+        idx_BS, targets_BS = self.packed.batch(positions)
+        routed, supervised = cfg.objective.route_knowledge, cfg.model.knowledge.consult_loss_coef > 0
+        closed_BS = self.packed.closed(positions) if routed or supervised else None
+        if self.drills is not None:
+            key = (step * info.world_size + info.rank) * t.grad_accum + micro  # global micro-batch index
+            drill_idx, drill_targets = self.drills.batch(key, fresh)
+            idx_BS, targets_BS = torch.cat([idx_BS, drill_idx]), torch.cat([targets_BS, drill_targets])
+            if closed_BS is not None:
+                closed_BS = torch.cat([closed_BS, torch.zeros_like(drill_idx, dtype=torch.bool)])
+        batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
+        if routed:
+            batch["reasoning_frozen_BS"] = closed_BS
+        if supervised:
+            batch["consult_target_BS"] = closed_BS
+        return batch
+
+
+def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData, Tokenizer]:
     """Load, tokenize and pack the corpus. Rank 0 trains (or reuses) and saves the tokenizer first."""
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
@@ -67,8 +98,12 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
             stream, loss_mask = data.tokenize(docs, tok), None
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
+        closed = None
+        if cfg.objective.route_knowledge or cfg.model.knowledge.consult_loss_coef > 0:
+            closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
         packed = data.PackedSequences(
-            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask
+            stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
+            closed=closed,
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +111,11 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[data.Packe
         if info.rank == 0 and cfg.data.generator == WORLD_GENERATOR:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_world_config(corpus_world_config(**cfg.data.generator_kwargs), run_dir)
-    return packed, tok
+    drills = None
+    if cfg.data.fresh_drills:
+        world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
+        drills = FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1))
+    return TrainData(packed, drills), tok
 
 
 def _check_compatible(state: dict, cfg: Config, world_size: int) -> None:
@@ -175,7 +214,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
     with rank_zero_first(info.rank):
         teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
-    packed, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
+    train_data, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
     if info.rank == 0:
         checkpoint.remove_partial(run_dir)
@@ -194,18 +233,19 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         info.rank,
         info.world_size,
         threads,
-        packed.num_sequences,
+        train_data.packed.num_sequences,
         cfg.data.seq_len,
         peak / 1e9,
         f"resuming from {resumed}" if resumed else "from scratch",
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
     try:
-        losses, steps = _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger, teacher)
+        losses, steps = _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher)
     finally:
         if logger is not None:
             logger.close()
-    if cfg.train.export and cfg.ffn == "pure_reasoner" and start_step < cfg.train.max_steps:
+    exportable = cfg.ffn == "pure_reasoner" or (cfg.train.ep_size == 1 and cfg.deepspeed.precision == "fp32")
+    if cfg.train.export and exportable and start_step < cfg.train.max_steps:
         from train.export import export_from_engine
 
         export_from_engine(engine, cfg, run_dir, info)
@@ -220,21 +260,20 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     )
 
 
-def _one_step(cfg: Config, engine, packed, info: DistInfo, run_dir: Path, step: int, teacher=None) -> StepStats:
+def _one_step(
+    cfg: Config, engine, train_data: TrainData, info: DistInfo, run_dir: Path, step: int, teacher=None
+) -> StepStats:
     """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats.
 
     With a teacher (``objective.kind=distill``) the loss is ``distill.distill_forward``'s."""
     t = cfg.train
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
     for micro in range(t.grad_accum):
-        positions = data.micro_batch_positions(
-            step, micro, info.rank, t.micro_batch_size, t.grad_accum, info.world_size
-        )
-        idx_BS, targets_BS = (x.to(info.device) for x in packed.batch(positions))
+        batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         if teacher is None:
-            out = engine(idx_BS, targets_BS)
+            out = engine(**batch)
         else:
-            out = distill.distill_forward(engine, teacher, idx_BS, targets_BS, cfg.objective)
+            out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
         if t.on_nonfinite == "abort":
             # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
             bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
@@ -281,7 +320,7 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     )
 
 
-def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger, teacher=None):
+def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher=None):
     """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
     t, model = cfg.train, engine.module
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
@@ -289,7 +328,7 @@ def _train_steps(cfg, engine, packed, info, run_dir, start_step, peak, logger, t
     history = max(t.collapse_window, 1)
     for step in range(start_step, t.max_steps):
         tick, lr = time.perf_counter(), engine.get_lr()[0]
-        acc = _one_step(cfg, engine, packed, info, run_dir, step, teacher)
+        acc = _one_step(cfg, engine, train_data, info, run_dir, step, teacher)
         if engine.was_step_applied() and model.moe_layers():
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)

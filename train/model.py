@@ -17,11 +17,9 @@ def build_model(cfg: Config, ep_rank: int = 0) -> PureReasonerLM:
     torch.manual_seed(cfg.train.seed)
     model = PureReasonerLM(cfg.model)
     if cfg.ffn == "deepspeed_residual":
-        from train.baselines import DeepSpeedResidualFFN
+        from train.baselines import use_residual_ffns
 
-        for block in model.blocks:
-            if block.is_moe:
-                block.ffn = DeepSpeedResidualFFN(cfg.model.moe_config(), ep_size=cfg.train.ep_size)
+        use_residual_ffns(model, cfg.model, cfg.train.ep_size)
     elif cfg.train.ep_size > 1:
         from train.expert_parallel import shard_experts
 

@@ -22,7 +22,7 @@ Training data (``pretraining_corpus``, usable as ``data.generator=train.world:pr
     kind:    ``bio`` | ``qa`` | ``comparison`` | ``world`` | ``drill``.
     spans:   facts in ``context + text``: list of {start, end, type, entity} (see ``train.world_text``).
 The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``); for drills that are new in every
-batch, the pipeline can instead append ``drill_rows(world, step, count)`` (same columns) to each batch.
+batch, ``data.fresh_drills`` (``train.drills``) adds ``drill_rows(world, key, count)`` to each micro-batch.
 Lengths at the default size: a row with its context is at most ~830 bytes (~400 tokens with a 512-token
 byte-level BPE trained on the corpus; drills and open-book prompts ~300), so a training sequence must hold that
 much for a context to stay with its text.
@@ -288,13 +288,6 @@ def _row(kind: str, text: Builder, context: Builder | None = None) -> dict:
             "spans": Builder().extend(context).extend(text).spans}
 
 
-def _lines(pieces: Sequence[Builder]) -> Builder:
-    out = Builder()
-    for i, piece in enumerate(pieces):
-        out.add("\n" if i else "").extend(piece)
-    return out
-
-
 def _known_rows(world: World, rng: random.Random) -> list[tuple[str, Builder, list[Person]]]:
     """(kind, text, people whose facts the text needs) for biographies, QA and comparisons."""
     rows = []
@@ -306,7 +299,7 @@ def _known_rows(world: World, rng: random.Random) -> list[tuple[str, Builder, li
         values = world.values(person)
         lines = [wt.qa_line(wt.question(a, person.name), values[a], person.name) for a in ATTRIBUTES + TWO_HOP]
         rng.shuffle(lines)
-        rows.append(("qa", _lines(lines), [person]))
+        rows.append(("qa", wt.lines(lines), [person]))
         for _ in range(world.cfg.comparisons_per_person if len(qa_people) > 1 else 0):
             other = rng.choice([p for p in qa_people if p.birth_date != person.birth_date] or [person])
             if other is person:
@@ -326,13 +319,13 @@ def _world_rows(world: World, rng: random.Random, facts_per_row: int = 8) -> lis
         facts = [wt.bridge_sentence("country", c, k, rng) for c, k in world.city_country.items()]
         facts += [wt.bridge_sentence("headquarters", e, c, rng) for e, c in world.employer_city.items()]
         rng.shuffle(facts)
-        out += [_lines(facts[i : i + facts_per_row]) for i in range(0, len(facts), facts_per_row)]
+        out += [wt.lines(facts[i : i + facts_per_row]) for i in range(0, len(facts), facts_per_row)]
     return out
 
 
 def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_context_fraction: float = 0.0,
-                       num_drills: int | None = None, epoch: int = 0, context_column: bool = True,
-                       **overrides) -> datasets.Dataset:
+                       num_drills: int | None = None, drill_questions: int = 1, epoch: int = 0,
+                       context_column: bool = True, **overrides) -> datasets.Dataset:
     """The training text of a world, shuffled (see the module docstring for the columns and their contract).
 
     Args:
@@ -341,6 +334,7 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
         in_context_fraction: share of bio / qa / comparison rows whose ``context`` supplies the facts they need
             (another paraphrase of the biographies, plus the bridge facts): the knowledge-in-context objective.
         num_drills: reading-drill rows (open-book QA about fresh people); default ``num_people``.
+        drill_questions: QA lines per drill (``drill_rows(questions=)``); also what ``data.fresh_drills`` uses.
         epoch: selects which rows get a context, the drill people and the row order; call once per epoch with a
             new value so drills are never repeated.
         context_column: False merges each context into its text (for pipelines without loss masking).
@@ -359,14 +353,15 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
         context = context_for(world, context_rng, people, ("country", "headquarters")) if supplied else None
         rows.append(_row(kind, text, context))
     rows += [_row("world", text) for text in _world_rows(world, rng)]
-    rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus")
+    rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus",
+                       questions=drill_questions)
     random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)
     if not context_column:
         rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"]} for r in rows]
     return datasets.Dataset.from_list(rows)
 
 
-CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "epoch", "context_column")
+CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "drill_questions", "epoch", "context_column")
 
 
 def corpus_world_config(world: dict | None = None, **kwargs) -> WorldConfig:

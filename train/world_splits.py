@@ -44,7 +44,7 @@ def choices_for(world: World, attribute: str, gold: str, rng: random.Random,
     return options, options.index(gold)
 
 
-def make_example(split: str, index: int, context: Builder, question: Builder, choices: list[str], gold: int,
+def make_example(split: str, index: int | str, context: Builder, question: Builder, choices: list[str], gold: int,
                  person: str, attribute: str, memorised: str = "") -> dict:
     """One example; spans cover ``prompt + continuation(answer)``."""
     prompt = Builder().extend(context).extend(wt.qa_prompt(question))
@@ -155,7 +155,7 @@ def eval_splits(world: World, splits: tuple[str, ...] = SPLITS) -> datasets.Data
     return datasets.DatasetDict({s: datasets.Dataset.from_list(split_examples(world, s)) for s in splits})
 
 
-def reading_drills(world: World, step: int, count: int, stream: str = "drill") -> list[dict]:
+def reading_drills(world: World, step: int | str, count: int, stream: str = "drill") -> list[dict]:
     """``count`` open-book examples about people generated fresh for ``step`` (never in the world).
 
     Deterministic in (seed, stream, step); another step or stream gives other people. Each example has the eval
@@ -168,17 +168,44 @@ def reading_drills(world: World, step: int, count: int, stream: str = "drill") -
     out = []
     for i in range(count):
         subject, *distractors = people[i * group : (i + 1) * group]
-        out.append(open_book(world, rng, "drill", step * count + i, subject, distractors,
+        index = step * count + i if isinstance(step, int) else f"{step}.{i}"
+        out.append(open_book(world, rng, "drill", index, subject, distractors,
                              rng.choice(ATTRIBUTES + TWO_HOP)))
     return out
 
 
-def drill_rows(world: World, step: int, count: int, stream: str = "drill") -> list[dict]:
+def drill_rows(world: World, step: int | str, count: int, stream: str = "drill", questions: int = 1) -> list[dict]:
     """Reading drills as training rows {text, context, kind, spans}: context = the biographies (no loss),
-    text = the QA line. Call with the training step to give every batch people never seen before."""
+    text = the QA lines. Call with the training step to give every batch people never seen before.
+
+    questions: QA lines per drill. 1 is exactly the ``open_book`` / ``open_book_two_hop`` format (one question
+    about the subject; bridge facts only where the question needs them). More asks distinct (person, attribute)
+    pairs about everyone in the context (subject and distractors) and states the bridge facts the questions
+    need: more loss-bearing reading per context token.
+    """
+    if questions < 1:
+        raise ValueError(f"drill questions must be >= 1, got {questions}")
+    if questions == 1:
+        rows = []
+        for drill in reading_drills(world, step, count, stream):
+            # The drill's spans already index into prompt + continuation == context + text.
+            text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
+            rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"]})
+        return rows
+    group = world.cfg.num_distractors + 1
+    pairs_available = group * len(ATTRIBUTES + TWO_HOP)
+    if questions > pairs_available:
+        raise ValueError(f"drill questions={questions} exceeds the {pairs_available} (person, attribute) pairs of "
+                         f"a drill's {group} people")
+    people = world.fresh_people(f"{stream}:{step}", count * group)
+    rng = random.Random(f"{world.cfg.seed}:{stream}:{step}:multi")
     rows = []
-    for drill in reading_drills(world, step, count, stream):
-        # The drill's spans already index into prompt + continuation == context + text.
-        text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
-        rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"]})
+    for i in range(count):
+        members = people[i * group : (i + 1) * group]
+        asked = rng.sample([(p, a) for p in members for a in ATTRIBUTES + TWO_HOP], questions)
+        bridges = tuple(dict.fromkeys(kind for _, a in asked for kind in BRIDGE_FOR.get(a, ())))
+        context = context_for(world, rng, members, bridges)
+        text = wt.lines([wt.qa_line(wt.question(a, p.name), world.values(p)[a], p.name) for p, a in asked])
+        rows.append({"text": text.text, "context": context.text, "kind": "drill",
+                     "spans": Builder().extend(context).extend(text).spans})
     return rows

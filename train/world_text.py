@@ -14,6 +14,7 @@ Formats the model sees (fixed, so closed-book questions are answerable only thro
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
@@ -139,6 +140,14 @@ def comparison_question(a: str, b: str) -> Builder:
 def qa_line(q: Builder, answer: str, entity: str) -> Builder:
     """``Q: {question}\\nA: {answer}.`` with the answer span typed ``answer``."""
     return Builder().add("Q: ").extend(q).add("\nA: ").add(answer, "answer", entity).add(".")
+
+
+def lines(pieces: Sequence[Builder]) -> Builder:
+    """``pieces`` joined by newlines, spans kept."""
+    out = Builder()
+    for i, piece in enumerate(pieces):
+        out.add("\n" if i else "").extend(piece)
+    return out
 
 
 def qa_prompt(q: Builder) -> Builder:

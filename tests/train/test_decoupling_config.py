@@ -5,7 +5,7 @@ import pytest
 from moe import flops
 from tests.train.helpers import compose_config
 
-MODELS = ("tiny_reasoner", "tiny_dense", "tiny_topk_moe", "tiny_shared_moe")
+MODELS = ("tiny_reasoner", "tiny_dense", "tiny_topk_moe", "tiny_shared_moe", "tiny_residual_moe")
 
 
 @pytest.mark.parametrize("experiment", ["decoupling", "decoupling_tiny"])
@@ -20,3 +20,5 @@ def test_models_at_equal_active_flops(experiment):
     assert cfgs["tiny_dense"].model.dense_first_layers == cfgs["tiny_dense"].model.n_layers
     assert cfgs["tiny_topk_moe"].model.reasoning_width is None
     assert cfgs["tiny_shared_moe"].model.knowledge.mechanism == "always"
+    assert cfgs["tiny_residual_moe"].ffn == "deepspeed_residual"
+    assert cfgs["tiny_residual_moe"].model.reasoning_width == cfgs["tiny_residual_moe"].model.knowledge.expert_width

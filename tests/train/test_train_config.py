@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from moe import PureReasonerLM
-from tests.train.helpers import CONF, compose_config, compose_raw
+from tests.train.helpers import CONF, compose_config, compose_raw, run_in_process
 from train.baselines import DeepSpeedResidualFFN
 from train.config import MODEL_PRESETS
 from train.model import build_model
@@ -55,6 +55,44 @@ def test_residual_moe_uses_deepspeed(dist_info):
     out.loss.backward()
     assert float(out.stats[0].expert_load_E.sum()) == 2 * 8 * lm.cfg.knowledge.top_k  # dropless top-2
     assert ffn.moe.mlp.w1.weight.grad is not None
+
+
+def test_residual_moe_ablations_split_its_two_terms(dist_info):
+    lm = build_model(compose_config("model=residual_moe", "model.n_layers=1"))
+    ffn = lm.blocks[0].ffn
+    for _, param in ffn.named_parameters():
+        torch.nn.init.normal_(param, std=0.3)  # large enough that both terms show
+    x_TD = torch.randn(16, lm.cfg.d_model)
+    full, _ = ffn(x_TD)
+    torch.testing.assert_close(ffn(x_TD)[0], full, rtol=0, atol=0)  # deterministic (no sampled 2nd expert)
+    no_knowledge, stats = ffn(x_TD, knowledge_off=True)
+    no_reasoning, _ = ffn(x_TD, reasoning_off=True)
+    both, _ = ffn(x_TD, knowledge_off=True, reasoning_off=True)
+    # DeepSpeed's y = c0 * moe(x) + c1 * mlp(x): each ablation removes one term, both remove everything
+    torch.testing.assert_close(no_knowledge + no_reasoning, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(no_knowledge, full, atol=1e-3) and not torch.allclose(no_reasoning, full, atol=1e-3)
+    assert not both.any() and float(stats.consulting_tokens) == 0.0
+    assert sum(p.numel() for p in ffn.experts.parameters()) == sum(
+        p.numel() for p in ffn.moe.deepspeed_moe.experts.parameters()
+    )
+
+
+def test_residual_moe_run_exports_and_evaluates(tmp_path, dist_info):
+    from moe.checkpoint import load_pretrained
+    from train.eval import load
+    from train.world import build_world, load_world_config
+
+    run_in_process(tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
+                   "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "model=tiny_residual_moe")
+    export = tmp_path / "run" / "export"
+    with pytest.raises(ValueError, match="baseline"):
+        load_pretrained(export)
+    model, codec = load(export)
+    assert isinstance(model.blocks[0].ffn, DeepSpeedResidualFFN)
+    world = build_world(load_world_config(export / "world.json"))
+    assert world.cfg.num_people > 0
+    idx_BS = torch.tensor([codec.encode("Q: Where was")])
+    assert model(idx_BS).logits_BSV.isfinite().all()
 
 
 @pytest.mark.parametrize("group", ["data", "train", "deepspeed", "experiment"])

@@ -1,0 +1,57 @@
+"""Supervised consult: consult targets train the gate's consult logit by BCE (knowledge.consult_loss_coef)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from moe.router import KnowledgeRouter
+
+
+def test_consult_loss_is_bce_of_the_consult_logit():
+    torch.manual_seed(0)
+    router = KnowledgeRouter(16, KnowledgeConfig(num_experts=4, expert_width=8, consult_rate=0.5))
+    x_TD = torch.randn(32, 16)
+    target_T = torch.rand(32) < 0.3
+    routing = router(x_TD, target_T)
+    logit_T = router.consult_proj(x_TD)[:, 0]
+    torch.testing.assert_close(routing.consult_loss, F.binary_cross_entropy_with_logits(logit_T, target_T.float()))
+    plain = router(x_TD)
+    assert float(plain.consult_loss) == 0.0
+    assert torch.equal(plain.expert_ids_TK, routing.expert_ids_TK)  # targets never change the routing itself
+    routing.consult_loss.backward()
+    assert router.consult_proj.weight.grad.abs().sum() > 0
+
+
+def test_consult_targets_need_the_gate():
+    with pytest.raises(ValueError, match="consult_loss_coef"):
+        KnowledgeConfig(mechanism="null", consult_loss_coef=1.0)
+    router = KnowledgeRouter(16, KnowledgeConfig(num_experts=4, expert_width=8, mechanism="null"))
+    with pytest.raises(ValueError, match="gate"):
+        router(torch.randn(8, 16), torch.zeros(8, dtype=torch.bool))
+
+
+def test_supervised_gate_learns_which_tokens_consult():
+    """Targets that depend on the input (first feature > 0.5, ~30% of tokens): after training on the aux loss
+    alone, the layer consults on those tokens and not on the others, at the controller's rate."""
+    torch.manual_seed(0)
+    kcfg = KnowledgeConfig(num_experts=4, expert_width=8, consult_rate=0.3, consult_loss_coef=1.0)
+    layer = PureReasonerMoE(MoEConfig(d_model=16, reasoning_width=16, knowledge=kcfg))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(200):
+        x_TD = torch.randn(256, 16)
+        target_T = x_TD[:, 0] > 0.5
+        _, stats = layer(x_TD, consult_target=target_T)
+        opt.zero_grad()
+        stats.aux_loss.backward()
+        opt.step()
+        layer.update_controller(stats)
+    layer.eval()
+    x_TD = torch.randn(4096, 16)
+    target_T = x_TD[:, 0] > 0.5
+    ids_TK = layer.router(x_TD).expert_ids_TK
+    consulted_T = (ids_TK >= 0).any(1)
+    agreement = (consulted_T == target_T).float().mean()
+    assert agreement > 0.9, float(agreement)
+    with pytest.raises(ValueError, match="consult_target"):
+        layer(x_TD, consult_target=target_T[:10])

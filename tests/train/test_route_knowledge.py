@@ -1,0 +1,118 @@
+"""Knowledge gradient routing (objective.route_knowledge): which tokens are closed-book, and that their gradient
+never reaches a reasoning expert while the forward pass is unchanged."""
+
+import pytest
+import torch
+
+from moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from tests.train.helpers import compose_config, metrics, run_in_process
+from train import data
+from train.config import DataConfig
+from train.world import pretraining_corpus
+
+
+def test_closed_book_tokens_hand_made():
+    eod = 0
+    # units: plain "5 6 EOD" | context row "7 8 | 9 EOD" (7, 8 supplied) | padding "0 0" | plain "3 EOD"
+    stream = torch.tensor([5, 6, 0, 7, 8, 9, 0, 0, 0, 3, 0])
+    mask = torch.tensor([1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1]).bool()
+    closed = data.closed_book_tokens(stream, mask, eod)
+    assert closed.tolist() == [True, True, True, False, False, False, False, False, False, True, True]
+
+
+def test_closed_book_tokens_on_a_world_stream():
+    docs = pretraining_corpus(preset="tiny", in_context_fraction=0.5, num_drills=4)
+    merged = docs.map(lambda r: {"text": r["context"] + r["text"]}, remove_columns=docs.column_names)
+    tok = data.train_tokenizer(merged, "bpe", 384)
+    stream, mask = data.tokenize_in_context(docs, tok, 512)
+    closed = data.closed_book_tokens(stream, mask, tok.token_to_id(data.EOD))
+    assert 0 < closed.float().mean() < 1
+    assert not (closed & ~mask).any()  # a supplied (context) token is never closed-book
+    # the closed tokens are exactly the rows without a context, in order
+    plain = [r["text"] for r in docs if not r["context"]]
+    assert tok.decode(stream[closed].tolist(), skip_special_tokens=False) == "".join(f"{t}{data.EOD}" for t in plain)
+
+
+def _layer() -> PureReasonerMoE:
+    kcfg = KnowledgeConfig(num_experts=6, expert_width=40, top_k=2, consult_rate=0.5)
+    layer = PureReasonerMoE(MoEConfig(d_model=32, reasoning_width=48, knowledge=kcfg))
+    layer.init_weights(std=0.3, out_std=0.3)
+    return layer
+
+
+def test_layer_frozen_tokens_send_no_gradient_to_the_reasoning_expert():
+    torch.manual_seed(0)
+    layer = _layer().double()  # float64: the comparisons below sum in different orders
+    x_BSD, g_BSD = torch.randn(3, 9, 32, dtype=torch.float64), torch.randn(3, 9, 32, dtype=torch.float64)
+    frozen_BS = torch.rand(3, 9) < 0.5
+    assert frozen_BS.any() and (~frozen_BS).any()
+
+    def run(frozen):
+        layer.zero_grad()
+        x = x_BSD.clone().requires_grad_()
+        y, _ = layer(x, reasoning_frozen=frozen) if frozen is not None else layer(x)
+        (y * g_BSD).sum().backward()
+        return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    y_full, gx_full, grads_full = run(None)
+    y_frozen, gx_frozen, grads_frozen = run(frozen_BS)
+    torch.testing.assert_close(y_frozen, y_full, rtol=0, atol=0)  # forward unchanged
+    # the reasoning expert's gradient is what the unfrozen tokens alone give it
+    layer.zero_grad()
+    (layer.reasoning(x_BSD[~frozen_BS]) * g_BSD[~frozen_BS]).sum().backward()
+    for name, param in layer.reasoning.named_parameters():
+        torch.testing.assert_close(grads_frozen[f"reasoning.{name}"], param.grad, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(grads_full[f"reasoning.{name}"], param.grad)
+    # knowledge experts and router: untouched by the routing
+    for name in grads_full:
+        if not name.startswith("reasoning."):
+            torch.testing.assert_close(grads_frozen[name], grads_full[name], rtol=1e-10, atol=1e-12)
+    # input gradient: unfrozen tokens unchanged; frozen tokens lose exactly the reasoning expert's part
+    x = x_BSD.clone().requires_grad_()
+    (gx_reasoning,) = torch.autograd.grad((layer.reasoning(x) * g_BSD).sum(), x)
+    torch.testing.assert_close(gx_frozen[~frozen_BS], gx_full[~frozen_BS], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx_frozen[frozen_BS] + gx_reasoning[frozen_BS], gx_full[frozen_BS],
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="reasoning_frozen"):
+        layer(x_BSD, reasoning_frozen=frozen_BS[:, :4])
+    with pytest.raises(ValueError, match="reasoning_frozen"):
+        layer(x_BSD, reasoning_frozen=frozen_BS.float())
+
+
+def test_model_all_frozen_trains_no_reasoning_expert():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, reasoning_width=48,
+                      knowledge=KnowledgeConfig(num_experts=4, expert_width=32, consult_rate=0.5))
+    model = PureReasonerLM(cfg)
+    idx_BS = torch.randint(0, 64, (2, 17))
+    frozen_BS = torch.ones(2, 17, dtype=torch.bool)
+    out = model(idx_BS, idx_BS, reasoning_frozen_BS=frozen_BS)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits_BSV, model(idx_BS).logits_BSV, rtol=0, atol=0)
+    for name, param in model.named_parameters():
+        if ".reasoning." in name:
+            assert param.grad is None or not param.grad.any(), name
+        elif "experts" in name or "attn" in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_route_knowledge_config_errors():
+    with pytest.raises(ValueError, match="route_knowledge"):
+        compose_config("objective.route_knowledge=true")  # no in-context data
+    world = ("data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny")
+    with pytest.raises(ValueError, match="route_knowledge"):
+        compose_config(*world, "objective.route_knowledge=true", "model=tiny_dense")
+    with pytest.raises(ValueError, match="route_knowledge"):
+        compose_config(*world, "objective.route_knowledge=true", "model=tiny_topk_moe")
+    with pytest.raises(ValueError, match="closed"):
+        data.PackedSequences(torch.arange(100), 10, 0).closed(torch.arange(2))
+    assert DataConfig().fresh_drills == 0
+
+
+def test_routed_run_end_to_end(tmp_path):
+    run_in_process(
+        tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
+        "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "objective.route_knowledge=true",
+        "data.fresh_drills=1",
+    )
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]

@@ -1,0 +1,61 @@
+"""Reading drills that are new in every micro-batch (issue 5: "freshly generated people in every batch").
+
+``data.fresh_drills = n`` fills n of the ``train.micro_batch_size`` sequences of every micro-batch with reading
+drills (``train.world.drill_rows``: biographies of people generated for this micro-batch as context, no loss on
+it, then QA lines about them) instead of corpus sequences. The people are drawn from (world seed, step, rank,
+micro-step), so no two micro-batches share a drill, a resumed run reads exactly what the first run would have,
+and 1 rank with grad_accum=2 reads what 2 ranks with grad_accum=1 read (the key is the global micro-batch index).
+A name may recur in a later batch (the world's name pool is finite) but with other facts, so memorising a
+drill person never pays: only reading does.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from train.data import EOD, pack_units
+from train.objectives import IGNORE_INDEX, in_context_tokens
+from train.world import World, drill_rows
+
+
+class FreshDrills:
+    """Packed sequences of fresh reading drills.
+
+    Args:
+        world: the training world (drill people are never among its people).
+        tok: the training tokenizer.
+        seq_len: S.
+        questions: QA lines per drill (``drill_rows(questions=)``).
+    """
+
+    def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1):
+        self.world, self.tok, self.seq_len, self.questions = world, tok, seq_len, questions
+        self.eod = tok.token_to_id(EOD)
+        for key in range(8):  # a drill too long for a sequence fails here (mostly), before training starts
+            self.batch(-1 - key, 1)
+
+
+    def batch(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` sequences of drills about people drawn for ``key`` (the global micro-batch index):
+        (idx_nS, targets_nS), targets IGNORE_INDEX on contexts and padding."""
+        window = self.seq_len + 1
+        units: list[tuple[list[int], list[bool]]] = []
+        chunk = 0
+        while True:
+            rows = drill_rows(self.world, f"{key}.{chunk}", count, stream="fresh", questions=self.questions)
+            texts = self.tok.encode_batch_fast([r["text"] for r in rows])
+            contexts = self.tok.encode_batch_fast([r["context"] for r in rows])
+            units += [in_context_tokens(c.ids, t.ids + [self.eod]) for c, t in zip(contexts, texts, strict=True)]
+            try:
+                stream, mask = pack_units(units, self.seq_len, self.eod)
+            except ValueError as err:
+                raise ValueError(f"fresh reading drill ({self.questions} questions): {err}, or lower "
+                                 "data.generator_kwargs.drill_questions") from err
+            if stream.numel() >= count * self.seq_len + 1:
+                break
+            chunk += 1
+        offsets_nS1 = torch.arange(count).unsqueeze(1) * self.seq_len + torch.arange(window)
+        window_nS1 = stream[offsets_nS1]
+        targets_nS = window_nS1[:, 1:].masked_fill(~mask[offsets_nS1[:, 1:]], IGNORE_INDEX)
+        return window_nS1[:, :-1], targets_nS
