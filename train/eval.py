@@ -222,21 +222,37 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
 
 def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people: int, batch_size: int = 16) -> dict:
     """Bits about the known people's attribute values held by the model (``eval_metrics.knowledge_bits``),
-    estimated on a uniform sample of people and scaled to all of them."""
+    estimated on a uniform sample of people and scaled to all of them.
+
+    Each value is scored after its biography prefix (``"{name} studied at"``). Where the value set is listed
+    (every attribute but birth_date) the model is restricted to it (``eval_metrics.normalized_logprobs``):
+    the question is what the model knows about *which* value, not how it phrases it. ``bits`` is
+    ``eval_metrics.bits_lower_bound`` of the per-attribute bits (a per-attribute fallback to the uniform
+    code); ``raw_bits`` their plain sum."""
     people = random.Random(f"{world.cfg.seed}:bits").sample(world.people, min(max_people, len(world.people)))
     scale = len(world.people) / len(people)
     per_attribute = {}
     for attribute in ATTRIBUTES:
         prefix = prefix_of(BIO_TEMPLATES[attribute][0])
-        pairs = [(prefix.format(name=p.name), continuation(world.values(p)[attribute])) for p in people]
-        logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+        space = world.value_space(attribute)
+        golds = [world.values(p)[attribute] for p in people]
+        if space is None:
+            pairs = [(prefix.format(name=p.name), continuation(g)) for p, g in zip(people, golds, strict=True)]
+            logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+        else:
+            pairs = [(prefix.format(name=p.name), continuation(v)) for p in people for v in space]
+            flat, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+            rows = [flat[i * len(space) : (i + 1) * len(space)] for i in range(len(people))]
+            logprobs = em.normalized_logprobs(rows, [space.index(g) for g in golds])
         size = world.num_values(attribute)
         bits = em.knowledge_bits(logprobs, [size] * len(people)) * scale
-        per_attribute[attribute] = {"bits": bits, "max_bits": len(world.people) * math.log2(size)}
-    total = sum(v["bits"] for v in per_attribute.values())
+        per_attribute[attribute] = {"bits": bits, "max_bits": len(world.people) * math.log2(size),
+                                    "normalized": space is not None}
+    raw = sum(v["bits"] for v in per_attribute.values())
+    total = em.bits_lower_bound([v["bits"] for v in per_attribute.values()])
     expert_params = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     all_params = sum(p.numel() for p in model.parameters())
-    return {"bits": total, "max_bits": sum(v["max_bits"] for v in per_attribute.values()),
+    return {"bits": total, "raw_bits": raw, "max_bits": sum(v["max_bits"] for v in per_attribute.values()),
             "people_scored": len(people), "people": len(world.people), "per_attribute": per_attribute,
             "knowledge_expert_params": expert_params, "params": all_params,
             "bits_per_knowledge_param": em.per_parameter(total, expert_params),

@@ -123,6 +123,28 @@ def knowledge_bits(value_logprobs: Sequence[float], num_values: Sequence[int]) -
     return sum(math.log2(n) + lp / math.log(2) for lp, n in zip(value_logprobs, num_values, strict=True))
 
 
+def normalized_logprobs(value_logprobs_PV: Sequence[Sequence[float]], gold_P: Sequence[int]) -> list[float]:
+    """The gold value's log-probability under the model restricted to the value set: row p of
+    ``value_logprobs_PV`` holds the model's log-probability of every value of the set for fact p; returns
+    ``lp[p, gold_p] - logsumexp(lp[p])`` (a code for values known to come from the set; never below the
+    unrestricted log-probability)."""
+    if len(value_logprobs_PV) != len(gold_P):
+        raise ValueError(f"{len(value_logprobs_PV)} rows of log-probabilities for {len(gold_P)} gold indices")
+    out = []
+    for row, gold in zip(value_logprobs_PV, gold_P, strict=True):
+        if not 0 <= gold < len(row):
+            raise ValueError(f"gold index {gold} outside a value set of {len(row)}")
+        top = max(row)
+        out.append(row[gold] - top - math.log(sum(math.exp(x - top) for x in row)))
+    return out
+
+
+def bits_lower_bound(bits_per_attribute: Sequence[float]) -> float:
+    """Total bits with a per-attribute fallback to the uniform code: ``sum max(0, bits_a - 1)`` (one bit per
+    attribute says which code is used), so a model worse than uniform on one attribute costs it nothing."""
+    return sum(max(0.0, b - 1.0) for b in bits_per_attribute)
+
+
 def per_parameter(bits: float, num_params: int) -> float | None:
     return bits / num_params if num_params > 0 else None
 

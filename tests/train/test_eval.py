@@ -65,6 +65,21 @@ def test_knowledge_bits():
         em.knowledge_bits([0.3], [4])
 
 
+def test_normalized_logprobs_and_bits_lower_bound():
+    # the model spreads mass outside the set (formatting): restricted to the set, 1/2 and 1/4 of it are the truth
+    rows = [[math.log(0.1), math.log(0.1)], [math.log(0.05), math.log(0.15), math.log(0.0001)]]
+    got = em.normalized_logprobs(rows, [0, 0])
+    assert got[0] == pytest.approx(math.log(0.5)) and got[1] == pytest.approx(math.log(0.05 / 0.2001))
+    assert all(g >= r[0] for g, r in zip(got, rows, strict=True))  # never below the unrestricted log-probability
+    with pytest.raises(ValueError):
+        em.normalized_logprobs(rows, [0])
+    with pytest.raises(ValueError):
+        em.normalized_logprobs(rows, [0, 3])
+    # per attribute: worse than uniform counts 0, one bit per attribute pays for the choice of code
+    assert em.bits_lower_bound([10.0, -50.0, 0.5]) == pytest.approx(9.0)
+    assert em.bits_lower_bound([]) == 0.0
+
+
 def test_routing_specificity_metric():
     out = em.routing_specificity(6, 10, 20, 200)
     assert out["answer_rate"] == 0.6 and out["other_rate"] == 0.1 and out["ratio"] == pytest.approx(6.0)
@@ -195,7 +210,9 @@ def test_smoke_train_then_eval(tmp_path):
     faith = report["faithfulness"]["base"]["choice"]
     assert faith["n"] == 4 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
     bits = report["knowledge_bits"]
-    assert bits["people_scored"] == 8 and bits["bits"] <= bits["max_bits"]
+    assert bits["people_scored"] == 8 and 0 <= bits["bits"] <= bits["max_bits"]
+    assert bits["bits"] == pytest.approx(em.bits_lower_bound([a["bits"] for a in bits["per_attribute"].values()]))
+    assert [a["normalized"] for a in bits["per_attribute"].values()] == [False, True, True, True, True]
     assert bits["knowledge_expert_params"] == 2 * 4 * 3 * 32 * 32
     assert bits["bits_per_knowledge_param"] == pytest.approx(bits["bits"] / bits["knowledge_expert_params"])
     for group in ("closed_book", "open_book"):
