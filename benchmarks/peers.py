@@ -211,6 +211,11 @@ def _init_deepspeed_groups() -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if not torch.cuda.is_available():
+        # As train.dist.init_distributed does (benchmarks may not import train/): otherwise DeepSpeed JIT-builds
+        # its CPU shared-memory all-reduce op here with g++ (minutes), and a build killed midway leaves a lock
+        # file in ~/.cache/torch_extensions that makes every later run wait on it forever.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")

@@ -254,16 +254,15 @@ class Config:
             self.objective.kind != "distill" or self.data.in_context_fraction is not None,
             "objective.kind=distill needs data.in_context_fraction (the teacher reads the supplied facts)",
         )
-        closed_book = {"objective.route_knowledge": self.objective.route_knowledge,
-                       "model.knowledge.consult_loss_coef": kcfg.consult_loss_coef > 0}
-        for key, on in closed_book.items():  # both read the closed-book tokens of knowledge-in-context data
-            _require(
-                not on
-                or (self.data.in_context_fraction is not None and self.ffn == "pure_reasoner"
-                    and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
-                f"{key} needs data.in_context_fraction, ffn=pure_reasoner and MoE layers; got in_context_fraction="
-                f"{self.data.in_context_fraction}, ffn={self.ffn!r}",
-            )
+        _require(
+            not self.uses_closed_book_tokens
+            or (self.data.in_context_fraction is not None and self.ffn == "pure_reasoner"
+                and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
+            "objective.route_knowledge / model.knowledge.consult_loss_coef need data.in_context_fraction, "
+            f"ffn=pure_reasoner and MoE layers; got in_context_fraction={self.data.in_context_fraction}, "
+            f"ffn={self.ffn!r}, route_knowledge={self.objective.route_knowledge}, "
+            f"consult_loss_coef={kcfg.consult_loss_coef}",
+        )
         _require(
             not self.objective.route_knowledge or self.model.reasoning_width is not None,
             "objective.route_knowledge needs a reasoning expert, got model.reasoning_width=None",
@@ -273,6 +272,14 @@ class Config:
             f"data.fresh_drills={self.data.fresh_drills} must be below train.micro_batch_size="
             f"{self.train.micro_batch_size} (at least one corpus sequence per micro-batch)",
         )
+
+
+    @property
+    def uses_closed_book_tokens(self) -> bool:
+        """Whether training reads the closed-book token mask (``train.data.closed_book_tokens``): as the
+        reasoning experts' frozen tokens (``objective.route_knowledge``) and/or as consult targets
+        (``model.knowledge.consult_loss_coef``)."""
+        return self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

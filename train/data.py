@@ -242,19 +242,17 @@ def tokenize_in_context(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) ->
     padding with mask False fills up to the next window's start. A unit longer than S + 1 is a ValueError.
     """
     eod = tok.token_to_id(EOD)
+    units = (unit for start in range(0, len(docs), 256)
+             for unit in encode_units(docs[start : start + 256], tok, eod))
+    return pack_units(units, seq_len, eod)
 
-    def units() -> Iterator[tuple[list[int], list[bool]]]:
-        for start in range(0, len(docs), 256):
-            batch = docs[start : start + 256]
-            texts = tok.encode_batch_fast(batch["text"])
-            contexts = tok.encode_batch_fast(batch["context"])
-            for text, context, raw in zip(texts, contexts, batch["context"], strict=True):
-                if not raw:
-                    yield text.ids + [eod], [True] * (len(text.ids) + 1)
-                else:
-                    yield in_context_tokens(context.ids, text.ids + [eod])
 
-    return pack_units(units(), seq_len, eod)
+def encode_units(rows: dict[str, list[str]], tok: Tokenizer, eod: int) -> list[tuple[list[int], list[bool]]]:
+    """(ids, loss mask) per row of ``{"text": [...], "context": [...]}``: ``in_context_tokens(context, text + EOD)``
+    (mask False on the context; a row with context "" is ``text + EOD``, mask True throughout)."""
+    texts = tok.encode_batch_fast(rows["text"])
+    contexts = tok.encode_batch_fast(rows["context"])
+    return [in_context_tokens(context.ids, text.ids + [eod]) for text, context in zip(texts, contexts, strict=True)]
 
 
 def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod: int,
@@ -291,6 +289,17 @@ def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) 
     unit_L = torch.cumsum(is_eod.long(), 0) - is_eod.long()  # an EOD belongs to the unit it ends
     has_masked = torch.zeros(int(unit_L[-1]) + 1, dtype=torch.bool).index_put_((unit_L,), ~loss_mask, accumulate=True)
     return ~has_masked[unit_L]
+
+
+def read_windows(stream: torch.Tensor, loss_mask: torch.Tensor | None, offsets_BS1: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx_BS, targets_BS) of the windows at stream offsets [B, S + 1]; a target whose token is False in
+    ``loss_mask`` is IGNORE_INDEX."""
+    window_BS1 = stream[offsets_BS1]
+    targets_BS = window_BS1[:, 1:]
+    if loss_mask is not None:
+        targets_BS = targets_BS.masked_fill(~loss_mask[offsets_BS1[:, 1:]], IGNORE_INDEX)
+    return window_BS1[:, :-1], targets_BS
 
 
 class PackedSequences:
@@ -341,12 +350,7 @@ class PackedSequences:
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""
-        offsets_BS1 = self._offsets(positions)
-        window_BS1 = self.stream[offsets_BS1]
-        targets_BS = window_BS1[:, 1:]
-        if self.loss_mask is not None:
-            targets_BS = targets_BS.masked_fill(~self.loss_mask[offsets_BS1[:, 1:]], IGNORE_INDEX)
-        return window_BS1[:, :-1], targets_BS
+        return read_windows(self.stream, self.loss_mask, self._offsets(positions))
 
 
 def micro_batch_positions(

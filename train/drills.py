@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from train.data import EOD, pack_units
-from train.objectives import IGNORE_INDEX, in_context_tokens
+from train.data import EOD, encode_units, pack_units, read_windows
 from train.world import World, drill_rows
 
 
@@ -35,18 +34,14 @@ class FreshDrills:
         for key in range(8):  # a drill too long for a sequence fails here (mostly), before training starts
             self.batch(-1 - key, 1)
 
-
     def batch(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` sequences of drills about people drawn for ``key`` (the global micro-batch index):
         (idx_nS, targets_nS), targets IGNORE_INDEX on contexts and padding."""
-        window = self.seq_len + 1
         units: list[tuple[list[int], list[bool]]] = []
         chunk = 0
         while True:
             rows = drill_rows(self.world, f"{key}.{chunk}", count, stream="fresh", questions=self.questions)
-            texts = self.tok.encode_batch_fast([r["text"] for r in rows])
-            contexts = self.tok.encode_batch_fast([r["context"] for r in rows])
-            units += [in_context_tokens(c.ids, t.ids + [self.eod]) for c, t in zip(contexts, texts, strict=True)]
+            units += encode_units({k: [r[k] for r in rows] for k in ("text", "context")}, self.tok, self.eod)
             try:
                 stream, mask = pack_units(units, self.seq_len, self.eod)
             except ValueError as err:
@@ -55,7 +50,5 @@ class FreshDrills:
             if stream.numel() >= count * self.seq_len + 1:
                 break
             chunk += 1
-        offsets_nS1 = torch.arange(count).unsqueeze(1) * self.seq_len + torch.arange(window)
-        window_nS1 = stream[offsets_nS1]
-        targets_nS = window_nS1[:, 1:].masked_fill(~mask[offsets_nS1[:, 1:]], IGNORE_INDEX)
-        return window_nS1[:, :-1], targets_nS
+        offsets_nS1 = torch.arange(count).unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
+        return read_windows(stream, mask, offsets_nS1)

@@ -63,8 +63,7 @@ class TrainData:
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
-        routed, supervised = cfg.objective.route_knowledge, cfg.model.knowledge.consult_loss_coef > 0
-        closed_BS = self.packed.closed(positions) if routed or supervised else None
+        closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
         if self.drills is not None:
             key = (step * info.world_size + info.rank) * t.grad_accum + micro  # global micro-batch index
             drill_idx, drill_targets = self.drills.batch(key, fresh)
@@ -72,9 +71,9 @@ class TrainData:
             if closed_BS is not None:
                 closed_BS = torch.cat([closed_BS, torch.zeros_like(drill_idx, dtype=torch.bool)])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
-        if routed:
+        if cfg.objective.route_knowledge:
             batch["reasoning_frozen_BS"] = closed_BS
-        if supervised:
+        if cfg.model.knowledge.consult_loss_coef > 0:
             batch["consult_target_BS"] = closed_BS
         return batch
 
@@ -99,7 +98,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
         closed = None
-        if cfg.objective.route_knowledge or cfg.model.knowledge.consult_loss_coef > 0:
+        if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,

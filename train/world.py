@@ -282,12 +282,6 @@ def _resolve(world: World | WorldConfig | dict | None, overrides: dict) -> World
     return build_world(world_config(**{**(world or {}), **overrides}))
 
 
-def _row(kind: str, text: Builder, context: Builder | None = None) -> dict:
-    context = context or Builder()
-    return {"text": text.text, "context": context.text, "kind": kind,
-            "spans": Builder().extend(context).extend(text).spans}
-
-
 def _known_rows(world: World, rng: random.Random) -> list[tuple[str, Builder, list[Person]]]:
     """(kind, text, people whose facts the text needs) for biographies, QA and comparisons."""
     rows = []
@@ -351,8 +345,8 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
     for kind, text, people in _known_rows(world, rng):
         supplied = context_rng.random() < in_context_fraction
         context = context_for(world, context_rng, people, ("country", "headquarters")) if supplied else None
-        rows.append(_row(kind, text, context))
-    rows += [_row("world", text) for text in _world_rows(world, rng)]
+        rows.append(wt.training_row(kind, text, context))
+    rows += [wt.training_row("world", text) for text in _world_rows(world, rng)]
     rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus",
                        questions=drill_questions)
     random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)

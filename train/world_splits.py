@@ -206,6 +206,5 @@ def drill_rows(world: World, step: int | str, count: int, stream: str = "drill",
         bridges = tuple(dict.fromkeys(kind for _, a in asked for kind in BRIDGE_FOR.get(a, ())))
         context = context_for(world, rng, members, bridges)
         text = wt.lines([wt.qa_line(wt.question(a, p.name), world.values(p)[a], p.name) for p, a in asked])
-        rows.append({"text": text.text, "context": context.text, "kind": "drill",
-                     "spans": Builder().extend(context).extend(text).spans})
+        rows.append(wt.training_row("drill", text, context))
     return rows

@@ -150,6 +150,13 @@ def lines(pieces: Sequence[Builder]) -> Builder:
     return out
 
 
+def training_row(kind: str, text: Builder, context: Builder | None = None) -> dict:
+    """A corpus row {text, context, kind, spans}; the spans index into ``context + text``."""
+    context = context or Builder()
+    return {"text": text.text, "context": context.text, "kind": kind,
+            "spans": Builder().extend(context).extend(text).spans}
+
+
 def qa_prompt(q: Builder) -> Builder:
     """``Q: {question}\\nA:`` -- the model continues with ``" {answer}."``."""
     return Builder().add("Q: ").extend(q).add("\nA:")

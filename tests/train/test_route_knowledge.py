@@ -7,7 +7,6 @@ import torch
 from moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
 from tests.train.helpers import compose_config, metrics, run_in_process
 from train import data
-from train.config import DataConfig
 from train.world import pretraining_corpus
 
 
@@ -105,7 +104,8 @@ def test_route_knowledge_config_errors():
         compose_config(*world, "objective.route_knowledge=true", "model=tiny_topk_moe")
     with pytest.raises(ValueError, match="closed"):
         data.PackedSequences(torch.arange(100), 10, 0).closed(torch.arange(2))
-    assert DataConfig().fresh_drills == 0
+    with pytest.raises(ValueError, match="consult_loss_coef"):
+        compose_config("model.knowledge.consult_loss_coef=0.1")  # no in-context data
 
 
 def test_routed_run_end_to_end(tmp_path):
