@@ -23,6 +23,7 @@ FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
+CONSULT_TARGETS = ("rows", "recall")
 WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
@@ -196,6 +197,10 @@ class ObjectiveConfig:
         be memorised), the reasoning experts' outputs are detached, so memorisation's gradient reaches the
         knowledge experts, attention and embeddings but never a reasoning expert; rows with a context and
         reading drills train everything. The forward pass is unchanged.
+    consult_targets: with ``model.knowledge.consult_loss_coef``, which tokens the consult gate is taught to
+        consult on: ``rows`` (every token of a row stated without its facts in context) or ``recall`` (the
+        tokens of such rows whose next token is part of a fact's value, ``train.data.recall_tokens``: only
+        where recall from memory is needed; world generator only).
     """
 
     kind: str = "lm"
@@ -204,8 +209,11 @@ class ObjectiveConfig:
     ce_weight: float = 1.0
     temperature: float = 1.0
     route_knowledge: bool = False
+    consult_targets: str = "rows"
 
     def __post_init__(self) -> None:
+        _require(self.consult_targets in CONSULT_TARGETS,
+                 f"objective.consult_targets must be one of {CONSULT_TARGETS}, got {self.consult_targets!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
         for key in ("kl_weight", "ce_weight"):
@@ -264,6 +272,11 @@ class Config:
             f"consult_loss_coef={kcfg.consult_loss_coef}",
         )
         _require(
+            not self.uses_recall_tokens or self.data.generator == WORLD_GENERATOR,
+            f"objective.consult_targets=recall needs data.generator={WORLD_GENERATOR} (its rows mark fact values), "
+            f"got {self.data.generator!r}",
+        )
+        _require(
             not self.objective.route_knowledge or self.model.reasoning_width is not None,
             "objective.route_knowledge needs a reasoning expert, got model.reasoning_width=None",
         )
@@ -280,6 +293,11 @@ class Config:
         reasoning experts' frozen tokens (``objective.route_knowledge``) and/or as consult targets
         (``model.knowledge.consult_loss_coef``)."""
         return self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
+
+    @property
+    def uses_recall_tokens(self) -> bool:
+        """Whether the consult targets are the recall tokens (``train.data.recall_tokens``) of closed-book rows."""
+        return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets == "recall"
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

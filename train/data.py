@@ -113,7 +113,7 @@ def _import(path: str) -> Callable:
         raise ValueError(f"data.generator={path!r} cannot be imported: {err}") from err
 
 
-def _generated(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
+def _generated(cfg: DataConfig, cache_dir: str, recall: bool) -> datasets.Dataset:
     fn = _import(cfg.generator)
     in_context = cfg.in_context_fraction is not None
     kwargs = {**cfg.generator_kwargs, **({"in_context_fraction": cfg.in_context_fraction} if in_context else {})}
@@ -125,18 +125,32 @@ def _generated(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
                 raise ValueError(
                     f"data.generator={cfg.generator!r} item {i} has no text field {cfg.text_field!r}: {item!r:.80}"
                 )
+            row = {"text": text}
             if in_context:
-                context = item.get("context") if isinstance(item, dict) else ""
-                yield {"text": text, "context": context or ""}
-            else:
-                yield {"text": text}
+                row["context"] = (item.get("context") if isinstance(item, dict) else "") or ""
+            if recall:
+                spans = item.get("recall") if isinstance(item, dict) else None
+                if not isinstance(spans, list):
+                    raise ValueError(f"data.generator={cfg.generator!r} item {i} has no 'recall' spans (needed by "
+                                     f"objective.consult_targets=recall): {item!r:.80}")
+                row["recall"] = spans
+            yield row
 
     # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
-    return datasets.Dataset.from_generator(rows, cache_dir=cache_dir, keep_in_memory=True)
+    try:
+        return datasets.Dataset.from_generator(rows, cache_dir=cache_dir, keep_in_memory=True)
+    except datasets.exceptions.DatasetGenerationError as err:  # datasets wraps what ``rows`` raised
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
 
 
-def load_documents(cfg: DataConfig) -> datasets.Dataset:
-    """The corpus as a Dataset with one ``text`` column, one document per row. Raises ValueError on bad input."""
+def load_documents(cfg: DataConfig, recall: bool = False) -> datasets.Dataset:
+    """The corpus as a Dataset with a ``text`` column, one document per row (plus ``context`` with
+    ``in_context_fraction`` and, with ``recall`` (a generator's rows only), the rows' ``recall`` spans over
+    ``context + text``). Raises ValueError on bad input."""
+    if recall and cfg.source != "generator":
+        raise ValueError(f"recall spans come from a generator's rows, got data.source={cfg.source!r}")
     if cfg.source == "files":
         paths = [Path(p).expanduser() for p in cfg.files]
         for p in paths:
@@ -150,7 +164,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         paths = shakespeare_files() if cfg.source == "shakespeare" else []
     with tempfile.TemporaryDirectory(prefix="pure-reasoner-data-") as cache_dir:
         if cfg.source == "generator":
-            ds = _generated(cfg, cache_dir)
+            ds = _generated(cfg, cache_dir, recall)
         else:
             by_format: dict[str, list[Path]] = {}
             for p in paths:
@@ -281,6 +295,30 @@ def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod:
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
 
 
+def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+    """[L] bool over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: True on every token whose
+    characters overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``).
+
+    The rows are encoded again, with character offsets, and packed by the same ``pack_units`` (same lengths and
+    loss masks, so the same layout: padding and EOD are False).
+    """
+    eod = tok.token_to_id(EOD)
+
+    def units() -> Iterator[tuple[list[int], list[bool]]]:
+        for start in range(0, len(docs), 256):
+            rows = docs[start : start + 256]
+            contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
+            for context, text, context_str, spans in zip(contexts, texts, rows["context"], rows["recall"],
+                                                         strict=True):
+                shift = len(context_str)
+                offsets = [*context.offsets, *((a + shift, b + shift) for a, b in text.offsets)]
+                flags = [int(any(a < end and begin < b for begin, end in spans)) for a, b in offsets] + [0]  # + EOD
+                yield flags, [False] * len(context.ids) + [True] * (len(text.ids) + 1)
+
+    flags, _ = pack_units(units(), seq_len, eod=0)
+    return flags.bool()
+
+
 def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) -> torch.Tensor:
     """[L] bool: True on the tokens of rows that carry no context (a unit of ``pack_units`` from its first token
     through its EOD whose loss mask is True throughout): text whose facts the model must hold in its weights.
@@ -312,17 +350,21 @@ class PackedSequences:
         source: what the stream came from, for error messages.
         loss_mask: [L] bool or None; a target whose token is False in it becomes -100 (no loss).
         closed: [L] bool or None (``closed_book_tokens``); ``closed(positions)`` reads it like ``batch``.
+        recall: [L] bool or None (``recall_tokens``); ``recall(positions)`` reads it at the targets.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
-                 loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None):
+                 loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None,
+                 recall: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         if loss_mask is not None and loss_mask.shape != stream.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
-        if closed is not None and closed.shape != stream.shape:
-            raise ValueError(f"closed shape {tuple(closed.shape)} != stream shape {tuple(stream.shape)}")
+        for name, mask in (("closed", closed), ("recall", recall)):
+            if mask is not None and mask.shape != stream.shape:
+                raise ValueError(f"{name} shape {tuple(mask.shape)} != stream shape {tuple(stream.shape)}")
         self.stream, self.seq_len, self.seed, self.loss_mask, self.closed_L = stream, seq_len, seed, loss_mask, closed
+        self.recall_L = recall
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -347,6 +389,13 @@ class PackedSequences:
         if self.closed_L is None:
             raise ValueError("these sequences were packed without a closed-book mask")
         return self.closed_L[self._offsets(positions)[:, :-1]]
+
+    def recall(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: ``recall`` at the *targets* of ``batch(positions)``: True where the next token is (part
+        of) a fact's value."""
+        if self.recall_L is None:
+            raise ValueError("these sequences were packed without a recall mask")
+        return self.recall_L[self._offsets(positions)[:, 1:]]
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""

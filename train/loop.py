@@ -58,23 +58,26 @@ class TrainData:
     def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
         closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS with
-        ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef``."""
+        ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef`` (with
+        ``objective.consult_targets=recall`` only those whose target is a fact value, ``data.recall_tokens``)."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
+        consult_BS = closed_BS & self.packed.recall(positions) if cfg.uses_recall_tokens else closed_BS
         if self.drills is not None:
             key = (step * info.world_size + info.rank) * t.grad_accum + micro  # global micro-batch index
             drill_idx, drill_targets = self.drills.batch(key, fresh)
             idx_BS, targets_BS = torch.cat([idx_BS, drill_idx]), torch.cat([targets_BS, drill_targets])
             if closed_BS is not None:
-                closed_BS = torch.cat([closed_BS, torch.zeros_like(drill_idx, dtype=torch.bool)])
+                none_BS = torch.zeros_like(drill_idx, dtype=torch.bool)
+                closed_BS, consult_BS = torch.cat([closed_BS, none_BS]), torch.cat([consult_BS, none_BS])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
         if cfg.objective.route_knowledge:
             batch["reasoning_frozen_BS"] = closed_BS
         if cfg.model.knowledge.consult_loss_coef > 0:
-            batch["consult_target_BS"] = closed_BS
+            batch["consult_target_BS"] = consult_BS
         return batch
 
 
@@ -82,7 +85,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     """Load, tokenize and pack the corpus. Rank 0 trains (or reuses) and saves the tokenizer first."""
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
-        docs = data.load_documents(cfg.data)
+        docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens)
         if data.num_chars(docs) == 0:
             raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():
@@ -97,12 +100,14 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             stream, loss_mask = data.tokenize(docs, tok), None
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
-        closed = None
+        closed = recall = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
+        if cfg.uses_recall_tokens:
+            recall = data.recall_tokens(docs, tok, cfg.data.seq_len)
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
-            closed=closed,
+            closed=closed, recall=recall,
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ Training data (``pretraining_corpus``, usable as ``data.generator=train.world:pr
              ``context_column=False`` the context is merged into ``text`` instead (plain LM on everything).
     kind:    ``bio`` | ``qa`` | ``comparison`` | ``world`` | ``drill``.
     spans:   facts in ``context + text``: list of {start, end, type, entity} (see ``train.world_text``).
+    recall:  [start, end] of the spans that hold a fact's value (``world_text.RECALLED_TYPES``): on rows without
+             a context, what must be recalled from memory (``objective.consult_targets=recall``).
 The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``); for drills that are new in every
 batch, ``data.fresh_drills`` (``train.drills``) adds ``drill_rows(world, key, count)`` to each micro-batch.
 Lengths at the default size: a row with its context is at most ~830 bytes (~400 tokens with a 512-token
@@ -351,7 +353,8 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
                        questions=drill_questions)
     random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)
     if not context_column:
-        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"]} for r in rows]
+        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"]}
+                for r in rows]
     return datasets.Dataset.from_list(rows)
 
 

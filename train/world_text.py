@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
 TWO_HOP = ("birth_country", "employer_city")
+# Span types whose text is the value of a stored fact: what closed-book recall must produce (names and the
+# subjects of bridge facts are what a fact is *about*, not what is recalled).
+RECALLED_TYPES = (*ATTRIBUTES, "country", "headquarters", "answer")
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -151,10 +154,16 @@ def lines(pieces: Sequence[Builder]) -> Builder:
 
 
 def training_row(kind: str, text: Builder, context: Builder | None = None) -> dict:
-    """A corpus row {text, context, kind, spans}; the spans index into ``context + text``."""
+    """A corpus row {text, context, kind, spans, recall}; the spans index into ``context + text``, ``recall``
+    lists the [start, end] of the spans of ``RECALLED_TYPES`` (``train.data.recall_tokens`` reads it)."""
     context = context or Builder()
-    return {"text": text.text, "context": context.text, "kind": kind,
-            "spans": Builder().extend(context).extend(text).spans}
+    spans = Builder().extend(context).extend(text).spans
+    return {"text": text.text, "context": context.text, "kind": kind, "spans": spans, "recall": recall_spans(spans)}
+
+
+def recall_spans(spans: Sequence[dict]) -> list[list[int]]:
+    """[start, end] of each span whose type is in ``RECALLED_TYPES``."""
+    return [[s["start"], s["end"]] for s in spans if s["type"] in RECALLED_TYPES]
 
 
 def qa_prompt(q: Builder) -> Builder:
