@@ -4,7 +4,8 @@
 
 Inputs (in DIR):
     eval/<model>.json: one ``python -m train.eval --json`` report per model (the file stem names the model).
-    runs.json (optional): {model: {"wall_s": ..., "commands": [...], ...}}, copied into the output as is.
+    runs.json (optional): {model: {"wall_s": ..., "commands": [...], ...}}, copied into the output as is; its
+        ``flops`` (recorded when the run was made) stands in for a checkpoint that is no longer on disk.
     notes.md (optional): text put before the tables of ``decoupling.md`` (what was run, what it shows).
 Outputs (in DIR): ``decoupling.json`` (per model: per-split accuracy under every ablation, decoupling scores,
 faithfulness, bits per parameter, routing, active FLOPs/token from ``moe.flops.nominal`` of the checkpoint's
@@ -64,7 +65,7 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
         "routing": {g: {k: r.get(k) for k in ("answer_rate", "other_rate", "ratio")}
                     | {"per_layer": [{k: x.get(k) for k in ("answer_rate", "other_rate", "ratio")}
                                      for x in r.get("per_layer", [])]} for g, r in routing.items()},
-        "flops": _flops(report.get("checkpoint")),
+        "flops": _flops(report.get("checkpoint")) or (run or {}).get("flops"),
         "run": run or {},
     }
 

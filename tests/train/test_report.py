@@ -31,7 +31,9 @@ def test_report_from_hand_made_json(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "reasoner.json").write_text(json.dumps(_report(0.6, 0.05, 0.9)))
     (tmp_path / "eval" / "dense.json").write_text(json.dumps(_report(0.4, 0.4, 0.2)))
-    (tmp_path / "runs.json").write_text(json.dumps({"dense": {"wall_s": 321, "commands": ["python -m train x"]}}))
+    recorded = {"seq_len": 512, "flops_per_token": 7.8e6, "active_params": 7.8e5, "total_params": 7.8e5}
+    (tmp_path / "runs.json").write_text(json.dumps({"dense": {"wall_s": 321, "commands": ["python -m train x"],
+                                                              "flops": recorded}}))
     (tmp_path / "notes.md").write_text("## What was run\n")
     assert main([str(tmp_path)]) == 0
     out = json.loads((tmp_path / "decoupling.json").read_text())
@@ -40,7 +42,8 @@ def test_report_from_hand_made_json(tmp_path):
     assert by_name["reasoner"]["splits"]["closed_book"]["knowledge_off"]["acc_adjusted"] == 0.05
     assert by_name["dense"]["faithfulness"]["base"]["faithfulness"] == 0.2
     assert by_name["dense"]["run"]["wall_s"] == 321 and by_name["reasoner"]["run"] == {}
-    assert by_name["reasoner"]["flops"] is None  # the checkpoint is not on disk
+    assert by_name["reasoner"]["flops"] is None  # the checkpoint is not on disk, and no run record has FLOPs
+    assert by_name["dense"]["flops"] == recorded  # ... the run record's stand in
     assert [x["ratio"] for x in by_name["reasoner"]["routing"]["closed_book"]["per_layer"]] == [2.0, 4.0]
     md = (tmp_path / "decoupling.md").read_text()
     assert md.startswith("## What was run")
