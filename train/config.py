@@ -23,7 +23,7 @@ FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
-CONSULT_TARGETS = ("rows", "recall")
+KNOWLEDGE_TOKENS = ("rows", "recall")
 WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
@@ -197,6 +197,8 @@ class ObjectiveConfig:
         be memorised), the reasoning experts' outputs are detached, so memorisation's gradient reaches the
         knowledge experts, attention and embeddings but never a reasoning expert; rows with a context and
         reading drills train everything. The forward pass is unchanged.
+    route_tokens: with ``route_knowledge``, which tokens of those rows are routed: ``rows`` (all of them) or
+        ``recall`` (only those whose next token is part of a fact's value, as ``consult_targets=recall``).
     consult_targets: with ``model.knowledge.consult_loss_coef``, which tokens the consult gate is taught to
         consult on: ``rows`` (every token of a row stated without its facts in context) or ``recall`` (the
         tokens of such rows whose next token is part of a fact's value, ``train.data.recall_tokens``: only
@@ -209,11 +211,13 @@ class ObjectiveConfig:
     ce_weight: float = 1.0
     temperature: float = 1.0
     route_knowledge: bool = False
+    route_tokens: str = "rows"
     consult_targets: str = "rows"
 
     def __post_init__(self) -> None:
-        _require(self.consult_targets in CONSULT_TARGETS,
-                 f"objective.consult_targets must be one of {CONSULT_TARGETS}, got {self.consult_targets!r}")
+        for key in ("route_tokens", "consult_targets"):
+            _require(getattr(self, key) in KNOWLEDGE_TOKENS,
+                     f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
         for key in ("kl_weight", "ce_weight"):
@@ -273,7 +277,8 @@ class Config:
         )
         _require(
             not self.uses_recall_tokens or self.data.generator == WORLD_GENERATOR,
-            f"objective.consult_targets=recall needs data.generator={WORLD_GENERATOR} (its rows mark fact values), "
+            f"objective.consult_targets=recall / route_tokens=recall need data.generator={WORLD_GENERATOR} (its rows "
+            "mark fact values), "
             f"got {self.data.generator!r}",
         )
         _require(
@@ -295,9 +300,19 @@ class Config:
         return self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
 
     @property
-    def uses_recall_tokens(self) -> bool:
-        """Whether the consult targets are the recall tokens (``train.data.recall_tokens``) of closed-book rows."""
+    def routes_recall_tokens(self) -> bool:
+        """Whether gradient routing freezes only the recall tokens (``train.data.recall_tokens``) of closed-book rows."""
+        return self.objective.route_knowledge and self.objective.route_tokens == "recall"
+
+    @property
+    def consults_recall_tokens(self) -> bool:
+        """Whether the consult targets are the recall tokens of closed-book rows."""
         return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets == "recall"
+
+    @property
+    def uses_recall_tokens(self) -> bool:
+        """Whether training reads the recall-token mask (routing and/or consult targets)."""
+        return self.routes_recall_tokens or self.consults_recall_tokens
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

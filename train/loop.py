@@ -59,23 +59,26 @@ class TrainData:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
         closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS with
         ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef`` (with
-        ``objective.consult_targets=recall`` only those whose target is a fact value, ``data.recall_tokens``)."""
+        ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
+        ``data.recall_tokens``)."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
-        consult_BS = closed_BS & self.packed.recall(positions) if cfg.uses_recall_tokens else closed_BS
+        recall_BS = closed_BS & self.packed.recall(positions) if cfg.uses_recall_tokens else None
+        frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
+        consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
         if self.drills is not None:
             key = (step * info.world_size + info.rank) * t.grad_accum + micro  # global micro-batch index
             drill_idx, drill_targets = self.drills.batch(key, fresh)
             idx_BS, targets_BS = torch.cat([idx_BS, drill_idx]), torch.cat([targets_BS, drill_targets])
             if closed_BS is not None:
                 none_BS = torch.zeros_like(drill_idx, dtype=torch.bool)
-                closed_BS, consult_BS = torch.cat([closed_BS, none_BS]), torch.cat([consult_BS, none_BS])
+                frozen_BS, consult_BS = torch.cat([frozen_BS, none_BS]), torch.cat([consult_BS, none_BS])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
         if cfg.objective.route_knowledge:
-            batch["reasoning_frozen_BS"] = closed_BS
+            batch["reasoning_frozen_BS"] = frozen_BS
         if cfg.model.knowledge.consult_loss_coef > 0:
             batch["consult_target_BS"] = consult_BS
         return batch

@@ -50,9 +50,10 @@ def test_recall_tokens_on_a_world_stream_match_the_values():
 def test_micro_batch_consult_targets_are_closed_book_recall_tokens():
     common = ["objective.route_knowledge=true", "model.knowledge.consult_loss_coef=0.1"]
     batches = {}
-    for targets in ("rows", "recall"):
-        cfg = compose_config("experiment=decoupling_tiny", "name=t", *common, f"objective.consult_targets={targets}",
-                             "data.fresh_drills=2")
+    settings = {"rows": ["objective.consult_targets=rows"], "recall": ["objective.consult_targets=recall"],
+                "both": ["objective.consult_targets=recall", "objective.route_tokens=recall"]}
+    for key, overrides in settings.items():
+        cfg = compose_config("experiment=decoupling_tiny", "name=t", *common, *overrides, "data.fresh_drills=2")
         docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens)
         tok = data.train_tokenizer(docs, "bpe", cfg.model.vocab_size)
         stream, mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
@@ -60,7 +61,7 @@ def test_micro_batch_consult_targets_are_closed_book_recall_tokens():
         recall = data.recall_tokens(docs, tok, cfg.data.seq_len) if cfg.uses_recall_tokens else None
         packed = data.PackedSequences(stream, cfg.data.seq_len, 0, loss_mask=mask, closed=closed, recall=recall)
         drills = FreshDrills(build_world(corpus_world_config(**cfg.data.generator_kwargs)), tok, cfg.data.seq_len)
-        batches[targets] = TrainData(packed, drills).micro_batch(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")), step=3,
+        batches[key] = TrainData(packed, drills).micro_batch(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")), step=3,
                                                                 micro=0)
     rows, recall = batches["rows"], batches["recall"]
     assert torch.equal(rows["reasoning_frozen_BS"], recall["reasoning_frozen_BS"])  # routing: whole rows either way
@@ -68,12 +69,17 @@ def test_micro_batch_consult_targets_are_closed_book_recall_tokens():
     assert target_BS.any() and not (target_BS & ~rows["consult_target_BS"]).any()  # a subset of closed-book tokens
     assert target_BS.sum() < 0.5 * rows["consult_target_BS"].sum()
     assert not target_BS[-2:].any()  # drill sequences: nothing to recall
+    # route_tokens=recall: the frozen tokens are those same recall tokens
+    assert torch.equal(batches["both"]["reasoning_frozen_BS"], target_BS)
+    assert torch.equal(batches["both"]["consult_target_BS"], target_BS)
 
 
 def test_recall_targets_config_errors():
     with pytest.raises(ValueError, match="consult_targets"):
         ObjectiveConfig(consult_targets="facts")
-    with pytest.raises(ValueError, match="consult_targets=recall needs data.generator"):
+    with pytest.raises(ValueError, match="route_tokens"):
+        ObjectiveConfig(route_tokens="names")
+    with pytest.raises(ValueError, match="route_tokens=recall need data.generator"):
         compose_config("data.source=generator", "data.generator=tests.train.test_recall_targets:_rows_without_recall",
                        "data.in_context_fraction=0.5", "model.knowledge.consult_loss_coef=0.1",
                        "objective.consult_targets=recall")
