@@ -299,10 +299,13 @@ def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch
     """[L] bool over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: True on every token whose
     characters overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``).
 
-    The rows are encoded again, with character offsets, and packed by the same ``pack_units`` (same lengths and
-    loss masks, so the same layout: padding and EOD are False).
+    The rows are encoded again, with character offsets, into units of flags built and packed like the ids
+    (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout; padding and EOD
+    are False).
     """
-    eod = tok.token_to_id(EOD)
+
+    def overlaps(offsets: Iterable[tuple[int, int]], spans: list[list[int]], shift: int = 0) -> list[int]:
+        return [int(any(a + shift < end and begin < b + shift for begin, end in spans)) for a, b in offsets]
 
     def units() -> Iterator[tuple[list[int], list[bool]]]:
         for start in range(0, len(docs), 256):
@@ -310,10 +313,8 @@ def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch
             contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
             for context, text, context_str, spans in zip(contexts, texts, rows["context"], rows["recall"],
                                                          strict=True):
-                shift = len(context_str)
-                offsets = [*context.offsets, *((a + shift, b + shift) for a, b in text.offsets)]
-                flags = [int(any(a < end and begin < b for begin, end in spans)) for a, b in offsets] + [0]  # + EOD
-                yield flags, [False] * len(context.ids) + [True] * (len(text.ids) + 1)
+                text_flags = overlaps(text.offsets, spans, shift=len(context_str)) + [0]  # + EOD
+                yield in_context_tokens(overlaps(context.offsets, spans), text_flags)
 
     flags, _ = pack_units(units(), seq_len, eod=0)
     return flags.bool()
@@ -350,7 +351,8 @@ class PackedSequences:
         source: what the stream came from, for error messages.
         loss_mask: [L] bool or None; a target whose token is False in it becomes -100 (no loss).
         closed: [L] bool or None (``closed_book_tokens``); ``closed(positions)`` reads it like ``batch``.
-        recall: [L] bool or None (``recall_tokens``); ``recall(positions)`` reads it at the targets.
+        recall: [L] bool or None, the tokens to recall from memory (``recall_tokens & closed``);
+            ``recall(positions)`` reads it at the targets.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
@@ -392,7 +394,7 @@ class PackedSequences:
 
     def recall(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``recall`` at the *targets* of ``batch(positions)``: True where the next token is (part
-        of) a fact's value."""
+        of) a fact's value to recall."""
         if self.recall_L is None:
             raise ValueError("these sequences were packed without a recall mask")
         return self.recall_L[self._offsets(positions)[:, 1:]]

@@ -66,7 +66,7 @@ class TrainData:
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
-        recall_BS = closed_BS & self.packed.recall(positions) if cfg.uses_recall_tokens else None
+        recall_BS = self.packed.recall(positions) if cfg.uses_recall_tokens else None
         frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
         consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
         if self.drills is not None:
@@ -107,7 +107,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
         if cfg.uses_recall_tokens:
-            recall = data.recall_tokens(docs, tok, cfg.data.seq_len)
+            recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed  # values in closed-book rows
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
             closed=closed, recall=recall,

@@ -2,9 +2,10 @@
 
 Every rendered string comes with spans ``{start, end, type, entity}`` (``end`` exclusive) marking the
 fact-bearing characters. ``type``: an attribute name (``birth_city`` ...) for a value, ``name`` for a mention of
-a person, ``city`` / ``employer`` for the subject and ``country`` / ``headquarters`` for the value of a bridge
-fact (city -> country, employer -> headquarters city), ``answer`` for the answer of a QA line. ``entity``: the
-person (for bridge facts: the city / employer) the fact is about.
+a person, ``city`` / ``company`` for the subject and ``country`` / ``headquarters`` for the value of a bridge
+fact (city -> country, employer -> headquarters city; ``company``, not ``employer``, so that a subject never
+reads as a person's employer value), ``answer`` for the answer of a QA line. ``entity``: the person (for bridge
+facts: the city / employer) the fact is about.
 
 Formats the model sees (fixed, so closed-book questions are answerable only through stored knowledge):
     biography:  one sentence per attribute, each with the full name, in shuffled order.
@@ -124,7 +125,7 @@ def bridge_sentence(kind: str, subject: str, value: str, rng: random.Random) -> 
     """A world fact: ``kind`` is ``country`` (city -> country) or ``headquarters`` (employer -> city)."""
     if kind == "country":
         return fill(rng.choice(COUNTRY_TEMPLATES), "city", subject, "country", value, subject)
-    return fill(rng.choice(HQ_TEMPLATES), "employer", subject, "headquarters", value, subject)
+    return fill(rng.choice(HQ_TEMPLATES), "company", subject, "headquarters", value, subject)
 
 
 def question(attribute: str, name: str) -> Builder:

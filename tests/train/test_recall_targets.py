@@ -47,6 +47,24 @@ def test_recall_tokens_on_a_world_stream_match_the_values():
     assert got.replace(" ", "") == values.replace(" ", "")
 
 
+def test_recall_spans_are_the_values_never_the_subjects():
+    world = build_world(corpus_world_config(preset="tiny"))
+    docs = pretraining_corpus(world, in_context_fraction=0.5, num_drills=4)
+    bridge_values = set(world.employer_city.values()) | set(world.city_country.values())
+    assert not bridge_values & set(world.employer_city)  # so an employer name among them is a wrong span
+    names = {p.name for p in world.people}
+    kinds = set()
+    for row in docs:
+        full = row["context"] + row["text"]
+        recalled = {full[a:b] for a, b in row["recall"]}
+        kinds.add(row["kind"])
+        if row["kind"] == "world":  # bridge facts: only the country / headquarters city, never the subject
+            assert recalled and recalled <= bridge_values, recalled - bridge_values
+        elif row["kind"] == "bio":  # a person's values, never the name
+            assert len(recalled) >= 4 and not recalled & names, recalled
+    assert {"world", "bio"} <= kinds
+
+
 def test_micro_batch_consult_targets_are_closed_book_recall_tokens():
     common = ["objective.route_knowledge=true", "model.knowledge.consult_loss_coef=0.1"]
     batches = {}
@@ -58,7 +76,7 @@ def test_micro_batch_consult_targets_are_closed_book_recall_tokens():
         tok = data.train_tokenizer(docs, "bpe", cfg.model.vocab_size)
         stream, mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
         closed = data.closed_book_tokens(stream, mask, tok.token_to_id(data.EOD))
-        recall = data.recall_tokens(docs, tok, cfg.data.seq_len) if cfg.uses_recall_tokens else None
+        recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed if cfg.uses_recall_tokens else None
         packed = data.PackedSequences(stream, cfg.data.seq_len, 0, loss_mask=mask, closed=closed, recall=recall)
         drills = FreshDrills(build_world(corpus_world_config(**cfg.data.generator_kwargs)), tok, cfg.data.seq_len)
         batches[key] = TrainData(packed, drills).micro_batch(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")), step=3,

@@ -110,7 +110,7 @@ def test_every_example_is_well_formed(world, splits):
             assert ex["prompt"] == ex["context"] + f"Q: {ex['question']}\nA:"
             full = ex["prompt"] + f" {ex['answer']}."
             for span in ex["spans"]:
-                assert span["type"] in ("name", "answer", "city", "employer", "country", "headquarters",
+                assert span["type"] in ("name", "answer", "city", "company", "country", "headquarters",
                                         *ATTRIBUTES), span
                 if span["type"] == "name":
                     assert full[span["start"] : span["end"]] == span["entity"]
