@@ -18,7 +18,7 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts, SwiGLU
-from moe.router import KnowledgeRouter, expert_load
+from moe.router import KnowledgeRouter, expert_load, masked_mean
 
 
 class MoEStats(NamedTuple):
@@ -81,6 +81,7 @@ class PureReasonerMoE(nn.Module):
         x: torch.Tensor,
         knowledge_off: bool = False,
         reasoning_off: bool = False,
+        knowledge_mean: bool = False,
         reasoning_frozen: torch.Tensor | None = None,
         consult_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats]:
@@ -90,6 +91,10 @@ class PureReasonerMoE(nn.Module):
             x: [..., D] tokens (e.g. [B, S, D]).
             knowledge_off: ablation; no token consults (the router does not run).
             reasoning_off: ablation; the reasoning expert's output is zero.
+            knowledge_mean: mean ablation (eval); routing is unchanged, but every consulting token receives the
+                mean of the knowledge path's outputs over this call's consulting tokens instead of its own: what
+                the experts add that does not depend on the token (a constant "key") survives it, what they
+                store about particular tokens (facts about a person) does not.
             reasoning_frozen: None or [...] bool (x's shape without D): where True, the reasoning expert's
                 output is detached, so no gradient reaches the reasoning expert (or, through it, the layers
                 below) from that token; the forward value is unchanged (knowledge gradient routing).
@@ -113,7 +118,12 @@ class PureReasonerMoE(nn.Module):
             return y_TD.view_as(x), self._idle_stats(x_TD)
         target_T = None if consult_target is None else consult_target.reshape(-1)
         routing = self.router(x_TD, target_T)
-        y_TD = y_TD + self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
+        knowledge_TD = self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
+        if knowledge_mean:
+            consulted_T = (routing.expert_ids_TK >= 0).any(1)
+            mean_D = masked_mean(knowledge_TD, consulted_T)
+            knowledge_TD = torch.where(consulted_T.unsqueeze(1), mean_D, 0.0)
+        y_TD = y_TD + knowledge_TD
         kcfg = self.cfg.knowledge
         stats = MoEStats(
             aux_loss=kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss

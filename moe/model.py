@@ -84,12 +84,12 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         self.ffn = PureReasonerMoE(cfg.moe_config()) if self.is_moe else SwiGLU(cfg.d_model, cfg.dense_width)
 
-    def forward(self, x_BSD, cos_SQ, sin_SQ, knowledge_off: bool, reasoning_off: bool, **token_masks):
+    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool], **token_masks):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SQ, sin_SQ)
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
             return x_BSD + self.ffn(h_BSD), None
-        y_BSD, stats = self.ffn(h_BSD, knowledge_off=knowledge_off, reasoning_off=reasoning_off, **token_masks)
+        y_BSD, stats = self.ffn(h_BSD, **ablations, **token_masks)
         return x_BSD + y_BSD, stats
 
 
@@ -131,10 +131,12 @@ class PureReasonerLM(nn.Module):
         *,
         knowledge_off: bool = False,
         reasoning_off: bool = False,
+        knowledge_mean: bool = False,
         reasoning_frozen_BS: torch.Tensor | None = None,
         consult_target_BS: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches;
+        """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches (knowledge_off,
+        reasoning_off, knowledge_mean: see ``PureReasonerMoE.forward``; the last only when set);
         reasoning_frozen_BS [B, S] bool or None: tokens whose gradient must not reach the MoE layers' reasoning
         experts (``PureReasonerMoE.forward``'s ``reasoning_frozen``; knowledge gradient routing);
         consult_target_BS [B, S] bool or None: which tokens should consult (supervised consult, its loss weighted
@@ -152,8 +154,11 @@ class PureReasonerLM(nn.Module):
         all_stats = []
         masks = {"reasoning_frozen": reasoning_frozen_BS, "consult_target": consult_target_BS}
         token_masks = {k: v for k, v in masks.items() if v is not None}
+        ablations = {"knowledge_off": knowledge_off, "reasoning_off": reasoning_off}
+        if knowledge_mean:  # only then: baseline FFNs (train.baselines) do not take it
+            ablations["knowledge_mean"] = True
         for block in self.blocks:
-            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, knowledge_off, reasoning_off, **token_masks)
+            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, ablations, **token_masks)
             if stats is not None:
                 all_stats.append(stats)
         x_BSD = self.norm(x_BSD)

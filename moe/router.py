@@ -51,7 +51,7 @@ class Routing(NamedTuple):
     consult_loss: torch.Tensor
 
 
-def _masked_mean(values_TX: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
+def masked_mean(values_TX: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
     """Mean of rows where mask is set, with no host sync (0 when the mask is empty)."""
     weights_T = mask_T.to(values_TX.dtype)
     return (values_TX * weights_T.unsqueeze(1)).sum(0) / weights_T.sum().clamp(min=1.0)
@@ -140,7 +140,7 @@ class KnowledgeRouter(nn.Module):
         num_experts = self.cfg.num_experts
         load_E = expert_load(ids_TK, num_experts)
         share_E = load_E / load_E.sum().clamp(min=1.0)
-        prob_E = _masked_mean(F.softmax(real_logits_TE, dim=1), consult_T)
+        prob_E = masked_mean(F.softmax(real_logits_TE, dim=1), consult_T)
         return num_experts * (share_E * prob_E).sum()
 
     @torch.no_grad()

@@ -57,8 +57,12 @@ class DeepSpeedResidualFFN(nn.Module):
             else:
                 nn.init.normal_(param, std=0.02)
 
-    def forward(self, x: torch.Tensor, knowledge_off: bool = False, reasoning_off: bool = False):
+    def forward(self, x: torch.Tensor, knowledge_off: bool = False, reasoning_off: bool = False,
+                knowledge_mean: bool = False):
         """x: [..., D] -> (y [..., D], MoEStats); an ablation zeroes one of DeepSpeed's two terms."""
+        if knowledge_mean:
+            raise ValueError("the knowledge_mean ablation is the pure reasoner's (PureReasonerMoE); "
+                             "DeepSpeed's residual MoE has no consult decision to keep")
         x_TD = x.reshape(-1, x.shape[-1])
         num_tokens = x_TD.shape[0]
         if knowledge_off or reasoning_off:

@@ -203,6 +203,11 @@ class ObjectiveConfig:
         consult on: ``rows`` (every token of a row stated without its facts in context) or ``recall`` (the
         tokens of such rows whose next token is part of a fact's value, ``train.data.recall_tokens``: only
         where recall from memory is needed; world generator only).
+    forget_weight, read_weight: knowledge-off forgetting (``train.objectives.knowledge_off_loss``; with ``lm``,
+        ``data.in_context_fraction``, the world generator and MoE layers): when either is > 0, every micro-batch
+        also runs the model with its knowledge experts off, and adds ``forget_weight`` * KL(p || uniform) at the
+        recall tokens of rows without context (as ``consult_targets=recall``) plus ``read_weight`` * CE on the
+        tokens outside such rows (context rows' text, reading drills). About 1.6x the step time.
     """
 
     kind: str = "lm"
@@ -213,6 +218,13 @@ class ObjectiveConfig:
     route_knowledge: bool = False
     route_tokens: str = "rows"
     consult_targets: str = "rows"
+    forget_weight: float = 0.0
+    read_weight: float = 0.0
+
+    @property
+    def knowledge_off_pass(self) -> bool:
+        """Whether each micro-batch also runs with knowledge off (``forget_weight`` or ``read_weight`` > 0)."""
+        return self.forget_weight > 0 or self.read_weight > 0
 
     def __post_init__(self) -> None:
         for key in ("route_tokens", "consult_targets"):
@@ -220,11 +232,13 @@ class ObjectiveConfig:
                      f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
-        for key in ("kl_weight", "ce_weight"):
+        for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
         _require(not self.route_knowledge or self.kind == "lm",
                  f"objective.route_knowledge needs objective.kind=lm, got {self.kind!r}")
+        _require(not self.knowledge_off_pass or self.kind == "lm",
+                 f"objective.forget_weight / read_weight need objective.kind=lm, got {self.kind!r}")
 
 
 @dataclass
@@ -270,14 +284,16 @@ class Config:
             not self.uses_closed_book_tokens
             or (self.data.in_context_fraction is not None and self.ffn == "pure_reasoner"
                 and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
-            "objective.route_knowledge / model.knowledge.consult_loss_coef need data.in_context_fraction, "
-            f"ffn=pure_reasoner and MoE layers; got in_context_fraction={self.data.in_context_fraction}, "
-            f"ffn={self.ffn!r}, route_knowledge={self.objective.route_knowledge}, "
+            "objective.route_knowledge / forget_weight / read_weight and model.knowledge.consult_loss_coef need "
+            "data.in_context_fraction, ffn=pure_reasoner and MoE layers; got in_context_fraction="
+            f"{self.data.in_context_fraction}, ffn={self.ffn!r}, route_knowledge={self.objective.route_knowledge}, "
+            f"forget_weight={self.objective.forget_weight}, read_weight={self.objective.read_weight}, "
             f"consult_loss_coef={kcfg.consult_loss_coef}",
         )
         _require(
             not self.uses_recall_tokens or self.data.generator == WORLD_GENERATOR,
-            f"objective.consult_targets=recall / route_tokens=recall need data.generator={WORLD_GENERATOR} (its rows "
+            f"objective.consult_targets=recall / route_tokens=recall / forget_weight need data.generator="
+            f"{WORLD_GENERATOR} (its rows "
             "mark fact values), "
             f"got {self.data.generator!r}",
         )
@@ -296,12 +312,14 @@ class Config:
     def uses_closed_book_tokens(self) -> bool:
         """Whether training reads the closed-book token mask (``train.data.closed_book_tokens``): as the
         reasoning experts' frozen tokens (``objective.route_knowledge``) and/or as consult targets
-        (``model.knowledge.consult_loss_coef``)."""
-        return self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
+        (``model.knowledge.consult_loss_coef``), and/or to split the knowledge-off pass's tokens
+        (``objective.forget_weight`` / ``read_weight``)."""
+        return (self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
+                or self.objective.knowledge_off_pass)
 
     @property
     def routes_recall_tokens(self) -> bool:
-        """Whether gradient routing freezes only the recall tokens (``train.data.recall_tokens``) of closed-book rows."""
+        """Whether gradient routing freezes only the recall tokens (``train.data.recall_tokens``) of closed rows."""
         return self.objective.route_knowledge and self.objective.route_tokens == "recall"
 
     @property
@@ -311,8 +329,8 @@ class Config:
 
     @property
     def uses_recall_tokens(self) -> bool:
-        """Whether training reads the recall-token mask (routing and/or consult targets)."""
-        return self.routes_recall_tokens or self.consults_recall_tokens
+        """Whether training reads the recall-token mask (routing, consult targets and/or forgetting)."""
+        return self.routes_recall_tokens or self.consults_recall_tokens or self.objective.forget_weight > 0
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

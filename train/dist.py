@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import deepspeed
 import torch
@@ -71,13 +73,13 @@ def set_threads(info: DistInfo, threads: int | None) -> int:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.barrier()
 
 
 def _all_ok(ok: bool) -> bool:
     """Whether every rank says ok (a MIN all-reduce)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -105,6 +107,26 @@ def rank_zero_first(rank: int):
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks, in place, returned for chaining."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def multi_rank() -> bool:
+    """Whether this process belongs to an initialised process group of more than one rank."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this process with ``code``; a rank of a multi-rank group skips the interpreter's teardown.
+
+    After a failed collective (a hung or dead peer) the process group cannot be torn down cleanly: gloo's
+    threads may still be inside it, and destroying it at interpreter exit can abort the process ("terminate
+    called without an active exception", SIGABRT) instead of exiting with ``code``. So such a rank flushes its
+    output and leaves with ``os._exit``. One rank (or no group): a plain ``sys.exit``.
+    """
+    if not multi_rank():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -34,7 +34,10 @@ from train.world import SPLITS, World, build_world, load_world_config
 from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
 from train.world_text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
 
-ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True}}
+ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True},
+             "knowledge_mean": {"knowledge_mean": True}}
+# What --ablations runs unless told: knowledge_mean (the pure reasoner's layer only) is asked for by name.
+DEFAULT_ABLATIONS = ("base", "knowledge_off", "reasoning_off")
 STOP = ("\n", ".")
 
 
@@ -220,7 +223,8 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
     return {**overall, "per_layer": per_layer}
 
 
-def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people: int, batch_size: int = 16) -> dict:
+def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people: int, batch_size: int = 16,
+                   ablation: str = "base") -> dict:
     """Bits about the known people's attribute values held by the model (``eval_metrics.knowledge_bits``),
     estimated on a uniform sample of people and scaled to all of them.
 
@@ -228,31 +232,41 @@ def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people
     (every attribute but birth_date) the model is restricted to it (``eval_metrics.normalized_logprobs``):
     the question is what the model knows about *which* value, not how it phrases it. ``bits`` is
     ``eval_metrics.bits_lower_bound`` of the per-attribute bits (a per-attribute fallback to the uniform
-    code); ``raw_bits`` their plain sum."""
+    code); ``raw_bits`` their plain sum. ``fano_bits``: ``eval_metrics.fano_bits`` of the accuracy of the
+    model's most likely value in the set, per listed attribute (birth dates, with no listed set, count 0),
+    a bound that confident errors cannot drive negative. ``ablation``: run the model under it (``ABLATIONS``)."""
     people = random.Random(f"{world.cfg.seed}:bits").sample(world.people, min(max_people, len(world.people)))
     scale = len(world.people) / len(people)
     per_attribute = {}
+    fano_total = 0.0
     for attribute in ATTRIBUTES:
         prefix = prefix_of(BIO_TEMPLATES[attribute][0])
         space = world.value_space(attribute)
         golds = [world.values(p)[attribute] for p in people]
         if space is None:
             pairs = [(prefix.format(name=p.name), continuation(g)) for p, g in zip(people, golds, strict=True)]
-            logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+            logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation)
+            fano = picked = None
         else:
             pairs = [(prefix.format(name=p.name), continuation(v)) for p in people for v in space]
-            flat, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size)
+            flat, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation)
             rows = [flat[i * len(space) : (i + 1) * len(space)] for i in range(len(people))]
             logprobs = em.normalized_logprobs(rows, [space.index(g) for g in golds])
+            picked = em.accuracy([max(range(len(space)), key=row.__getitem__) == space.index(g)
+                                  for row, g in zip(rows, golds, strict=True)])
+            fano = em.fano_bits(picked, len(space), len(world.people))
+            fano_total += fano
         size = world.num_values(attribute)
         bits = em.knowledge_bits(logprobs, [size] * len(people)) * scale
         per_attribute[attribute] = {"bits": bits, "max_bits": len(world.people) * math.log2(size),
-                                    "normalized": space is not None}
+                                    "normalized": space is not None, "accuracy": picked, "fano_bits": fano}
     raw = sum(v["bits"] for v in per_attribute.values())
     total = em.bits_lower_bound([v["bits"] for v in per_attribute.values()])
     expert_params = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     all_params = sum(p.numel() for p in model.parameters())
-    return {"bits": total, "raw_bits": raw, "max_bits": sum(v["max_bits"] for v in per_attribute.values()),
+    return {"ablation": ablation, "bits": total, "raw_bits": raw, "fano_bits": fano_total,
+            "fano_bits_per_knowledge_param": em.per_parameter(fano_total, expert_params),
+            "max_bits": sum(v["max_bits"] for v in per_attribute.values()),
             "people_scored": len(people), "people": len(world.people), "per_attribute": per_attribute,
             "knowledge_expert_params": expert_params, "params": all_params,
             "bits_per_knowledge_param": em.per_parameter(total, expert_params),
@@ -309,7 +323,7 @@ def _decoupling(results: dict, closed: str, opened: str) -> dict:
 
 
 def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence[str] = SPLITS,
-             ablations: Sequence[str] = tuple(ABLATIONS), *, max_examples: int | None = None,
+             ablations: Sequence[str] = DEFAULT_ABLATIONS, *, max_examples: int | None = None,
              generate: Sequence[str] = ("base",),
              bits_people: int = 200, batch_size: int = 16) -> dict:
     """The full report as a JSON-ready dict (see the module docstring)."""
@@ -330,6 +344,10 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence
                 if r.generations is not None else None}
             for a, r in results["counterfactual"].items()}
     report["knowledge_bits"] = knowledge_bits(model, codec, world, bits_people, batch_size) if bits_people else None
+    if bits_people and "knowledge_off" in ablations and model.moe_layers():
+        # what the model still knows with its knowledge experts off: the difference is what needs them
+        report["knowledge_bits_knowledge_off"] = knowledge_bits(model, codec, world, bits_people, batch_size,
+                                                                ablation="knowledge_off")
     groups = {"closed_book": [s for s in splits if s in CLOSED_BOOK_SPLITS and s != "comparison"],
               "open_book": [s for s in splits if s in ("open_book", "open_book_two_hop")]}
     report["routing"] = {g: routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size)
@@ -341,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="directory with config.json + model.safetensors")
     parser.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, from {','.join(SPLITS)}")
-    parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma-separated, from {','.join(ABLATIONS)}")
+    parser.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS),
+                        help=f"comma-separated, from {','.join(ABLATIONS)}")
     parser.add_argument("--world", default=None, help="WorldConfig JSON (default: CHECKPOINT/world.json)")
     parser.add_argument("--max-examples", type=int, default=None, help="per split (default: all of the world's)")
     parser.add_argument("--bits-people", type=int, default=200, help="people sampled for the bits estimate; 0: skip")
@@ -396,7 +415,9 @@ def _print_summary(report: dict) -> None:
     if report.get("knowledge_bits"):
         kb = report["knowledge_bits"]
         print(f"knowledge: {kb['bits']:.1f} bits of {kb['max_bits']:.1f}; per knowledge-expert param "
-              f"{kb['bits_per_knowledge_param']}")
+              f"{kb['bits_per_knowledge_param']}; Fano bound {kb['fano_bits']:.1f} bits"
+              + (f" ({report['knowledge_bits_knowledge_off']['fano_bits']:.1f} with knowledge off)"
+                 if report.get("knowledge_bits_knowledge_off") else ""))
     for group, r in report["routing"].items():
         print(f"routing {group}: answer {r['answer_rate']} other {r['other_rate']} ratio {r['ratio']}")
 

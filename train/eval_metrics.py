@@ -145,6 +145,23 @@ def bits_lower_bound(bits_per_attribute: Sequence[float]) -> float:
     return sum(max(0.0, b - 1.0) for b in bits_per_attribute)
 
 
+def fano_bits(accuracy: float, num_values: int, num_facts: int) -> float:
+    """A lower bound on the bits about ``num_facts`` uniformly drawn values (from sets of ``num_values``) that
+    a model must hold to pick them with ``accuracy``: by Fano's inequality the information its choices carry
+    about the values is at least ``log2 S - h(1 - a) - (1 - a) log2(S - 1)`` per fact (h: binary entropy),
+    and by data processing the weights carry at least that. 0 at or below chance; ``log2 S`` per fact at
+    a = 1. Unlike ``knowledge_bits`` it cannot be driven negative by confident errors.
+    """
+    if not 0.0 <= accuracy <= 1.0 or num_values < 1 or num_facts < 0:
+        raise ValueError(f"need 0 <= accuracy <= 1, num_values >= 1, num_facts >= 0; got {accuracy}, "
+                         f"{num_values}, {num_facts}")
+    if num_values == 1 or accuracy <= 1.0 / num_values:
+        return 0.0
+    err = 1.0 - accuracy
+    binary_entropy = 0.0 if err in (0.0, 1.0) else -(err * math.log2(err) + accuracy * math.log2(accuracy))
+    return num_facts * max(0.0, math.log2(num_values) - binary_entropy - err * math.log2(num_values - 1))
+
+
 def per_parameter(bits: float, num_params: int) -> float | None:
     return bits / num_params if num_params > 0 else None
 

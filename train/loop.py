@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from moe import MoEStats, flops
-from train import checkpoint, data, distill
+from train import checkpoint, data, distill, objectives
 from train.config import WORLD_GENERATOR, Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from train.drills import FreshDrills
@@ -60,7 +60,8 @@ class TrainData:
         closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS with
         ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef`` (with
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
-        ``data.recall_tokens``)."""
+        ``data.recall_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
+        also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows)."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
@@ -76,7 +77,12 @@ class TrainData:
             if closed_BS is not None:
                 none_BS = torch.zeros_like(drill_idx, dtype=torch.bool)
                 frozen_BS, consult_BS = torch.cat([frozen_BS, none_BS]), torch.cat([consult_BS, none_BS])
+                closed_BS = torch.cat([closed_BS, none_BS])
+                recall_BS = None if recall_BS is None else torch.cat([recall_BS, none_BS])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
+        if cfg.objective.knowledge_off_pass:
+            batch["read_BS"] = ~closed_BS
+            batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
         if cfg.objective.route_knowledge:
             batch["reasoning_frozen_BS"] = frozen_BS
         if cfg.model.knowledge.consult_loss_coef > 0:
@@ -152,15 +158,16 @@ class StepStats:
     """Sums over one step's micro-batches of the loss parts and each MoE layer's routing counts."""
 
     def __init__(self, num_layers: int, num_experts: int):
-        self.sums = torch.zeros(4)  # loss, ce, aux, micro-batches
+        self.sums = torch.zeros(5)  # loss, ce, aux, knowledge-off pass, micro-batches
         self.consult_L = torch.zeros(num_layers)
         self.load_LE = torch.zeros(num_layers, num_experts)
         self.threshold_L = torch.zeros(num_layers)  # summed; averaged over micro-batches x ranks
         self.tokens = self.slots = 0
 
-    def add(self, loss: torch.Tensor, aux: torch.Tensor, stats: list[MoEStats]) -> None:
-        loss, aux = loss.detach().float().cpu(), aux.detach().float().cpu()
-        self.sums += torch.stack([loss, loss - aux, aux, torch.ones(())])
+    def add(self, loss: torch.Tensor, aux: torch.Tensor, off: torch.Tensor, stats: list[MoEStats]) -> None:
+        """loss: the total; aux: the MoE auxiliary part of it; off: the knowledge-off pass's part (0 without)."""
+        loss, aux, off = (t.detach().float().cpu() for t in (loss, aux, off))
+        self.sums += torch.stack([loss, loss - aux - off, aux, off, torch.ones(())])
         for i, s in enumerate(stats):
             self.consult_L[i] += s.consulting_tokens.float().cpu()
             self.load_LE[i] += s.expert_load_E.float().cpu()
@@ -176,7 +183,7 @@ class StepStats:
         flat = torch.cat([self.sums, self.consult_L, self.threshold_L, self.load_LE.flatten(), counts])
         all_reduce_sum(flat)
         n_l, n_e = self.load_LE.shape
-        self.sums, rest = flat[:4], flat[4:]
+        self.sums, rest = flat[:5], flat[5:]
         self.consult_L, self.threshold_L = rest[:n_l], rest[n_l : 2 * n_l]
         self.load_LE = rest[2 * n_l : 2 * n_l + n_l * n_e].view(n_l, n_e)
         self.tokens, self.slots = int(rest[-2]), int(rest[-1])
@@ -184,7 +191,7 @@ class StepStats:
     def moe_stats(self) -> list[MoEStats]:
         """Per-layer MoEStats of the whole (reduced) step, as the controllers and moe.flops read them."""
         zero = torch.zeros(())
-        passes = self.sums[3]  # micro-batches (summed over ranks after all_reduce)
+        passes = self.sums[4]  # micro-batches (summed over ranks after all_reduce)
         return [
             MoEStats(
                 zero,
@@ -277,10 +284,17 @@ def _one_step(
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
+        forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
         if teacher is None:
             out = engine(**batch)
         else:
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
+        off_loss = torch.zeros(())
+        if read_BS is not None:
+            off_logits_BSV = engine(batch["idx_BS"], knowledge_off=True).logits_BSV
+            off_loss, _ = objectives.knowledge_off_loss(off_logits_BSV, batch["targets_BS"], forget_BS, read_BS,
+                                                        cfg.objective.forget_weight, cfg.objective.read_weight)
+            out = out._replace(loss=out.loss + off_loss)
         if t.on_nonfinite == "abort":
             # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
             bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
@@ -292,7 +306,7 @@ def _one_step(
                 )
         engine.backward(out.loss)
         engine.step()
-        acc.add(out.loss, out.aux_loss, out.stats)
+        acc.add(out.loss, out.aux_loss, off_loss, out.stats)
     if not engine.was_step_applied():
         # DeepSpeed found non-finite gradients (the overflow flag is agreed over ranks) and dropped the update.
         what = f"non-finite gradients at step {step}; DeepSpeed dropped the update"
@@ -309,12 +323,13 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     stats = acc.moe_stats()
     cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
     grad_norm = engine.get_global_grad_norm()
-    count = acc.sums[3]
+    count = acc.sums[4]
     return StepMetrics(
         step=step + 1,
         loss=float(acc.sums[0] / count),
         ce=float(acc.sums[1] / count),
         aux=float(acc.sums[2] / count),
+        knowledge_off=float(acc.sums[3] / count),
         lr=float(lr),
         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
         tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,

@@ -34,6 +34,7 @@ class StepMetrics:
     skipped: bool
     consult_rate_L: list[float]
     load_share_LE: list[list[float]]
+    knowledge_off: float = 0.0  # the knowledge-off pass's loss (objective.forget_weight / read_weight), in loss
 
     @property
     def tokens_per_s(self) -> float:
@@ -50,6 +51,7 @@ class StepMetrics:
             "loss": self.loss,
             "ce": self.ce,
             "aux": self.aux,
+            "knowledge_off": self.knowledge_off,
             "lr": self.lr,
             "grad_norm": self.grad_norm,
             "tokens": self.tokens,

@@ -8,6 +8,13 @@ loss is taken on them, so the model is trained to *use* facts from its context. 
 ``in_context_tokens`` (ids + per-token loss mask, for packing pipelines) or ``in_context_example`` (inputs and
 targets of one unpacked row).
 
+Knowledge-off forgetting (``objective.forget_weight``, ``objective.read_weight``): a second forward pass with
+the knowledge experts switched off (``knowledge_off_loss``) is taught to *know nothing and read everything*:
+at the tokens that must recall a fact from memory it is pushed to the uniform distribution, and on text whose
+facts are supplied (context rows, reading drills) it is trained by cross-entropy. So the always-on path
+(reasoning experts, attention, embeddings) is trained not to hold the facts, while the full model must still
+recall them: the only parameters left to hold them are the knowledge experts'.
+
 Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
 shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
 student to put its mass on one of the teacher's modes rather than spread it over all of them. Two layouts:
@@ -24,6 +31,7 @@ student to put its mass on one of the teacher's modes rather than spread it over
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -76,6 +84,45 @@ def in_context_example(context_ids: Sequence[int], text_ids: Sequence[int]) -> t
     """One unpacked row: (input_ids [C+X-1], targets [C+X-1]) with IGNORE_INDEX on the supplied facts."""
     ids, mask = in_context_tokens(context_ids, text_ids)
     return shift_targets(torch.tensor(ids), torch.tensor(mask))
+
+
+def knowledge_off_loss(
+    logits_BSV: torch.Tensor,
+    targets_BS: torch.Tensor,
+    forget_BS: torch.Tensor,
+    read_BS: torch.Tensor,
+    forget_weight: float,
+    read_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The knowledge-off pass's loss: ``forget_weight * forget + read_weight * read``.
+
+    forget: mean over ``forget_BS`` positions of KL(p || uniform) = log V - H(p), in [0, log V]; 0 iff the
+        knowledge-off model predicts the uniform distribution there (it cannot tell which value comes next).
+    read: cross-entropy on the targets at ``read_BS`` positions (IGNORE_INDEX targets excluded).
+    Each term is 0 when its mask selects nothing.
+
+    Args:
+        logits_BSV: [B, S, V] logits of the model run with ``knowledge_off=True``.
+        targets_BS: [B, S] next-token targets (IGNORE_INDEX = none).
+        forget_BS, read_BS: [B, S] bool masks.
+
+    Returns:
+        the loss and its detached parts ``{"forget", "read"}``.
+    """
+    for name, mask in (("forget_BS", forget_BS), ("read_BS", read_BS)):
+        if mask.shape != targets_BS.shape or mask.dtype != torch.bool:
+            raise ValueError(f"{name} must be bool of shape {tuple(targets_BS.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+    logp_BSV = F.log_softmax(logits_BSV.float(), dim=-1)
+    vocab = logp_BSV.shape[-1]
+    kl_to_uniform_BS = (logp_BSV.exp() * logp_BSV).sum(-1) + math.log(vocab)
+    weights_BS = forget_BS.to(kl_to_uniform_BS.dtype)
+    forget = (kl_to_uniform_BS * weights_BS).sum() / weights_BS.sum().clamp(min=1.0)
+    read_targets_BS = targets_BS.masked_fill(~read_BS, IGNORE_INDEX)
+    nll_BS = F.nll_loss(logp_BSV.flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
+                        reduction="none").view_as(targets_BS)
+    read = nll_BS.sum() / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
+    return forget_weight * forget + read_weight * read, {"forget": forget.detach(), "read": read.detach()}
 
 
 def reverse_kl(

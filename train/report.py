@@ -62,6 +62,8 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
         "max_bits": bits.get("max_bits"),
         "bits_per_knowledge_param": bits.get("bits_per_knowledge_param"),
         "bits_per_param": bits.get("bits_per_param"),
+        "fano_bits": bits.get("fano_bits"),
+        "fano_bits_knowledge_off": (report.get("knowledge_bits_knowledge_off") or {}).get("fano_bits"),
         "routing": {g: {k: r.get(k) for k in ("answer_rate", "other_rate", "ratio")}
                     | {"per_layer": [{k: x.get(k) for k in ("answer_rate", "other_rate", "ratio")}
                                      for x in r.get("per_layer", [])]} for g, r in routing.items()},
@@ -96,7 +98,8 @@ def markdown(models: list[dict], notes: str = "") -> str:
     lines += ["", "### Headline numbers per model", "",
               "| model | train FLOPs/token | active / total params | decoupling (closed vs open) | "
               "faithfulness (base; context / memory / neither) | bits / knowledge param | bits / param | "
-              "consult ratio answer/other (closed, open) | train wall s |", "|---|---|---|---|---|---|---|---|---|"]
+              "Fano bits (base / knowledge off) | consult ratio answer/other (closed, open) | train wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         f = m["flops"] or {}
         dec = "; ".join(f"{d['score'] if d['score'] is None else format(d['score'], '+.2f')} ({d['reason']})"
@@ -105,7 +108,9 @@ def markdown(models: list[dict], notes: str = "") -> str:
         params = (f"{_fmt(f.get('active_params'), ',.0f')} / {_fmt(f.get('total_params'), ',.0f')}" if f else "—")
         lines.append(f"| {m['model']} | {_fmt(f.get('flops_per_token'), ',.0f')} | {params} | {dec} | "
                      f"{_faith(m['faithfulness'].get('base'))} | {_fmt(m['bits_per_knowledge_param'], '.4f')} | "
-                     f"{_fmt(m['bits_per_param'], '.4f')} | {ratios} | {_fmt(m['run'].get('wall_s'), '.0f')} |")
+                     f"{_fmt(m['bits_per_param'], '.4f')} | {_fmt(m.get('fano_bits'), '.0f')} / "
+                     f"{_fmt(m.get('fano_bits_knowledge_off'), '.0f')} | {ratios} | "
+                     f"{_fmt(m['run'].get('wall_s'), '.0f')} |")
     commands = [(m["model"], c) for m in models for c in m["run"].get("commands", [])]
     if commands:
         lines += ["", "### Commands", "", "```bash", *(c for _, c in commands), "```"]

@@ -202,3 +202,23 @@ def test_controller_follows_fast_drifting_router(mechanism):
     assert bool(((held - target).abs() <= 0.2 * target).all()), held
     lost = run(use_threshold=False)
     assert float(lost.mean()) > 1.5 * target, lost
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null"])
+def test_knowledge_mean_gives_every_consulting_token_the_mean(mechanism):
+    """Mean ablation: routing unchanged; consulting tokens get the mean knowledge output, the others none."""
+    layer = _layer(mechanism, consult_rate=0.5).eval()
+    x_TD = torch.randn(40, 32)
+    routing = layer.router(x_TD)
+    consulted_T = (routing.expert_ids_TK >= 0).any(1)
+    assert 0 < int(consulted_T.sum()) < 40
+    knowledge_TD = layer(x_TD)[0] - layer.reasoning(x_TD)
+    mean_D = knowledge_TD[consulted_T].mean(0)
+    y_TD, stats = layer(x_TD, knowledge_mean=True)
+    expected_TD = layer.reasoning(x_TD) + torch.where(consulted_T.unsqueeze(1), mean_D, 0.0)
+    torch.testing.assert_close(y_TD, expected_TD, **FP32)
+    assert int(stats.consulting_tokens) == int(consulted_T.sum())
+    assert not torch.allclose(y_TD, layer(x_TD)[0])  # the per-token knowledge is gone
+    # one consulting token: its own output is the mean, so the ablation changes nothing
+    one_TD = x_TD[consulted_T][:1]
+    torch.testing.assert_close(layer(one_TD, knowledge_mean=True)[0], layer(one_TD)[0], **FP32)

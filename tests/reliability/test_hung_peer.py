@@ -1,4 +1,6 @@
-"""A rank whose peer hangs (alive, silent) fails after train.collective_timeout_s instead of waiting forever."""
+"""A rank whose peer hangs (alive, silent) fails after train.collective_timeout_s instead of waiting forever,
+and exits with the code it chose (train.dist.exit_rank; a plain sys.exit there aborted once in CI while
+tearing down the process group: SIGABRT, "terminate called without an active exception")."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from train.dist import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RANK = """
-import sys, time, torch
-from train.dist import init_distributed, all_reduce_sum
+import time, torch
+from train.dist import init_distributed, all_reduce_sum, exit_rank
 info = init_distributed(timeout_s=5.0)
 if info.rank == 1:
     time.sleep(120)  # hung: holds its sockets open, never joins the collective
@@ -22,7 +24,7 @@ try:
     all_reduce_sum(torch.ones(1))
 except Exception as err:
     print(f"collective failed after {time.monotonic() - t0:.1f} s: {type(err).__name__}", flush=True)
-    sys.exit(5)
+    exit_rank(5)
 """
 
 

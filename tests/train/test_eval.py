@@ -65,6 +65,18 @@ def test_knowledge_bits():
         em.knowledge_bits([0.3], [4])
 
 
+def test_fano_bits():
+    assert em.fano_bits(1.0, 8, 10) == pytest.approx(30.0)  # every value picked: all of log2|V| per fact
+    assert em.fano_bits(0.25, 4, 100) == 0.0 and em.fano_bits(0.1, 4, 100) == 0.0  # chance or below: nothing
+    # a = 0.5 of 4 values: 2 - h(0.5) - 0.5 log2 3 = 1 - 0.792... bits per fact
+    assert em.fano_bits(0.5, 4, 1) == pytest.approx(2 - 1 - 0.5 * math.log2(3))
+    assert em.fano_bits(0.9, 4, 1) < em.fano_bits(0.95, 4, 1) < em.fano_bits(1.0, 4, 1)  # grows with accuracy
+    assert em.fano_bits(0.7, 1, 5) == 0.0  # one possible value: nothing to know
+    for bad in ((1.2, 4, 1), (0.5, 0, 1), (0.5, 4, -1)):
+        with pytest.raises(ValueError):
+            em.fano_bits(*bad)
+
+
 def test_normalized_logprobs_and_bits_lower_bound():
     # the model spreads mass outside the set (formatting): restricted to the set, 1/2 and 1/4 of it are the truth
     rows = [[math.log(0.1), math.log(0.1)], [math.log(0.05), math.log(0.15), math.log(0.0001)]]
@@ -215,6 +227,11 @@ def test_smoke_train_then_eval(tmp_path):
     assert [a["normalized"] for a in bits["per_attribute"].values()] == [False, True, True, True, True]
     assert bits["knowledge_expert_params"] == 2 * 4 * 3 * 32 * 32
     assert bits["bits_per_knowledge_param"] == pytest.approx(bits["bits"] / bits["knowledge_expert_params"])
+    listed = [a for a in bits["per_attribute"].values() if a["normalized"]]
+    assert bits["fano_bits"] == pytest.approx(sum(a["fano_bits"] for a in listed))
+    assert all(0 <= a["accuracy"] <= 1 and 0 <= a["fano_bits"] <= a["max_bits"] for a in listed)
+    off = report["knowledge_bits_knowledge_off"]
+    assert off["ablation"] == "knowledge_off" and bits["ablation"] == "base" and off["people_scored"] == 8
     for group in ("closed_book", "open_book"):
         r = report["routing"][group]
         assert 0 <= r["answer_rate"] <= 1 and 0 <= r["other_rate"] <= 1 and len(r["per_layer"]) == 2
@@ -279,3 +296,21 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
     assert [s["filtered_resps"][0] for s in samples] == [o.strip() for o in ours]
     assert results["pr_open_book_gen"]["exact_match,strip"] == em.accuracy(
         [o.strip() == ex["answer"] for o, ex in zip(ours, open_book, strict=True)])
+
+
+def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
+    """Not in the default ablations (baseline FFNs lack it); by name it scores, and moves the scores."""
+    model = _tiny_model(max_seq_len=256)
+    for layer in model.moe_layers():
+        layer.init_weights(std=0.3, out_std=0.3)  # a knowledge path large enough to matter
+    codec = Codec()
+    pairs = [("Ada Lovelace was born in", " Oslo"), ("Q: Where was Bo born?\nA:", " Rome")]
+    base, _, _ = score_continuations(model, codec, pairs, ablation="base")
+    mean, _, _ = score_continuations(model, codec, pairs, ablation="knowledge_mean")
+    assert base != mean
+    save_pretrained(model, tmp_path / "ckpt")
+    save_world_config(world_config("tiny", eval_examples=6), tmp_path / "ckpt")
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--json", str(tmp_path / "r.json"), "--bits-people", "0",
+                 "--max-examples", "2", "--splits", "closed_book", "--ablations", "base,knowledge_mean"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["splits"]["closed_book"]) == {"base", "knowledge_mean"}

@@ -15,6 +15,7 @@ from train.objectives import (
     distillation_loss,
     in_context_example,
     in_context_tokens,
+    knowledge_off_loss,
     lm_loss,
     reverse_kl,
     shift_targets,
@@ -147,3 +148,52 @@ def test_distill_forward_trains_student_toward_teacher():
         kls.append(float(parts["reverse_kl"]))
     assert all(p.grad is None for p in teacher.parameters())
     assert kls[-1] < 0.5 * kls[0]
+
+
+def test_knowledge_off_loss_hand_made():
+    """forget = log V - H(p) on the forget positions; read = CE on the read positions; weights apply."""
+    torch.manual_seed(0)
+    vocab = 7
+    logits_BSV = torch.randn(2, 5, vocab)
+    logits_BSV[0, 1] = 0.0  # uniform there: contributes 0 to forget
+    targets_BS = torch.randint(0, vocab, (2, 5))
+    targets_BS[1, 4] = IGNORE_INDEX
+    forget_BS = torch.zeros(2, 5, dtype=torch.bool)
+    forget_BS[0, 1] = forget_BS[1, 2] = True
+    read_BS = torch.zeros(2, 5, dtype=torch.bool)
+    read_BS[0, 3] = read_BS[1, 0] = read_BS[1, 4] = True  # (1, 4) has no target: not counted
+    loss, parts = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, 2.0, 0.5)
+    p = torch.softmax(logits_BSV[1, 2].double(), -1)
+    kl_uniform = sum(float(p[v] * math.log(p[v] * vocab)) for v in range(vocab))
+    assert float(parts["forget"]) == pytest.approx(kl_uniform / 2, rel=1e-5)
+    logp = torch.log_softmax(logits_BSV.double(), -1)
+    read = -(logp[0, 3, targets_BS[0, 3]] + logp[1, 0, targets_BS[1, 0]]) / 2
+    assert float(parts["read"]) == pytest.approx(float(read), rel=1e-5)
+    assert float(loss) == pytest.approx(2.0 * float(parts["forget"]) + 0.5 * float(parts["read"]), rel=1e-6)
+    # a confident prediction is far from uniform: forget approaches log V
+    sharp_BSV = torch.full((1, 1, vocab), -30.0)
+    sharp_BSV[0, 0, 3] = 30.0
+    _, sharp = knowledge_off_loss(sharp_BSV, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+                                  torch.zeros(1, 1, dtype=torch.bool), 1.0, 1.0)
+    assert float(sharp["forget"]) == pytest.approx(math.log(vocab), rel=1e-4) and float(sharp["read"]) == 0.0
+
+
+def test_knowledge_off_loss_gradient_pushes_toward_uniform():
+    logits_BSV = torch.randn(1, 3, 11, requires_grad=True)
+    mask_BS = torch.tensor([[True, False, True]])
+    loss, _ = knowledge_off_loss(logits_BSV, torch.zeros(1, 3, dtype=torch.long), mask_BS, ~mask_BS, 1.0, 0.0)
+    loss.backward()
+    assert logits_BSV.grad[0, 1].abs().max() == 0  # neither forgotten nor read
+    with torch.no_grad():
+        stepped_BSV = logits_BSV - 0.5 * logits_BSV.grad
+    entropy = lambda z: float(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum())  # noqa: E731
+    assert entropy(stepped_BSV[0, 0]) > entropy(logits_BSV[0, 0].detach())
+
+
+def test_knowledge_off_loss_rejects_bad_masks():
+    logits_BSV, targets_BS = torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long)
+    good = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="forget_BS"):
+        knowledge_off_loss(logits_BSV, targets_BS, torch.ones(1, 4, dtype=torch.bool), good, 1.0, 1.0)
+    with pytest.raises(ValueError, match="read_BS"):
+        knowledge_off_loss(logits_BSV, targets_BS, good, good.long(), 1.0, 1.0)

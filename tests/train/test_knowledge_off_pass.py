@@ -1,0 +1,80 @@
+"""Knowledge-off forgetting (objective.forget_weight / read_weight): the masks a micro-batch carries, the
+parameters the knowledge-off pass trains, config errors and a run end to end."""
+
+import pytest
+import torch
+
+from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from tests.train.helpers import compose_config, metrics, run_in_process
+from train import data
+from train.config import ObjectiveConfig
+from train.dist import DistInfo
+from train.drills import FreshDrills
+from train.loop import TrainData
+from train.objectives import knowledge_off_loss
+from train.world import build_world, corpus_world_config
+
+FORGET = ("experiment=decoupling_tiny", "name=t", "objective.forget_weight=1.0", "objective.read_weight=0.5")
+
+
+def test_micro_batch_masks_forget_recall_tokens_and_read_everything_else():
+    cfg = compose_config(*FORGET, "data.fresh_drills=2")
+    docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens)
+    tok = data.train_tokenizer(docs, "bpe", cfg.model.vocab_size)
+    stream, mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
+    closed = data.closed_book_tokens(stream, mask, tok.token_to_id(data.EOD))
+    recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed
+    packed = data.PackedSequences(stream, cfg.data.seq_len, 0, loss_mask=mask, closed=closed, recall=recall)
+    drills = FreshDrills(build_world(corpus_world_config(**cfg.data.generator_kwargs)), tok, cfg.data.seq_len)
+    batch = TrainData(packed, drills).micro_batch(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")), step=2, micro=0)
+    assert "consult_target_BS" not in batch and "reasoning_frozen_BS" not in batch  # nothing else switched on
+    positions = data.micro_batch_positions(2, 0, 0, cfg.train.micro_batch_size - 2, 1, 1)
+    corpus = cfg.train.micro_batch_size - 2
+    assert torch.equal(batch["forget_BS"][:corpus], packed.recall(positions))
+    assert torch.equal(batch["read_BS"][:corpus], ~packed.closed(positions))
+    assert batch["forget_BS"].any() and not (batch["forget_BS"] & batch["read_BS"]).any()
+    assert batch["read_BS"][corpus:].all() and not batch["forget_BS"][corpus:].any()  # drills: read, never forget
+
+
+def test_the_knowledge_off_pass_trains_the_always_on_path_only():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, reasoning_width=48,
+                      knowledge=KnowledgeConfig(num_experts=4, expert_width=24, top_k=2))
+    torch.manual_seed(0)
+    model = PureReasonerLM(cfg)
+    idx_BS, targets_BS = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    forget_BS = torch.rand(3, 16) < 0.3
+    loss, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
+                                 1.0, 1.0)
+    loss.backward()
+    for layer in model.moe_layers():
+        assert all(p.grad is None for p in layer.experts.parameters())
+        assert all(p.grad is None for p in layer.router.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.reasoning.parameters())
+    assert model.embed.weight.grad.abs().sum() > 0
+
+
+def test_knowledge_off_pass_config_errors():
+    with pytest.raises(ValueError, match="forget_weight must be >= 0"):
+        ObjectiveConfig(forget_weight=-1.0)
+    with pytest.raises(ValueError, match="forget_weight / read_weight need objective.kind=lm"):
+        ObjectiveConfig(kind="distill", teacher="x", read_weight=1.0)
+    with pytest.raises(ValueError, match="forget_weight"):
+        compose_config("objective.forget_weight=1.0")  # no in-context data
+    with pytest.raises(ValueError, match="MoE layers"):
+        compose_config(*FORGET, "model=tiny_dense")
+    with pytest.raises(ValueError, match="forget_weight need data.generator"):
+        compose_config("data.source=generator", "data.generator=tests.train.test_recall_targets:_rows_without_recall",
+                       "data.in_context_fraction=0.5", "objective.forget_weight=1.0")
+
+
+def test_forget_run_end_to_end(tmp_path):
+    run_in_process(
+        tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
+        "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "objective.forget_weight=1.0",
+        "objective.read_weight=0.5", "data.fresh_drills=1",
+    )
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]
+    for row in rows:  # the knowledge-off pass's loss is logged apart and is part of the total
+        assert row["knowledge_off"] > 0
+        assert row["loss"] == pytest.approx(row["ce"] + row["aux"] + row["knowledge_off"], rel=1e-5)
