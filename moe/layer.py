@@ -81,7 +81,7 @@ class PureReasonerMoE(nn.Module):
         x: torch.Tensor,
         knowledge_off: bool = False,
         reasoning_off: bool = False,
-        knowledge_mean: bool = False,
+        knowledge_mean: bool | torch.Tensor = False,
         reasoning_frozen: torch.Tensor | None = None,
         consult_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats]:
@@ -91,10 +91,13 @@ class PureReasonerMoE(nn.Module):
             x: [..., D] tokens (e.g. [B, S, D]).
             knowledge_off: ablation; no token consults (the router does not run).
             reasoning_off: ablation; the reasoning expert's output is zero.
-            knowledge_mean: mean ablation (eval); routing is unchanged, but every consulting token receives the
-                mean of the knowledge path's outputs over this call's consulting tokens instead of its own: what
-                the experts add that does not depend on the token (a constant "key") survives it, what they
-                store about particular tokens (facts about a person) does not.
+            knowledge_mean: mean ablation; routing is unchanged, but every consulting token receives the mean of
+                the knowledge path's outputs over this call's consulting tokens instead of its own: what the
+                experts add that does not depend on the token (a constant "key") survives it, what they store
+                about particular tokens (facts about a person) does not. A bool mask of x's shape without D
+                restricts it to the masked tokens (the mean is over the consulting masked tokens; the others keep
+                their own output), e.g. the positions that predict an answer: a key specific to such positions
+                survives that too. The knowledge path sends no gradient under this ablation.
             reasoning_frozen: None or [...] bool (x's shape without D): where True, the reasoning expert's
                 output is detached, so no gradient reaches the reasoning expert (or, through it, the layers
                 below) from that token; the forward value is unchanged (knowledge gradient routing).
@@ -108,7 +111,9 @@ class PureReasonerMoE(nn.Module):
             raise ValueError(f"x must have last dim d_model={self.cfg.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, x.shape[-1])
         y_TD = torch.zeros_like(x_TD) if reasoning_off else self._reasoning(x_TD)
-        for name, mask in (("reasoning_frozen", reasoning_frozen), ("consult_target", consult_target)):
+        mean_mask = knowledge_mean if isinstance(knowledge_mean, torch.Tensor) else None
+        for name, mask in (("reasoning_frozen", reasoning_frozen), ("consult_target", consult_target),
+                           ("knowledge_mean", mean_mask)):
             if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
                 raise ValueError(f"{name} must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
                                  f"{tuple(mask.shape)}")
@@ -119,10 +124,12 @@ class PureReasonerMoE(nn.Module):
         target_T = None if consult_target is None else consult_target.reshape(-1)
         routing = self.router(x_TD, target_T)
         knowledge_TD = self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
-        if knowledge_mean:
+        if mean_mask is not None or knowledge_mean:
             consulted_T = (routing.expert_ids_TK >= 0).any(1)
-            mean_D = masked_mean(knowledge_TD, consulted_T)
-            knowledge_TD = torch.where(consulted_T.unsqueeze(1), mean_D, 0.0)
+            replaced_T = consulted_T if mean_mask is None else consulted_T & mean_mask.reshape(-1)
+            knowledge_TD = knowledge_TD.detach()
+            mean_D = masked_mean(knowledge_TD, replaced_T)
+            knowledge_TD = torch.where(replaced_T.unsqueeze(1), mean_D, knowledge_TD)
         y_TD = y_TD + knowledge_TD
         kcfg = self.cfg.knowledge
         stats = MoEStats(

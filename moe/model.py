@@ -131,12 +131,13 @@ class PureReasonerLM(nn.Module):
         *,
         knowledge_off: bool = False,
         reasoning_off: bool = False,
-        knowledge_mean: bool = False,
+        knowledge_mean: bool | torch.Tensor = False,
         reasoning_frozen_BS: torch.Tensor | None = None,
         consult_target_BS: torch.Tensor | None = None,
     ) -> LMOutput:
         """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches (knowledge_off,
-        reasoning_off, knowledge_mean: see ``PureReasonerMoE.forward``; the last only when set);
+        reasoning_off, knowledge_mean (a bool or a [B, S] bool mask): see ``PureReasonerMoE.forward``; the last
+        only when set);
         reasoning_frozen_BS [B, S] bool or None: tokens whose gradient must not reach the MoE layers' reasoning
         experts (``PureReasonerMoE.forward``'s ``reasoning_frozen``; knowledge gradient routing);
         consult_target_BS [B, S] bool or None: which tokens should consult (supervised consult, its loss weighted
@@ -155,8 +156,8 @@ class PureReasonerLM(nn.Module):
         masks = {"reasoning_frozen": reasoning_frozen_BS, "consult_target": consult_target_BS}
         token_masks = {k: v for k, v in masks.items() if v is not None}
         ablations = {"knowledge_off": knowledge_off, "reasoning_off": reasoning_off}
-        if knowledge_mean:  # only then: baseline FFNs (train.baselines) do not take it
-            ablations["knowledge_mean"] = True
+        if isinstance(knowledge_mean, torch.Tensor) or knowledge_mean:  # only then: baseline FFNs do not take it
+            ablations["knowledge_mean"] = knowledge_mean
         for block in self.blocks:
             x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, ablations, **token_masks)
             if stats is not None:

@@ -58,9 +58,9 @@ class DeepSpeedResidualFFN(nn.Module):
                 nn.init.normal_(param, std=0.02)
 
     def forward(self, x: torch.Tensor, knowledge_off: bool = False, reasoning_off: bool = False,
-                knowledge_mean: bool = False):
+                knowledge_mean: bool | torch.Tensor = False):
         """x: [..., D] -> (y [..., D], MoEStats); an ablation zeroes one of DeepSpeed's two terms."""
-        if knowledge_mean:
+        if knowledge_mean is not False:
             raise ValueError("the knowledge_mean ablation is the pure reasoner's (PureReasonerMoE); "
                              "DeepSpeed's residual MoE has no consult decision to keep")
         x_TD = x.reshape(-1, x.shape[-1])

@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
+FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
 WORLD_GENERATOR = "train.world:pretraining_corpus"
 
 
@@ -208,6 +209,11 @@ class ObjectiveConfig:
         also runs the model with its knowledge experts off, and adds ``forget_weight`` * KL(p || uniform) at the
         recall tokens of rows without context (as ``consult_targets=recall``) plus ``read_weight`` * CE on the
         tokens outside such rows (context rows' text, reading drills). About 1.6x the step time.
+    forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
+        (the knowledge path's output at those recall tokens is replaced by its mean over them, the
+        ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
+        at recall tokens (a "key" the always-on path could learn to need) is still there when the pass must not
+        know the value, so only person-specific expert outputs can carry it.
     """
 
     kind: str = "lm"
@@ -220,6 +226,7 @@ class ObjectiveConfig:
     consult_targets: str = "rows"
     forget_weight: float = 0.0
     read_weight: float = 0.0
+    forget_ablation: str = "knowledge_off"
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -232,6 +239,8 @@ class ObjectiveConfig:
                      f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
+        _require(self.forget_ablation in FORGET_ABLATIONS,
+                 f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
         for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")

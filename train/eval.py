@@ -34,9 +34,12 @@ from train.world import SPLITS, World, build_world, load_world_config
 from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
 from train.world_text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
 
+ANSWER_POSITIONS = "answer positions"  # stands for score_ids' [B, S] mask of the positions predicting continuations
 ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True},
-             "knowledge_mean": {"knowledge_mean": True}}
-# What --ablations runs unless told: knowledge_mean (the pure reasoner's layer only) is asked for by name.
+             "knowledge_mean": {"knowledge_mean": True}, "answer_mean": {"knowledge_mean": ANSWER_POSITIONS}}
+# What --ablations runs unless told: the mean ablations (the pure reasoner's layer only) are asked for by name.
+# answer_mean: knowledge_mean restricted to the positions that predict a scored continuation (multiple choice
+# only, no generation): the batch's answer positions share one mean, the rest keep their own outputs.
 DEFAULT_ABLATIONS = ("base", "knowledge_off", "reasoning_off")
 STOP = ("\n", ".")
 
@@ -122,10 +125,14 @@ def score_ids(model: PureReasonerLM, pairs: Sequence[tuple[list[int], list[int]]
         rows = order[start : start + batch_size]
         width = max(len(encoded[i][0]) for i in rows) - 1
         idx_BS = torch.zeros(len(rows), width, dtype=torch.long)
+        answer_BS = torch.zeros(len(rows), width, dtype=torch.bool)
         for b, i in enumerate(rows):
-            ids = encoded[i][0]
+            ids, n = encoded[i]
             idx_BS[b, : len(ids) - 1] = torch.tensor(ids[:-1])
-        logp_BSV = F.log_softmax(model(idx_BS.to(_device(model)), **ABLATIONS[ablation]).logits_BSV.float(), -1).cpu()
+            answer_BS[b, len(ids) - 1 - n : len(ids) - 1] = True
+        device = _device(model)
+        kwargs = {k: answer_BS.to(device) if v is ANSWER_POSITIONS else v for k, v in ABLATIONS[ablation].items()}
+        logp_BSV = F.log_softmax(model(idx_BS.to(device), **kwargs).logits_BSV.float(), -1).cpu()
         for b, i in enumerate(rows):
             ids, n = encoded[i]
             target = torch.tensor(ids[-n:])
@@ -144,6 +151,8 @@ def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str],
                     stop: Sequence[str] = STOP, ablation: str = "base", batch_size: int = 16) -> list[str]:
     """Greedy continuations, each cut at the first stop string. Batched with right padding: causal attention
     makes a row's logits at its own last position independent of the padding after it."""
+    if ANSWER_POSITIONS in ABLATIONS[ablation].values():
+        raise ValueError(f"ablation {ablation!r} scores given continuations only; it cannot generate")
     limit = model.cfg.max_seq_len
     outputs = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
@@ -372,11 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     splits, ablations = args.splits.split(","), args.ablations.split(",")
-    generate = {"all": ablations, "none": []}.get(args.generate, args.generate.split(","))
+    generable = tuple(a for a in ablations if ANSWER_POSITIONS not in ABLATIONS.get(a, {}).values())
+    generate = {"all": generable, "none": []}.get(args.generate, args.generate.split(","))
     for given, known, what in ((splits, SPLITS, "split"), (ablations, tuple(ABLATIONS), "ablation"),
-                               (generate or ["base"], tuple(ablations), "--generate ablation")):
+                               (generate, generable, "--generate ablation")):
         bad = [x for x in given if x not in known]
-        if bad or not given:
+        if bad or not (given or what.startswith("--generate")):
             parser.error(f"unknown {what}(s) {bad}; choose from {','.join(known)}")
     for name in ("max_examples", "batch_size"):
         value = getattr(args, name)

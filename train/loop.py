@@ -291,7 +291,9 @@ def _one_step(
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
         off_loss = torch.zeros(())
         if read_BS is not None:
-            off_logits_BSV = engine(batch["idx_BS"], knowledge_off=True).logits_BSV
+            off = {"knowledge_off": True} if cfg.objective.forget_ablation == "knowledge_off" else \
+                {"knowledge_mean": forget_BS}
+            off_logits_BSV = engine(batch["idx_BS"], **off).logits_BSV
             off_loss, _ = objectives.knowledge_off_loss(off_logits_BSV, batch["targets_BS"], forget_BS, read_BS,
                                                         cfg.objective.forget_weight, cfg.objective.read_weight)
             out = out._replace(loss=out.loss + off_loss)

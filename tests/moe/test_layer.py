@@ -222,3 +222,23 @@ def test_knowledge_mean_gives_every_consulting_token_the_mean(mechanism):
     # one consulting token: its own output is the mean, so the ablation changes nothing
     one_TD = x_TD[consulted_T][:1]
     torch.testing.assert_close(layer(one_TD, knowledge_mean=True)[0], layer(one_TD)[0], **FP32)
+
+
+def test_knowledge_mean_on_masked_tokens_only_and_without_gradient():
+    layer = _layer("gate", consult_rate=0.5).eval()
+    x_TD = torch.randn(40, 32)
+    consulted_T = (layer.router(x_TD).expert_ids_TK >= 0).any(1)
+    mask_T = torch.arange(40) % 3 == 0
+    replaced_T = consulted_T & mask_T
+    assert 1 < int(replaced_T.sum()) and (consulted_T & ~mask_T).any()
+    knowledge_TD = layer(x_TD)[0] - layer.reasoning(x_TD)
+    expected_TD = layer.reasoning(x_TD) + torch.where(replaced_T.unsqueeze(1), knowledge_TD[replaced_T].mean(0),
+                                                      knowledge_TD)
+    x_TD.requires_grad_(True)
+    y_TD, _ = layer(x_TD, knowledge_mean=mask_T)
+    torch.testing.assert_close(y_TD, expected_TD, **FP32)
+    y_TD.square().sum().backward()
+    assert all(p.grad is None for p in layer.experts.parameters())  # the ablated knowledge path is not trained
+    assert all(p.grad is not None for p in layer.reasoning.parameters())
+    with pytest.raises(ValueError, match="knowledge_mean must be bool"):
+        layer(x_TD, knowledge_mean=mask_T[:10])

@@ -314,3 +314,27 @@ def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
                  "--max-examples", "2", "--splits", "closed_book", "--ablations", "base,knowledge_mean"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["splits"]["closed_book"]) == {"base", "knowledge_mean"}
+    with pytest.raises(SystemExit):  # answer_mean scores given continuations; it cannot generate
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--ablations", "answer_mean", "--generate", "answer_mean"])
+
+
+def test_answer_mean_replaces_the_knowledge_at_answer_positions_only():
+    """answer_mean == the model run with knowledge_mean on exactly the positions that predict continuations."""
+    model = _tiny_model(max_seq_len=256)
+    for layer in model.moe_layers():
+        layer.init_weights(std=0.3, out_std=0.3)
+    codec = Codec()
+    pairs = [("Ada Lovelace was born in", " Oslo."), ("Q: Where was Bo born?\nA:", " Rome."), ("Cy works at", " X.")]
+    got, _, _ = score_continuations(model, codec, pairs, ablation="answer_mean", batch_size=3)
+    assert got != score_continuations(model, codec, pairs, ablation="base", batch_size=3)[0]
+    encoded = [(codec.encode(c), codec.encode(t)) for c, t in pairs]
+    width = max(len(c) + len(t) for c, t in encoded) - 1
+    idx_BS = torch.zeros(3, width, dtype=torch.long)
+    answer_BS = torch.zeros(3, width, dtype=torch.bool)
+    for b, (c, t) in enumerate(encoded):
+        idx_BS[b, : len(c) + len(t) - 1] = torch.tensor([*c, *t][:-1])
+        answer_BS[b, len(c) - 1 : len(c) + len(t) - 1] = True
+    logp_BSV = torch.log_softmax(model(idx_BS, knowledge_mean=answer_BS).logits_BSV, -1)
+    for b, (c, t) in enumerate(encoded):
+        expected = sum(float(logp_BSV[b, len(c) - 1 + k, tok]) for k, tok in enumerate(t))
+        assert got[b] == pytest.approx(expected, rel=1e-5, abs=1e-4)

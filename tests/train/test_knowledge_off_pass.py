@@ -36,15 +36,16 @@ def test_micro_batch_masks_forget_recall_tokens_and_read_everything_else():
     assert batch["read_BS"][corpus:].all() and not batch["forget_BS"][corpus:].any()  # drills: read, never forget
 
 
-def test_the_knowledge_off_pass_trains_the_always_on_path_only():
+@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
+def test_the_knowledge_off_pass_trains_the_always_on_path_only(ablation):
     cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, reasoning_width=48,
                       knowledge=KnowledgeConfig(num_experts=4, expert_width=24, top_k=2))
     torch.manual_seed(0)
     model = PureReasonerLM(cfg)
     idx_BS, targets_BS = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     forget_BS = torch.rand(3, 16) < 0.3
-    loss, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
-                                 1.0, 1.0)
+    off = {"knowledge_off": True} if ablation == "knowledge_off" else {"knowledge_mean": forget_BS}
+    loss, _ = knowledge_off_loss(model(idx_BS, **off).logits_BSV, targets_BS, forget_BS, ~forget_BS, 1.0, 1.0)
     loss.backward()
     for layer in model.moe_layers():
         assert all(p.grad is None for p in layer.experts.parameters())
@@ -56,6 +57,8 @@ def test_the_knowledge_off_pass_trains_the_always_on_path_only():
 def test_knowledge_off_pass_config_errors():
     with pytest.raises(ValueError, match="forget_weight must be >= 0"):
         ObjectiveConfig(forget_weight=-1.0)
+    with pytest.raises(ValueError, match="forget_ablation must be one of"):
+        ObjectiveConfig(forget_ablation="everything")
     with pytest.raises(ValueError, match="forget_weight / read_weight need objective.kind=lm"):
         ObjectiveConfig(kind="distill", teacher="x", read_weight=1.0)
     with pytest.raises(ValueError, match="forget_weight"):
@@ -67,11 +70,12 @@ def test_knowledge_off_pass_config_errors():
                        "data.in_context_fraction=0.5", "objective.forget_weight=1.0")
 
 
-def test_forget_run_end_to_end(tmp_path):
+@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
+def test_forget_run_end_to_end(tmp_path, ablation):
     run_in_process(
         tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
         "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "objective.forget_weight=1.0",
-        "objective.read_weight=0.5", "data.fresh_drills=1",
+        "objective.read_weight=0.5", "data.fresh_drills=1", f"objective.forget_ablation={ablation}",
     )
     rows = metrics(tmp_path / "run")
     assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]
