@@ -97,7 +97,7 @@ def test_recall_targets_config_errors():
         ObjectiveConfig(consult_targets="facts")
     with pytest.raises(ValueError, match="route_tokens"):
         ObjectiveConfig(route_tokens="names")
-    with pytest.raises(ValueError, match="route_tokens=recall need data.generator"):
+    with pytest.raises(ValueError, match="route_tokens=recall / forget_weight need data.generator"):
         compose_config("data.source=generator", "data.generator=tests.train.test_recall_targets:_rows_without_recall",
                        "data.in_context_fraction=0.5", "model.knowledge.consult_loss_coef=0.1",
                        "objective.consult_targets=recall")
