@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 EVAL_DIR, RUNS, NOTES = "eval", "runs.json", "notes.md"
 
@@ -118,49 +119,54 @@ def markdown(models: list[dict], notes: str = "") -> str:
 
 
 def plot(models: list[dict], out: Path) -> list[Path]:
-    """accuracy.png, ablations.png, consult_rate.png under ``out``."""
+    """accuracy.png, ablations.png, consult_rate.png under ``out``: one row of bars per model (readable at 20)."""
     paths = []
+    names = [m["model"] for m in models]
     splits = list(dict.fromkeys(s for m in models for s in m["splits"]))
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(splits)), 4))
-    for i, m in enumerate(models):
-        ys = [m["splits"].get(s, {}).get("base", {}).get("acc_adjusted") or 0.0 for s in splits]
-        ax.bar([j + i * width for j in range(len(splits))], ys, width, label=m["model"])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits, rotation=20, ha="right")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_ylabel("chance-adjusted accuracy")
+    ablations = list(dict.fromkeys(a for m in models for s in m["splits"].values() for a in s))
+    height = max(4.0, 0.1 * len(models) * max(len(splits), len(ablations)) + 1.5)
+
+    def grouped_rows(ax, keys: list[str], value) -> None:
+        """Horizontal bars: one group per model (top to bottom), one bar per key inside it."""
+        bar = 0.8 / max(len(keys), 1)
+        for k, key in enumerate(keys):
+            ax.barh([j + k * bar for j in range(len(models))], [value(m, key) or 0.0 for m in models], bar,
+                    label=key)
+        ax.set_yticks([j + 0.4 - bar / 2 for j in range(len(models))], names, fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=0.5)
+
+    fig, ax = plt.subplots(figsize=(8, height))
+    grouped_rows(ax, splits, lambda m, s: m["splits"].get(s, {}).get("base", {}).get("acc_adjusted"))
+    ax.set_xlabel("chance-adjusted accuracy")
     ax.set_title("Accuracy per split (no ablation)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     paths.append(_save(fig, out / "accuracy.png"))
 
-    ablations = list(dict.fromkeys(a for m in models for s in m["splits"].values() for a in s))
-    fig, axes = plt.subplots(1, len(splits), figsize=(3 * len(splits), 3.5), sharey=True, squeeze=False)
-    width = 0.8 / max(len(ablations), 1)
+    fig, axes = plt.subplots(1, len(splits), figsize=(2.6 * len(splits) + 2, height), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], splits, strict=True):
-        for k, a in enumerate(ablations):
-            ys = [m["splits"].get(s, {}).get(a, {}).get("acc_adjusted") or 0.0 for m in models]
-            ax.bar([j + k * width for j in range(len(models))], ys, width, label=a)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], [m["model"] for m in models],
-                      rotation=30, ha="right", fontsize=7)
-        ax.axhline(0, color="black", lw=0.5)
+        grouped_rows(ax, ablations, lambda m, a, s=s: m["splits"].get(s, {}).get(a, {}).get("acc_adjusted"))
         ax.set_title(s, fontsize=9)
-    axes[0][0].set_ylabel("chance-adjusted accuracy")
-    axes[0][0].legend(fontsize=7)
+        ax.set_xlabel("chance-adjusted accuracy", fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     paths.append(_save(fig, out / "ablations.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in models:
-        for group, style in (("closed_book", "-"), ("open_book", "--")):
+    groups = ("closed_book", "open_book")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    colors = plt.cm.tab20.colors
+    for ax, group in zip(axes, groups, strict=True):
+        for i, m in enumerate(models):
             layers = (m["routing"].get(group) or {}).get("per_layer") or []
             if layers:
-                ax.plot(range(len(layers)), [x["answer_rate"] or 0.0 for x in layers], style, marker="o",
-                        label=f"{m['model']} {group} answer")
-                ax.plot(range(len(layers)), [x["other_rate"] or 0.0 for x in layers], style, marker="x",
-                        alpha=0.5, label=f"{m['model']} {group} other")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("consult rate")
-    ax.set_title("Knowledge-expert consult rate per layer (answer vs other tokens)")
-    ax.legend(fontsize=6)
+                color = colors[i % len(colors)]
+                ax.plot(range(len(layers)), [x["answer_rate"] or 0.0 for x in layers], "-o", color=color,
+                        label=m["model"])
+                ax.plot(range(len(layers)), [x["other_rate"] or 0.0 for x in layers], ":x", color=color, alpha=0.6)
+        ax.set_xlabel("MoE layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{group}: answer tokens (solid) vs others (dotted)", fontsize=9)
+    axes[0].set_ylabel("consult rate")
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     paths.append(_save(fig, out / "consult_rate.png"))
     return paths
 
