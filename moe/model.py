@@ -84,7 +84,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         self.ffn = PureReasonerMoE(cfg.moe_config()) if self.is_moe else SwiGLU(cfg.d_model, cfg.dense_width)
 
-    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool], **token_masks):
+    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool | torch.Tensor], **token_masks):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SQ, sin_SQ)
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
