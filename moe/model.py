@@ -156,6 +156,8 @@ class PureReasonerLM(nn.Module):
         masks = {"reasoning_frozen": reasoning_frozen_BS, "consult_target": consult_target_BS}
         token_masks = {k: v for k, v in masks.items() if v is not None}
         ablations = {"knowledge_off": knowledge_off, "reasoning_off": reasoning_off}
+        if not isinstance(knowledge_mean, bool | torch.Tensor):
+            raise ValueError(f"knowledge_mean must be a bool or a [B, S] bool tensor, got {knowledge_mean!r}")
         if isinstance(knowledge_mean, torch.Tensor) or knowledge_mean:  # only then: baseline FFNs do not take it
             ablations["knowledge_mean"] = knowledge_mean
         for block in self.blocks:

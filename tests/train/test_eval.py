@@ -314,6 +314,8 @@ def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
                  "--max-examples", "2", "--splits", "closed_book", "--ablations", "base,knowledge_mean"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["splits"]["closed_book"]) == {"base", "knowledge_mean"}
+    with pytest.raises(ValueError, match="knowledge_mean must be a bool"):
+        model(torch.zeros(1, 4, dtype=torch.long), knowledge_mean="answer positions")
     with pytest.raises(SystemExit):  # answer_mean scores given continuations; it cannot generate
         main(["--checkpoint", str(tmp_path / "ckpt"), "--ablations", "answer_mean", "--generate", "answer_mean"])
 
