@@ -126,8 +126,17 @@ def nominal(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
         seq_len: context length for the attention term (default ``cfg.max_seq_len``).
     """
     k = cfg.knowledge
-    num_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
-    return _account(cfg, [k.consult_rate * k.top_k] * num_moe, seq_len or cfg.max_seq_len)
+    return _account(cfg, [k.consult_rate * k.top_k] * _num_moe(cfg), seq_len or cfg.max_seq_len)
+
+
+def knowledge_off(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
+    """Cost per token with every knowledge expert off (the ``knowledge_off`` ablation; the training objective's
+    forget pass, ``objective.forget_weight``, costs this much on top of the ordinary step)."""
+    return _account(cfg, [0.0] * _num_moe(cfg), seq_len or cfg.max_seq_len)
+
+
+def _num_moe(cfg: ModelConfig) -> int:
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
 
 
 def realized(cfg: ModelConfig, stats: Sequence[MoEStats], seq_len: int) -> Accounting:

@@ -41,6 +41,11 @@ ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_of
 # answer_mean: knowledge_mean restricted to the positions that predict a scored continuation (multiple choice
 # only, no generation): the batch's answer positions share one mean, the rest keep their own outputs.
 DEFAULT_ABLATIONS = ("base", "knowledge_off", "reasoning_off")
+
+
+def can_generate(ablation: str) -> bool:
+    """Whether greedy generation can run under ``ablation`` (answer_mean needs the continuations it scores)."""
+    return ANSWER_POSITIONS not in ABLATIONS[ablation].values()
 STOP = ("\n", ".")
 
 
@@ -151,7 +156,7 @@ def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str],
                     stop: Sequence[str] = STOP, ablation: str = "base", batch_size: int = 16) -> list[str]:
     """Greedy continuations, each cut at the first stop string. Batched with right padding: causal attention
     makes a row's logits at its own last position independent of the padding after it."""
-    if ANSWER_POSITIONS in ABLATIONS[ablation].values():
+    if not can_generate(ablation):
         raise ValueError(f"ablation {ablation!r} scores given continuations only; it cannot generate")
     limit = model.cfg.max_seq_len
     outputs = [""] * len(prompts)
@@ -381,12 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     splits, ablations = args.splits.split(","), args.ablations.split(",")
-    generable = tuple(a for a in ablations if ANSWER_POSITIONS not in ABLATIONS.get(a, {}).values())
+    generable = tuple(a for a in ablations if a in ABLATIONS and can_generate(a))
     generate = {"all": generable, "none": []}.get(args.generate, args.generate.split(","))
-    for given, known, what in ((splits, SPLITS, "split"), (ablations, tuple(ABLATIONS), "ablation"),
-                               (generate, generable, "--generate ablation")):
+    for given, known, what, may_be_empty in ((splits, SPLITS, "split", False),
+                                             (ablations, tuple(ABLATIONS), "ablation", False),
+                                             (generate, generable, "--generate ablation", True)):
         bad = [x for x in given if x not in known]
-        if bad or not (given or what.startswith("--generate")):
+        if bad or not (given or may_be_empty):
             parser.error(f"unknown {what}(s) {bad}; choose from {','.join(known)}")
     for name in ("max_examples", "batch_size"):
         value = getattr(args, name)

@@ -8,7 +8,7 @@ has no plugin entry point for third-party models, so the stock ``lm_eval`` comma
 when a task YAML is passed by path, e.g. ``--tasks train/lm_eval_tasks/pr_closed_book.yaml``: loading it imports
 ``train/lm_eval_tasks/world_tasks.py``, which registers the model before the model is built.)
 
-model_args: ``checkpoint`` (required), ``ablation`` (base | knowledge_off | reasoning_off), ``world_dir`` (read by
+model_args: ``checkpoint`` (required), ``ablation`` (a ``train.eval.ABLATIONS`` key), ``world_dir`` (read by
 the tasks, see ``world_tasks.py``); ``batch_size`` and ``device`` come from the harness's flags. Scoring and
 generation are ``train.eval``'s, so the numbers agree with ``python -m train.eval``.
 """

@@ -324,6 +324,9 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     seq_len, t = cfg.data.seq_len, cfg.train
     stats = acc.moe_stats()
     cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
+    flops_per_token = cost.flops_per_token
+    if cfg.objective.knowledge_off_pass:  # the forget pass: a forward + backward without the knowledge path
+        flops_per_token += flops.knowledge_off(cfg.model, seq_len).flops_per_token
     grad_norm = engine.get_global_grad_norm()
     count = acc.sums[4]
     return StepMetrics(
@@ -336,7 +339,7 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
         grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
         tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,
         seconds=seconds,
-        flops_per_token=cost.flops_per_token,
+        flops_per_token=flops_per_token,
         peak_flops=peak,
         skipped=not engine.was_step_applied(),
         consult_rate_L=[float(c) / max(acc.tokens, 1) for c in acc.consult_L],

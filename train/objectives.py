@@ -31,7 +31,6 @@ student to put its mass on one of the teacher's modes rather than spread it over
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -113,15 +112,10 @@ def knowledge_off_loss(
         if mask.shape != targets_BS.shape or mask.dtype != torch.bool:
             raise ValueError(f"{name} must be bool of shape {tuple(targets_BS.shape)}, got {mask.dtype} "
                              f"{tuple(mask.shape)}")
-    logp_BSV = F.log_softmax(logits_BSV.float(), dim=-1)
-    vocab = logp_BSV.shape[-1]
-    kl_to_uniform_BS = (logp_BSV.exp() * logp_BSV).sum(-1) + math.log(vocab)
-    weights_BS = forget_BS.to(kl_to_uniform_BS.dtype)
-    forget = (kl_to_uniform_BS * weights_BS).sum() / weights_BS.sum().clamp(min=1.0)
+    forget = reverse_kl(logits_BSV, torch.zeros_like(logits_BSV), forget_BS)  # uniform teacher: zero logits
     read_targets_BS = targets_BS.masked_fill(~read_BS, IGNORE_INDEX)
-    nll_BS = F.nll_loss(logp_BSV.flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
-                        reduction="none").view_as(targets_BS)
-    read = nll_BS.sum() / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
+    read = F.cross_entropy(logits_BSV.float().flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
     return forget_weight * forget + read_weight * read, {"forget": forget.detach(), "read": read.detach()}
 
 

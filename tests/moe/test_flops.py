@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe import PRESET_NAMES, PureReasonerLM, preset
-from moe.flops import main, nominal, realized
+from moe.flops import knowledge_off, main, nominal, realized
 
 # (total, active) from the model cards / papers, in billions.
 PUBLISHED = {
@@ -50,6 +50,17 @@ def test_realized_follows_routing():
         assert extra == pytest.approx(float(s.expert_load_E.sum()) / 128 * one_expert)
     embed_and_head = rep.flops_per_token - sum(rep.block_flops_per_token)
     assert embed_and_head == pytest.approx(6 * cfg.vocab_size * cfg.d_model)  # the LM-head matmul
+
+
+def test_knowledge_off_is_what_a_pass_without_consults_realizes():
+    cfg = preset("tiny")
+    model = PureReasonerLM(cfg)
+    idle = realized(cfg, model(torch.randint(0, cfg.vocab_size, (2, 64)), knowledge_off=True).stats, seq_len=64)
+    off = knowledge_off(cfg, 64)
+    assert off.flops_per_token == idle.flops_per_token and off.active_params == idle.active_params
+    one_expert = 3 * cfg.d_model * cfg.knowledge.expert_width
+    routed = cfg.knowledge.consult_rate * cfg.knowledge.top_k * cfg.n_layers  # every tiny block is a MoE block
+    assert nominal(cfg, 64).flops_per_token - off.flops_per_token == pytest.approx(6 * routed * one_expert)
 
 
 def test_realized_equals_nominal_when_every_token_consults():
