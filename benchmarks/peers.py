@@ -89,7 +89,7 @@ def _itemsize(shapes: Shapes) -> int:
 def consult_bias_for_rate(layer: PureReasonerMoE, x_TD: torch.Tensor, rate: float) -> float:
     """The consult bias under which exactly ``round(rate * T)`` tokens of ``x_TD`` consult knowledge.
 
-    Mirrors the ``gate`` router's eval-mode decision ``consult_logit > consult_cut`` (cut = -bias), with
+    Mirrors the ``gate`` router's decision ``consult_logit > consult_cut`` (cut = -bias), with
     the logit computed as the router does (fp32); the bias sits halfway between two neighbouring logits.
     """
     proj = layer.router.consult_proj
@@ -111,7 +111,7 @@ def build_ours(shapes: Shapes, impl: str = "torch") -> PureReasonerMoE:
         impl=impl,
     )
     layer = PureReasonerMoE(MoEConfig(d_model=shapes.d_model, reasoning_width=shapes.reasoning_width, knowledge=kcfg))
-    # Eval mode: the router uses its stored cut (set per call by ``ours``), not the batch quantile.
+    # The router compares each token's consult logit with its stored cut (set per call by ``ours``).
     return layer.to(shapes.dtype).eval()
 
 

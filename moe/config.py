@@ -34,8 +34,9 @@ class KnowledgeConfig:
         token whose k slots are all null consults nothing. ``always``: plain top-k, every token
         consults (the conventional MoE; used by baselines and published presets).
     consult_rate: target share of the T*K slots that go to real experts (``gate``: share of tokens
-        that consult). The controller (``moe.router``) holds it: ``controller_step`` is its feedback
-        step, ``cut_momentum`` the EMA momentum of the running cut used in eval.
+        that consult). The controller (``moe.router``) holds it with a per-layer consult cut, re-taken
+        after every optimizer step as the rate's quantile over ``reference_tokens`` router inputs of the
+        last few steps, plus a feedback term whose step is ``controller_step``.
     consult_loss_coef: weight of the supervised consult loss (``gate`` only): when the model is given
         per-token consult targets, BCE of each layer's consult logit against them joins the aux loss.
     """
@@ -47,7 +48,7 @@ class KnowledgeConfig:
     num_null_experts: int = 16
     consult_rate: float = 0.125
     controller_step: float = 0.05
-    cut_momentum: float = 0.2
+    reference_tokens: int = 4096
     balance_step: float = 1e-3
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
@@ -56,7 +57,8 @@ class KnowledgeConfig:
     impl: str = "torch"
 
     def __post_init__(self) -> None:
-        _positive("knowledge", num_experts=self.num_experts, expert_width=self.expert_width, top_k=self.top_k)
+        _positive("knowledge", num_experts=self.num_experts, expert_width=self.expert_width, top_k=self.top_k,
+                  reference_tokens=self.reference_tokens)
         if self.top_k > self.num_experts:
             raise ValueError(f"knowledge.top_k={self.top_k} exceeds knowledge.num_experts={self.num_experts}")
         if self.mechanism not in MECHANISMS:
@@ -70,7 +72,6 @@ class KnowledgeConfig:
         _non_negative(
             "knowledge",
             controller_step=self.controller_step,
-            cut_momentum=self.cut_momentum,
             balance_step=self.balance_step,
             balance_loss_coef=self.balance_loss_coef,
             z_loss_coef=self.z_loss_coef,
@@ -78,8 +79,6 @@ class KnowledgeConfig:
         )
         if self.consult_loss_coef and self.mechanism != "gate":
             raise ValueError(f"knowledge.consult_loss_coef needs mechanism 'gate', got {self.mechanism!r}")
-        if not 0.0 < self.cut_momentum <= 1.0:
-            raise ValueError(f"knowledge.cut_momentum must be in (0, 1], got {self.cut_momentum}")
         if self.impl not in IMPLS:
             raise ValueError(f"knowledge.impl must be one of {IMPLS}, got {self.impl!r}")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts, SwiGLU
-from moe.router import KnowledgeRouter, expert_load, masked_mean
+from moe.router import REFERENCE_STEPS, KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
 
 
 class MoEStats(NamedTuple):
@@ -30,8 +30,9 @@ class MoEStats(NamedTuple):
     consulting_tokens: 0-d, tokens that consulted at least one expert.
     num_tokens: T.
     num_slots: T*K.
-    consult_threshold: 0-d ``Routing.consult_threshold`` for the consult controller; None when the
-        router did not run. Average it (like summing the counts) over micro-batches and ranks.
+    router_inputs_ND: [N, D] fp32 sample of the router's inputs (N = min(T, reference_tokens / REFERENCE_STEPS),
+        rows spread evenly over the call), detached: the consult controller's next reference sample; None when the
+        router did not run. Concatenate it over ranks so every rank applies the same update.
     """
 
     aux_loss: torch.Tensor
@@ -41,7 +42,7 @@ class MoEStats(NamedTuple):
     consulting_tokens: torch.Tensor
     num_tokens: int
     num_slots: int
-    consult_threshold: torch.Tensor | None = None
+    router_inputs_ND: torch.Tensor | None = None
 
     @property
     def consult_rate(self) -> torch.Tensor:
@@ -75,6 +76,7 @@ class PureReasonerMoE(nn.Module):
             else:
                 is_out = name.endswith("w2.weight") or name.endswith("w2_EFD")
                 nn.init.normal_(param, std=out_std if is_out else std)
+        self.router.reset_controller()
 
     def forward(
         self,
@@ -121,8 +123,7 @@ class PureReasonerMoE(nn.Module):
             y_TD = torch.where(reasoning_frozen.reshape(-1, 1), y_TD.detach(), y_TD)
         if knowledge_off:
             return y_TD.view_as(x), self._idle_stats(x_TD)
-        target_T = None if consult_target is None else consult_target.reshape(-1)
-        routing = self.router(x_TD, target_T)
+        routing = self.router(x_TD)
         knowledge_TD = self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
         if mean_mask is not None or knowledge_mean:
             consulted_T = (routing.expert_ids_TK >= 0).any(1)
@@ -132,16 +133,18 @@ class PureReasonerMoE(nn.Module):
             knowledge_TD = torch.where(replaced_T.unsqueeze(1), mean_D, knowledge_TD)
         y_TD = y_TD + knowledge_TD
         kcfg = self.cfg.knowledge
+        aux_loss = kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss
+        if consult_target is not None:
+            aux_loss = aux_loss + kcfg.consult_loss_coef * consult_loss(routing, consult_target.reshape(-1))
         stats = MoEStats(
-            aux_loss=kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss
-            + kcfg.consult_loss_coef * routing.consult_loss,
+            aux_loss=aux_loss,
             balance_loss=routing.balance_loss,
             z_loss=routing.z_loss,
             expert_load_E=expert_load(routing.expert_ids_TK, kcfg.num_experts),
             consulting_tokens=(routing.expert_ids_TK >= 0).any(1).sum(),
             num_tokens=x_TD.shape[0],
             num_slots=routing.expert_ids_TK.numel(),
-            consult_threshold=routing.consult_threshold,
+            router_inputs_ND=self._router_sample(x_TD),
         )
         return y_TD.view_as(x), stats
 
@@ -152,6 +155,12 @@ class PureReasonerMoE(nn.Module):
         if self.reasoning_gate is not None:
             y_TD = torch.sigmoid(self.reasoning_gate(x_TD)) * y_TD
         return y_TD
+
+    def _router_sample(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[N, D] fp32 rows spread evenly over x_TD, N = min(T, reference_tokens / REFERENCE_STEPS); from shapes only
+        (no sync)."""
+        per_step = max(self.cfg.knowledge.reference_tokens // REFERENCE_STEPS, 1)
+        return spread_rows(x_TD.detach(), min(x_TD.shape[0], per_step)).float()
 
     def _idle_stats(self, x_TD: torch.Tensor) -> MoEStats:
         zero = x_TD.new_zeros((), dtype=torch.float32)
@@ -170,4 +179,4 @@ class PureReasonerMoE(nn.Module):
     def update_controller(self, stats: MoEStats) -> None:
         """Steer the consult rate and expert balance from one step's stats (all-reduce them first
         when training data-parallel, so every rank applies the same update)."""
-        self.router.update_biases(stats.expert_load_E, stats.num_slots, stats.consult_threshold)
+        self.router.update_controller(stats.expert_load_E, stats.num_slots, stats.router_inputs_ND)

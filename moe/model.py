@@ -120,6 +120,8 @@ class PureReasonerLM(nn.Module):
                 nn.init.normal_(param, std=out_std)
             else:
                 nn.init.normal_(param, std=std)
+        for layer in self.moe_layers():
+            layer.router.reset_controller()  # its cut must match the new weights
 
     def moe_layers(self) -> list[PureReasonerMoE]:
         return [block.ffn for block in self.blocks if block.is_moe]

@@ -1,22 +1,28 @@
 """The knowledge router: decides per token whether to consult knowledge and, if so, which experts.
 
-Shape legend: T tokens, D model dim, E real experts, N null experts, K top-k slots.
+Shape legend: T tokens, D model dim, E real experts, N null experts, K top-k slots, R reference tokens.
 
-The router runs in fp32. Selection-only state lives in buffers and never receives gradients; it
-changes which experts are *selected*, never the gate values, and ``update_biases`` updates it
-outside autograd:
-- ``expert_bias_E`` balances load among real experts (DeepSeek-V3's aux-loss-free balancing);
-- the consult *cut*: a token (``gate``: its consult logit) or a slot (``null``: its score minus the
-  best null's) consults when its margin exceeds the cut.
+The router runs in fp32. A token's routing is a function of that token and the router's state only, in
+training and in eval alike: nothing in it depends on the other tokens of the call (later positions of
+its own sequence, other sequences of the batch), so a model's output at position t never depends on
+positions after t through the router.
 
-Consult-rate controller. In training the cut is this batch's margin quantile at the target rate
-(``consult_threshold``) plus a small integral correction (``consult_correction``, for what the
-quantile misses: the ``null`` margin is an approximation); in eval it is the running average of
-those cuts (``consult_cut``), as BatchNorm uses batch statistics in training and running ones in
-eval. Why not a plain feedback bias: with AdamW the consult logits of a learned gate shift by about
-lr * |x|_1 per step (0.6 at lr 3e-3, D=256) while they spread by ~0.01 across tokens, so a bias that
-lags one step flips a layer between consulting 0% and 99% (seen in training). The batch quantile is
-one scalar over thousands of tokens: it tells a token almost nothing about the others.
+Consult rule. Each token (``gate``: its consult logit) or slot (``null``: its best real score minus the
+best null's) has a *consult margin*; it consults when the margin exceeds ``consult_cut``, one scalar per
+layer. The controller sets that cut between optimizer steps (``update_controller``, after the weights
+changed) to the margin that a share ``consult_rate * exp(rate_correction)`` of ``reference_x_RD`` exceeds
+under the *current* weights. ``reference_x_RD`` is a ring of R router inputs sampled over the last
+``REFERENCE_STEPS`` steps; ``rate_correction`` is an integral feedback term on the realized rate, for what
+the quantile misses (the ``null`` margin is an approximation; the inputs drift as the layers below learn),
+acting on the rate rather than the margin so that its step means the same whatever the margins' scale.
+Why the quantile is re-taken under the new weights: with AdamW a learned consult gate's logits move by
+about lr * |x|_1 per step (0.6 at lr 3e-3, D=256) while they spread by ~0.01 across tokens, so a cut
+learned under the last step's weights would flip a layer between consulting 0% and 99%; re-scoring the
+reference follows that drift exactly. Why several steps: the cut is an order statistic, and at a 5% rate
+one step's 256 tokens give it a ~27% relative error, which eval would keep for good; 4096 rows, ~7%.
+
+``expert_bias_E`` balances load among real experts (DeepSeek-V3's aux-loss-free balancing). The cut and
+the bias change which experts are *selected*, never the gate values, and receive no gradients.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from torch import nn
 from kernels import NOT_CONSULTED
 from moe.config import KnowledgeConfig
 
+REFERENCE_STEPS = 8  # the reference ring spans about this many steps' router inputs
+
 
 class Routing(NamedTuple):
     """What the router decided for T tokens.
@@ -38,17 +46,15 @@ class Routing(NamedTuple):
     gates_TK: fp32 gate per slot, 0 on idle slots.
     balance_loss: 0-d, Switch-style load-balancing loss over consulting tokens.
     z_loss: 0-d, mean squared log-sum-exp of the router logits.
-    consult_threshold: 0-d, the consult-margin quantile that hits the target rate on this batch
-        (NaN for mechanism ``always``), detached.
-    consult_loss: 0-d, mean BCE of the consult logits against the given consult targets (0 without them).
+    consult_logit_T: [T] fp32 consult logits (``gate`` only, else None), with gradient: what a supervised
+        consult loss trains.
     """
 
     expert_ids_TK: torch.Tensor
     gates_TK: torch.Tensor
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
-    consult_threshold: torch.Tensor
-    consult_loss: torch.Tensor
+    consult_logit_T: torch.Tensor | None
 
 
 def masked_mean(values_TX: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ def masked_mean(values_TX: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
 
 
 class KnowledgeRouter(nn.Module):
-    """Token-choice router with a consult decision (mechanisms: see ``KnowledgeConfig``)."""
+    """Token-choice router with a per-token consult decision (mechanisms: see ``KnowledgeConfig``)."""
 
     def __init__(self, d_model: int, cfg: KnowledgeConfig):
         super().__init__()
@@ -66,39 +72,28 @@ class KnowledgeRouter(nn.Module):
         self.proj = nn.Linear(d_model, cfg.num_router_outputs, bias=False)
         self.consult_proj = nn.Linear(d_model, 1) if cfg.mechanism == "gate" else None
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts))
+        self.register_buffer("reference_x_RD", torch.zeros(cfg.reference_tokens, d_model))
+        self.register_buffer("reference_next", torch.zeros((), dtype=torch.int64))  # ring position
         self.register_buffer("consult_cut", torch.zeros(()))
-        self.register_buffer("consult_correction", torch.zeros(()))
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("rate_correction", torch.zeros(()))
 
-    def forward(self, x_TD: torch.Tensor, consult_target_T: torch.Tensor | None = None) -> Routing:
-        """Route T tokens.
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        """Route T tokens, each on its own (see the module docstring).
 
         Args:
             x_TD: [T, D] tokens (any float dtype; routing runs in fp32).
-            consult_target_T: None or [T] bool, whether each token should consult (``gate`` only): trains the
-                consult logit by BCE (``Routing.consult_loss``); the routing itself is unchanged.
 
         Returns:
             Routing for the T tokens.
         """
         cfg = self.cfg
-        x_TD = x_TD.float()
-        logits_TL = F.linear(x_TD, self.proj.weight.float())
+        logits_TL = F.linear(x_TD.float(), self.proj.weight.float())
         real_logits_TE = logits_TL[:, : cfg.num_experts]
         select_TE = real_logits_TE.detach() + self.expert_bias_E
-        null_logits_TN = logits_TL[:, cfg.num_experts :].detach()
-        consult_logit_T, margin = None, None
-        if cfg.mechanism == "gate":
-            consult_logit_T = F.linear(x_TD, self.consult_proj.weight.float(), self.consult_proj.bias.float())[:, 0]
-            margin = consult_logit_T.detach()
-        elif cfg.mechanism == "null":
-            # A real slot wins (about) when its score beats the best null raised by the cut.
-            margin = select_TE.topk(cfg.top_k, dim=1).values - null_logits_TN.max(1, keepdim=True).values
-        threshold = logits_TL.new_tensor(float("nan")) if margin is None else self._threshold(margin)
-        cut = threshold + self.consult_correction if self.training else self.consult_cut
-
+        consult_logit_T = self._consult_logit(x_TD)
         if cfg.mechanism == "null":
-            _, ids_TK = torch.cat([select_TE, null_logits_TN + cut], 1).topk(cfg.top_k, dim=1)
+            null_cut_TN = logits_TL[:, cfg.num_experts :].detach() + self.consult_cut
+            _, ids_TK = torch.cat([select_TE, null_cut_TN], 1).topk(cfg.top_k, dim=1)
             probs_TK = F.softmax(logits_TL, dim=1).gather(1, ids_TK)
             real_TK = ids_TK < cfg.num_experts
         else:
@@ -108,29 +103,36 @@ class KnowledgeRouter(nn.Module):
         gates_TK = probs_TK / probs_TK.sum(1, keepdim=True) if cfg.normalize_gates else probs_TK
         if consult_logit_T is not None:
             gates_TK = gates_TK * torch.sigmoid(consult_logit_T).unsqueeze(1)
-            real_TK = real_TK & (margin > cut).unsqueeze(1)
+            real_TK = real_TK & (consult_logit_T.detach() > self.consult_cut).unsqueeze(1)
         ids_TK = torch.where(real_TK, ids_TK, NOT_CONSULTED)
         gates_TK = torch.where(real_TK, gates_TK, 0.0)
-        consult_loss = x_TD.new_zeros(())
-        if consult_target_T is not None:
-            if consult_logit_T is None:
-                raise ValueError(f"consult targets need mechanism 'gate', got {cfg.mechanism!r}")
-            consult_loss = F.binary_cross_entropy_with_logits(consult_logit_T, consult_target_T.float())
         return Routing(
             expert_ids_TK=ids_TK,
             gates_TK=gates_TK,
             balance_loss=self._balance_loss(real_logits_TE, ids_TK, real_TK.any(1)),
             z_loss=torch.logsumexp(logits_TL, dim=1).square().mean(),
-            consult_threshold=threshold,
-            consult_loss=consult_loss,
+            consult_logit_T=consult_logit_T,
         )
 
-    def _threshold(self, margin: torch.Tensor) -> torch.Tensor:
-        """The value that a ``consult_rate`` share of the margins exceeds. kthvalue, not quantile:
-        no size limit, and k comes from shapes, so nothing is read back from the device."""
-        flat = margin.reshape(-1)
-        k = min(max(round((1.0 - self.cfg.consult_rate) * flat.numel()), 1), flat.numel())
-        return flat.kthvalue(k).values
+    def _consult_logit(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """[T] the ``gate`` mechanism's consult logits (fp32, with gradient); None for other mechanisms."""
+        if self.consult_proj is None:
+            return None
+        return F.linear(x_TD.float(), self.consult_proj.weight.float(), self.consult_proj.bias.float())[:, 0]
+
+    @torch.no_grad()
+    def consult_margins(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The margins that ``consult_cut`` is compared with: [T] consult logits (``gate``) or [T, K] per-slot
+        margins, each of the top-K biased real scores minus the best null score (``null``; approximate: a real
+        slot also competes with the second-best null); None for ``always``."""
+        cfg = self.cfg
+        if cfg.mechanism == "gate":
+            return self._consult_logit(x_TD)
+        if cfg.mechanism == "null":
+            logits_TL = F.linear(x_TD.float(), self.proj.weight.float())
+            select_TE = logits_TL[:, : cfg.num_experts] + self.expert_bias_E
+            return select_TE.topk(cfg.top_k, dim=1).values - logits_TL[:, cfg.num_experts :].max(1, keepdim=True).values
+        return None
 
     def _balance_loss(self, real_logits_TE, ids_TK, consult_T) -> torch.Tensor:
         """Switch Transformer's E * sum_e f_e * P_e, over the tokens that consult.
@@ -144,16 +146,18 @@ class KnowledgeRouter(nn.Module):
         return num_experts * (share_E * prob_E).sum()
 
     @torch.no_grad()
-    def update_biases(
-        self, load_E: torch.Tensor, num_slots: torch.Tensor | float, consult_threshold: torch.Tensor | None = None
+    def update_controller(
+        self, load_E: torch.Tensor, num_slots: torch.Tensor | float, router_inputs_ND: torch.Tensor | None = None
     ) -> None:
-        """Update the selection-only state from one step's (already all-reduced) routing.
+        """Update the selection-only state from one step's (already all-reduced) routing, after the optimizer
+        step: the feedback term, the reference sample, the cut under the current weights, the balance bias.
+        Reads nothing back to the host.
 
         Args:
-            load_E: [E] routed slots per expert.
+            load_E: [E] routed slots per expert over the step.
             num_slots: total slots T*K those counts were taken over.
-            consult_threshold: 0-d ``Routing.consult_threshold``, averaged over micro-batches and ranks;
-                None (or NaN): the running cut gets the feedback step only.
+            router_inputs_ND: None, or [N, D] router inputs of the step (``MoEStats.router_inputs_ND``; the same
+                on every rank): they replace the oldest rows of the reference ring.
         """
         cfg = self.cfg
         load_E = load_E.to(self.expert_bias_E)
@@ -161,17 +165,56 @@ class KnowledgeRouter(nn.Module):
             rate = load_E.sum() / num_slots
             # Relative error, clipped: the same step size works for targets of 1/32 and 1/2.
             step = cfg.controller_step * ((cfg.consult_rate - rate) / max(cfg.consult_rate, 1e-3)).clamp(-1.0, 1.0)
-            self.consult_correction -= step  # too few consults: lower the cut
-            if consult_threshold is None or not torch.isfinite(consult_threshold):
-                self.consult_cut -= step
-            else:
-                # Cumulative average at first, then an EMA (BatchNorm's running statistics, same idea).
-                self.num_updates += 1
-                momentum = max(cfg.cut_momentum, 1.0 / float(self.num_updates))
-                target_cut = consult_threshold.to(self.consult_cut) + self.consult_correction
-                self.consult_cut.lerp_(target_cut, momentum)
+            self.rate_correction += step  # too few consults: aim at a higher rate
+            if router_inputs_ND is not None:
+                self.add_reference(router_inputs_ND)
+            self.refresh_cut()
         # sign() of an all-zero load is 0: an idle step leaves the balance alone, with no host check.
         self.expert_bias_E += cfg.balance_step * torch.sign(load_E.mean() - load_E)
+
+    @torch.no_grad()
+    def add_reference(self, router_inputs_ND: torch.Tensor) -> None:
+        """Write ``router_inputs_ND`` ([N, D]; at most R / REFERENCE_STEPS rows spread evenly over it) over the oldest
+        rows of the reference ring. Index arithmetic on device: no host sync."""
+        num_ref = self.cfg.reference_tokens
+        per_step = min(router_inputs_ND.shape[0], max(num_ref // REFERENCE_STEPS, 1))
+        rows_ND = spread_rows(router_inputs_ND, per_step).to(self.reference_x_RD)
+        slots_N = (self.reference_next + torch.arange(rows_ND.shape[0], device=rows_ND.device)) % num_ref
+        self.reference_x_RD.index_copy_(0, slots_N, rows_ND)
+        self.reference_next.copy_((self.reference_next + rows_ND.shape[0]) % num_ref)
+
+    @torch.no_grad()
+    def refresh_cut(self) -> None:
+        """``consult_cut`` = the margin that a ``consult_rate * exp(rate_correction)`` share of the reference
+        sample's margins exceeds under the current weights (linear interpolation between order statistics).
+        The index is computed on device, so nothing is read back to the host."""
+        margins = self.consult_margins(self.reference_x_RD)
+        if margins is None:
+            return
+        sorted_M = margins.reshape(-1).sort().values
+        rate = (self.cfg.consult_rate * self.rate_correction.exp()).clamp(0.0, 1.0)
+        position = (1.0 - rate) * (sorted_M.numel() - 1)
+        low_1 = position.floor().long().view(1)
+        high_1 = (low_1 + 1).clamp(max=sorted_M.numel() - 1)
+        cut_1 = torch.lerp(sorted_M.index_select(0, low_1), sorted_M.index_select(0, high_1), position - low_1)
+        self.consult_cut.copy_(cut_1[0])
+
+    @torch.no_grad()
+    def reset_controller(self) -> None:
+        """Fresh controller state for freshly initialised weights: unit-RMS Gaussian reference inputs (what an
+        RMSNorm at init hands the router), no correction, the cut they imply, no balance bias."""
+        self.reference_x_RD.normal_()
+        self.reference_next.zero_()
+        self.rate_correction.zero_()
+        self.expert_bias_E.zero_()
+        self.refresh_cut()
+
+
+def spread_rows(x_ND: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows, D]: rows ``floor(i * N / num_rows)`` of x_ND, spread evenly (repeated when num_rows > N).
+    The indices come from shapes only: no host sync."""
+    rows_M = torch.arange(num_rows, device=x_ND.device) * x_ND.shape[0] // num_rows
+    return x_ND[rows_M]
 
 
 def expert_load(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -180,3 +223,10 @@ def expert_load(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     load_E1 = torch.zeros(num_experts + 1, device=ids_S.device)
     load_E1.scatter_add_(0, torch.where(ids_S < 0, num_experts, ids_S), torch.ones_like(ids_S, dtype=torch.float32))
     return load_E1[:num_experts]
+
+
+def consult_loss(routing: Routing, consult_target_T: torch.Tensor) -> torch.Tensor:
+    """0-d mean BCE of the consult logits against [T] bool targets (supervised consult; ``gate`` only)."""
+    if routing.consult_logit_T is None:
+        raise ValueError("consult targets need mechanism 'gate' (a consult logit to train)")
+    return F.binary_cross_entropy_with_logits(routing.consult_logit_T, consult_target_T.float())

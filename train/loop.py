@@ -155,55 +155,80 @@ def _identity(cfg: Config, world_size: int) -> dict:
 
 
 class StepStats:
-    """Sums over one step's micro-batches of the loss parts and each MoE layer's routing counts."""
+    """One step's sums over its micro-batches (loss parts, non-finite losses, each MoE layer's routing counts) and
+    each layer's router-input samples in micro-batch order, kept on the device until ``reduce``."""
 
-    def __init__(self, num_layers: int, num_experts: int):
-        self.sums = torch.zeros(5)  # loss, ce, aux, knowledge-off pass, micro-batches
-        self.consult_L = torch.zeros(num_layers)
-        self.load_LE = torch.zeros(num_layers, num_experts)
-        self.threshold_L = torch.zeros(num_layers)  # summed; averaged over micro-batches x ranks
-        self.tokens = self.slots = 0
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
+        self.sums_5 = torch.zeros(5, device=device)  # loss, ce, aux, knowledge-off pass, non-finite losses
+        self.consult_L = torch.zeros(num_layers, device=device)
+        self.load_LE = torch.zeros(num_layers, num_experts, device=device)
+        self.router_inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.micro_batches = self.tokens = self.slots = 0
+        self.host: list[float] = []  # sums_5, consult_L, load_LE (flattened), read back once by ``reduce``
+        self.grad_norm = math.nan
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor, off: torch.Tensor, stats: list[MoEStats]) -> None:
         """loss: the total; aux: the MoE auxiliary part of it; off: the knowledge-off pass's part (0 without)."""
-        loss, aux, off = (t.detach().float().cpu() for t in (loss, aux, off))
-        self.sums += torch.stack([loss, loss - aux - off, aux, off, torch.ones(())])
+        loss, aux, off = (t.detach().float().to(self.sums_5.device) for t in (loss, aux, off))
+        self.sums_5 += torch.stack([loss, loss - aux - off, aux, off, (~torch.isfinite(loss)).float()])
         for i, s in enumerate(stats):
-            self.consult_L[i] += s.consulting_tokens.float().cpu()
-            self.load_LE[i] += s.expert_load_E.float().cpu()
-            if s.consult_threshold is not None:
-                self.threshold_L[i] += s.consult_threshold.float().cpu()
+            self.consult_L[i] += s.consulting_tokens.float()
+            self.load_LE[i] += s.expert_load_E.float()
+            if s.router_inputs_ND is not None:
+                self.router_inputs[i].append(s.router_inputs_ND)
+        self.micro_batches += 1
         if stats:
             self.tokens += stats[0].num_tokens
             self.slots += stats[0].num_slots
 
-    def all_reduce(self) -> None:
-        """Sum over ranks in one collective so every rank applies the same controller update."""
-        counts = torch.tensor([float(self.tokens), float(self.slots)])
-        flat = torch.cat([self.sums, self.consult_L, self.threshold_L, self.load_LE.flatten(), counts])
+    def reduce(self, info: DistInfo, grad_norm: torch.Tensor | float | None = None) -> None:
+        """Sum over ranks in one collective (router-input samples concatenated over ranks), then read the sums
+        back to the host in one transfer, together with the step's gradient norm (DeepSpeed's, the same on every
+        rank): every rank applies the same controller update, and the step reads nothing else back."""
+        num_layers, num_experts = self.load_LE.shape
+        flat = torch.cat([self.sums_5, self.consult_L, self.load_LE.flatten()])
+        # In global micro-batch order (rank-major), so 2 ranks x 1 micro-batch sample what 1 rank x 2 does.
+        samples = [torch.cat(per_micro) for per_micro in self.router_inputs if per_micro]
+        sample_LND = torch.stack(samples) if samples and len(samples) == num_layers else None
+        if sample_LND is not None and info.world_size > 1:
+            # Each rank fills its own slot: a sum of the slots is the concatenation over ranks.
+            slots_WLND = sample_LND.new_zeros(info.world_size, *sample_LND.shape)
+            slots_WLND[info.rank] = sample_LND
+            flat = torch.cat([flat, slots_WLND.flatten()])
         all_reduce_sum(flat)
-        n_l, n_e = self.load_LE.shape
-        self.sums, rest = flat[:5], flat[5:]
-        self.consult_L, self.threshold_L = rest[:n_l], rest[n_l : 2 * n_l]
-        self.load_LE = rest[2 * n_l : 2 * n_l + n_l * n_e].view(n_l, n_e)
-        self.tokens, self.slots = int(rest[-2]), int(rest[-1])
+        counts = flat[: flat.numel() - (0 if sample_LND is None or info.world_size == 1 else sample_LND.numel()
+                                          * info.world_size)]
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(math.nan)
+        *self.host, self.grad_norm = torch.cat([counts, norm.reshape(1).to(counts)]).tolist()  # the one transfer
+        if not isinstance(grad_norm, torch.Tensor):
+            self.grad_norm = math.nan if grad_norm is None else float(grad_norm)
+        self.sums_5, rest = counts[:5], counts[5:]
+        self.consult_L, self.load_LE = rest[:num_layers], rest[num_layers:].view(num_layers, num_experts)
+        if sample_LND is not None and info.world_size > 1:
+            sample_LND = flat[counts.numel() :].view(info.world_size, *sample_LND.shape).transpose(0, 1).flatten(1, 2)
+        self.router_inputs = [[] for _ in range(num_layers)] if sample_LND is None else [[x] for x in sample_LND]
+        self.micro_batches *= info.world_size
+        self.tokens *= info.world_size  # every rank runs the same shapes
+        self.slots *= info.world_size
 
-    def moe_stats(self) -> list[MoEStats]:
-        """Per-layer MoEStats of the whole (reduced) step, as the controllers and moe.flops read them."""
+    @property
+    def host_sums(self) -> list[float]:
+        """loss, ce, aux, knowledge-off pass, non-finite losses: summed over micro-batches and ranks (host)."""
+        return self.host[:5]
+
+    def moe_stats(self, on_host: bool = False) -> list[MoEStats]:
+        """Per-layer MoEStats of the whole (reduced) step: on the device for the controllers, or (``on_host``)
+        built from the host copy for the metrics and ``moe.flops``."""
+        num_layers, num_experts = self.load_LE.shape
+        consult_L, load_LE = self.consult_L, self.load_LE
+        if on_host:
+            host = torch.tensor(self.host[5:])
+            consult_L, load_LE = host[:num_layers], host[num_layers:].view(num_layers, num_experts)
         zero = torch.zeros(())
-        passes = self.sums[4]  # micro-batches (summed over ranks after all_reduce)
         return [
-            MoEStats(
-                zero,
-                zero,
-                zero,
-                self.load_LE[i],
-                self.consult_L[i],
-                self.tokens,
-                self.slots,
-                consult_threshold=self.threshold_L[i] / passes.clamp(min=1.0),
-            )
-            for i in range(self.load_LE.shape[0])
+            MoEStats(zero, zero, zero, load_LE[i], consult_L[i], self.tokens, self.slots,
+                     router_inputs_ND=None if on_host or not self.router_inputs[i] else self.router_inputs[i][0])
+            for i in range(num_layers)
         ]
 
 
@@ -281,7 +306,7 @@ def _one_step(
 
     With a teacher (``objective.kind=distill``) the loss is ``distill.distill_forward``'s."""
     t = cfg.train
-    acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts)
+    acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts, info.device)
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
@@ -289,7 +314,7 @@ def _one_step(
             out = engine(**batch)
         else:
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
-        off_loss = torch.zeros(())
+        off_loss = torch.zeros((), device=out.loss.device)
         if read_BS is not None:
             off = {"knowledge_off": True} if cfg.objective.forget_ablation == "knowledge_off" else \
                 {"knowledge_mean": forget_BS}
@@ -297,18 +322,19 @@ def _one_step(
             off_loss, _ = objectives.knowledge_off_loss(off_logits_BSV, batch["targets_BS"], forget_BS, read_BS,
                                                         cfg.objective.forget_weight, cfg.objective.read_weight)
             out = out._replace(loss=out.loss + off_loss)
-        if t.on_nonfinite == "abort":
-            # Agreed by all ranks before backward, so no rank updates and none waits on a dead peer.
-            bad = all_reduce_sum((~torch.isfinite(out.loss.detach().float().cpu())).float().view(1))
-            if bad.item() > 0:
-                found = checkpoint.latest(run_dir)
-                raise TrainingAborted(
-                    f"non-finite loss {out.loss.item()} at step {step} (micro-step {micro}); stopped before "
-                    f"updating the weights; last good checkpoint: {found[0] if found else 'none'}"
-                )
         engine.backward(out.loss)
-        engine.step()
         acc.add(out.loss, out.aux_loss, off_loss, out.stats)
+        engine.step()
+    acc.reduce(info, engine.get_global_grad_norm())  # the step's one collective and one read-back
+    if t.on_nonfinite == "abort" and acc.host_sums[4] > 0:
+        # Every rank sees the same reduced sums, so all stop together and none waits on a dead peer. The step's
+        # weights are never checkpointed (DeepSpeed also drops an update whose gradients are non-finite).
+        found = checkpoint.latest(run_dir)
+        raise TrainingAborted(
+            f"non-finite loss {acc.host_sums[0]} at step {step} ({int(acc.host_sums[4])} of {acc.micro_batches} "
+            f"micro-batches); the run stops before this step is checkpointed; last good checkpoint: "
+            f"{found[0] if found else 'none'}"
+        )
     if not engine.was_step_applied():
         # DeepSpeed found non-finite gradients (the overflow flag is agreed over ranks) and dropped the update.
         what = f"non-finite gradients at step {step}; DeepSpeed dropped the update"
@@ -316,34 +342,32 @@ def _one_step(
             found = checkpoint.latest(run_dir)
             raise TrainingAborted(f"{what}; last good checkpoint: {found[0] if found else 'none'}")
         log.warning("%s (train.on_nonfinite=skip)", what)
-    acc.all_reduce()
     return acc
 
 
 def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr: float, seconds: float, peak: float):
     seq_len, t = cfg.data.seq_len, cfg.train
-    stats = acc.moe_stats()
+    stats = acc.moe_stats(on_host=True)
     cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
     flops_per_token = cost.flops_per_token
     if cfg.objective.knowledge_off_pass:  # the forget pass: a forward + backward without the knowledge path
         flops_per_token += flops.knowledge_off(cfg.model, seq_len).flops_per_token
-    grad_norm = engine.get_global_grad_norm()
-    count = acc.sums[4]
+    loss, ce, aux, off, _ = (value / acc.micro_batches for value in acc.host_sums)
     return StepMetrics(
         step=step + 1,
-        loss=float(acc.sums[0] / count),
-        ce=float(acc.sums[1] / count),
-        aux=float(acc.sums[2] / count),
-        knowledge_off=float(acc.sums[3] / count),
+        loss=loss,
+        ce=ce,
+        aux=aux,
+        knowledge_off=off,
         lr=float(lr),
-        grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+        grad_norm=acc.grad_norm,
         tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,
         seconds=seconds,
         flops_per_token=flops_per_token,
         peak_flops=peak,
         skipped=not engine.was_step_applied(),
-        consult_rate_L=[float(c) / max(acc.tokens, 1) for c in acc.consult_L],
-        load_share_LE=(acc.load_LE / acc.load_LE.sum(1, keepdim=True).clamp(min=1)).tolist(),
+        consult_rate_L=[float(s.consulting_tokens) / max(acc.tokens, 1) for s in stats],
+        load_share_LE=[(s.expert_load_E / s.expert_load_E.sum().clamp(min=1)).tolist() for s in stats],
     )
 
 

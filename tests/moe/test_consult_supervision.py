@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
-from moe.router import KnowledgeRouter
+from moe.router import KnowledgeRouter, consult_loss
 
 
 def test_consult_loss_is_bce_of_the_consult_logit():
@@ -13,13 +13,13 @@ def test_consult_loss_is_bce_of_the_consult_logit():
     router = KnowledgeRouter(16, KnowledgeConfig(num_experts=4, expert_width=8, consult_rate=0.5))
     x_TD = torch.randn(32, 16)
     target_T = torch.rand(32) < 0.3
-    routing = router(x_TD, target_T)
-    logit_T = router.consult_proj(x_TD)[:, 0]
-    torch.testing.assert_close(routing.consult_loss, F.binary_cross_entropy_with_logits(logit_T, target_T.float()))
-    plain = router(x_TD)
-    assert float(plain.consult_loss) == 0.0
-    assert torch.equal(plain.expert_ids_TK, routing.expert_ids_TK)  # targets never change the routing itself
-    routing.consult_loss.backward()
+    routing = router(x_TD)
+    loss = consult_loss(routing, target_T)
+    w_D, b = router.consult_proj.weight[0].detach(), float(router.consult_proj.bias)
+    logit_T = x_TD @ w_D + b
+    expected = -(target_T * F.logsigmoid(logit_T) + ~target_T * F.logsigmoid(-logit_T)).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
     assert router.consult_proj.weight.grad.abs().sum() > 0
 
 
@@ -28,7 +28,10 @@ def test_consult_targets_need_the_gate():
         KnowledgeConfig(mechanism="null", consult_loss_coef=1.0)
     router = KnowledgeRouter(16, KnowledgeConfig(num_experts=4, expert_width=8, mechanism="null"))
     with pytest.raises(ValueError, match="gate"):
-        router(torch.randn(8, 16), torch.zeros(8, dtype=torch.bool))
+        consult_loss(router(torch.randn(8, 16)), torch.zeros(8, dtype=torch.bool))
+    layer = PureReasonerMoE(MoEConfig(d_model=16, reasoning_width=16, knowledge=router.cfg))
+    with pytest.raises(ValueError, match="gate"):
+        layer(torch.randn(8, 16), consult_target=torch.zeros(8, dtype=torch.bool))
 
 
 def test_supervised_gate_learns_which_tokens_consult():

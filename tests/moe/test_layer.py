@@ -120,7 +120,7 @@ def test_controller_holds_the_consult_rate(mechanism, target):
     # Rate over windows of 20 steps (5k tokens) stays in the band too, not only on average.
     windows = late.view(-1, 20).mean(1)
     assert bool(((windows - target).abs() <= 0.2 * target).all()), windows
-    # Eval uses the running cut, not batch statistics: fresh data, one token at a time is fine too.
+    # Eval routes by the same rule with the last cut: fresh data, batch after batch, holds the rate too.
     layer.eval()
     with torch.no_grad():
         eval_rate = torch.stack([layer(torch.randn(64, 16))[1].slot_rate for _ in range(40)]).mean()
@@ -174,34 +174,27 @@ def test_wrong_width_input():
         _layer()(torch.randn(4, 31))
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("mechanism", ["gate", "null"])
-def test_controller_follows_fast_drifting_router(mechanism):
-    """Router logits that drift faster than a feedback step can follow (as a learned consult gate does
-    in training): the batch-quantile cut keeps the rate; a feedback-only bias (eval mode, no
-    threshold, i.e. the previous design) loses it."""
+def test_controller_follows_fast_drifting_router(mechanism, training):
+    """Router logits that drift by more than their spread every step (a learned consult gate moves ~0.6 per
+    step in training): the cut, re-taken under the weights the next step uses, keeps the rate within +-20% over
+    every 20-step window, in train and eval mode alike (one rule). A cut taken before the weights moved
+    overshoots (the gate's first windows at ~0.2: checked when this test was written, not asserted)."""
     target = 0.125
-
-    def run(use_threshold: bool) -> torch.Tensor:
-        torch.manual_seed(3)
-        layer = _layer(mechanism, dim=16, reasoning_width=16, num_experts=8, expert_width=16, consult_rate=target)
-        layer.train(use_threshold)
-        drift = layer.router.consult_proj.bias if mechanism == "gate" else layer.router.proj.weight[:8]
-        rates = []
-        with torch.no_grad():
-            for _ in range(60):
-                drift += 0.3  # every step, consulting gets much more attractive
-                _, stats = layer(torch.randn(512, 16))
-                rates.append(float(stats.slot_rate))
-                layer.router.update_biases(
-                    stats.expert_load_E, stats.num_slots, stats.consult_threshold if use_threshold else None
-                )
-        return torch.tensor(rates[10:])
-
-    # Windows of 10 steps (5k tokens): one 512-token batch alone has ~12% sampling noise at this rate.
-    held = run(use_threshold=True).view(-1, 10).mean(1)
+    torch.manual_seed(3)
+    layer = _layer(mechanism, dim=16, reasoning_width=16, num_experts=8, expert_width=16, consult_rate=target)
+    layer.train(training)
+    drift = layer.router.consult_proj.bias if mechanism == "gate" else layer.router.proj.weight[:8]
+    rates = []
+    with torch.no_grad():
+        for _ in range(80):
+            _, stats = layer(torch.randn(512, 16))
+            rates.append(float(stats.slot_rate))
+            drift += 1.0  # the optimizer step: every step, consulting gets much more attractive
+            layer.update_controller(stats)
+    held = torch.tensor(rates[20:]).view(-1, 20).mean(1)
     assert bool(((held - target).abs() <= 0.2 * target).all()), held
-    lost = run(use_threshold=False)
-    assert float(lost.mean()) > 1.5 * target, lost
 
 
 @pytest.mark.parametrize("mechanism", ["gate", "null"])

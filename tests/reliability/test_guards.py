@@ -87,8 +87,8 @@ def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, dist_info, capl
 
     real = moe.router.KnowledgeRouter.forward
 
-    def forward(self, x_TD, consult_target_T=None):
-        r = real(self, x_TD, consult_target_T)
+    def forward(self, x_TD):
+        r = real(self, x_TD)
         ids_TK = torch.where(r.expert_ids_TK >= 0, torch.zeros_like(r.expert_ids_TK), r.expert_ids_TK)
         return r._replace(expert_ids_TK=ids_TK)
 
