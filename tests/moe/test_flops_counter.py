@@ -28,6 +28,11 @@ def _train_step(model, idx_BS, targets_BS, **ablation):
     return out
 
 
+def _assert_per_token(counts: dict, expected: float) -> None:
+    """The counted FLOPs of the pass, per token, within 1% of the accountant's."""
+    assert sum(counts.values()) / TOKENS == pytest.approx(expected, rel=0.01)
+
+
 def _routed_share(out) -> list[float]:
     return [float(s.expert_load_E.sum()) / s.num_slots for s in out.stats]
 
@@ -42,11 +47,10 @@ def test_nominal_is_what_a_step_at_the_target_rate_costs(mechanism, monkeypatch)
     idx_BS, targets_BS = _batch()
     counts = counted(lambda: _train_step(model, idx_BS, targets_BS))
     assert {str(CPU_ATTENTION), str(CPU_ATTENTION_BWD), "pure_reasoner.torch_knowledge_mlp_bwd"} <= set(counts)
-    assert sum(counts.values()) / TOKENS == pytest.approx(flops.nominal(model.cfg, SEQ).flops_per_token, rel=0.01)
+    _assert_per_token(counts, flops.nominal(model.cfg, SEQ).flops_per_token)
     with torch.no_grad():
         counts = counted(lambda: model(idx_BS))
-    assert sum(counts.values()) / TOKENS == pytest.approx(flops.nominal(model.cfg, SEQ).inference_flops_per_token,
-                                                          rel=0.01)
+    _assert_per_token(counts, flops.nominal(model.cfg, SEQ).inference_flops_per_token)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -58,8 +62,7 @@ def test_realized_is_what_the_routing_that_happened_costs(mechanism):
     out = result["out"]
     if mechanism != "always":  # some slots routed, not all: the realized count is not the nominal one
         assert all(0 < share < 1 for share in _routed_share(out)), _routed_share(out)
-    assert sum(counts.values()) / TOKENS == pytest.approx(flops.realized(model.cfg, out.stats, SEQ).flops_per_token,
-                                                          rel=0.01)
+    _assert_per_token(counts, flops.realized(model.cfg, out.stats, SEQ).flops_per_token)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -68,8 +71,7 @@ def test_knowledge_off_pass_pays_for_no_router(mechanism):
     idx_BS, targets_BS = _batch()
     counts = counted(lambda: _train_step(model, idx_BS, targets_BS, knowledge_off=True))
     assert "pure_reasoner.torch_knowledge_mlp" not in counts
-    assert sum(counts.values()) / TOKENS == pytest.approx(flops.knowledge_off(model.cfg, SEQ).flops_per_token,
-                                                          rel=0.01)
+    _assert_per_token(counts, flops.knowledge_off(model.cfg, SEQ).flops_per_token)
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -87,5 +89,4 @@ def test_knowledge_mean_pass_runs_router_and_experts_forward_only(mechanism):
     counts = counted(forget_pass)
     assert "pure_reasoner.torch_knowledge_mlp_bwd" not in counts
     assert all(share > 0 for share in _routed_share(result["out"]))
-    expected = flops.knowledge_mean(model.cfg, SEQ, result["out"].stats).flops_per_token
-    assert sum(counts.values()) / TOKENS == pytest.approx(expected, rel=0.01)
+    _assert_per_token(counts, flops.knowledge_mean(model.cfg, SEQ, result["out"].stats).flops_per_token)
