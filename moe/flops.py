@@ -4,9 +4,14 @@ Conventions (stated once, used everywhere):
 - ``total_params``: every parameter, embeddings included (as published model cards count them).
 - ``active_params``: parameters a token touches, embeddings and LM head included, knowledge experts
   counted as ``slot_rate * K`` experts per MoE layer (nominal: the target consult rate).
-- FLOPs per token use the matmul parameters ``N`` (active, minus the embedding lookup and the norms,
-  plus the LM head even when tied) and the PaLM attention term (Chowdhery et al. 2022, App. B):
-  training ``6 N + 12 L H Q S``, inference ``2 N + 4 L H Q S`` for context length S.
+- FLOPs per token count model FLOPs (MFU's convention: no recomputation): 2 per multiply-add of a weight
+  matrix, forward; twice that backward (the input's and the weight's gradient) for every matrix the loss
+  reaches. ``N``, the matmul parameters, are the weight matrices a token's forward meets: active parameters
+  minus the embedding lookup, norm gains and biases (elementwise work, not matmuls), plus the LM head even
+  when tied. Attention adds the PaLM term (Chowdhery et al. 2022, App. B) for context length S: ``4 L H Q S``
+  forward, twice that backward. A full training pass: ``6 N + 12 L H Q S``; inference ``2 N + 4 L H Q S``.
+- Passes that skip part of the layer pay only for what runs: ``knowledge_off`` runs neither router nor
+  experts; ``knowledge_mean`` runs both forward only (the ablation detaches the knowledge path).
 
 CLI: ``python -m moe.flops --preset NAME [--seq-len S] [--json]``.
 """
@@ -27,10 +32,19 @@ from moe.config import ModelConfig
 from moe.layer import MoEStats
 from moe.presets import PRESET_NAMES, preset
 
+# Model FLOPs per weight per token: forward (one multiply-add), backward (input and weight gradients).
+FWD_FLOPS_PER_PARAM, BWD_FLOPS_PER_PARAM = 2, 4
+
 
 @dataclass(frozen=True)
 class BlockParams:
-    """Parameters of one transformer block, by part."""
+    """Parameters of one transformer block, by part.
+
+    attention, dense_ffn, reasoning, router: weight matrices (matmul parameters); ``router`` includes the
+    ``gate`` mechanism's consult projection. norms: norm gains and biases of the parts every token runs
+    (pre-norms, QK-norm, qkv biases); router_bias: the consult gate's bias. one_expert: one knowledge
+    expert's weights.
+    """
 
     attention: int
     norms: int
@@ -39,29 +53,37 @@ class BlockParams:
     router: int
     one_expert: int
     num_experts: int
+    router_bias: int = 0
 
     @property
     def total(self) -> int:
         return int(self.active(self.num_experts))
 
-    def active(self, experts_per_token: float) -> float:
-        """Parameters a token touches when it uses ``experts_per_token`` knowledge experts here."""
-        shared = self.attention + self.norms + self.dense_ffn + self.reasoning + self.router
-        return shared + experts_per_token * self.one_expert
+    def active(self, experts_per_token: float, router: bool = True) -> float:
+        """Parameters a token touches when it uses ``experts_per_token`` knowledge experts here (and the
+        router, unless ``router`` is False)."""
+        routing = self.router + self.router_bias if router else 0
+        return self.attention + self.norms + self.dense_ffn + self.reasoning + routing + \
+            experts_per_token * self.one_expert
+
+    def matmul(self, experts_per_token: float, router: bool = True) -> float:
+        """Weight-matrix parameters a token's forward meets here (norms and biases excluded)."""
+        return self.attention + self.dense_ffn + self.reasoning + (self.router if router else 0) + \
+            experts_per_token * self.one_expert
 
 
 def block_params(cfg: ModelConfig, index: int) -> BlockParams:
     """Count block ``index`` of ``cfg`` part by part, mirroring ``moe.model.Block``."""
     d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.attn_head_dim, cfg.kv_heads * cfg.attn_head_dim
     attention = d * q_dim + 2 * d * kv_dim + q_dim * d
-    attention += (q_dim + 2 * kv_dim) if cfg.qkv_bias else 0
-    attention += (q_dim + kv_dim) if cfg.qk_norm else 0
+    norms = 2 * d + ((q_dim + 2 * kv_dim) if cfg.qkv_bias else 0) + ((q_dim + kv_dim) if cfg.qk_norm else 0)
     if not cfg.is_moe_layer(index):
-        return BlockParams(attention, 2 * d, 3 * d * cfg.dense_width, 0, 0, 0, 0)
+        return BlockParams(attention, norms, 3 * d * cfg.dense_width, 0, 0, 0, 0)
     k = cfg.knowledge
     reasoning = (3 * d * cfg.reasoning_width if cfg.reasoning_width else 0) + (d if cfg.reasoning_gate else 0)
-    router = d * k.num_router_outputs + ((d + 1) if k.mechanism == "gate" else 0)
-    return BlockParams(attention, 2 * d, 0, reasoning, router, 3 * d * k.expert_width, k.num_experts)
+    gate = k.mechanism == "gate"
+    router = d * k.num_router_outputs + (d if gate else 0)
+    return BlockParams(attention, norms, 0, reasoning, router, 3 * d * k.expert_width, k.num_experts, int(gate))
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,8 @@ class Accounting:
     """Per-token cost of a model.
 
     ``experts_per_token_per_layer``: each MoE layer's slot_rate * K. ``block_active_params`` and
-    ``block_flops_per_token`` (training) break the cost down per transformer block.
+    ``block_flops_per_token`` (training) break the cost down per transformer block. ``matmul_params``: the
+    forward's N.
     """
 
     total_params: int
@@ -86,7 +109,12 @@ class Accounting:
     block_flops_per_token: list[float]
 
 
-def _account(cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int) -> Accounting:
+def _account(
+    cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int, router: bool = True,
+    knowledge_backward: bool = True,
+) -> Accounting:
+    """The cost of a training pass; ``router``: whether the routers run; ``knowledge_backward``: whether
+    routers and experts get a backward."""
     blocks = [block_params(cfg, i) for i in range(cfg.n_layers)]
     moe_blocks = [b for i, b in enumerate(blocks) if cfg.is_moe_layer(i)]
     if len(experts_per_token) != len(moe_blocks):
@@ -94,28 +122,40 @@ def _account(cfg: ModelConfig, experts_per_token: Sequence[float], seq_len: int)
     embed = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
     epts = iter(experts_per_token)
-    block_active = [b.active(next(epts) if cfg.is_moe_layer(i) else 0.0) for i, b in enumerate(blocks)]
-    active_blocks = sum(block_active)
-    active = embed + head + cfg.d_model + active_blocks
-    matmul = active_blocks - sum(b.norms for b in blocks) + embed  # LM head: tied or not, a V x D matmul
+    per_block = [next(epts) if cfg.is_moe_layer(i) else 0.0 for i in range(cfg.n_layers)]
+    block_active = [b.active(e, router) for b, e in zip(blocks, per_block, strict=True)]
+    fwd = [b.matmul(e, router) for b, e in zip(blocks, per_block, strict=True)]
+    bwd = fwd if knowledge_backward else [b.matmul(0.0, router=False) for b in blocks]
     layer_attn_width = cfg.n_heads * cfg.attn_head_dim * seq_len
     attn_width = cfg.n_layers * layer_attn_width
+    block_flops = [FWD_FLOPS_PER_PARAM * f + BWD_FLOPS_PER_PARAM * b + 12 * layer_attn_width
+                   for f, b in zip(fwd, bwd, strict=True)]
+    matmul = sum(fwd) + embed  # LM head: tied or not, a V x D matmul
+    active = embed + head + cfg.d_model + sum(block_active)
     return Accounting(
         total_params=embed + head + cfg.d_model + sum(b.total for b in blocks),
         embedding_params=embed + head,
         active_params=active,
         active_params_non_embedding=active - embed - head,
         matmul_params=matmul,
-        flops_per_token=6 * matmul + 12 * attn_width,
-        inference_flops_per_token=2 * matmul + 4 * attn_width,
+        flops_per_token=sum(block_flops) + (FWD_FLOPS_PER_PARAM + BWD_FLOPS_PER_PARAM) * embed,
+        inference_flops_per_token=FWD_FLOPS_PER_PARAM * matmul + 4 * attn_width,
         attention_flops_per_token=12 * attn_width,
         seq_len=seq_len,
         experts_per_token_per_layer=list(experts_per_token),
         block_active_params=block_active,
-        block_flops_per_token=[
-            6 * (a - b.norms) + 12 * layer_attn_width for a, b in zip(block_active, blocks, strict=True)
-        ],
+        block_flops_per_token=block_flops,
     )
+
+
+def _nominal_experts(cfg: ModelConfig) -> list[float]:
+    k = cfg.knowledge
+    return [k.consult_rate * k.top_k] * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def _realized_experts(stats: Sequence[MoEStats]) -> list[float]:
+    """Routed rows per token of each layer (reads the stats back to the host)."""
+    return [float(s.expert_load_E.sum()) / max(s.num_tokens, 1) for s in stats]
 
 
 def nominal(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
@@ -125,22 +165,34 @@ def nominal(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
         cfg: the model.
         seq_len: context length for the attention term (default ``cfg.max_seq_len``).
     """
-    k = cfg.knowledge
-    return _account(cfg, [k.consult_rate * k.top_k] * _num_moe(cfg), seq_len or cfg.max_seq_len)
+    return _account(cfg, _nominal_experts(cfg), seq_len or cfg.max_seq_len)
 
 
 def knowledge_off(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
-    """Cost per token with every knowledge expert off (the ``knowledge_off`` ablation; the training objective's
-    forget pass, ``objective.forget_weight``, costs this much on top of the ordinary step)."""
-    return _account(cfg, [0.0] * _num_moe(cfg), seq_len or cfg.max_seq_len)
+    """Cost per token with the knowledge path off (the ``knowledge_off`` ablation: no router, no expert; the
+    training objective's forget pass, ``objective.forget_weight``, costs this much on top of the ordinary step
+    with ``objective.forget_ablation=knowledge_off``)."""
+    return _account(cfg, [0.0] * len(_nominal_experts(cfg)), seq_len or cfg.max_seq_len, router=False)
 
 
-def _num_moe(cfg: ModelConfig) -> int:
-    return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+def knowledge_mean(cfg: ModelConfig, seq_len: int | None = None, stats: Sequence[MoEStats] | None = None
+                   ) -> Accounting:
+    """Cost per token of a training pass under the ``knowledge_mean`` ablation (the forget pass with
+    ``objective.forget_ablation=recall_mean``): routers and routed experts run forward only, since the ablation
+    detaches the knowledge path; everything else forward and backward.
+
+    Args:
+        cfg: the model.
+        seq_len: context length (default ``cfg.max_seq_len``).
+        stats: that pass's MoEStats per MoE layer (its routed rows); None: the target consult rate.
+    """
+    experts = _nominal_experts(cfg) if stats is None else _realized_experts(stats)
+    return _account(cfg, experts, seq_len or cfg.max_seq_len, knowledge_backward=False)
 
 
 def realized(cfg: ModelConfig, stats: Sequence[MoEStats], seq_len: int) -> Accounting:
-    """Cost per token of a forward pass, from the routing each MoE layer reported.
+    """Cost per token of a training pass that ran every router, from the routing each MoE layer reported
+    (a pass with the knowledge path off costs ``knowledge_off``).
 
     Reads the stats back to the host: call it for logging, never inside the model.
 
@@ -149,8 +201,7 @@ def realized(cfg: ModelConfig, stats: Sequence[MoEStats], seq_len: int) -> Accou
         stats: one MoEStats per MoE layer, in order (``LMOutput.stats``).
         seq_len: context length of that pass.
     """
-    per_layer = [float(s.expert_load_E.sum()) / max(s.num_tokens, 1) for s in stats]
-    return _account(cfg, per_layer, seq_len)
+    return _account(cfg, _realized_experts(stats), seq_len)
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:

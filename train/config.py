@@ -208,8 +208,8 @@ class ObjectiveConfig:
         ``data.in_context_fraction``, the world generator and MoE layers): when either is > 0, every micro-batch
         also runs the model with its knowledge experts off, and adds ``forget_weight`` * KL(p || uniform) at the
         recall tokens of rows without context (as ``consult_targets=recall``) plus ``read_weight`` * CE on the
-        tokens outside such rows (context rows' text, reading drills). It doubles the training FLOPs per token
-        (``moe.flops.knowledge_off``, counted in the logged MFU) and about doubles the step time.
+        tokens outside such rows (context rows' text, reading drills). It about doubles the training FLOPs per token
+        (``train.objectives.forget_pass_flops``, counted in the logged MFU) and the step time.
     forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add

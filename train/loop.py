@@ -316,11 +316,8 @@ def _one_step(
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
         off_loss = torch.zeros((), device=out.loss.device)
         if read_BS is not None:
-            off = {"knowledge_off": True} if cfg.objective.forget_ablation == "knowledge_off" else \
-                {"knowledge_mean": forget_BS}
-            off_logits_BSV = engine(batch["idx_BS"], **off).logits_BSV
-            off_loss, _ = objectives.knowledge_off_loss(off_logits_BSV, batch["targets_BS"], forget_BS, read_BS,
-                                                        cfg.objective.forget_weight, cfg.objective.read_weight)
+            off_loss = objectives.forget_pass(engine, batch["idx_BS"], batch["targets_BS"], forget_BS, read_BS,
+                                              cfg.objective)
             out = out._replace(loss=out.loss + off_loss)
         engine.backward(out.loss)
         acc.add(out.loss, out.aux_loss, off_loss, out.stats)
@@ -350,8 +347,9 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     stats = acc.moe_stats(on_host=True)
     cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
     flops_per_token = cost.flops_per_token
-    if cfg.objective.knowledge_off_pass:  # the forget pass: a forward + backward without the knowledge path
-        flops_per_token += flops.knowledge_off(cfg.model, seq_len).flops_per_token
+    if cfg.objective.knowledge_off_pass:  # the forget pass, on about the ordinary pass's routed rows (the same
+        # routers on nearly the same inputs; the pass's own counts are not collected)
+        flops_per_token += objectives.forget_pass_flops(cfg.model, cfg.objective, seq_len, stats or None)
     loss, ce, aux, off, _ = (value / acc.micro_batches for value in acc.host_sums)
     return StepMetrics(
         step=step + 1,

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from moe import LMOutput, PureReasonerLM
+    from moe import LMOutput, ModelConfig, MoEStats, PureReasonerLM
+    from train.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
 
@@ -117,6 +118,31 @@ def knowledge_off_loss(
     read = F.cross_entropy(logits_BSV.float().flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum") / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
     return forget_weight * forget + read_weight * read, {"forget": forget.detach(), "read": read.detach()}
+
+
+def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS: torch.Tensor,
+                read_BS: torch.Tensor, objective: ObjectiveConfig) -> torch.Tensor:
+    """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
+    ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: the ``knowledge_mean`` ablation at the
+    ``forget_BS`` tokens), scored by ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    off = objective.forget_ablation == "knowledge_off"
+    ablation = {"knowledge_off": True} if off else {"knowledge_mean": forget_BS}
+    logits_BSV = model(idx_BS, **ablation).logits_BSV
+    loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
+                                 objective.read_weight)
+    return loss
+
+
+def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_len: int,
+                      stats: Sequence[MoEStats] | None = None) -> float:
+    """Training FLOPs per token of ``forget_pass``: ``knowledge_off`` runs no router and no expert
+    (``moe.flops.knowledge_off``); ``recall_mean`` runs both forward only (``moe.flops.knowledge_mean``) on the
+    routed rows of ``stats`` (None: the target rate)."""
+    from moe import flops
+
+    if objective.forget_ablation == "knowledge_off":
+        return flops.knowledge_off(model_cfg, seq_len).flops_per_token
+    return flops.knowledge_mean(model_cfg, seq_len, stats).flops_per_token
 
 
 def reverse_kl(

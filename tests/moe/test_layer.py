@@ -1,5 +1,7 @@
 """PureReasonerMoE: equivalences, the per-token oracle, gradients, the consult controller."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,16 +141,29 @@ def test_balance_bias_spreads_load():
     assert after.max() < 0.5 * before.max(), (before, after)
 
 
-def test_stats_and_aux_losses():
+def test_stats_counts():
     layer = _layer("gate", consult_rate=0.5)
-    y, stats = layer(torch.randn(2, 50, 32))
+    _, stats = layer(torch.randn(2, 50, 32))
     assert stats.num_tokens == 100 and stats.num_slots == 200
-    assert 0.0 <= float(stats.consult_rate) <= 1.0
+    assert 0.0 < float(stats.consult_rate) < 1.0
     assert float(stats.slot_rate) == pytest.approx(float(stats.consult_rate))  # gate: all K slots or none
-    assert float(stats.z_loss.detach()) > 0 and float(stats.balance_loss.detach()) >= 0
-    kcfg = layer.cfg.knowledge
-    expected = kcfg.balance_loss_coef * stats.balance_loss + kcfg.z_loss_coef * stats.z_loss
-    torch.testing.assert_close(stats.aux_loss, expected)
+
+
+def test_aux_losses_of_a_hand_made_router():
+    """Every token alike, the router's logits (s, 0, 0, 0): top-2 sends half the slots to expert 0 and half to
+    one other, whose softmax probabilities are e^s / Z and 1 / Z with Z = e^s + 3. By hand: Switch balance
+    E * sum_e f_e P_e = 4 * (e^s + 1) / (2 Z); z-loss log(Z)^2; aux = 0.01 * balance + 0.001 * z-loss."""
+    layer = _layer("always", num_experts=4, top_k=2, balance_loss_coef=0.01, z_loss_coef=0.001)
+    s = 2.0
+    with torch.no_grad():
+        layer.router.proj.weight.zero_()
+        layer.router.proj.weight[0] = s / 32  # x = ones: logit 0 is s
+    _, stats = layer(torch.ones(7, 32))
+    z = math.exp(s) + 3
+    balance, z_loss = 4 * (math.exp(s) + 1) / (2 * z), math.log(z) ** 2
+    assert float(stats.balance_loss) == pytest.approx(balance, rel=1e-6)
+    assert float(stats.z_loss) == pytest.approx(z_loss, rel=1e-6)
+    assert float(stats.aux_loss) == pytest.approx(0.01 * balance + 0.001 * z_loss, rel=1e-6)
 
 
 def test_reasoning_gate_scales_reasoning():

@@ -7,6 +7,8 @@ import torch
 from moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
 from tests.train.helpers import compose_config, metrics, run_in_process
 from train import data
+from train.loop import prepare_data
+from train.model import build_model
 from train.world import pretraining_corpus
 
 
@@ -92,6 +94,34 @@ def test_model_all_frozen_trains_no_reasoning_expert():
             assert param.grad is None or not param.grad.any(), name
         elif "experts" in name or "attn" in name:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("route", [True, False])
+def test_training_batch_routes_closed_book_gradient_away_from_reasoning(tmp_path, dist_info, route):
+    """The loop's own micro-batch and forward: with ``objective.route_knowledge`` every closed-book token's
+    gradient at every reasoning expert's output is exactly 0 (so none reaches its weights), and the other
+    tokens' is not; without it, closed-book tokens train the reasoning experts too."""
+    world = ("data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny", "data.seq_len=384",
+             "model.max_seq_len=384", "data.max_chars=null", "train.micro_batch_size=2")
+    cfg = compose_config(*world, f"objective.route_knowledge={str(route).lower()}")
+    batch = prepare_data(cfg, tmp_path, dist_info)[0].micro_batch(cfg, dist_info, step=0, micro=0)
+    # Which tokens are closed-book: the data's mask, from a routed config's packing of the same sequences.
+    routed_data, _ = prepare_data(compose_config(*world, "objective.route_knowledge=true"), tmp_path, dist_info)
+    positions = data.micro_batch_positions(0, 0, 0, 2, 1, 1)
+    assert torch.equal(routed_data.packed.batch(positions)[0], batch["idx_BS"])
+    closed_T = routed_data.packed.closed(positions).reshape(-1)
+    trained_T = ~closed_T & (batch["targets_BS"].reshape(-1) != -100)  # other tokens with a loss
+    assert closed_T.any() and trained_T.any()
+    model = build_model(cfg)
+    outputs = []
+    for layer in model.moe_layers():
+        layer.reasoning.register_forward_hook(lambda module, args, y_TD: outputs.append(y_TD) or y_TD.retain_grad())
+    model(**batch).loss.backward()
+    assert len(outputs) == cfg.model.n_layers
+    for y_TD in outputs:
+        closed_grad = y_TD.grad[closed_T].abs().amax()
+        assert (closed_grad == 0) if route else (closed_grad > 0)
+        assert (y_TD.grad[trained_T].abs().amax(1) > 0).all()
 
 
 def test_route_knowledge_config_errors():

@@ -9,7 +9,6 @@ import train.checkpoint
 import train.data
 from moe.checkpoint import load_pretrained
 from tests.train.helpers import metrics, run_in_process
-from train.export import export_checkpoint
 
 
 class Crash(RuntimeError):
@@ -21,6 +20,25 @@ def uninterrupted(tmp_path_factory, dist_info):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     summary = run_in_process(run_dir)
     return run_dir, summary
+
+
+def _capture_trained_state(patch) -> dict:
+    """Make the end-of-training export first copy what the engine holds: its module's state (weights and
+    controller buffers) and DeepSpeed's fp32 master copy of every parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    import train.export
+
+    captured, real = {}, train.export.export_from_engine
+
+    def export_from_engine(engine, *args):
+        captured["state"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        captured["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone()
+                            for n, p in engine.module.named_parameters()}
+        return real(engine, *args)
+
+    patch.setattr(train.export, "export_from_engine", export_from_engine)
+    return captured
 
 
 def _crash_at_step(monkeypatch, step: int) -> None:
@@ -72,17 +90,19 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uni
     assert resumed.losses == ref.losses[4:]
 
 
-def test_export_loads_back(uninterrupted, tmp_path):
-    run_dir, _ = uninterrupted
-    model = load_pretrained(run_dir / "export")
-    assert (run_dir / "export" / "tokenizer.json").is_file()
-    assert (run_dir / "export" / "world.json").is_file()  # the world train.eval asks about
-    # The export equals the fp32 weights DeepSpeed checkpointed, re-exported on demand from the same tag.
-    again = load_pretrained(export_checkpoint(run_dir, "step_00000012", tmp_path / "again"))
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
-    torch.testing.assert_close(again(idx).logits_BSV, model(idx).logits_BSV, rtol=0, atol=0)
-    # and the controller state (selection biases) travelled with the weights
-    assert float(model.moe_layers()[0].router.consult_cut) != 0.0
+def test_export_equals_the_trained_engine(tmp_path, dist_info):
+    with pytest.MonkeyPatch.context() as patch:
+        trained = _capture_trained_state(patch)
+        run_in_process(tmp_path, "train.max_steps=6")
+    exported = load_pretrained(tmp_path / "export").state_dict()
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
+    assert (tmp_path / "export" / "world.json").is_file()  # the world train.eval asks about
+    assert exported.keys() == trained["state"].keys()
+    for name, tensor in trained["state"].items():  # weights and controller state (selection biases, cut)
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    for name, master in trained["fp32"].items():
+        torch.testing.assert_close(exported[name], master, rtol=0, atol=0, msg=name)
+    assert float(exported["blocks.0.ffn.router.consult_cut"]) != 0.0  # the controller did move
 
 
 def test_finished_run_is_not_rerun(uninterrupted):
@@ -92,9 +112,15 @@ def test_finished_run_is_not_rerun(uninterrupted):
 
 
 def test_zero2_bf16_exports_fp32_master_weights(tmp_path, dist_info):
-    summary = run_in_process(tmp_path, "deepspeed=[zero2,bf16]", "train.max_steps=4", "train.warmup_steps=1")
+    with pytest.MonkeyPatch.context() as patch:
+        trained = _capture_trained_state(patch)
+        summary = run_in_process(tmp_path, "deepspeed=[zero2,bf16]", "train.max_steps=4", "train.warmup_steps=1")
     assert all(torch.isfinite(torch.tensor(summary.losses)))
-    model = load_pretrained(tmp_path / "export")
-    w = model.blocks[0].attn.wq.weight
-    assert w.dtype == torch.float32
+    exported = load_pretrained(tmp_path / "export").state_dict()
+    for name, master in trained["fp32"].items():  # DeepSpeed's fp32 masters, read from the live engine
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(exported[name], master, rtol=0, atol=0, msg=name)
+    for name, working in trained["state"].items():  # the bf16 working weights are the masters rounded
+        torch.testing.assert_close(exported[name].to(working.dtype), working, rtol=0, atol=0, msg=name)
+    w = exported["blocks.0.attn.wq.weight"]
     assert (w != w.bfloat16().float()).any()  # the fp32 master copy, not the bf16 working weights
