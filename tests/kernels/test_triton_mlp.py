@@ -83,3 +83,21 @@ def test_interpreter_rejects_bf16():
     inputs = mlp_inputs(4, 16, 16, 2, 1, 0.0, torch.bfloat16)
     with pytest.raises(ValueError, match="bf16"):
         knowledge_mlp(*inputs, impl="triton")
+
+
+@pytest.mark.parametrize("bound", [
+    pytest.param(lambda routed: routed + 3, id="under-bound"),
+    pytest.param(lambda routed: routed // 2, id="over-bound-recomputed"),
+    pytest.param(lambda routed: 0, id="nothing-kept"),
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bounded_rows_match_reference(bound, dtype, poison):
+    """A saved-row bound under and over the routed rows (the rest recomputed in the backward): output and
+    every gradient equal the oracle's."""
+    inputs = mlp_inputs(29, 40, 72, 5, 2, 0.3, dtype)
+    max_rows = bound(int((inputs[1] >= 0).sum()))
+    tri = knowledge_mlp(*inputs, impl="triton", max_rows=max_rows)
+    floats = [inputs[0], *inputs[2:]]
+    ref_floats = [as_oracle_input(t) for t in floats]
+    ref = knowledge_mlp_reference(ref_floats[0], inputs[1].cpu(), *ref_floats[1:])
+    assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
