@@ -8,8 +8,9 @@ Every case draws fresh shapes and routing from the seed: T in 1..64, D and F in 
 E in 1..9, K in 1..E, a share of idle slots (-1) in [0, 1], fp32 or fp64. Each fifth case is forced into
 an edge: T=1, no token consults, every slot to one expert, K=E, or duplicate-free routing of every
 token to every expert. Half the cases bound the rows whose activations the backward keeps (``max_rows``
-in 0..T*K: the masked path recomputes the rest) and half combine in slot order (``deterministic``). Each case checks the output and the gradient of every input (x, gates, w1, w3,
-w2) against the reference; the fast path must also never produce a non-finite value on finite input.
+in 0..T*K: the masked path recomputes the rest) and half combine in slot order (``deterministic``).
+Each case checks the output and the gradient of every input (x, gates, w1, w3, w2) against the
+reference; the fast path must also never produce a non-finite value on finite input.
 Prints the count of cases, the count per edge kind and any failure; exit status 1 on a failure.
 
 ``--poison`` makes ``grouped_mm`` fill the rows it leaves unwritten (past the last expert's offset)

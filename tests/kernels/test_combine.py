@@ -20,7 +20,8 @@ def _rows(num_tokens, top_k, dim, idle_share, seed):
     slot_R = torch.randperm(num_tokens * top_k, generator=gen)
     slot_R = slot_R[torch.rand(slot_R.shape, generator=gen) >= idle_share]
     # Magnitudes spread over 2^±8, so that the order of the additions shows in the low bits.
-    y_RD = torch.randn(slot_R.numel(), dim, generator=gen) * 2.0 ** torch.randint(-8, 9, (slot_R.numel(), 1), generator=gen)
+    scale_R1 = 2.0 ** torch.randint(-8, 9, (slot_R.numel(), 1), generator=gen)
+    y_RD = torch.randn(slot_R.numel(), dim, generator=gen) * scale_R1
     return y_RD, slot_R
 
 
