@@ -101,3 +101,19 @@ def test_bounded_rows_match_reference(bound, dtype, poison):
     ref_floats = [as_oracle_input(t) for t in floats]
     ref = knowledge_mlp_reference(ref_floats[0], inputs[1].cpu(), *ref_floats[1:])
     assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
+
+
+@pytest.mark.parametrize("max_rows", [18, 5], ids=["all-rows-kept", "bound-below-S"])
+def test_opcheck(max_rows):
+    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops."""
+    import kernels.triton_mlp  # noqa: F401  (registers the ops)
+    from kernels.triton_routing import routing_metadata_triton
+
+    x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    meta = routing_metadata_triton(ids_TK, 4)
+    ops = torch.ops.pure_reasoner
+    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True)
+    torch.library.opcheck(ops.triton_knowledge_mlp.default, fwd_args)
+    y_TD, a1_HF, a3_HF = ops.triton_knowledge_mlp(*fwd_args)
+    plain = [t.detach() for t in (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, a1_HF, a3_HF)]
+    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False))
