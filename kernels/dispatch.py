@@ -56,6 +56,8 @@ def knowledge_mlp(
     w3_EDF: torch.Tensor,
     w2_EFD: torch.Tensor,
     impl: str = "torch",
+    max_rows: int | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Sum over each token's consulted experts of gate * SwiGLU expert(x).
 
@@ -65,6 +67,12 @@ def knowledge_mlp(
         gates_TK: [T, K] gate weights.
         w1_EDF, w3_EDF: [E, D, F] gate and up projections; w2_EFD: [E, F, D] down projection.
         impl: one of ``IMPLS``.
+        max_rows: how many sorted routed rows keep their activations for the backward (``torch`` masked
+            and ``triton``; a static bound, so nothing is read from the device): rows past it are recomputed
+            in the backward, exactly. None keeps all T*K. The other implementations process exactly the
+            routed rows.
+        deterministic: sum each token's slots in slot order, k = 0..K-1 (no atomics, no scatter-add), so
+            the result does not depend on how the routing orders the rows. ``reference`` always does.
 
     Returns:
         y_TD: [T, D].
@@ -72,17 +80,19 @@ def knowledge_mlp(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
+        raise ValueError(f"max_rows must be None or an int >= 0, got {max_rows!r}")
     args = (x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
     if impl == "torch":
-        return knowledge_mlp_torch(*args)
+        return knowledge_mlp_torch(*args, max_rows=max_rows, deterministic=deterministic)
     if impl == "reference":
         return knowledge_mlp_reference(*args)
     if impl == "triton":
         check_triton(x_TD, expert_ids_TK)  # weights and gates share x's device; weights its dtype
         from kernels.triton_mlp import knowledge_mlp_triton
 
-        return knowledge_mlp_triton(*args)
+        return knowledge_mlp_triton(*args, max_rows=max_rows, deterministic=deterministic)
     check_megablocks(x_TD)
     from kernels.megablocks_mlp import knowledge_mlp_megablocks
 
-    return knowledge_mlp_megablocks(*args)
+    return knowledge_mlp_megablocks(*args, deterministic=deterministic)

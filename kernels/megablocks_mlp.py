@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.combine import combine_rows
 from kernels.routing import routing_metadata
 
 
@@ -24,6 +25,7 @@ def knowledge_mlp_megablocks(
     w1_EDF: torch.Tensor,
     w3_EDF: torch.Tensor,
     w2_EFD: torch.Tensor,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Same contract as ``kernels.knowledge_mlp``; call through it (it checks CUDA and the install)."""
     from megablocks import grouped_gemm_util as gg
@@ -35,4 +37,4 @@ def knowledge_mlp_megablocks(
     x_RD = x_TD.index_select(0, token_R)
     h_RF = F.silu(gg.ops.gmm(x_RD, w1_EDF, counts_E)) * gg.ops.gmm(x_RD, w3_EDF, counts_E)
     y_RD = gg.ops.gmm(h_RF, w2_EFD, counts_E) * gates_TK.reshape(-1)[slot_R].to(x_TD.dtype).unsqueeze(1)
-    return torch.zeros_like(x_TD).index_add(0, token_R, y_RD)
+    return combine_rows(y_RD, slot_R, *expert_ids_TK.shape, deterministic)

@@ -87,3 +87,22 @@ def down_scatter_reference(
         if e >= 0:
             y[t] = y[t] + gates_TK.reshape(-1)[slot].to(h_SF.dtype) * (h_SF[r] @ w2_EFD[e])
     return torch.stack(y) if y else h_SF.new_zeros(0, w2_EFD.shape[2])
+
+
+def combine_rows_reference(y_RD: torch.Tensor, slot_R: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Oracle of the deterministic combine: per token, add its slots' rows in slot order k = 0..K-1.
+
+    Args:
+        y_RD: [R, D] rows; slot_R: [R] flat slot (t*K + k) of each row; num_tokens: T; top_k: K.
+
+    Returns:
+        y_TD: [T, D], y's dtype.
+    """
+    row_of_slot = {int(s): r for r, s in enumerate(slot_R)}
+    y = [y_RD.new_zeros(y_RD.shape[1]) for _ in range(num_tokens)]
+    for t in range(num_tokens):
+        for k in range(top_k):
+            r = row_of_slot.get(t * top_k + k)
+            if r is not None:
+                y[t] = y[t] + y_RD[r]
+    return torch.stack(y) if y else y_RD.new_zeros(0, y_RD.shape[1])

@@ -3,13 +3,17 @@
 Shapes: T tokens, K slots per token, S = T*K sorted rows (the first R = offsets[-1] routed), D model
 dim, F expert width, E experts. Row r belongs to flat slot ``s_r = slot_order[r]``, token ``s_r // K``.
 
-    forward:   y[t] = Σ_{r: token_r = t} g[s_r] · h[r] @ w2[e_r]                 (atomic scatter-add)
+    forward:   y[t] = Σ_{r: token_r = t} g[s_r] · h[r] @ w2[e_r]      (atomic scatter-add, or per row + combine)
     backward:  u[r] = dy[token_r] @ w2[e_r]ᵀ     (dy read by token: no permuted copy)
                dh[r] = g[s_r] · u[r],  dg[s_r] = <u[r], h[r]>
                dw2[e] = Σ_{r in e} h[r]ᵀ (g[s_r] · dy[token_r])                   (kernels.triton_wgrad)
 
 The output accumulates in fp32 and is cast to h's dtype once. Idle rows of dh are written as zeros by
 the grid's left-over programs; idle slots get a zero gate gradient.
+
+Deterministic mode (``PER_ROW``) uses no atomics: the forward writes each row's gate-weighted output at its
+sorted position and ``kernels.combine`` sums a token's slots in slot order; the gate gradient's partial
+sums over F blocks go to one row each of a [F blocks, S] buffer, summed afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels.backends import check_triton
-from kernels.triton_schedule import configs, dot_precision, expert_row_block, padded, row_blocks
+from kernels.combine import combine_rows
+from kernels.triton_schedule import configs, dot_precision, expert_row_block, launch, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -37,10 +42,10 @@ _CONFIGS = configs(
 def _down_scatter_fwd_kernel(
     h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, y_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction).
+    # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction). PER_ROW: y is [S, D] by sorted row.
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
     if expert >= num_experts:
         return
@@ -55,9 +60,12 @@ def _down_scatter_fwd_kernel(
         w = tl.load(w2_ptr + w_offs, mask=(kk < F)[:, None] & (cols < D)[None, :], other=0.0)
         acc += tl.dot(h, w, input_precision=DOT_PRECISION)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-    tokens = slots // num_slots_per_token
     out_mask = row_mask[:, None] & (cols < D)[None, :]
-    tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
+    if PER_ROW:
+        tl.store(y_ptr + rows[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
+    else:
+        tokens = slots // num_slots_per_token
+        tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["D", "F"], reset_to_zero=["dgates_ptr"])
@@ -65,10 +73,10 @@ def _down_scatter_fwd_kernel(
 def _down_scatter_bwd_kernel(
     dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction).
+    # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out = rows[:, None] * F + cols[None, :]
@@ -89,7 +97,10 @@ def _down_scatter_bwd_kernel(
         w = tl.load(w2_ptr + w_base + cols[None, :] * D + kk[:, None], mask=w_mask, other=0.0)
         u += tl.dot(dy, w, input_precision=DOT_PRECISION)
     h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
-    tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask)
+    if PER_ROW:
+        tl.store(dgates_ptr + tl.program_id(1) * num_slots + slots, tl.sum(u * h, axis=1), mask=row_mask)
+    else:
+        tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(dh_ptr + out, (u * gate[:, None]).to(dh_ptr.dtype.element_ty), mask=out_mask)
 
@@ -111,22 +122,27 @@ def down_scatter_fwd(
     slot_order_S: torch.Tensor,
     offsets_E: torch.Tensor,
     w2_EFD: torch.Tensor,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """Launch the forward. Returns y_TD in h's dtype."""
+    """Launch the forward. Returns y_TD in h's dtype; ``deterministic``: combined in slot order."""
     _check(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
     h_SF, gates_S, w2_EFD = h_SF.contiguous(), gates_TK.reshape(-1).contiguous(), w2_EFD.contiguous()
     (num_tokens, top_k), (num_experts, width, dim) = gates_TK.shape, w2_EFD.shape
-    y_TD = torch.zeros(num_tokens, dim, dtype=torch.float32, device=h_SF.device)  # atomic accumulator
+    # fp32 accumulator: atomic, by token; or deterministic, by sorted row (idle rows stay zero)
+    y_out = torch.zeros(h_SF.shape[0] if deterministic else num_tokens, dim, dtype=torch.float32, device=h_SF.device)
 
     def grid(meta):
         return (row_blocks(h_SF.shape[0], num_experts, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]))
 
-    _down_scatter_fwd_kernel[grid](
-        h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, y_TD,
+    launch(
+        _down_scatter_fwd_kernel, grid, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, y_out,
         num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
-        P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
+        PER_ROW=deterministic,
     )  # fmt: skip
-    return y_TD.to(h_SF.dtype)
+    if deterministic:
+        y_out = combine_rows(y_out, slot_order_S, num_tokens, top_k, deterministic=True)
+    return y_out.to(h_SF.dtype)
 
 
 def down_scatter_bwd(
@@ -136,27 +152,32 @@ def down_scatter_bwd(
     slot_order_S: torch.Tensor,
     offsets_E: torch.Tensor,
     w2_EFD: torch.Tensor,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward. Returns dh_SF, dgates_TK (gates' dtype), dw2_EFD."""
+    """Launch the backward. Returns dh_SF, dgates_TK (gates' dtype), dw2_EFD; ``deterministic``: no atomics."""
     _check(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
     dy_TD, h_SF, w2_EFD = dy_TD.to(h_SF.dtype).contiguous(), h_SF.contiguous(), w2_EFD.contiguous()
     gates_S = gates_TK.reshape(-1).contiguous()
     top_k, (num_experts, width, dim) = gates_TK.shape[1], w2_EFD.shape
     dh_SF = torch.empty_like(h_SF)
-    dgates_S = torch.zeros(gates_S.shape, dtype=torch.float32, device=h_SF.device)  # atomic accumulator
+    # fp32 accumulator: atomic over F blocks; or deterministic, one row per F block of the pinned config
+    num_partials = triton.cdiv(width, _down_scatter_bwd_kernel.configs[0].kwargs["BLOCK_N"]) if deterministic else 1
+    dgates_PS = torch.zeros(num_partials, gates_S.numel(), dtype=torch.float32, device=h_SF.device)
 
     def grid(meta):
         return (row_blocks(h_SF.shape[0], num_experts, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
 
-    _down_scatter_bwd_kernel[grid](
-        dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, dh_SF, dgates_S,
+    launch(
+        _down_scatter_bwd_kernel, grid, dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, dh_SF, dgates_PS,
         num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
-        P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
+        PER_ROW=deterministic,
     )  # fmt: skip
     dw2_EFD = grouped_wgrad(
-        h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float()
+        h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float(),
+        deterministic=deterministic,
     )
-    return dh_SF, dgates_S.to(gates_TK.dtype).view(gates_TK.shape), dw2_EFD
+    return dh_SF, dgates_PS.sum(0).to(gates_TK.dtype).view(gates_TK.shape), dw2_EFD
 
 
 @torch.library.custom_op("pure_reasoner::triton_down_scatter", mutates_args=())

@@ -35,6 +35,20 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+def launch(kernel, grid, *args, deterministic: bool, **constexprs) -> None:
+    """Launch an autotuned kernel; ``deterministic`` pins its first config instead of the fastest.
+
+    The tile sizes fix the order of every reduction (BLOCK_K over D or F, BLOCK_R over rows), and
+    autotuning picks them by timing, so two processes can sum in different orders. A pinned config makes
+    a deterministic kernel's bits independent of the run (and of the autotuner's ``reset_to_zero``: the
+    callers zero their accumulators themselves).
+    """
+    if deterministic:
+        kernel.fn[grid](*args, **constexprs, **kernel.configs[0].all_kwargs())
+    else:
+        kernel[grid](*args, **constexprs)
+
+
 def row_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     """Upper bound on the (expert, row block) pairs any routing of ``num_slots`` rows can need."""
     return triton.cdiv(num_slots, block_m) + num_experts

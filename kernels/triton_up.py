@@ -5,7 +5,8 @@ dim, F expert width, E experts. Row r belongs to flat slot ``slot_order[r]`` and
 
     forward:   a1[r] = x[token_r] @ w1[e_r],  a3[r] = x[token_r] @ w3[e_r],  h[r] = silu(a1[r]) * a3[r]
     backward:  da1 = dh * a3 * silu'(a1),  da3 = dh * silu(a1)
-               dx[t] = Σ_{r: token_r = t} da1[r] @ w1[e_r]ᵀ + da3[r] @ w3[e_r]ᵀ   (atomic scatter-add)
+               dx[t] = Σ_{r: token_r = t} da1[r] @ w1[e_r]ᵀ + da3[r] @ w3[e_r]ᵀ   (atomic scatter-add,
+                                                                      or per row + kernels.combine)
                dw1[e] = Σ_{r in e} x[token_r]ᵀ da1[r],  dw3 likewise           (kernels.triton_wgrad)
 
 Rows of x are read by token index: no permuted copy of x exists. Idle rows (r >= R) of h (and of the
@@ -20,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels.backends import check_triton
-from kernels.triton_schedule import configs, dot_precision, expert_row_block, padded, row_blocks
+from kernels.combine import combine_rows
+from kernels.triton_schedule import configs, dot_precision, expert_row_block, launch, padded, row_blocks
 from kernels.triton_wgrad import grouped_wgrad
 
 _CONFIGS = configs(
@@ -75,10 +77,11 @@ def _gather_swiglu_fwd_kernel(
 def _gather_swiglu_bwd_kernel(
     dh_ptr, a1_ptr, a3_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, dx_ptr, da1_ptr, da3_ptr,
     num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction).
+    # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction). PER_ROW: dx is [S, D] by
+    # sorted row, combined afterwards (no atomics).
     expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
     if expert >= num_experts:
         return
@@ -106,7 +109,11 @@ def _gather_swiglu_bwd_kernel(
         w_mask = (kk < F)[:, None] & (cols < D)[None, :]
         acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
         acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
-    tl.atomic_add(dx_ptr + tokens[:, None] * D + cols[None, :], acc, mask=row_mask[:, None] & (cols < D)[None, :])
+    out_mask = row_mask[:, None] & (cols < D)[None, :]
+    if PER_ROW:
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], acc, mask=out_mask)
+    else:
+        tl.atomic_add(dx_ptr + tokens[:, None] * D + cols[None, :], acc, mask=out_mask)
 
 
 def _check(x_TD: torch.Tensor, slot_order_S: torch.Tensor, offsets_E: torch.Tensor, *weights: torch.Tensor) -> None:
@@ -128,8 +135,12 @@ def gather_swiglu_fwd(
     w3_EDF: torch.Tensor,
     num_slots_per_token: int,
     save_preact: bool,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns h_SF and, if ``save_preact``, a1_SF and a3_SF (else [0, F] each)."""
+    """Launch the forward. Returns h_SF and, if ``save_preact``, a1_SF and a3_SF (else [0, F] each).
+
+    S here is the length of ``slot_order_S``: any window of the sorted rows, with offsets relative to it.
+    """
     _check(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF)
     x_TD, w1_EDF, w3_EDF = x_TD.contiguous(), w1_EDF.contiguous(), w3_EDF.contiguous()
     num_slots, (num_experts, dim, width) = slot_order_S.numel(), w1_EDF.shape
@@ -139,10 +150,11 @@ def gather_swiglu_fwd(
     def grid(meta):
         return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
 
-    _gather_swiglu_fwd_kernel[grid](
-        x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, h_SF, a1_SF, a3_SF,
+    launch(
+        _gather_swiglu_fwd_kernel, grid, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, h_SF, a1_SF, a3_SF,
         num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
-        SAVE_PREACT=save_preact, P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
+        deterministic=deterministic, SAVE_PREACT=save_preact, P=padded(num_experts),
+        DOT_PRECISION=dot_precision(x_TD.dtype),
     )  # fmt: skip
     return h_SF, a1_SF, a3_SF
 
@@ -157,27 +169,33 @@ def gather_swiglu_bwd(
     a1_SF: torch.Tensor,
     a3_SF: torch.Tensor,
     num_slots_per_token: int,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward. Returns dx_TD, dw1_EDF, dw3_EDF."""
+    """Launch the backward. Returns dx_TD, dw1_EDF, dw3_EDF; ``deterministic``: dx combined in slot order."""
     _check(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF)
     if a1_SF.shape != dh_SF.shape or a3_SF.shape != dh_SF.shape:
         raise ValueError(f"backward needs the saved a1/a3 of shape {tuple(dh_SF.shape)}, got {tuple(a1_SF.shape)}")
     x_TD, w1_EDF, w3_EDF, dh_SF = (t.contiguous() for t in (x_TD, w1_EDF, w3_EDF, dh_SF))
     num_slots, (num_experts, dim, width) = slot_order_S.numel(), w1_EDF.shape
-    dx_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)  # atomic accumulator
+    # fp32 accumulator: atomic, by token; or deterministic, by sorted row (idle rows stay zero)
+    dx_out = torch.zeros(num_slots if deterministic else x_TD.shape[0], dim, dtype=torch.float32, device=x_TD.device)
     da1_SF, da3_SF = torch.empty_like(dh_SF), torch.empty_like(dh_SF)
 
     def grid(meta):
         return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]))
 
-    _gather_swiglu_bwd_kernel[grid](
-        dh_SF, a1_SF, a3_SF, slot_order_S, offsets_E, w1_EDF, w3_EDF, dx_TD, da1_SF, da3_SF,
-        num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
-        P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
+    launch(
+        _gather_swiglu_bwd_kernel, grid, dh_SF, a1_SF, a3_SF, slot_order_S, offsets_E, w1_EDF, w3_EDF, dx_out,
+        da1_SF, da3_SF, num_experts, num_slots, num_slots_per_token, dim, width, w1_EDF.stride(0),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(x_TD.dtype),
+        PER_ROW=deterministic,
     )  # fmt: skip
-    dw1_EDF = grouped_wgrad(x_TD, da1_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)
-    dw3_EDF = grouped_wgrad(x_TD, da3_SF, slot_order_S, offsets_E, num_slots_per_token, a_gather=True, b_gather=False)
-    return dx_TD.to(x_TD.dtype), dw1_EDF, dw3_EDF
+    if deterministic:
+        dx_out = combine_rows(dx_out, slot_order_S, x_TD.shape[0], num_slots_per_token, deterministic=True)
+    wgrad = dict(a_gather=True, b_gather=False, deterministic=deterministic)
+    dw1_EDF = grouped_wgrad(x_TD, da1_SF, slot_order_S, offsets_E, num_slots_per_token, **wgrad)
+    dw3_EDF = grouped_wgrad(x_TD, da3_SF, slot_order_S, offsets_E, num_slots_per_token, **wgrad)
+    return dx_out.to(x_TD.dtype), dw1_EDF, dw3_EDF
 
 
 @torch.library.custom_op("pure_reasoner::triton_gather_swiglu", mutates_args=())

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_schedule import configs, dot_precision
+from kernels.triton_schedule import configs, dot_precision, launch
 
 _CONFIGS = configs(
     gpu=[
@@ -73,6 +73,7 @@ def grouped_wgrad(
     a_gather: bool,
     b_gather: bool,
     scale_S: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """dW_EIO[e] = Σ over expert e's sorted rows r of A[r]ᵀ · (scale · B[r]).
 
@@ -83,6 +84,7 @@ def grouped_wgrad(
         num_slots_per_token: K (token = slot // K).
         a_gather, b_gather: read that operand's rows at the token instead of the sorted row.
         scale_S: optional [S] fp32 per-slot scale of B's rows (the gates, flat).
+        deterministic: pin the launch config (``kernels.triton_schedule.launch``).
 
     Returns:
         [E, I, O] in a's dtype; zero for experts with no rows.
@@ -95,9 +97,10 @@ def grouped_wgrad(
     def grid(meta):
         return (num_experts, triton.cdiv(dim_in, meta["BLOCK_I"]), triton.cdiv(dim_out, meta["BLOCK_O"]))
 
-    _grouped_wgrad_kernel[grid](
-        a_RI, b_RO, slot_order_S, scale, offsets_E, dw_EIO,
+    launch(
+        _grouped_wgrad_kernel, grid, a_RI, b_RO, slot_order_S, scale, offsets_E, dw_EIO,
         num_slots_per_token, dim_in, dim_out, a_RI.stride(0), b_RO.stride(0), dw_EIO.stride(0), dw_EIO.stride(1),
-        A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None, DOT_PRECISION=dot_precision(a_RI.dtype),
+        deterministic=deterministic, A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None,
+        DOT_PRECISION=dot_precision(a_RI.dtype),
     )  # fmt: skip
     return dw_EIO

@@ -39,6 +39,13 @@ class KnowledgeConfig:
         last few steps, plus a feedback term whose step is ``controller_step``.
     consult_loss_coef: weight of the supervised consult loss (``gate`` only): when the model is given
         per-token consult targets, BCE of each layer's consult logit against them joins the aux loss.
+    saved_rows_factor, saved_rows_min: the knowledge path keeps activations for the backward on at most
+        ``ceil(saved_rows_factor * consult_rate * T*K) + saved_rows_min`` routed rows (``moe.experts``), a
+        bound from shapes only (no host sync). Routed rows past it are recomputed in the backward (exact,
+        slower) and counted in ``MoEStats.overflow_rows``; never dropped. The controller holds the rate
+        within about 20% of target, so 1.5x leaves headroom; the floor covers small batches' noise.
+    deterministic: combine each token's expert outputs in slot order (no atomics; Triton launch configs
+        pinned), so results do not depend on the order of the routed rows or the GPU's thread schedule.
     """
 
     num_experts: int = 16
@@ -55,6 +62,9 @@ class KnowledgeConfig:
     consult_loss_coef: float = 0.0
     normalize_gates: bool = True
     impl: str = "torch"
+    saved_rows_factor: float = 1.5
+    saved_rows_min: int = 64
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _positive("knowledge", num_experts=self.num_experts, expert_width=self.expert_width, top_k=self.top_k,
@@ -79,8 +89,17 @@ class KnowledgeConfig:
         )
         if self.consult_loss_coef and self.mechanism != "gate":
             raise ValueError(f"knowledge.consult_loss_coef needs mechanism 'gate', got {self.mechanism!r}")
+        if self.saved_rows_factor < 1.0:
+            raise ValueError(f"knowledge.saved_rows_factor must be >= 1 (the bound's headroom over the target "
+                             f"rate), got {self.saved_rows_factor}")
+        _non_negative("knowledge", saved_rows_min=self.saved_rows_min)
         if self.impl not in IMPLS:
             raise ValueError(f"knowledge.impl must be one of {IMPLS}, got {self.impl!r}")
+
+    @property
+    def saved_row_share(self) -> float:
+        """Share of the T*K slots the knowledge path keeps activations for, before the floor."""
+        return self.saved_rows_factor * self.consult_rate
 
     @property
     def num_router_outputs(self) -> int:

@@ -5,6 +5,8 @@ Shape legend: T tokens, D model dim, F expert width, E experts, K top-k slots.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,12 +28,36 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as grouped ``[E, ...]`` weights; runs only the routed rows."""
+def saved_row_bound(num_slots: int, row_share: float, min_rows: int) -> int:
+    """How many routed rows keep activations for the backward: ``min(S, ceil(row_share * S) + min_rows)``.
 
-    def __init__(self, d_model: int, width: int, num_experts: int, impl: str = "torch"):
+    From shapes and config only, so it costs no host sync; rows past it are recomputed, never dropped.
+
+    Args:
+        num_slots: S = T*K.
+        row_share: ``KnowledgeConfig.saved_row_share`` (headroom x target rate).
+        min_rows: ``KnowledgeConfig.saved_rows_min``.
+    """
+    return min(num_slots, math.ceil(row_share * num_slots) + min_rows)
+
+
+def overflow_rows(expert_ids_TK: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """0-d int64 on the ids' device: routed slots past ``max_rows`` (recomputed in the backward)."""
+    return ((expert_ids_TK >= 0).sum() - max_rows).clamp(min=0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as grouped ``[E, ...]`` weights; runs only the routed rows.
+
+    ``saved_row_share``, ``min_saved_rows``: the saved-activation row bound (``saved_row_bound``); the
+    defaults keep all T*K. ``deterministic``: combine in slot order (``kernels.knowledge_mlp``).
+    """
+
+    def __init__(self, d_model: int, width: int, num_experts: int, impl: str = "torch",
+                 saved_row_share: float = 1.0, min_saved_rows: int = 0, deterministic: bool = False):
         super().__init__()
         self.impl = impl
+        self.saved_row_share, self.min_saved_rows, self.deterministic = saved_row_share, min_saved_rows, deterministic
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, width, d_model))
@@ -45,4 +71,6 @@ class GroupedExperts(nn.Module):
         Returns:
             [T, D]
         """
-        return knowledge_mlp(x_TD, expert_ids_TK, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, impl=self.impl)
+        max_rows = saved_row_bound(expert_ids_TK.numel(), self.saved_row_share, self.min_saved_rows)
+        return knowledge_mlp(x_TD, expert_ids_TK, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, impl=self.impl,
+                             max_rows=max_rows, deterministic=self.deterministic)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe.config import MoEConfig
-from moe.experts import GroupedExperts, SwiGLU
+from moe.experts import GroupedExperts, SwiGLU, overflow_rows, saved_row_bound
 from moe.router import REFERENCE_STEPS, KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
 
 
@@ -33,6 +33,8 @@ class MoEStats(NamedTuple):
     router_inputs_ND: [N, D] fp32 sample of the router's inputs (N = min(T, reference_tokens / REFERENCE_STEPS),
         rows spread evenly over the call), detached: the consult controller's next reference sample; None when the
         router did not run. Concatenate it over ranks so every rank applies the same update.
+    overflow_rows: 0-d, routed slots past the knowledge path's saved-activation bound (recomputed in the
+        backward, not dropped; ``moe.experts.saved_row_bound``); None when the router did not run.
     """
 
     aux_loss: torch.Tensor
@@ -43,6 +45,7 @@ class MoEStats(NamedTuple):
     num_tokens: int
     num_slots: int
     router_inputs_ND: torch.Tensor | None = None
+    overflow_rows: torch.Tensor | None = None
 
     @property
     def consult_rate(self) -> torch.Tensor:
@@ -65,7 +68,8 @@ class PureReasonerMoE(nn.Module):
         self.reasoning = SwiGLU(cfg.d_model, cfg.reasoning_width) if cfg.reasoning_width else None
         self.reasoning_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.reasoning_gate else None
         self.router = KnowledgeRouter(cfg.d_model, kcfg)
-        self.experts = GroupedExperts(cfg.d_model, kcfg.expert_width, kcfg.num_experts, kcfg.impl)
+        self.experts = GroupedExperts(cfg.d_model, kcfg.expert_width, kcfg.num_experts, kcfg.impl,
+                                      kcfg.saved_row_share, kcfg.saved_rows_min, kcfg.deterministic)
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float = 0.02) -> None:
@@ -145,6 +149,10 @@ class PureReasonerMoE(nn.Module):
             num_tokens=x_TD.shape[0],
             num_slots=routing.expert_ids_TK.numel(),
             router_inputs_ND=self._router_sample(x_TD),
+            overflow_rows=overflow_rows(
+                routing.expert_ids_TK,
+                saved_row_bound(routing.expert_ids_TK.numel(), kcfg.saved_row_share, kcfg.saved_rows_min),
+            ),
         )
         return y_TD.view_as(x), stats
 

@@ -7,8 +7,10 @@ Shape legend: T tokens, K slots per token, D model dim, F expert width, E expert
 Every case draws fresh shapes and routing from the seed: T in 1..64, D and F in 1..48 (aligned and not),
 E in 1..9, K in 1..E, a share of idle slots (-1) in [0, 1], fp32 or fp64. Each fifth case is forced into
 an edge: T=1, no token consults, every slot to one expert, K=E, or duplicate-free routing of every
-token to every expert. Each case checks the output and the gradient of every input (x, gates, w1, w3,
-w2) against the reference; the fast path must also never produce a non-finite value on finite input.
+token to every expert. Half the cases bound the rows whose activations the backward keeps (``max_rows``
+in 0..T*K: the masked path recomputes the rest) and half combine in slot order (``deterministic``).
+Each case checks the output and the gradient of every input (x, gates, w1, w3, w2) against the
+reference; the fast path must also never produce a non-finite value on finite input.
 Prints the count of cases, the count per edge kind and any failure; exit status 1 on a failure.
 
 ``--poison`` makes ``grouped_mm`` fill the rows it leaves unwritten (past the last expert's offset)
@@ -43,8 +45,11 @@ def draw(gen: torch.Generator, case: int) -> tuple[str, dict]:
         "K": randint(1, num_experts), "idle": float(torch.rand((), generator=gen)), "one": None,
         "dtype": torch.float64 if randint(0, 1) else torch.float32, "compact": bool(randint(0, 1)),
     }  # fmt: skip
+    spec["max_rows"] = randint(0, spec["T"] * spec["K"]) if randint(0, 1) else None
+    spec["deterministic"] = bool(randint(0, 1))
     if kind == "T=1":
         spec["T"] = 1
+        spec["max_rows"] = None if spec["max_rows"] is None else min(spec["max_rows"], spec["K"])
     elif kind == "no-consults":
         spec["idle"] = 1.0
     elif kind == "one-expert":
@@ -77,7 +82,8 @@ def check(gen: torch.Generator, s: dict) -> str:
     from kernels.torch_mlp import knowledge_mlp_torch
 
     x_TD, ids_TK, gates_TK, weights = inputs(gen, s)
-    fast = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=s["compact"])
+    fast = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=s["compact"], max_rows=s["max_rows"],
+                               deterministic=s["deterministic"])
     ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
     tol = TOLERANCE[s["dtype"]]
     if not torch.isfinite(fast).all():

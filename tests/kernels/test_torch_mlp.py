@@ -73,8 +73,11 @@ def test_expanded_upstream_gradient():
     assert torch.isfinite(x_TD.grad).all() and torch.isfinite(weights[2].grad).all()
 
 
-def test_masked_path_never_reads_values():
-    """On the meta device a host read raises; the masked forward and backward must still run.
+@pytest.mark.parametrize("deterministic", [False, True], ids=["scatter-add", "deterministic"])
+@pytest.mark.parametrize("max_rows", [32, 5], ids=["all-rows-kept", "bound-below-S-recomputes"])
+def test_masked_path_never_reads_values(max_rows, deterministic):
+    """On the meta device a host read raises; the masked forward and backward must still run, with the
+    saved-row bound below T*K (a recomputed window) too, and with the deterministic combine.
 
     Calls the functions behind the custom ops: through the op, meta tensors would reach its fake kernel.
     """
@@ -82,20 +85,22 @@ def test_masked_path_never_reads_values():
     # bf16: grouped_mm's meta kernel accepts only bf16 (the CPU kernel takes fp32 too).
     x_TD, w1, w3, w2 = (t.detach().to("meta", torch.bfloat16) for t in (x_TD, *weights))
     gates_TK = gates_TK.detach().to("meta")
-    y_TD, *saved = mlp_forward(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, compact=False)
-    grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, w1, w3, w2, *saved, compact=False)
+    y_TD, *saved = mlp_forward(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, False, max_rows, deterministic)
+    assert saved[0].shape == (max_rows, 32)
+    grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, w1, w3, w2, *saved, False, deterministic)
     assert y_TD.device.type == "meta" and [g.shape for g in grads] == [t.shape for t in (x_TD, gates_TK, w1, w3, w2)]
 
 
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
-def test_opcheck(compact):
+@pytest.mark.parametrize("compact,max_rows", [(True, 18), (False, 18), (False, 4)],
+                         ids=["compact", "masked", "masked-bound-below-S"])
+def test_opcheck(compact, max_rows):
     """Schema, fake kernels (a data-dependent row count when compact), autograd, AOT dispatch."""
     x_TD, ids_TK, gates_TK, weights = _inputs(9, 16, 32, 4, 2, 0.3, torch.float32)
     ops = torch.ops.pure_reasoner
-    torch.library.opcheck(ops.torch_knowledge_mlp.default, (x_TD, ids_TK, gates_TK, *weights, compact))
-    y_TD, *saved = ops.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, compact)
+    torch.library.opcheck(ops.torch_knowledge_mlp.default, (x_TD, ids_TK, gates_TK, *weights, compact, max_rows, True))
+    y_TD, *saved = ops.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, compact, max_rows, False)
     plain = [t.detach() for t in (x_TD, gates_TK, *weights)]
-    bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact)
+    bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact, True)
     torch.library.opcheck(ops.torch_knowledge_mlp_bwd.default, bwd_args)
 
 
@@ -119,6 +124,8 @@ def test_compiles_without_graph_breaks():
         (lambda a: a.update(w2_EFD=a["w2_EFD"].transpose(1, 2)), "w2_EFD must have shape"),
         (lambda a: a.update(w1_EDF=a["w1_EDF"].double()), "w1_EDF has dtype"),
         (lambda a: a.update(impl="cuda-magic"), "impl must be one of"),
+        (lambda a: a.update(max_rows=-1), "max_rows must be None or an int >= 0, got -1"),
+        (lambda a: a.update(max_rows=2.5), "max_rows must be None or an int >= 0, got 2.5"),
     ],
 )
 def test_bad_input(change, match):
@@ -138,3 +145,36 @@ def test_nothing_routed_leaves_expert_grads_untouched():
     assert y_TD.abs().max() == 0
     assert all(w.grad is None for w in weights) and gates_TK.grad is None
     torch.testing.assert_close(x_TD.grad, torch.ones_like(x_TD))
+
+
+# Saved-row bound of the masked path relative to the routed rows R: each regime names the edge it targets.
+BOUNDS = [
+    pytest.param(lambda routed: routed + 3, id="under-bound"),
+    pytest.param(lambda routed: routed, id="bound-equals-routed"),
+    pytest.param(lambda routed: routed // 2, id="over-bound-recomputed"),
+    pytest.param(lambda routed: 0, id="nothing-kept"),
+]
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("num_tokens,dim,width,num_experts,top_k,idle_share", [
+    pytest.param(45, 24, 40, 7, 2, 0.5, id="prime-E"),
+    pytest.param(29, 15, 33, 3, 2, 0.2, id="unaligned-D-F-loop-fallback"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_rows_match_reference(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, bound, poison):
+    """Masked path with a saved-row bound: under it and over it (the rows past it recomputed in the
+    backward), output and every gradient equal the loop oracle's; only the bound's rows are kept."""
+    x_TD, ids_TK, gates_TK, weights = _inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype)
+    max_rows = bound(int((ids_TK >= 0).sum()))
+    tri = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=False, max_rows=max_rows)
+    ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(tri, ref, **TOLERANCE[dtype])
+    inputs = [x_TD, gates_TK, *weights]
+    grad_TD = torch.randn_like(ref)
+    tri_grads = torch.autograd.grad(tri, inputs, grad_TD)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_TD)
+    for name, t, r in zip(["x", "gates", "w1", "w3", "w2"], tri_grads, ref_grads, strict=True):
+        torch.testing.assert_close(t, r, **TOLERANCE[dtype], msg=name)
+    _, a1_HF, *_ = torch.ops.pure_reasoner.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, False, max_rows, False)
+    assert a1_HF.shape == (min(max_rows, ids_TK.numel()), width)

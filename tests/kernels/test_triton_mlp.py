@@ -83,3 +83,37 @@ def test_interpreter_rejects_bf16():
     inputs = mlp_inputs(4, 16, 16, 2, 1, 0.0, torch.bfloat16)
     with pytest.raises(ValueError, match="bf16"):
         knowledge_mlp(*inputs, impl="triton")
+
+
+@pytest.mark.parametrize("bound", [
+    pytest.param(lambda routed: routed + 3, id="under-bound"),
+    pytest.param(lambda routed: routed // 2, id="over-bound-recomputed"),
+    pytest.param(lambda routed: 0, id="nothing-kept"),
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bounded_rows_match_reference(bound, dtype, poison):
+    """A saved-row bound under and over the routed rows (the rest recomputed in the backward): output and
+    every gradient equal the oracle's."""
+    inputs = mlp_inputs(29, 40, 72, 5, 2, 0.3, dtype)
+    max_rows = bound(int((inputs[1] >= 0).sum()))
+    tri = knowledge_mlp(*inputs, impl="triton", max_rows=max_rows)
+    floats = [inputs[0], *inputs[2:]]
+    ref_floats = [as_oracle_input(t) for t in floats]
+    ref = knowledge_mlp_reference(ref_floats[0], inputs[1].cpu(), *ref_floats[1:])
+    assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
+
+
+@pytest.mark.parametrize("max_rows", [18, 5], ids=["all-rows-kept", "bound-below-S"])
+def test_opcheck(max_rows):
+    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops."""
+    import kernels.triton_mlp  # noqa: F401  (registers the ops)
+    from kernels.triton_routing import routing_metadata_triton
+
+    x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    meta = routing_metadata_triton(ids_TK, 4)
+    ops = torch.ops.pure_reasoner
+    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True)
+    torch.library.opcheck(ops.triton_knowledge_mlp.default, fwd_args)
+    y_TD, a1_HF, a3_HF = ops.triton_knowledge_mlp(*fwd_args)
+    plain = [t.detach() for t in (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, a1_HF, a3_HF)]
+    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False))

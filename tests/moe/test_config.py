@@ -16,6 +16,8 @@ CASES = [
     (KnowledgeConfig, dict(mechanism="always", consult_rate=0.5), "consult_rate must be 1.0"),
     (KnowledgeConfig, dict(z_loss_coef=-1.0), "z_loss_coef must be >= 0, got -1.0"),
     (KnowledgeConfig, dict(impl="cuda-magic"), "impl must be one of .* got 'cuda-magic'"),
+    (KnowledgeConfig, dict(saved_rows_factor=0.5), "saved_rows_factor must be >= 1 .* got 0.5"),
+    (KnowledgeConfig, dict(saved_rows_min=-1), "saved_rows_min must be >= 0, got -1"),
     (MoEConfig, dict(reasoning_width=0), "reasoning_width must be > 0, got 0"),
     (MoEConfig, dict(d_model=-8), "d_model must be > 0, got -8"),
     (ModelConfig, dict(n_heads=3, d_model=64), "d_model=64 is not a multiple of model.n_heads=3"),

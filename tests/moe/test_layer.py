@@ -173,15 +173,18 @@ def test_reasoning_gate_scales_reasoning():
     torch.testing.assert_close(y, torch.sigmoid(layer.reasoning_gate(x_TD)) * layer.reasoning(x_TD))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["scatter-add", "deterministic"])
 @pytest.mark.parametrize("mechanism", ["gate", "null", "always"])
-def test_whole_layer_runs_on_meta_device(mechanism):
-    """No host read anywhere in forward or backward: the meta device has no values to read."""
+def test_whole_layer_runs_on_meta_device(mechanism, deterministic):
+    """No host read anywhere in forward or backward: the meta device has no values to read. With the
+    target rate 1/8, 128 slots keep 88 rows (gate, null): the window past the bound runs too."""
     with torch.device("meta"):
-        layer = _layer(mechanism, dim=32, expert_width=32).to(torch.bfloat16)
+        layer = _layer(mechanism, dim=32, expert_width=32, deterministic=deterministic).to(torch.bfloat16)
         x_TD = torch.empty(64, 32, dtype=torch.bfloat16, requires_grad=True)
     y_TD, stats = layer(x_TD)
     (y_TD.sum() + stats.aux_loss).backward()
     assert layer.experts.w1_EDF.grad.device.type == "meta"
+    assert stats.overflow_rows.device.type == "meta" and stats.overflow_rows.shape == ()
 
 
 def test_wrong_width_input():

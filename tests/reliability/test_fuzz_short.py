@@ -30,10 +30,10 @@ def test_fuzz_catches_a_wrong_kernel(fuzz_module, monkeypatch, bug):
 
     real = kernels.torch_mlp.knowledge_mlp_torch
 
-    def wrong(x_TD, ids_TK, gates_TK, w1, w3, w2, compact=True):
+    def wrong(x_TD, ids_TK, gates_TK, w1, w3, w2, **options):
         if bug == "output":
-            return real(x_TD, ids_TK, gates_TK, w1, w3, w2, compact=compact) * 1.001
-        return real(x_TD, ids_TK, gates_TK.detach(), w1, w3, w2, compact=compact)  # drops the gates' gradient
+            return real(x_TD, ids_TK, gates_TK, w1, w3, w2, **options) * 1.001
+        return real(x_TD, ids_TK, gates_TK.detach(), w1, w3, w2, **options)  # drops the gates' gradient
 
     monkeypatch.setattr(kernels.torch_mlp, "knowledge_mlp_torch", wrong)
     _, failures = fuzz_module.fuzz(10, seed=1)
