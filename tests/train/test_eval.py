@@ -345,6 +345,28 @@ def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
         main(["--checkpoint", str(tmp_path / "ckpt"), "--ablations", "answer_mean", "--generate", "answer_mean"])
 
 
+def test_lm_eval_mean_ablation_uses_a_stored_reference(tmp_path):
+    """The lm_eval model takes the mean ablations' constants from a stored file (mean_reference=FILE) and scores
+    what train.eval scores with them; without the file it refuses."""
+    pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
+    from train.lm_eval_model import PureReasonerEvalLM
+
+    model, codec = _knowledge_model(max_seq_len=256), Codec()
+    save_pretrained(model, tmp_path / "ckpt")
+    reference = er.reference_means(model, codec, build_world(world_config("tiny")), count=16)
+    er.save_reference(reference, tmp_path / "r.means.safetensors")
+    with pytest.raises(ValueError, match="needs model_args mean_reference=FILE"):
+        PureReasonerEvalLM(checkpoint=str(tmp_path / "ckpt"), ablation="answer_mean")
+    lm = PureReasonerEvalLM(checkpoint=str(tmp_path / "ckpt"), ablation="answer_mean",
+                            mean_reference=str(tmp_path / "r.means.safetensors"))
+    pairs = [("Q: Where was Bo born?\nA:", " Rome."), ("Cy works at", " X.")]
+    requests = [type("Request", (), {"args": pair})() for pair in pairs]
+    expected, _, _ = score_continuations(model, codec, pairs, ablation="answer_mean", reference=reference)
+    base, _, _ = score_continuations(model, codec, pairs)
+    assert min(abs(e - b) for e, b in zip(expected, base, strict=True)) > 1e-3  # the file is what changes them
+    assert [logprob for logprob, _ in lm.loglikelihood(requests)] == pytest.approx(expected, abs=1e-6)
+
+
 def _patched_experts(model, means_LD, mask_T):
     """The model with each layer's experts computed by the loop oracle, the consulting tokens in ``mask_T``
     (all, when None) given means_LD[layer]: an implementation of the mean ablation independent of the hooks."""
