@@ -151,6 +151,22 @@ def test_a_row_under_the_ablation_does_not_depend_on_its_batch():
     assert float((batch_mean_BSV[2] - batch_mean_alone_SV).abs().max()) > 1e-3
 
 
+def test_the_ablation_does_not_see_later_positions():
+    """Changing tokens after position t leaves positions <= t unchanged under the constant (the batch mean
+    leaks them)."""
+    model = _lm()
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    later_BS = idx_BS.clone()
+    later_BS[:, 9:] = torch.randint(0, model.cfg.vocab_size, (2, 7))
+    means_LD = torch.randn(len(model.moe_layers()), model.cfg.d_model)
+    with torch.no_grad(), mean_ablation(model, means_LD):
+        torch.testing.assert_close(model(later_BS).logits_BSV[:, :9], model(idx_BS).logits_BSV[:, :9], **FP32)
+    with torch.no_grad():
+        changed_BSV = model(later_BS, knowledge_mean=True).logits_BSV
+        leak = changed_BSV[:, :9] - model(idx_BS, knowledge_mean=True).logits_BSV[:, :9]
+    assert float(leak.abs().max()) > 1e-3
+
+
 def test_bad_arguments_are_named():
     model = _lm()  # 3 MoE layers, d_model 64
     idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 5))
