@@ -4,6 +4,7 @@ Importing this package never imports triton.
 """
 
 from moe.config import KnowledgeConfig, ModelConfig, MoEConfig
+from moe.interventions import mean_ablation, record_knowledge_means
 from moe.layer import MoEStats, PureReasonerMoE
 from moe.model import LMOutput, PureReasonerLM
 from moe.presets import PRESET_NAMES, preset
@@ -18,6 +19,8 @@ __all__ = [
     "ModelConfig",
     "PureReasonerLM",
     "PureReasonerMoE",
+    "mean_ablation",
     "preset",
+    "record_knowledge_means",
     "record_knowledge_trace",
 ]

@@ -139,7 +139,8 @@ class PureReasonerLM(nn.Module):
     ) -> LMOutput:
         """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches (knowledge_off,
         reasoning_off, knowledge_mean (a bool or a [B, S] bool mask): see ``PureReasonerMoE.forward``; the last
-        only when set);
+        only when set; its mean is over the consulting tokens of this call, so a token's output depends on the
+        rest of the batch: ``moe.interventions.mean_ablation`` applies a fixed constant instead);
         reasoning_frozen_BS [B, S] bool or None: tokens whose gradient must not reach the MoE layers' reasoning
         experts (``PureReasonerMoE.forward``'s ``reasoning_frozen``; knowledge gradient routing);
         consult_target_BS [B, S] bool or None: which tokens should consult (supervised consult, its loss weighted

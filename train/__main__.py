@@ -14,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import sys  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from contextlib import suppress  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
@@ -23,6 +25,47 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from train.config import register_configs, to_config  # noqa: E402
 
 register_configs()
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def check_config(overrides: Sequence[str]) -> Path | None:
+    """Compose and validate the config of ``python -m train <overrides>`` before Hydra runs the job.
+
+    Hydra creates the job's output directory (the run dir) before it calls ``main``, so a config rejected
+    only there would leave an empty ``runs/<name>/`` behind; checked here first, it writes nothing.
+
+    Returns:
+        The run directory Hydra will create (``hydra.run.dir``), or None when the overrides do not compose:
+        ``hydra.main`` reports those errors itself, before it creates anything.
+
+    Raises:
+        ValueError naming what ``train.config.to_config`` rejects.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        try:
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # for ${hydra:...} in the job's keys (experiment names)
+            run_dir = Path(str(cfg.hydra.run.dir))
+        except Exception:  # composition errors: Hydra's own types, reported by hydra.main below
+            return None
+        with open_dict(cfg):
+            del cfg["hydra"]
+        to_config(cfg)
+    return run_dir
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but log files: what a run rejected before it wrote anything
+    leaves (Hydra's file handler opens its log at the first record, e.g. a data loader's error)."""
+    with suppress(OSError):
+        entries = list(run_dir.iterdir())
+        if all(e.is_file() and e.suffix == ".log" for e in entries):
+            for entry in entries:
+                entry.unlink()
+            run_dir.rmdir()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -56,4 +99,18 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    args = sys.argv[1:]
+    run_dir = None
+    if not any(a.startswith("-") for a in args):  # plain overrides; Hydra's flags (--help, --cfg, -m) go to it as is
+        try:
+            run_dir = check_config(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    fresh = run_dir is not None and not run_dir.exists()
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 2 and fresh:  # bad input found after Hydra made the run dir (e.g. in the data)
+            discard_run_dir(run_dir)
+        raise

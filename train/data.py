@@ -49,15 +49,21 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
-def _first_bad_json_line(path: Path) -> str:
-    """Name the first line of a JSON-lines file that does not parse ("" when every line parses)."""
+def _first_bad_json_line(path: Path, text_field: str | None = None) -> str:
+    """Name the first line of a JSON-lines file that does not parse or is not a JSON object (with
+    ``text_field``: or whose field is missing, null or not a string); "" when every line passes."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as err:
-                    return f"{path}:{lineno}: malformed JSON line ({err.msg}): {line.strip()[:80]!r}"
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{lineno}: malformed JSON line ({err.msg}): {line.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return f"{path}:{lineno}: not a JSON object: {line.strip()[:80]!r}"
+            if text_field is not None and not isinstance(value.get(text_field), str):
+                return f"{path}:{lineno}: field {text_field!r} is {value.get(text_field)!r:.40}, not text"
     return ""
 
 
@@ -101,6 +107,10 @@ def _load_files(paths: list[Path], fmt: str, text_field: str, cache_dir: str) ->
         )
     if ds.features[column].dtype not in ("string", "large_string"):
         raise ValueError(f"{[str(p) for p in paths]}: field {column!r} holds {ds.features[column]}, not text")
+    if ds.data.column(column).null_count:  # a `null` line, or a row without the field, reads as a null text
+        problems = [m for p in paths if p.suffix.lower() == ".jsonl" and (m := _first_bad_json_line(p, column))]
+        raise ValueError("; ".join(problems) or f"{[str(p) for p in paths]}: field {column!r} is missing or null "
+                         f"in {ds.data.column(column).null_count} rows")
     ds = ds.select_columns([column])
     return ds.rename_column(column, "text") if column != "text" else ds
 

@@ -1,10 +1,14 @@
 """Evaluate a checkpoint on the synthetic world: ``python -m train.eval --checkpoint DIR [--splits ...] [--json PATH]``.
 
-Per split and ablation (base, knowledge_off, reasoning_off): log-likelihood multiple-choice accuracy, its
-chance-adjusted value and Wilson interval, and exact-match greedy generation (for the ablations in
-``--generate``, default base only: each costs about one more multiple-choice pass); then the decoupling score,
-counterfactual faithfulness, knowledge stored in bits per knowledge-expert parameter and routing specificity
-(definitions: ``train.eval_metrics``).
+Per split and ablation (base, knowledge_off, reasoning_off; by name the mean ablations knowledge_mean and
+answer_mean): log-likelihood multiple-choice accuracy, its chance-adjusted value and Wilson interval, and
+exact-match greedy generation (for the ablations in ``--generate``, default base only: each costs about one more
+multiple-choice pass); then the decoupling score, counterfactual faithfulness, knowledge stored in bits per
+knowledge-expert parameter and routing specificity (definitions: ``train.eval_metrics``).
+
+The mean ablations apply one constant per MoE layer, recorded on a fixed reference set of the world
+(``train.eval_reference``); with ``--json PATH`` it is written next to the report (``PATH`` with the suffix
+``.means.safetensors``) and described in it (``mean_reference``); ``--mean-reference FILE`` applies a stored one.
 
 The checkpoint directory holds ``config.json`` + ``model.safetensors`` (``moe.checkpoint``), optionally
 ``tokenizer.json`` (else byte-level ids: token = UTF-8 byte) and ``world.json`` (the WorldConfig it was trained
@@ -29,24 +33,51 @@ import torch.nn.functional as F
 
 from moe import PureReasonerLM
 from moe.checkpoint import FFN_FILE, load_pretrained
+from moe.interventions import mean_ablation
+from moe.model import LMOutput
 from train import eval_metrics as em
+from train import eval_reference as er
+from train.eval_batches import encode_pairs, fit, padded_batches
 from train.world import SPLITS, World, build_world, load_world_config
 from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
 from train.world_text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
 
-ANSWER_POSITIONS = "answer positions"  # stands for score_ids' [B, S] mask of the positions predicting continuations
+# Model-call switches of each ablation. The mean ablations are hooks instead (``ablated_forward``):
+# knowledge_mean: every consulting token gets the reference's per-layer constant ``knowledge_LD``;
+# answer_mean: only the positions that predict a scored continuation (multiple choice only, no generation) get
+# ``answer_LD``, the rest keep their own outputs.
 ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True},
-             "knowledge_mean": {"knowledge_mean": True}, "answer_mean": {"knowledge_mean": ANSWER_POSITIONS}}
+             "knowledge_mean": {}, "answer_mean": {}}
+MEAN_ABLATIONS = ("knowledge_mean", "answer_mean")
 # What --ablations runs unless told: the mean ablations (the pure reasoner's layer only) are asked for by name.
-# answer_mean: knowledge_mean restricted to the positions that predict a scored continuation (multiple choice
-# only, no generation): the batch's answer positions share one mean, the rest keep their own outputs.
 DEFAULT_ABLATIONS = ("base", "knowledge_off", "reasoning_off")
+STOP = ("\n", ".")
 
 
 def can_generate(ablation: str) -> bool:
     """Whether greedy generation can run under ``ablation`` (answer_mean needs the continuations it scores)."""
-    return ANSWER_POSITIONS not in ABLATIONS[ablation].values()
-STOP = ("\n", ".")
+    return ablation != "answer_mean"
+
+
+def ablated_forward(model: PureReasonerLM, idx_BS: torch.Tensor, ablation: str, *,
+                    answer_BS: torch.Tensor | None = None, reference: er.MeanReference | None = None) -> LMOutput:
+    """``model(idx_BS)`` (on the model's device) under ``ablation``.
+
+    Args:
+        idx_BS: [B, S] ids; answer_BS: [B, S] bool, the positions predicting a scored continuation (answer_mean);
+        reference: the mean ablations' constants (``train.eval_reference``).
+    """
+    device = _device(model)
+    if ablation not in MEAN_ABLATIONS:
+        return model(idx_BS.to(device), **ABLATIONS[ablation])
+    if reference is None:
+        raise ValueError(f"ablation {ablation!r} needs the reference means (train.eval_reference.reference_means)")
+    if ablation == "answer_mean" and answer_BS is None:
+        raise ValueError("ablation 'answer_mean' scores given continuations only; it cannot generate")
+    means_LD = reference.knowledge_LD if ablation == "knowledge_mean" else reference.answer_LD
+    mask_BS = None if ablation == "knowledge_mean" else answer_BS.to(device)
+    with mean_ablation(model, means_LD.to(device), mask_BS):
+        return model(idx_BS.to(device))
 
 
 class Codec:
@@ -95,54 +126,33 @@ def load(directory: str | Path, device: str = "cpu") -> tuple[PureReasonerLM, Co
     return model, load_codec(directory, model.cfg.vocab_size)
 
 
-def _fit(ids: list[int], limit: int) -> list[int]:
-    """Keep the last ``limit`` tokens (the question and answer sit at the end of a prompt)."""
-    return ids[-limit:]
-
-
 def score_continuations(model: PureReasonerLM, codec: Codec, pairs: Sequence[tuple[str, str]], *,
-                        ablation: str = "base", batch_size: int = 16) -> tuple[list[float], list[bool], int]:
+                        ablation: str = "base", batch_size: int = 16,
+                        reference: er.MeanReference | None = None) -> tuple[list[float], list[bool], int]:
     """Log-likelihood of each continuation string given its context string (see ``score_ids``)."""
     return score_ids(model, [(codec.encode(c), codec.encode(t)) for c, t in pairs], ablation=ablation,
-                     batch_size=batch_size)
+                     batch_size=batch_size, reference=reference)
 
 
 @torch.no_grad()
 def score_ids(model: PureReasonerLM, pairs: Sequence[tuple[list[int], list[int]]], *, ablation: str = "base",
-              batch_size: int = 16) -> tuple[list[float], list[bool], int]:
-    """Log-likelihood of each continuation given its context, as token ids.
+              batch_size: int = 16, reference: er.MeanReference | None = None) -> tuple[list[float], list[bool], int]:
+    """Log-likelihood of each continuation given its context, as token ids (``reference``: the mean ablations').
 
     Returns:
         logprobs (natural log, summed over continuation tokens), whether each continuation is the greedy one,
         and how many contexts were cut from the left to fit ``max_seq_len``.
     """
-    limit = model.cfg.max_seq_len + 1  # inputs are ids[:-1]
-    encoded, truncated = [], 0
-    for ctx_ids, cont_ids in pairs:
-        if not cont_ids or len(cont_ids) >= limit:
-            raise ValueError(f"continuation has {len(cont_ids)} tokens; need 1..{limit - 1}")
-        ids = _fit([*ctx_ids, *cont_ids], limit)
-        truncated += len(ctx_ids) + len(cont_ids) > limit
-        encoded.append((ids, len(cont_ids)))
+    encoded, truncated = encode_pairs(pairs, model.cfg.max_seq_len + 1)  # inputs are ids[:-1]
     logprobs, greedy = [0.0] * len(pairs), [False] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in rows) - 1
-        idx_BS = torch.zeros(len(rows), width, dtype=torch.long)
-        answer_BS = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, i in enumerate(rows):
-            ids, n = encoded[i]
-            idx_BS[b, : len(ids) - 1] = torch.tensor(ids[:-1])
-            answer_BS[b, len(ids) - 1 - n : len(ids) - 1] = True
-        device = _device(model)
-        kwargs = {k: answer_BS.to(device) if v is ANSWER_POSITIONS else v for k, v in ABLATIONS[ablation].items()}
-        logp_BSV = F.log_softmax(model(idx_BS.to(device), **kwargs).logits_BSV.float(), -1).cpu()
+    for rows, idx_BS, answer_BS, _ in padded_batches(encoded, batch_size):
+        out = ablated_forward(model, idx_BS, ablation, answer_BS=answer_BS, reference=reference)
+        logp_BSV = F.log_softmax(out.logits_BSV.float(), -1).cpu()
         for b, i in enumerate(rows):
             ids, n = encoded[i]
             target = torch.tensor(ids[-n:])
             logp_NV = logp_BSV[b, len(ids) - 1 - n : len(ids) - 1]
-            logprobs[i] = float(logp_NV.gather(1, target[:, None]).sum())
+            logprobs[i] = float(logp_NV.gather(1, target[:, None]).double().sum())  # fp64: no rounding of its own
             greedy[i] = bool((logp_NV.argmax(-1) == target).all())
     return logprobs, greedy, truncated
 
@@ -153,7 +163,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str], max_new_tokens: int, *,
-                    stop: Sequence[str] = STOP, ablation: str = "base", batch_size: int = 16) -> list[str]:
+                    stop: Sequence[str] = STOP, ablation: str = "base", batch_size: int = 16,
+                    reference: er.MeanReference | None = None) -> list[str]:
     """Greedy continuations, each cut at the first stop string. Batched with right padding: causal attention
     makes a row's logits at its own last position independent of the padding after it."""
     if not can_generate(ablation):
@@ -169,11 +180,11 @@ def greedy_generate(model: PureReasonerLM, codec: Codec, prompts: Sequence[str],
             if not active:
                 break
             live = sorted(active)
-            ctx = {i: _fit(seqs[i] + new[i], limit) for i in live}
+            ctx = {i: fit(seqs[i] + new[i], limit) for i in live}
             idx_BS = torch.zeros(len(live), max(len(c) for c in ctx.values()), dtype=torch.long)
             for b, i in enumerate(live):
                 idx_BS[b, : len(ctx[i])] = torch.tensor(ctx[i])
-            logits_BSV = model(idx_BS.to(_device(model)), **ABLATIONS[ablation]).logits_BSV
+            logits_BSV = ablated_forward(model, idx_BS, ablation, reference=reference).logits_BSV
             for b, i in enumerate(live):
                 new[i].append(int(logits_BSV[b, len(ctx[i]) - 1].argmax()))
                 text = codec.decode(new[i])
@@ -215,7 +226,7 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
         batch = []
         for ex in examples[start : start + batch_size]:
             answer_ids = codec.encode(" " + ex["answer"])
-            ids = _fit(codec.encode(ex["prompt"]) + answer_ids + codec.encode("."), limit)
+            ids = fit(codec.encode(ex["prompt"]) + answer_ids + codec.encode("."), limit)
             first = len(ids) - len(answer_ids) - len(codec.encode(".")) - 1  # predicts the first answer token
             batch.append((ids[:-1], first, len(answer_ids)))
         idx_BS = torch.zeros(len(batch), max(len(ids) for ids, _, _ in batch), dtype=torch.long)
@@ -302,9 +313,11 @@ class SplitResult:
 
 
 def evaluate_split(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], ablation: str, *,
-                   batch_size: int = 16, generate: bool = True) -> SplitResult:
+                   batch_size: int = 16, generate: bool = True,
+                   reference: er.MeanReference | None = None) -> SplitResult:
     pairs = [(ex["prompt"], continuation(c)) for ex in examples for c in ex["choices"]]
-    logprobs, _, truncated = score_continuations(model, codec, pairs, ablation=ablation, batch_size=batch_size)
+    logprobs, _, truncated = score_continuations(model, codec, pairs, ablation=ablation, batch_size=batch_size,
+                                                 reference=reference)
     predictions, correct, offset = [], [], 0
     for ex in examples:
         scores = logprobs[offset : offset + len(ex["choices"])]
@@ -318,7 +331,7 @@ def evaluate_split(model: PureReasonerLM, codec: Codec, examples: Sequence[dict]
     if generate:
         longest = max(len(codec.encode(continuation(ex["answer"]))) for ex in examples)
         generations = greedy_generate(model, codec, [ex["prompt"] for ex in examples], longest + 2,
-                                      ablation=ablation, batch_size=batch_size)
+                                      ablation=ablation, batch_size=batch_size, reference=reference)
         exact = em.accuracy([g.strip() == ex["answer"] for g, ex in zip(generations, examples, strict=True)])
     return SplitResult(len(examples), chance, acc, em.chance_adjusted(acc, chance),
                        em.wilson_interval(hits, len(examples)), em.well_above_chance(hits, len(examples), chance),
@@ -336,16 +349,32 @@ def _decoupling(results: dict, closed: str, opened: str) -> dict:
             "open_min_adjusted": em.OPEN_BOOK_MIN_ADJUSTED}
 
 
+def mean_reference(model: PureReasonerLM, codec: Codec, world: World, ablations: Sequence[str],
+                   path: str | Path | None = None, batch_size: int = 16) -> er.MeanReference | None:
+    """The mean ablations' constants when ``ablations`` has one (else None): read from ``path``, or recorded on
+    the world's reference set (``train.eval_reference``)."""
+    if not set(ablations) & set(MEAN_ABLATIONS):
+        return None
+    if path is not None:
+        return er.load_reference(path)
+    return er.reference_means(model, codec, world, batch_size=batch_size)
+
+
 def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence[str] = SPLITS,
              ablations: Sequence[str] = DEFAULT_ABLATIONS, *, max_examples: int | None = None,
-             generate: Sequence[str] = ("base",),
-             bits_people: int = 200, batch_size: int = 16) -> dict:
-    """The full report as a JSON-ready dict (see the module docstring)."""
+             generate: Sequence[str] = ("base",), bits_people: int = 200, batch_size: int = 16,
+             reference: er.MeanReference | None = None) -> dict:
+    """The full report as a JSON-ready dict (see the module docstring). ``reference``: the mean ablations'
+    constants (default: ``mean_reference`` records them when a mean ablation is asked for)."""
     examples = {s: split_examples(world, s)[:max_examples] for s in splits}
-    results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=a in generate)
+    reference = reference or mean_reference(model, codec, world, ablations, batch_size=batch_size)
+    results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=a in generate,
+                                     reference=reference)
                    for a in ablations} for s in splits}
     report = {"splits": {s: {a: {k: v for k, v in asdict(r).items() if k not in ("predictions", "generations")}
                              for a, r in by_ablation.items()} for s, by_ablation in results.items()}}
+    if reference is not None:
+        report["mean_reference"] = er.describe(reference)
     report["decoupling"] = [_decoupling(results, c, o) for c, o in
                             (("closed_book", "open_book"), ("closed_book_two_hop", "open_book_two_hop"))
                             if c in splits and o in splits and {"base", "knowledge_off"} <= set(ablations)]
@@ -382,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ablations to run exact-match generation for (comma-separated, 'all' or 'none'); "
                              "greedy generation costs about as much as the multiple-choice scoring per ablation")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mean-reference", default=None,
+                        help="apply this stored reference (a .means.safetensors file) in the mean ablations instead "
+                             "of recording one on the world")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
@@ -406,18 +438,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"no world config at {world_path}; pass --world PATH")
         world_cfg = load_world_config(world_path)
         model, codec = load(args.checkpoint, args.device)
+        world = build_world(world_cfg)
+        reference = mean_reference(model, codec, world, ablations, args.mean_reference, args.batch_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {"checkpoint": str(args.checkpoint), "tokenizer": codec.name, "world": asdict(world_cfg),
-              **evaluate(model, codec, build_world(world_cfg), splits, ablations, max_examples=args.max_examples,
-                         generate=generate, bits_people=args.bits_people, batch_size=args.batch_size)}
+              **evaluate(model, codec, world, splits, ablations, max_examples=args.max_examples,
+                         generate=generate, bits_people=args.bits_people, batch_size=args.batch_size,
+                         reference=reference)}
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
+        if reference is not None:
+            er.save_reference(reference, reference_path(args.json))
     _print_summary(report)
     return 0
+
+
+def reference_path(report_path: str | Path) -> Path:
+    """Where the mean ablations' reference of a report is stored: ``r.json`` -> ``r.means.safetensors``."""
+    return Path(report_path).with_suffix(".means.safetensors")
 
 
 def _print_summary(report: dict) -> None:

@@ -8,8 +8,10 @@ has no plugin entry point for third-party models, so the stock ``lm_eval`` comma
 when a task YAML is passed by path, e.g. ``--tasks train/lm_eval_tasks/pr_closed_book.yaml``: loading it imports
 ``train/lm_eval_tasks/world_tasks.py``, which registers the model before the model is built.)
 
-model_args: ``checkpoint`` (required), ``ablation`` (a ``train.eval.ABLATIONS`` key), ``world_dir`` (read by
-the tasks, see ``world_tasks.py``); ``batch_size`` and ``device`` come from the harness's flags. Scoring and
+model_args: ``checkpoint`` (required), ``ablation`` (a ``train.eval.ABLATIONS`` key), ``mean_reference`` (the
+mean ablations' stored constants, a ``.means.safetensors`` file that ``python -m train.eval --json`` writes; needed
+by ``knowledge_mean`` and ``answer_mean``), ``world_dir`` (read by the tasks, see ``world_tasks.py``);
+``batch_size`` and ``device`` come from the harness's flags. Scoring and
 generation are ``train.eval``'s, so the numbers agree with ``python -m train.eval``.
 """
 
@@ -24,7 +26,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from train.eval import ABLATIONS, greedy_generate, load, score_continuations, score_ids
+from train.eval import ABLATIONS, MEAN_ABLATIONS, greedy_generate, load, score_continuations, score_ids
+from train.eval_reference import load_reference
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 16
@@ -34,12 +37,15 @@ class PureReasonerEvalLM(LM):
     """loglikelihood / loglikelihood_rolling / generate_until for a checkpoint directory."""
 
     def __init__(self, checkpoint: str | None = None, ablation: str = "base", batch_size: int | str = DEFAULT_BATCH,
-                 device: str = "cpu", world_dir: str | None = None, max_batch_size: int | None = None, **unused):
+                 device: str = "cpu", world_dir: str | None = None, max_batch_size: int | None = None,
+                 mean_reference: str | None = None, **unused):
         super().__init__()
         if checkpoint is None:
             raise ValueError("pure_reasoner needs model_args checkpoint=DIR")
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {tuple(ABLATIONS)}, got {ablation!r}")
+        if ablation in MEAN_ABLATIONS and mean_reference is None:
+            raise ValueError(f"ablation {ablation} needs model_args mean_reference=FILE (written by train.eval --json)")
         if unused:
             log.warning("pure_reasoner ignores model_args %s", sorted(unused))
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -47,13 +53,14 @@ class PureReasonerEvalLM(LM):
             device = "cpu"
         self.model, self.codec = load(checkpoint, device)
         self.ablation = ablation
+        self.reference = load_reference(mean_reference) if mean_reference is not None else None
         # "auto" / "auto:N" (the harness's batch-size search) falls back to a fixed size.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [tuple(req.args) for req in requests]
         logprobs, greedy, truncated = score_continuations(self.model, self.codec, pairs, ablation=self.ablation,
-                                                          batch_size=self.batch_size)
+                                                          batch_size=self.batch_size, reference=self.reference)
         if truncated:
             log.warning("%d of %d contexts were cut from the left to fit max_seq_len", truncated, len(pairs))
         return list(zip(logprobs, greedy, strict=True))
@@ -70,7 +77,8 @@ class PureReasonerEvalLM(LM):
                 for window in map(make_disjoint_window, pieces):
                     windows.append(window)
                     owners.append(i)
-        logprobs, _, _ = score_ids(self.model, windows, ablation=self.ablation, batch_size=self.batch_size)
+        logprobs, _, _ = score_ids(self.model, windows, ablation=self.ablation, batch_size=self.batch_size,
+                                   reference=self.reference)
         out = [0.0] * len(requests)
         for i, logprob in zip(owners, logprobs, strict=True):
             out[i] += logprob
@@ -88,7 +96,8 @@ class PureReasonerEvalLM(LM):
                                int(kwargs.get("max_gen_toks", 32))), []).append(i)
         for (until, max_tokens), rows in groups.items():
             texts = greedy_generate(self.model, self.codec, [requests[i].args[0] for i in rows], max_tokens,
-                                    stop=until, ablation=self.ablation, batch_size=self.batch_size)
+                                    stop=until, ablation=self.ablation, batch_size=self.batch_size,
+                                    reference=self.reference)
             for i, text in zip(rows, texts, strict=True):
                 out[i] = text
         return out

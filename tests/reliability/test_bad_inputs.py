@@ -8,6 +8,7 @@ public API. A handful of cases also run the real CLIs as subprocesses (exit stat
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
 from tests.train.helpers import compose_raw, run_in_process
 from train.config import to_config
 from train.eval import load_codec
+
+REPO = Path(__file__).resolve().parents[2]
+DIST_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Boom:
@@ -84,6 +88,12 @@ def _data_file(tmp: Path, case: str) -> tuple[list[str], str]:
         "malformed_json_line": ("bad.jsonl", b'{"text": "a"}\n{"text": ]\n', r"bad.jsonl:2: malformed JSON line"),
         "wrong_column": ("col.jsonl", b'{"body": "words"}\n', r"no field 'text'"),
         "wrong_column_type": ("num.jsonl", b'{"text": 5}\n', r"field 'text' holds .*int64.*, not text"),
+        "array_line": ("arr.jsonl", b'{"text": "a"}\n[1, 2]\n{"text": "b"}\n',
+                       r"arr.jsonl:2: not a JSON object: '\[1, 2\]'"),
+        "string_line": ("str.jsonl", b'{"text": "a"}\n\n"words"\n', r"str.jsonl:3: not a JSON object: '\"words\"'"),
+        "null_line": ("null.jsonl", b'{"text": "a"}\nnull\n', r"null.jsonl:2: not a JSON object: 'null'"),
+        "line_without_the_column": ("part.jsonl", b'{"text": "a"}\n{"body": "b"}\n',
+                                    r"part.jsonl:2: field 'text' is None"),
         "non_utf8_jsonl": ("latin.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin.jsonl:2: not UTF-8"),
         "non_utf8_txt": (
             "bin.txt",
@@ -103,6 +113,10 @@ DATA_CASES = [
     "malformed_json_line",
     "wrong_column",
     "wrong_column_type",
+    "array_line",
+    "string_line",
+    "null_line",
+    "line_without_the_column",
     "non_utf8_jsonl",
     "non_utf8_txt",
 ]
@@ -234,15 +248,33 @@ def test_nan_input_is_confined_to_its_token():
 
 
 # ------------------------------------------------------------------ the CLIs (subprocesses: a few only)
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180)
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python *args`` on this checkout (also from another working directory), outside this process's
+    one-rank group (``dist_info`` set its rendezvous variables here; a child must pick its own port)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180, cwd=cwd, env=env)
 
 
-def test_cli_train_unknown_key(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _cli("-m", "train", "experiment=smoke", "+train.bogus=1", f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 2 and "unknown config keys ['train.bogus']" in proc.stderr
-    assert _nothing_in(run_dir)
+@pytest.mark.parametrize("override, message", [("model.d_model=-1", "model.d_model must be > 0, got -1"),
+                                               ("+train.bogus=1", "unknown config keys ['train.bogus']")])
+@pytest.mark.parametrize("where", ["default_run_dir", "hydra_run_dir"])
+def test_cli_train_rejected_config_writes_nothing(tmp_path, override, message, where):
+    """Neither ``runs/<name>/`` (relative to the working directory) nor a given ``hydra.run.dir`` is created."""
+    run_dir = tmp_path / "elsewhere" / "run"
+    extra = [f"hydra.run.dir={run_dir}"] if where == "hydra_run_dir" else []
+    proc = _cli("-m", "train", "experiment=smoke", override, *extra, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_train_bad_data_writes_nothing(tmp_path):
+    """Data rejected after Hydra made the run dir: the (new, still empty) run dir is removed again."""
+    data, run_dir = tmp_path / "corpus.jsonl", tmp_path / "run"
+    data.write_text('{"text": "some words"}\n[1, 2]\n')
+    proc = _cli("-m", "train", "experiment=smoke", "data=files", f"data.files=[{data}]", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and f"{data}:2: not a JSON object" in proc.stderr, proc.stderr
+    assert not run_dir.exists()
 
 
 def test_cli_inspect_pickle_checkpoint(exported, tmp_path):

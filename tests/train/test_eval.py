@@ -1,6 +1,7 @@
 """Evaluation: metrics on hand-made cases, the scoring machinery against direct computation, and a smoke run
 (train a tiny model on a tiny world for a few dozen steps, save it, run ``python -m train.eval`` on it)."""
 
+import copy
 import json
 import math
 import random
@@ -11,9 +12,12 @@ import torch
 from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
 from moe.checkpoint import save_pretrained
 from train import eval_metrics as em
+from train import eval_reference as er
 from train.eval import Codec, consult_map, greedy_generate, main, score_continuations
 from train.objectives import in_context_tokens, lm_loss, shift_targets
 from train.world import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
+from train.world_splits import split_examples
+from train.world_text import continuation
 
 
 def test_chance_adjustment():
@@ -259,8 +263,6 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
     from pathlib import Path
 
     from train.eval import evaluate_split
-    from train.world_splits import split_examples
-    from train.world_text import continuation
 
     cfg = world_config("tiny", seed=2, num_distractors=0, eval_examples=3)
     model = _tiny_model(max_seq_len=512)
@@ -298,45 +300,145 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
         [o.strip() == ex["answer"] for o, ex in zip(ours, open_book, strict=True)])
 
 
-def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
-    """Not in the default ablations (baseline FFNs lack it); by name it scores, and moves the scores."""
-    model = _tiny_model(max_seq_len=256)
+def _knowledge_model(max_seq_len=512):
+    """A tiny model whose knowledge path is large enough to matter, with moderate logits."""
+    model = _tiny_model(max_seq_len=max_seq_len)
     for layer in model.moe_layers():
-        layer.init_weights(std=0.3, out_std=0.3)  # a knowledge path large enough to matter
-    codec = Codec()
+        layer.init_weights(std=0.3, out_std=0.05)
+    return model
+
+
+def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
+    """Not in the default ablations (baseline FFNs lack it); by name it scores, moves the scores, and the report
+    stores its reference: described in the JSON, its tensors next to it; --mean-reference reapplies them."""
+    model = _knowledge_model(max_seq_len=256)
+    codec, world = Codec(), build_world(world_config("tiny", eval_examples=6))
     pairs = [("Ada Lovelace was born in", " Oslo"), ("Q: Where was Bo born?\nA:", " Rome")]
+    reference = er.reference_means(model, codec, world)
     base, _, _ = score_continuations(model, codec, pairs, ablation="base")
-    mean, _, _ = score_continuations(model, codec, pairs, ablation="knowledge_mean")
+    mean, _, _ = score_continuations(model, codec, pairs, ablation="knowledge_mean", reference=reference)
     assert base != mean
+    with pytest.raises(ValueError, match="needs the reference means"):
+        score_continuations(model, codec, pairs, ablation="knowledge_mean")
     save_pretrained(model, tmp_path / "ckpt")
-    save_world_config(world_config("tiny", eval_examples=6), tmp_path / "ckpt")
-    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--json", str(tmp_path / "r.json"), "--bits-people", "0",
-                 "--max-examples", "2", "--splits", "closed_book", "--ablations", "base,knowledge_mean"]) == 0
+    save_world_config(world.cfg, tmp_path / "ckpt")
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--bits-people", "0", "--max-examples", "4", "--splits",
+            "closed_book", "--ablations", "base,knowledge_mean,answer_mean"]
+    assert main([*args, "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report["splits"]["closed_book"]) == {"base", "knowledge_mean"}
+    assert set(report["splits"]["closed_book"]) == {"base", "knowledge_mean", "answer_mean"}
+    stored = er.load_reference(tmp_path / "r.means.safetensors")
+    torch.testing.assert_close(stored.knowledge_LD, reference.knowledge_LD, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stored.answer_LD, reference.answer_LD, rtol=0, atol=1e-6)
+    described = report["mean_reference"]
+    assert described["sha256"] == er.describe(stored)["sha256"] and described["sequences"] == 256
+    assert described["knowledge_norm"] == pytest.approx(stored.knowledge_LD.norm(dim=1).tolist())
+    # a stored reference, reapplied, gives the same report
+    assert main([*args, "--json", str(tmp_path / "again.json"), "--mean-reference",
+                 str(tmp_path / "r.means.safetensors")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["splits"] == report["splits"]
+    (tmp_path / "bad.means.safetensors").write_text("not tensors")
+    assert main([*args, "--mean-reference", str(tmp_path / "bad.means.safetensors")]) == 2
     with pytest.raises(ValueError, match="knowledge_mean must be a bool"):
         model(torch.zeros(1, 4, dtype=torch.long), knowledge_mean="answer positions")
     with pytest.raises(SystemExit):  # answer_mean scores given continuations; it cannot generate
         main(["--checkpoint", str(tmp_path / "ckpt"), "--ablations", "answer_mean", "--generate", "answer_mean"])
 
 
-def test_answer_mean_replaces_the_knowledge_at_answer_positions_only():
-    """answer_mean == the model run with knowledge_mean on exactly the positions that predict continuations."""
-    model = _tiny_model(max_seq_len=256)
-    for layer in model.moe_layers():
-        layer.init_weights(std=0.3, out_std=0.3)
-    codec = Codec()
+def test_lm_eval_mean_ablation_uses_a_stored_reference(tmp_path):
+    """The lm_eval model takes the mean ablations' constants from a stored file (mean_reference=FILE) and scores
+    what train.eval scores with them; without the file it refuses."""
+    pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
+    from train.lm_eval_model import PureReasonerEvalLM
+
+    model, codec = _knowledge_model(max_seq_len=256), Codec()
+    save_pretrained(model, tmp_path / "ckpt")
+    reference = er.reference_means(model, codec, build_world(world_config("tiny")), count=16)
+    er.save_reference(reference, tmp_path / "r.means.safetensors")
+    with pytest.raises(ValueError, match="needs model_args mean_reference=FILE"):
+        PureReasonerEvalLM(checkpoint=str(tmp_path / "ckpt"), ablation="answer_mean")
+    lm = PureReasonerEvalLM(checkpoint=str(tmp_path / "ckpt"), ablation="answer_mean",
+                            mean_reference=str(tmp_path / "r.means.safetensors"))
+    pairs = [("Q: Where was Bo born?\nA:", " Rome."), ("Cy works at", " X.")]
+    requests = [type("Request", (), {"args": pair})() for pair in pairs]
+    expected, _, _ = score_continuations(model, codec, pairs, ablation="answer_mean", reference=reference)
+    base, _, _ = score_continuations(model, codec, pairs)
+    assert min(abs(e - b) for e, b in zip(expected, base, strict=True)) > 1e-3  # the file is what changes them
+    assert [logprob for logprob, _ in lm.loglikelihood(requests)] == pytest.approx(expected, abs=1e-6)
+
+
+def _patched_experts(model, means_LD, mask_T):
+    """The model with each layer's experts computed by the loop oracle, the consulting tokens in ``mask_T``
+    (all, when None) given means_LD[layer]: an implementation of the mean ablation independent of the hooks."""
+    from kernels.reference import knowledge_mlp_reference
+
+    def forward(layer, experts):
+        def run(x_TD, ids_TK, gates_TK):
+            out_TD = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, experts.w1_EDF, experts.w3_EDF, experts.w2_EFD)
+            replaced_T = (ids_TK >= 0).any(1) & (True if mask_T is None else mask_T)
+            return torch.where(replaced_T.unsqueeze(1), means_LD[layer], out_TD)
+
+        return run
+
+    for i, layer in enumerate(model.moe_layers()):
+        layer.experts.forward = forward(i, layer.experts)
+    return model
+
+
+@pytest.mark.parametrize("ablation", ["knowledge_mean", "answer_mean"])
+def test_mean_ablations_apply_the_constant_where_they_should(ablation):
+    """Each pair scored alone with patched experts (the oracle above; answer_mean: at the positions predicting
+    its continuation) == train.eval's score of the batch."""
+    model, codec = _knowledge_model(max_seq_len=256), Codec()
+    num_layers = len(model.moe_layers())
+    reference = er.MeanReference(torch.randn(num_layers, 32), torch.randn(num_layers, 32),
+                                 torch.ones(num_layers, dtype=torch.long), torch.ones(num_layers, dtype=torch.long), 1)
     pairs = [("Ada Lovelace was born in", " Oslo."), ("Q: Where was Bo born?\nA:", " Rome."), ("Cy works at", " X.")]
-    got, _, _ = score_continuations(model, codec, pairs, ablation="answer_mean", batch_size=3)
-    assert got != score_continuations(model, codec, pairs, ablation="base", batch_size=3)[0]
-    encoded = [(codec.encode(c), codec.encode(t)) for c, t in pairs]
-    width = max(len(c) + len(t) for c, t in encoded) - 1
-    idx_BS = torch.zeros(3, width, dtype=torch.long)
-    answer_BS = torch.zeros(3, width, dtype=torch.bool)
-    for b, (c, t) in enumerate(encoded):
-        idx_BS[b, : len(c) + len(t) - 1] = torch.tensor([*c, *t][:-1])
-        answer_BS[b, len(c) - 1 : len(c) + len(t) - 1] = True
-    logp_BSV = torch.log_softmax(model(idx_BS, knowledge_mean=answer_BS).logits_BSV, -1)
-    for b, (c, t) in enumerate(encoded):
-        expected = sum(float(logp_BSV[b, len(c) - 1 + k, tok]) for k, tok in enumerate(t))
-        assert got[b] == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    got, _, _ = score_continuations(model, codec, pairs, ablation=ablation, batch_size=3, reference=reference)
+    base, _, _ = score_continuations(model, codec, pairs, ablation="base", batch_size=3)
+    assert min(abs(g - b) for g, b in zip(got, base, strict=True)) > 1e-3
+    means_LD = reference.knowledge_LD if ablation == "knowledge_mean" else reference.answer_LD
+    for (context, cont), score in zip(pairs, got, strict=True):
+        c, t = codec.encode(context), codec.encode(cont)
+        idx_1S = torch.tensor([[*c, *t][:-1]])
+        answer_T = torch.arange(idx_1S.shape[1]) >= len(c) - 1
+        oracle = _patched_experts(copy.deepcopy(model), means_LD, answer_T if ablation == "answer_mean" else None)
+        with torch.no_grad():
+            logp_SV = torch.log_softmax(oracle(idx_1S).logits_BSV[0].double(), -1)
+        expected = sum(float(logp_SV[len(c) - 1 + k, tok]) for k, tok in enumerate(t))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("ablation", ["base", "knowledge_off", "knowledge_mean", "answer_mean"])
+def test_scores_do_not_depend_on_the_batch(ablation):
+    """train.eval's scores of the world's questions (closed and open book, so rows of very different lengths
+    share a padded batch) at batch sizes 1, 7 and 64 agree within 1e-5; so do the reference means."""
+    model, codec = _knowledge_model(), Codec()
+    world = build_world(world_config("tiny"))
+    examples = split_examples(world, "closed_book")[:10] + split_examples(world, "open_book")[:8]
+    pairs = [(ex["prompt"], continuation(c)) for ex in examples for c in ex["choices"]]
+    references = {bs: er.reference_means(model, codec, world, count=64, batch_size=bs) for bs in (1, 7, 64)}
+    scores = {bs: score_continuations(model, codec, pairs, ablation=ablation, batch_size=bs,
+                                      reference=references[bs])[0] for bs in (1, 7, 64)}
+    for bs in (7, 64):
+        torch.testing.assert_close(references[bs].knowledge_LD, references[1].knowledge_LD, rtol=0, atol=1e-6)
+        torch.testing.assert_close(references[bs].answer_LD, references[1].answer_LD, rtol=0, atol=1e-6)
+        assert max(abs(a - b) for a, b in zip(scores[bs], scores[1], strict=True)) <= 1e-5
+    if ablation != "base":  # the ablation is not a no-op
+        base, _, _ = score_continuations(model, codec, pairs, batch_size=7)
+        assert max(abs(a - b) for a, b in zip(scores[7], base, strict=True)) > 0.05
+
+
+def test_reference_set_holds_no_eval_example():
+    """Deterministic; its closed-book questions are about QA people, never about the held-out people the
+    closed-book splits ask about; no prompt of any split is in it."""
+    world = build_world(world_config("tiny"))
+    pairs = er.reference_pairs(world, 40)
+    assert pairs == er.reference_pairs(world, 40) and len(pairs) == 40
+    eval_prompts = {ex["prompt"] for split in SPLITS for ex in split_examples(world, split)}
+    assert not eval_prompts & {prompt for prompt, _ in pairs}
+    closed = [prompt for prompt, _ in pairs if prompt.startswith("Q: ")]
+    assert len(closed) == 20
+    heldout = [p.name for p in world.heldout_people]
+    assert not [q for q in closed if any(name in q for name in heldout)]
+    assert all(any(p.name in q for p in world.qa_people) for q in closed)

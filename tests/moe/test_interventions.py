@@ -1,0 +1,190 @@
+"""moe.interventions: the constant-mean ablation and the mean recorder against hand computation (the knowledge
+MLP's loop oracle, the reasoning expert from its weights), their masks, and composition with moe.trace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import NOT_CONSULTED
+from kernels.reference import knowledge_mlp_reference
+from moe import KnowledgeConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, preset
+from moe.interventions import mean_ablation, record_knowledge_means
+from moe.trace import record_knowledge_trace
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _layer(mechanism: str) -> PureReasonerMoE:
+    kcfg = KnowledgeConfig(num_experts=5, expert_width=24, top_k=2, mechanism=mechanism, num_null_experts=5,
+                           consult_rate=1.0 if mechanism == "always" else 0.5)
+    layer = PureReasonerMoE(MoEConfig(d_model=16, reasoning_width=20, knowledge=kcfg)).eval()
+    layer.init_weights(std=0.3, out_std=0.3)
+    return layer
+
+
+def _by_hand(layer: PureReasonerMoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reasoning_TD from the expert's weights, knowledge_TD from the loop oracle, consulted_T)."""
+    r = layer.reasoning
+    reasoning_TD = (F.silu(x_TD @ r.w1.weight.T) * (x_TD @ r.w3.weight.T)) @ r.w2.weight.T
+    routing = layer.router(x_TD)
+    e = layer.experts
+    knowledge_TD = knowledge_mlp_reference(x_TD, routing.expert_ids_TK, routing.gates_TK, e.w1_EDF, e.w3_EDF, e.w2_EFD)
+    return reasoning_TD, knowledge_TD, (routing.expert_ids_TK != NOT_CONSULTED).any(1)
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "null", "always"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_constant_mean_ablation_equals_hand_computation(mechanism, masked):
+    """y = reasoning(x) + (c where the token consulted [and is masked], else its own knowledge output)."""
+    layer = _layer(mechanism)
+    x_BSD = torch.randn(3, 9, 16)  # odd S: a wrong flattening of the mask shows
+    mask_BS = (torch.arange(27) % 3 == 1).view(3, 9) if masked else None
+    mean_1D = torch.randn(1, 16)
+    reasoning_TD, knowledge_TD, consulted_T = _by_hand(layer, x_BSD.view(-1, 16))
+    replaced_T = consulted_T & mask_BS.reshape(-1) if masked else consulted_T
+    assert 0 < int(replaced_T.sum()) < 27 or (mechanism == "always" and not masked)
+    expected_TD = reasoning_TD + torch.where(replaced_T.unsqueeze(1), mean_1D[0], knowledge_TD)
+    with torch.no_grad(), mean_ablation(layer, mean_1D, mask_BS):
+        y_BSD, _ = layer(x_BSD)
+    torch.testing.assert_close(y_BSD.view(-1, 16), expected_TD, **FP32)
+    with torch.no_grad():  # the hooks are gone after the block
+        torch.testing.assert_close(layer(x_BSD)[0].view(-1, 16), reasoning_TD + knowledge_TD, **FP32)
+
+
+def test_recorded_mean_is_over_every_recorded_token_of_every_call():
+    """Two calls of different sizes: the mean pools their tokens (not the mean of the two calls' means); the
+    mask selects per call."""
+    layer = _layer("gate")
+    x1_TD, x2_TD = torch.randn(30, 16), torch.randn(7, 16)
+    mask1_T, mask2_T = torch.arange(30) % 2 == 0, torch.ones(7, dtype=torch.bool)
+    rows = []
+    for x_TD, mask_T in ((x1_TD, mask1_T), (x2_TD, mask2_T)):
+        _, knowledge_TD, consulted_T = _by_hand(layer, x_TD)
+        rows += [knowledge_TD[t] for t in range(len(x_TD)) if consulted_T[t] and mask_T[t]]
+    expected_1D = torch.stack(rows).mean(0, keepdim=True)
+    with torch.no_grad(), record_knowledge_means(layer, mask1_T) as record:
+        layer(x1_TD)
+        record.mask_BS = mask2_T
+        layer(x2_TD)
+    assert int(record.counts_L[0]) == len(rows)
+    torch.testing.assert_close(record.means_LD(), expected_1D, **FP32)
+
+
+def test_replaced_tokens_send_no_gradient_to_the_experts():
+    layer = _layer("always")
+    x_TD = torch.randn(12, 16)
+    mask_T = torch.zeros(12, dtype=torch.bool)
+    mask_T[:5] = True
+    with mean_ablation(layer, torch.randn(1, 16)):  # every token replaced
+        layer(x_TD)[0].square().sum().backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in layer.experts.parameters())
+    assert all(float(p.grad.abs().max()) > 0.0 for p in layer.reasoning.parameters())
+    layer.zero_grad()
+    with mean_ablation(layer, torch.randn(1, 16), mask_T):  # tokens 5.. keep their own output, and its gradient
+        layer(x_TD)[0].square().sum().backward()
+    reference = _layer("always")
+    reference.load_state_dict(layer.state_dict())
+    reference(x_TD[5:])[0].square().sum().backward()
+    torch.testing.assert_close(layer.experts.w1_EDF.grad, reference.experts.w1_EDF.grad, **FP32)
+
+
+def _lm() -> PureReasonerLM:
+    cfg = preset("tiny")
+    cfg.n_layers = 3
+    model = PureReasonerLM(cfg).eval()
+    for layer in model.moe_layers():
+        layer.init_weights(std=0.3, out_std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("trace_first", [True, False])
+def test_mean_ablation_composes_with_the_trace(trace_first):
+    """Under both, in either order: the logits are the ablation's alone; the trace records the routing the
+    experts used, and exactly the tokens it marks as consulting got the layer's constant (others: zero)."""
+    model = _lm()
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 13))
+    with torch.no_grad(), record_knowledge_means(model) as record:
+        model(torch.randint(0, model.cfg.vocab_size, (4, 20)))
+    means_LD = record.means_LD()
+    with torch.no_grad(), mean_ablation(model, means_LD):
+        ablated_BSV = model(idx_BS).logits_BSV
+    outputs = []  # each layer's knowledge output after the ablation's hook (registered after it: runs after it)
+    with torch.no_grad():
+        if trace_first:
+            with record_knowledge_trace(model) as trace, mean_ablation(model, means_LD):
+                handles = [layer.experts.register_forward_hook(lambda m, a, out: outputs.append(out))
+                           for layer in model.moe_layers()]
+                logits_BSV = model(idx_BS).logits_BSV
+        else:
+            with mean_ablation(model, means_LD), record_knowledge_trace(model) as trace:
+                handles = [layer.experts.register_forward_hook(lambda m, a, out: outputs.append(out))
+                           for layer in model.moe_layers()]
+                logits_BSV = model(idx_BS).logits_BSV
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(logits_BSV, ablated_BSV, rtol=0, atol=0)
+    (trace_pass,) = trace.passes
+    consulted_LT = trace_pass.consulted_LBS.flatten(1)
+    assert 0 < int(consulted_LT.sum()) < consulted_LT.numel()
+    for layer, knowledge_TD in enumerate(outputs):
+        expected_TD = torch.where(consulted_LT[layer].unsqueeze(1), means_LD[layer], 0.0)
+        torch.testing.assert_close(knowledge_TD, expected_TD, rtol=0, atol=0)
+    with torch.no_grad():  # the first layer's routing does not depend on the ablation
+        with record_knowledge_trace(model) as plain:
+            model(idx_BS)
+    torch.testing.assert_close(plain.passes[0].expert_ids_LBSK[0], trace_pass.expert_ids_LBSK[0], rtol=0, atol=0)
+
+
+def test_a_row_under_the_ablation_does_not_depend_on_its_batch():
+    """The point of a constant: a sequence's logits are the same alone and beside others (batch-mean: they
+    are not)."""
+    model = _lm()
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (5, 17))
+    means_LD = torch.randn(len(model.moe_layers()), model.cfg.d_model)
+    with torch.no_grad(), mean_ablation(model, means_LD):
+        together_BSV = model(idx_BS).logits_BSV
+        alone_SV = model(idx_BS[2:3]).logits_BSV[0]
+    torch.testing.assert_close(together_BSV[2], alone_SV, **FP32)
+    with torch.no_grad():
+        batch_mean_BSV = model(idx_BS, knowledge_mean=True).logits_BSV
+        batch_mean_alone_SV = model(idx_BS[2:3], knowledge_mean=True).logits_BSV[0]
+    assert float((batch_mean_BSV[2] - batch_mean_alone_SV).abs().max()) > 1e-3
+
+
+def test_the_ablation_does_not_see_later_positions():
+    """Changing tokens after position t leaves positions <= t unchanged under the constant (the batch mean
+    leaks them)."""
+    model = _lm()
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    later_BS = idx_BS.clone()
+    later_BS[:, 9:] = torch.randint(0, model.cfg.vocab_size, (2, 7))
+    means_LD = torch.randn(len(model.moe_layers()), model.cfg.d_model)
+    with torch.no_grad(), mean_ablation(model, means_LD):
+        torch.testing.assert_close(model(later_BS).logits_BSV[:, :9], model(idx_BS).logits_BSV[:, :9], **FP32)
+    with torch.no_grad():
+        changed_BSV = model(later_BS, knowledge_mean=True).logits_BSV
+        leak = changed_BSV[:, :9] - model(idx_BS, knowledge_mean=True).logits_BSV[:, :9]
+    assert float(leak.abs().max()) > 1e-3
+
+
+def test_bad_arguments_are_named():
+    model = _lm()  # 3 MoE layers, d_model 64
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    with pytest.raises(ValueError, match=r"means_LD must be a float tensor of shape \(3, 64\).*\(2, 64\)"):
+        with mean_ablation(model, torch.zeros(2, 64)):
+            pass
+    with pytest.raises(ValueError, match="non-finite"):
+        with mean_ablation(model, torch.full((3, 64), float("nan"))):
+            pass
+    with pytest.raises(ValueError, match=r"mask_BS must be bool with one entry per token \(10\).*\(2, 4\)"):
+        with mean_ablation(model, torch.zeros(3, 64), torch.ones(2, 4, dtype=torch.bool)):
+            model(idx_BS)
+    dense = preset("tiny")
+    dense.dense_first_layers, dense.dense_width = dense.n_layers, 128
+    with pytest.raises(ValueError, match="no PureReasonerMoE layers"):
+        with record_knowledge_means(PureReasonerLM(dense)):
+            pass
+    with record_knowledge_means(model, torch.zeros(2, 5, dtype=torch.bool)) as record:
+        model(idx_BS)
+    with pytest.raises(ValueError, match=r"no consulting token was recorded in MoE layer\(s\) \[0, 1, 2\]"):
+        record.means_LD()
