@@ -159,18 +159,20 @@ class StepStats:
     each layer's router-input samples in micro-batch order, kept on the device until ``reduce``."""
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
-        self.sums_5 = torch.zeros(5, device=device)  # loss, ce, aux, knowledge-off pass, non-finite losses
+        # loss, ce, aux, knowledge-off pass, non-finite losses, routed rows past the saved-activation bound
+        self.sums_6 = torch.zeros(6, device=device)
         self.consult_L = torch.zeros(num_layers, device=device)
         self.load_LE = torch.zeros(num_layers, num_experts, device=device)
         self.router_inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.micro_batches = self.tokens = self.slots = 0
-        self.host: list[float] = []  # sums_5, consult_L, load_LE (flattened), read back once by ``reduce``
+        self.host: list[float] = []  # sums_6, consult_L, load_LE (flattened), read back once by ``reduce``
         self.grad_norm = math.nan
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor, off: torch.Tensor, stats: list[MoEStats]) -> None:
         """loss: the total; aux: the MoE auxiliary part of it; off: the knowledge-off pass's part (0 without)."""
-        loss, aux, off = (t.detach().float().to(self.sums_5.device) for t in (loss, aux, off))
-        self.sums_5 += torch.stack([loss, loss - aux - off, aux, off, (~torch.isfinite(loss)).float()])
+        loss, aux, off = (t.detach().float().to(self.sums_6.device) for t in (loss, aux, off))
+        overflow = sum((s.overflow_rows.float() for s in stats if s.overflow_rows is not None), loss.new_zeros(()))
+        self.sums_6 += torch.stack([loss, loss - aux - off, aux, off, (~torch.isfinite(loss)).float(), overflow])
         for i, s in enumerate(stats):
             self.consult_L[i] += s.consulting_tokens.float()
             self.load_LE[i] += s.expert_load_E.float()
@@ -186,7 +188,7 @@ class StepStats:
         back to the host in one transfer, together with the step's gradient norm (DeepSpeed's, the same on every
         rank): every rank applies the same controller update, and the step reads nothing else back."""
         num_layers, num_experts = self.load_LE.shape
-        flat = torch.cat([self.sums_5, self.consult_L, self.load_LE.flatten()])
+        flat = torch.cat([self.sums_6, self.consult_L, self.load_LE.flatten()])
         # In global micro-batch order (rank-major), so 2 ranks x 1 micro-batch sample what 1 rank x 2 does.
         samples = [torch.cat(per_micro) for per_micro in self.router_inputs if per_micro]
         sample_LND = torch.stack(samples) if samples and len(samples) == num_layers else None
@@ -202,7 +204,7 @@ class StepStats:
         *self.host, self.grad_norm = torch.cat([counts, norm.reshape(1).to(counts)]).tolist()  # the one transfer
         if not isinstance(grad_norm, torch.Tensor):
             self.grad_norm = math.nan if grad_norm is None else float(grad_norm)
-        self.sums_5, rest = counts[:5], counts[5:]
+        self.sums_6, rest = counts[:6], counts[6:]
         self.consult_L, self.load_LE = rest[:num_layers], rest[num_layers:].view(num_layers, num_experts)
         if sample_LND is not None and info.world_size > 1:
             sample_LND = flat[counts.numel() :].view(info.world_size, *sample_LND.shape).transpose(0, 1).flatten(1, 2)
@@ -213,8 +215,9 @@ class StepStats:
 
     @property
     def host_sums(self) -> list[float]:
-        """loss, ce, aux, knowledge-off pass, non-finite losses: summed over micro-batches and ranks (host)."""
-        return self.host[:5]
+        """loss, ce, aux, knowledge-off pass, non-finite losses, overflow rows: summed over micro-batches and ranks
+        (host)."""
+        return self.host[:6]
 
     def moe_stats(self, on_host: bool = False) -> list[MoEStats]:
         """Per-layer MoEStats of the whole (reduced) step: on the device for the controllers, or (``on_host``)
@@ -222,7 +225,7 @@ class StepStats:
         num_layers, num_experts = self.load_LE.shape
         consult_L, load_LE = self.consult_L, self.load_LE
         if on_host:
-            host = torch.tensor(self.host[5:])
+            host = torch.tensor(self.host[6:])
             consult_L, load_LE = host[:num_layers], host[num_layers:].view(num_layers, num_experts)
         zero = torch.zeros(())
         return [
@@ -350,7 +353,7 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     if cfg.objective.knowledge_off_pass:  # the forget pass, on about the ordinary pass's routed rows (the same
         # routers on nearly the same inputs; the pass's own counts are not collected)
         flops_per_token += objectives.forget_pass_flops(cfg.model, cfg.objective, seq_len, stats or None)
-    loss, ce, aux, off, _ = (value / acc.micro_batches for value in acc.host_sums)
+    loss, ce, aux, off, _, _ = (value / acc.micro_batches for value in acc.host_sums)
     return StepMetrics(
         step=step + 1,
         loss=loss,
@@ -359,6 +362,7 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
         knowledge_off=off,
         lr=float(lr),
         grad_norm=acc.grad_norm,
+        overflow_rows=int(acc.host_sums[5]),
         tokens=t.micro_batch_size * t.grad_accum * info.world_size * seq_len,
         seconds=seconds,
         flops_per_token=flops_per_token,

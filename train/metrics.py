@@ -35,6 +35,7 @@ class StepMetrics:
     consult_rate_L: list[float]
     load_share_LE: list[list[float]]
     knowledge_off: float = 0.0  # the knowledge-off pass's loss (objective.forget_weight / read_weight), in loss
+    overflow_rows: int = 0  # routed rows past the knowledge path's saved-activation bound (recomputed, not dropped)
 
     @property
     def tokens_per_s(self) -> float:
@@ -59,6 +60,7 @@ class StepMetrics:
             "flops_per_token": self.flops_per_token,
             "mfu": self.mfu,
             "skipped": int(self.skipped),
+            "overflow_rows": self.overflow_rows,
         }
         row.update({f"consult_rate_l{i}": rate for i, rate in enumerate(self.consult_rate_L)})
         return row

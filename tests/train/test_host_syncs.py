@@ -85,7 +85,7 @@ def test_one_host_read_per_optimizer_step(tmp_path, monkeypatch, dist_info):
     def metrics_from_host_copy(cfg, engine, info, step, acc, *args):
         """The metrics must come from the host copy that ``reduce`` read: the device-side tensors are swapped for
         meta tensors, which have no values to read."""
-        acc.sums_5, acc.consult_L, acc.load_LE = (t.to("meta") for t in (acc.sums_5, acc.consult_L, acc.load_LE))
+        acc.sums_6, acc.consult_L, acc.load_LE = (t.to("meta") for t in (acc.sums_6, acc.consult_L, acc.load_LE))
         acc.router_inputs = [[t.to("meta") for t in per_layer] for per_layer in acc.router_inputs]
         return real_metrics(cfg, engine, info, step, acc, *args)
 
