@@ -100,7 +100,9 @@ def tokenizer_special_ids(tokenizer_json: str) -> tuple[dict[str, int | None], d
     """(token ids for config.json, token strings for tokenizer_config.json) of a tokenizers file.
 
     The last added special token is the end of a document (``train.data.EOD``): eos, and pad for batching.
-    Without one (byte ids), pad is id 0, what ``train.eval`` pads with; no eos, no bos.
+    Without one (byte ids), byte 0 (NUL, which text does not contain) stands in for all three: pad (what
+    ``train.eval`` pads with), bos (nothing adds it to a text; lm_eval conditions an empty context on it) and eos
+    (lm_eval's generation needs one).
     """
     data = json.loads(tokenizer_json)
     specials = [t for t in data.get("added_tokens", []) if t.get("special")]
@@ -109,7 +111,8 @@ def tokenizer_special_ids(tokenizer_json: str) -> tuple[dict[str, int | None], d
         return ({"eos_token_id": eos["id"], "pad_token_id": eos["id"], "bos_token_id": None},
                 {"eos_token": eos["content"], "pad_token": eos["content"]})
     pad = next(token for token, i in data["model"]["vocab"].items() if i == 0)
-    return {"eos_token_id": None, "pad_token_id": 0, "bos_token_id": None}, {"pad_token": pad}
+    return {"eos_token_id": 0, "pad_token_id": 0, "bos_token_id": 0}, {"pad_token": pad, "bos_token": pad,
+                                                                        "eos_token": pad}
 
 
 def write_hf_files(directory: Path, cfg: ModelConfig, write) -> None:

@@ -147,7 +147,7 @@ def test_tokenizer_encodes_as_train_eval(tmp_path):
     byte_dir = save_pretrained(_model(), tmp_path / "bytes", hf=True)
     tok = AutoTokenizer.from_pretrained(byte_dir)
     assert tok(text, add_special_tokens=False).input_ids == Codec().encode(text) == list(text.encode())
-    assert tok.decode(Codec().encode(text)) == text and tok.pad_token_id == 0 and tok.eos_token_id is None
+    assert tok.decode(Codec().encode(text)) == text and tok.pad_token_id == tok.bos_token_id == tok.eos_token_id == 0
 
     bpe_dir = tmp_path / "bpe"
     bpe_dir.mkdir()
