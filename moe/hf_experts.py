@@ -2,8 +2,8 @@
 
 transformers 5 MoE models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, ...) decorate their experts module with
 ``use_experts_implementation``: its ``forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK)`` calls the
-function registered in ``ExpertsInterface`` under ``config._experts_implementation``. ``register_experts_implementation``
-adds ours, so that on any such model
+function registered in ``ExpertsInterface`` under ``config._experts_implementation``.
+``register_experts_implementation`` adds ours, so that on any such model
 
     import moe.hf
     model.set_experts_implementation("pure_reasoner")   # or from_pretrained(..., experts_implementation=...)
@@ -36,13 +36,18 @@ def _check_supported(module: torch.nn.Module) -> None:
         "has_bias=True": getattr(module, "has_bias", False),
         "has_post_expert_norm=True": getattr(module, "has_post_expert_norm", False),
         "is_concatenated=False (interleaved gate/up)": not getattr(module, "is_concatenated", True),
-        "a custom _apply_gate": getattr(getattr(type(module), "_apply_gate", None), "__name__", "") != "_default_apply_gate",
+        "a custom _apply_gate": _gate_name(module) != "_default_apply_gate",
         f"act_fn {type(module.act_fn).__name__} (SwiGLU needs SiLU)": type(module.act_fn).__name__ not in _SILU,
     }
     found = [what for what, present in unsupported.items() if present]
     if found:
         raise ValueError(f"{type(module).__name__} cannot run as experts implementation 'pure_reasoner': "
                          f"{', '.join(found)}")
+
+
+def _gate_name(module: torch.nn.Module) -> str:
+    """Name of the class's gate function (``use_experts_implementation`` installs ``_default_apply_gate``)."""
+    return getattr(getattr(type(module), "_apply_gate", None), "__name__", "")
 
 
 def expert_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -56,8 +56,9 @@ def test_knowledge_path_is_exercised(exported):
 
 
 def test_registered_route_logits_and_knowledge_off(exported):
-    import moe.hf  # noqa: F401  registers the auto classes
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moe.hf  # noqa: F401  registers the auto classes
 
     model, path = exported
     config = AutoConfig.from_pretrained(path)
@@ -99,8 +100,9 @@ def test_remote_code_route_in_a_fresh_process(exported, tmp_path):
 
 
 def test_generate_matches_ours(exported):
-    import moe.hf  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moe.hf  # noqa: F401
 
     model, path = exported
     hf = AutoModelForCausalLM.from_pretrained(path)
@@ -111,8 +113,9 @@ def test_generate_matches_ours(exported):
 
 
 def test_labels_loss_and_padding(exported):
-    import moe.hf  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moe.hf  # noqa: F401
 
     model, path = exported
     hf = AutoModelForCausalLM.from_pretrained(path)
@@ -164,8 +167,9 @@ def test_tokenizer_encodes_as_train_eval(tmp_path):
 
 def test_loads_back_into_our_stack(exported, tmp_path):
     """The export, and what transformers saves from it (weight names prefixed), load into PureReasonerLM."""
-    import moe.hf  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moe.hf  # noqa: F401
 
     model, path = exported
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "resaved")
@@ -179,8 +183,9 @@ def test_loads_back_into_our_stack(exported, tmp_path):
 
 
 def test_bad_config_value_raises(exported, tmp_path):
-    import moe.hf  # noqa: F401
     from transformers import AutoConfig
+
+    import moe.hf  # noqa: F401
 
     _, path = exported
     values = json.loads((path / "config.json").read_text())

@@ -109,9 +109,9 @@ def test_export_equals_the_trained_engine(tmp_path, dist_info):
 def _check_transformers_loads(export):
     """The main job's export is a transformers model too: same logits as our stack, its tokenizer as ours."""
     pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
-    import moe.hf  # noqa: F401  registers the auto classes
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import moe.hf  # noqa: F401  registers the auto classes
     from train.eval import load
 
     ours, codec = load(export)
