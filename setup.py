@@ -32,7 +32,9 @@ setup(
         # dev includes it so CI runs the lm_eval test instead of skipping it; transformers is the HF
         # grouped_mm experts peer in benchmarks.kernels (and its smoke test).
         "eval": ["lm_eval==0.4.13"],
-        "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6,<1", "lm_eval==0.4.13", "transformers>=5.23,<6"],
+        # transformers also loads our exports (moe.hf); accelerate is what lm_eval's stock hf model imports.
+        "dev": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6,<1", "lm_eval==0.4.13", "transformers>=5.23,<6",
+                "accelerate>=1.0,<2"],
         "gpu": ["megablocks>=0.7"],
     },
 )

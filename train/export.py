@@ -1,8 +1,9 @@
-"""Export a training checkpoint to ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``).
+"""Export a training checkpoint to ``model.safetensors`` + ``config.json`` + ``tokenizer.json``: a directory that
+our stack (``moe.checkpoint.load_pretrained``, ``train.eval``) and Hugging Face transformers (``AutoConfig``,
+``AutoModelForCausalLM``, ``AutoTokenizer``; see ``moe.hf_files`` and docs/huggingface.md) both load.
 
 The fp32 master weights are rebuilt from the DeepSpeed checkpoint itself (DeepSpeed's ``zero_to_fp32``
-merges the ZeRO-1/2 partitions of every rank), so the export is exact for fp32 and bf16 runs alike,
-and ``moe.checkpoint.load_pretrained`` / ``PureReasonerLM`` load it back.
+merges the ZeRO-1/2 partitions of every rank), so the export is exact for fp32 and bf16 runs alike.
 
 CLI: ``python -m train.export RUN_DIR [--tag step_00000300] [--out DIR]`` (default ``RUN_DIR/export``).
 """
@@ -59,8 +60,9 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     model = PureReasonerLM(cfg.model)
     model.load_state_dict(state, strict=True)
     out = out_dir or run_dir / EXPORT
-    save_pretrained(model, out)
-    _copy_run_files(run_dir, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_run_files(run_dir, out)  # first: the transformers files describe the tokenizer
+    save_pretrained(model, out, hf=True)
     return out
 
 

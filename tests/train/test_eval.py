@@ -11,6 +11,7 @@ import torch
 
 from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
 from moe.checkpoint import save_pretrained
+from tests.train.lm_eval_check import assert_lm_eval_matches_train_eval
 from train import eval_metrics as em
 from train import eval_reference as er
 from train.eval import Codec, consult_map, greedy_generate, main, score_continuations
@@ -262,8 +263,6 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
     import sys
     from pathlib import Path
 
-    from train.eval import evaluate_split
-
     cfg = world_config("tiny", seed=2, num_distractors=0, eval_examples=3)
     model = _tiny_model(max_seq_len=512)
     save_pretrained(model, tmp_path / "ckpt")
@@ -277,27 +276,7 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
            "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    (results_path,) = (tmp_path / "out").rglob("results_*.json")
-    results = json.loads(results_path.read_text())["results"]
-    world = build_world(cfg)
-
-    counterfactual = split_examples(world, "counterfactual")
-    (samples_path,) = (tmp_path / "out").rglob("samples_pr_counterfactual_*.jsonl")
-    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
-    pairs = [(ex["prompt"], continuation(c)) for ex in counterfactual for c in ex["choices"]]
-    ours, _, _ = score_continuations(model, Codec(), pairs)
-    theirs = [float(resp[0]) for s in samples for resp in s["filtered_resps"]]
-    assert theirs == pytest.approx(ours, abs=1e-4)
-    assert results["pr_counterfactual"]["acc,none"] == evaluate_split(model, Codec(), counterfactual, "base",
-                                                                      generate=False).acc
-
-    open_book = split_examples(world, "open_book")
-    (samples_path,) = (tmp_path / "out").rglob("samples_pr_open_book_gen_*.jsonl")
-    samples = sorted((json.loads(line) for line in samples_path.read_text().splitlines()), key=lambda s: s["doc_id"])
-    ours = greedy_generate(model, Codec(), [ex["prompt"] for ex in open_book], 32)
-    assert [s["filtered_resps"][0] for s in samples] == [o.strip() for o in ours]
-    assert results["pr_open_book_gen"]["exact_match,strip"] == em.accuracy(
-        [o.strip() == ex["answer"] for o, ex in zip(ours, open_book, strict=True)])
+    assert_lm_eval_matches_train_eval(model, Codec(), build_world(cfg), tmp_path / "out")
 
 
 def _knowledge_model(max_seq_len=512):

@@ -103,6 +103,24 @@ def test_export_equals_the_trained_engine(tmp_path, dist_info):
     for name, master in trained["fp32"].items():
         torch.testing.assert_close(exported[name], master, rtol=0, atol=0, msg=name)
     assert float(exported["blocks.0.ffn.router.consult_cut"]) != 0.0  # the controller did move
+    _check_transformers_loads(tmp_path / "export")
+
+
+def _check_transformers_loads(export):
+    """The main job's export is a transformers model too: same logits as our stack, its tokenizer as ours."""
+    pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moe.hf  # noqa: F401  registers the auto classes
+    from train.eval import load
+
+    ours, codec = load(export)
+    hf = AutoModelForCausalLM.from_pretrained(export)
+    text = "Where was Ana born?\nShe was born in"
+    ids = torch.tensor([codec.encode(text)])
+    assert AutoTokenizer.from_pretrained(export)(text, add_special_tokens=False).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits_BSV, rtol=0, atol=1e-5)
 
 
 def test_finished_run_is_not_rerun(uninterrupted):

@@ -3,7 +3,8 @@
 Where the files come from (first that applies):
   1. ``world_dir``: a directory written by ``python -m train.world --out DIR`` (``DIR/<split>.jsonl``), from
      ``--metadata '{"world_dir": "DIR"}'``, ``--model_args ...,world_dir=DIR`` or the env var PURE_REASONER_WORLD_DIR;
-  2. ``CHECKPOINT/world/<split>.jsonl`` when the checkpoint directory carries them;
+  2. ``CHECKPOINT/world/<split>.jsonl`` when the checkpoint directory carries them (CHECKPOINT: model_args
+     ``checkpoint``, or ``pretrained`` for ``lm_eval --model hf`` on an export);
   3. else the splits are regenerated in memory from ``CHECKPOINT/world.json`` (the generator is deterministic,
      so this is the same data as 1 for the same WorldConfig).
 Nothing is downloaded (works with HF_DATASETS_OFFLINE=1).
@@ -26,8 +27,11 @@ def _with_choice_texts(data: datasets.Dataset) -> datasets.Dataset:
     return data.map(lambda ex: {"choice_texts": [continuation(c) for c in ex["choices"]]})
 
 
-def load_split(split: str, world_dir: str | None = None, checkpoint: str | None = None, **_unused):
-    """{"test": Dataset} of one split (called by lm_eval with the task's metadata and dataset_kwargs)."""
+def load_split(split: str, world_dir: str | None = None, checkpoint: str | None = None, pretrained: str | None = None,
+               **_unused):
+    """{"test": Dataset} of one split (called by lm_eval with the task's metadata and dataset_kwargs, which include
+    the model_args: ``checkpoint`` of our model, ``pretrained`` of lm_eval's stock ``hf`` model on an export)."""
+    checkpoint = checkpoint or pretrained
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     world_dir = world_dir or os.environ.get("PURE_REASONER_WORLD_DIR")
