@@ -405,7 +405,9 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World | WorldDir, split
                                                                 ablation="knowledge_off")
     groups = {"closed_book": [s for s in splits if s in CLOSED_BOOK_SPLITS and s != "comparison"],
               "open_book": [s for s in splits if s in ("open_book", "open_book_two_hop")]}
-    report["routing"] = {g: routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size)
+    # target_rate: the consult rate the router is held at in training, what the overall rate is measured against
+    report["routing"] = {g: {**routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size),
+                             "target_rate": model.cfg.knowledge.consult_rate}
                          for g, ss in groups.items() if ss and model.moe_layers()}
     return report
 
