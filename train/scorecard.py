@@ -103,7 +103,8 @@ class Target:
         if self.op not in OPS:
             raise ValueError(f"target {self.name!r}: op must be one of {OPS}, got {self.op!r}")
         if self.relative_to not in (None, "baseline"):
-            raise ValueError(f"target {self.name!r}: relative_to must be 'baseline' or absent, got {self.relative_to!r}")
+            raise ValueError(f"target {self.name!r}: relative_to must be 'baseline' or absent, "
+                             f"got {self.relative_to!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
             raise ValueError(f"target {self.name!r}: threshold must be a number, got {self.threshold!r}")
 
@@ -168,7 +169,8 @@ def read_runs(paths: Sequence[str | Path], manifest: dict | None = None) -> list
     seen: dict[tuple[str, int], str] = {}
     for run in runs:
         if (run.recipe, run.seed) in seen:
-            raise ValueError(f"recipe {run.recipe!r} seed {run.seed} twice: {seen[run.recipe, run.seed]} and {run.path}")
+            raise ValueError(f"recipe {run.recipe!r} seed {run.seed} twice: {seen[run.recipe, run.seed]} and "
+                             f"{run.path}")
         seen[run.recipe, run.seed] = run.path
     return runs
 
@@ -216,8 +218,9 @@ def score(runs: Sequence[Run], targets: Targets, baseline: str | None = None) ->
             mean, ci = t_interval(values)
             worst = (min if target.op == ">=" else max)(range(len(values)), key=values.__getitem__)
             verdict = "met" if all(target.meets(v) for v in values) else "not met"
+            why = "" if len(values) >= MIN_SEEDS else f"fewer than {MIN_SEEDS} seeds"
             rows.append({**row, "mean": mean, "ci95": ci, "worst_seed": members[worst].seed, "worst": values[worst],
-                         "verdict": verdict, "why": "" if len(values) >= MIN_SEEDS else f"fewer than {MIN_SEEDS} seeds"})
+                         "verdict": verdict, "why": why})
         out.append({"recipe": recipe, "seeds": [r.seed for r in members],
                     "heldout_seeds": [r.seed for r in members if r.heldout], "targets": rows})
     return out

@@ -16,7 +16,8 @@ def _split(**by_ablation):
 
 
 def _report(closed, closed_off, open_, open_off, two_hop=None, mean=None, faith=None, routing=None, run=None):
-    closed_book = _split(base=closed, knowledge_off=closed_off, **({"knowledge_mean": mean} if mean is not None else {}))
+    mean_ablation = {"knowledge_mean": mean} if mean is not None else {}
+    closed_book = _split(base=closed, knowledge_off=closed_off, **mean_ablation)
     splits = {"closed_book": closed_book, "open_book": _split(base=open_, knowledge_off=open_off)}
     if two_hop is not None:
         splits["open_book_two_hop"] = _split(base=two_hop[0], knowledge_off=two_hop[1])
