@@ -109,8 +109,14 @@ def commit() -> str:
         return "unknown"
 
 
+# A launcher's (or this process's own) rank variables would make each run try to join that process group.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _run(command: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    """Run one training or eval command as a fresh single-rank job; its wall seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     start = time.perf_counter()
     done = subprocess.run(command, env=env)
     if done.returncode != 0:
