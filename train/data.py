@@ -157,10 +157,15 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool) -> datasets.Datase
 
 def load_documents(cfg: DataConfig, recall: bool = False) -> datasets.Dataset:
     """The corpus as a Dataset with a ``text`` column, one document per row (plus ``context`` with
-    ``in_context_fraction`` and, with ``recall`` (a generator's rows only), the rows' ``recall`` spans over
-    ``context + text``). Raises ValueError on bad input."""
-    if recall and cfg.source != "generator":
-        raise ValueError(f"recall spans come from a generator's rows, got data.source={cfg.source!r}")
+    ``in_context_fraction`` or a world on disk and, with ``recall`` (a generator's or a world's rows only), the rows'
+    ``recall`` spans over ``context + text``). Raises ValueError on bad input."""
+    if recall and cfg.source not in ("generator", "world"):
+        raise ValueError(f"recall spans come from a generator's or a world's rows, got data.source={cfg.source!r}")
+    if cfg.source == "world":
+        from train.world_disk import corpus_dataset
+
+        ds = corpus_dataset(cfg.path, recall=recall)  # validated: a bad row names its file, line and field
+        return _truncate(ds, cfg.max_chars) if cfg.max_chars is not None else ds
     if cfg.source == "files":
         paths = [Path(p).expanduser() for p in cfg.files]
         for p in paths:

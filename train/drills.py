@@ -7,6 +7,10 @@ micro-step), so no two micro-batches share a drill, a resumed run reads exactly 
 and 1 rank with grad_accum=2 reads what 2 ranks with grad_accum=1 read (the key is the global micro-batch index).
 A name may recur in a later batch (the world's name pool is finite) but with other facts, so memorising a
 drill person never pays: only reading does.
+
+A world on disk (``data.source=world``) without a generator supplies its drills as ``drills.jsonl`` instead
+(``FileDrills``): rows packed once, read in a seeded order, micro-batch ``key`` taking the ``count`` sequences at
+read positions ``key * count ...``; fresh until the file is used up, then read again in a new order.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from train.data import EOD, encode_units, pack_units, read_windows
+from train.data import EOD, PackedSequences, encode_units, pack_units, read_windows, tokenize_in_context
 from train.world import World, drill_rows
 
 
@@ -52,3 +56,32 @@ class FreshDrills:
             chunk += 1
         offsets_nS1 = torch.arange(count).unsqueeze(1) * self.seq_len + torch.arange(self.seq_len + 1)
         return read_windows(stream, mask, offsets_nS1)
+
+
+class FileDrills:
+    """Packed sequences of a world's ``drills.jsonl`` (every row with a context), the same interface as
+    ``FreshDrills``.
+
+    Args:
+        path: the drills file (``train.world_disk.read_corpus`` schema).
+        tok: the training tokenizer.
+        seq_len: S.
+        seed: the read order's seed (``train.seed``).
+    """
+
+    def __init__(self, path, tok: Tokenizer, seq_len: int, seed: int):
+        import datasets
+
+        from train.world_disk import read_corpus
+
+        rows = read_corpus(path, need_context=True)
+        docs = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("text", "context")})
+        try:
+            stream, mask = tokenize_in_context(docs, tok, seq_len)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+        self.packed = PackedSequences(stream, seq_len, seed, source=str(path), loss_mask=mask)
+
+    def batch(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx_nS, targets_nS) of the ``count`` sequences micro-batch ``key`` reads."""
+        return self.packed.batch(torch.arange(key * count, (key + 1) * count))

@@ -12,7 +12,9 @@ The mean ablations apply one constant per MoE layer, recorded on a fixed referen
 
 The checkpoint directory holds ``config.json`` + ``model.safetensors`` (``moe.checkpoint``), optionally
 ``tokenizer.json`` (else byte-level ids: token = UTF-8 byte) and ``world.json`` (the WorldConfig it was trained
-on; else pass ``--world PATH``).
+on; else pass ``--world PATH``). ``--world DIR`` may also name a world directory (``docs/world_schema.md``): its
+eval split files are scored, its ``reference.jsonl`` is the mean ablations' reference set, and the knowledge-bits
+estimate runs only when its manifest names a generator (else the report lists it under ``not_measured``).
 
 Shape legend: B batch, S sequence, V vocabulary, L MoE layers.
 """
@@ -39,6 +41,7 @@ from train import eval_metrics as em
 from train import eval_reference as er
 from train.eval_batches import encode_pairs, fit, padded_batches
 from train.world import SPLITS, World, build_world, load_world_config
+from train.world_disk import WorldDir, load_world
 from train.world_splits import CLOSED_BOOK_SPLITS, split_examples
 from train.world_text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
 
@@ -349,24 +352,28 @@ def _decoupling(results: dict, closed: str, opened: str) -> dict:
             "open_min_adjusted": em.OPEN_BOOK_MIN_ADJUSTED}
 
 
-def mean_reference(model: PureReasonerLM, codec: Codec, world: World, ablations: Sequence[str],
+def mean_reference(model: PureReasonerLM, codec: Codec, world: World | WorldDir, ablations: Sequence[str],
                    path: str | Path | None = None, batch_size: int = 16) -> er.MeanReference | None:
     """The mean ablations' constants when ``ablations`` has one (else None): read from ``path``, or recorded on
-    the world's reference set (``train.eval_reference``)."""
+    the world's reference set (``train.eval_reference``; a world directory's ``reference.jsonl``)."""
     if not set(ablations) & set(MEAN_ABLATIONS):
         return None
     if path is not None:
         return er.load_reference(path)
-    return er.reference_means(model, codec, world, batch_size=batch_size)
+    pairs = world.reference_pairs() if isinstance(world, WorldDir) else world
+    return er.reference_means(model, codec, pairs, batch_size=batch_size)
 
 
-def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence[str] = SPLITS,
+def evaluate(model: PureReasonerLM, codec: Codec, world: World | WorldDir, splits: Sequence[str] = SPLITS,
              ablations: Sequence[str] = DEFAULT_ABLATIONS, *, max_examples: int | None = None,
              generate: Sequence[str] = ("base",), bits_people: int = 200, batch_size: int = 16,
              reference: er.MeanReference | None = None) -> dict:
-    """The full report as a JSON-ready dict (see the module docstring). ``reference``: the mean ablations'
-    constants (default: ``mean_reference`` records them when a mean ablation is asked for)."""
-    examples = {s: split_examples(world, s)[:max_examples] for s in splits}
+    """The full report as a JSON-ready dict (see the module docstring). ``world``: the built-in World or a
+    world directory. ``reference``: the mean ablations' constants (default: ``mean_reference`` records them when
+    a mean ablation is asked for)."""
+    on_disk = isinstance(world, WorldDir)
+    examples = {s: (world.examples(s) if on_disk else split_examples(world, s))[:max_examples] for s in splits}
+    generated = world.generated if on_disk else world
     reference = reference or mean_reference(model, codec, world, ablations, batch_size=batch_size)
     results = {s: {a: evaluate_split(model, codec, examples[s], a, batch_size=batch_size, generate=a in generate,
                                      reference=reference)
@@ -386,14 +393,21 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence
                 "generation": em.faithfulness([g.strip() for g in r.generations], stated, memorised)
                 if r.generations is not None else None}
             for a, r in results["counterfactual"].items()}
-    report["knowledge_bits"] = knowledge_bits(model, codec, world, bits_people, batch_size) if bits_people else None
+    if bits_people and generated is None:
+        # the estimate scores every value of an attribute's set after a biography prefix: the generator's
+        bits_people = 0
+        report.setdefault("not_measured", {})["knowledge_bits"] = "the world directory has no generator"
+    report["knowledge_bits"] = knowledge_bits(model, codec, generated, bits_people, batch_size) if bits_people \
+        else None
     if bits_people and "knowledge_off" in ablations and model.moe_layers():
         # what the model still knows with its knowledge experts off: the difference is what needs them
-        report["knowledge_bits_knowledge_off"] = knowledge_bits(model, codec, world, bits_people, batch_size,
+        report["knowledge_bits_knowledge_off"] = knowledge_bits(model, codec, generated, bits_people, batch_size,
                                                                 ablation="knowledge_off")
     groups = {"closed_book": [s for s in splits if s in CLOSED_BOOK_SPLITS and s != "comparison"],
               "open_book": [s for s in splits if s in ("open_book", "open_book_two_hop")]}
-    report["routing"] = {g: routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size)
+    # target_rate: the consult rate the router is held at in training, what the overall rate is measured against
+    report["routing"] = {g: {**routing_specificity(model, codec, [ex for s in ss for ex in examples[s]], batch_size),
+                             "target_rate": model.cfg.knowledge.consult_rate}
                          for g, ss in groups.items() if ss and model.moe_layers()}
     return report
 
@@ -401,10 +415,12 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World, splits: Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="directory with config.json + model.safetensors")
-    parser.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, from {','.join(SPLITS)}")
+    parser.add_argument("--splits", default=None,
+                        help=f"comma-separated, from {','.join(SPLITS)} (default: all the world has)")
     parser.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS),
                         help=f"comma-separated, from {','.join(ABLATIONS)}")
-    parser.add_argument("--world", default=None, help="WorldConfig JSON (default: CHECKPOINT/world.json)")
+    parser.add_argument("--world", default=None,
+                        help="WorldConfig JSON or a world directory (default: CHECKPOINT/world.json)")
     parser.add_argument("--max-examples", type=int, default=None, help="per split (default: all of the world's)")
     parser.add_argument("--bits-people", type=int, default=200, help="people sampled for the bits estimate; 0: skip")
     parser.add_argument("--generate", default="base",
@@ -417,7 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
-    splits, ablations = args.splits.split(","), args.ablations.split(",")
+    ablations = args.ablations.split(",")
+    world_path = Path(args.world) if args.world else Path(args.checkpoint) / "world.json"
+    try:
+        world = load_world(world_path) if world_path.is_dir() else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    splits = args.splits.split(",") if args.splits else list(world.splits if world is not None else SPLITS)
     generable = tuple(a for a in ablations if a in ABLATIONS and can_generate(a))
     generate = {"all": generable, "none": []}.get(args.generate, args.generate.split(","))
     for given, known, what, may_be_empty in ((splits, SPLITS, "split", False),
@@ -432,18 +455,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.bits_people < 0:
         parser.error(f"--bits-people must be >= 0, got {args.bits_people}")
-    world_path = Path(args.world) if args.world else Path(args.checkpoint) / "world.json"
     try:
-        if not world_path.is_file():
-            raise ValueError(f"no world config at {world_path}; pass --world PATH")
-        world_cfg = load_world_config(world_path)
+        if world is None:
+            if not world_path.is_file():
+                raise ValueError(f"no world config at {world_path}; pass --world PATH")
+            world = build_world(load_world_config(world_path))
+        for split in splits:
+            if isinstance(world, WorldDir):
+                world.examples(split)  # a missing or malformed split file fails here, before any scoring
         model, codec = load(args.checkpoint, args.device)
-        world = build_world(world_cfg)
         reference = mean_reference(model, codec, world, ablations, args.mean_reference, args.batch_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = {"checkpoint": str(args.checkpoint), "tokenizer": codec.name, "world": asdict(world_cfg),
+    described = world.describe() if isinstance(world, WorldDir) else asdict(world.cfg)
+    report = {"checkpoint": str(args.checkpoint), "tokenizer": codec.name, "world": described,
               **evaluate(model, codec, world, splits, ablations, max_examples=args.max_examples,
                          generate=generate, bits_people=args.bits_people, batch_size=args.batch_size,
                          reference=reference)}

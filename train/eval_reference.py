@@ -69,11 +69,13 @@ def reference_pairs(world: World, count: int = REFERENCE_SEQUENCES) -> list[tupl
 
 
 @torch.no_grad()
-def reference_means(model, codec, world: World, count: int = REFERENCE_SEQUENCES,
+def reference_means(model, codec, world: World | list[tuple[str, str]], count: int = REFERENCE_SEQUENCES,
                     batch_size: int = 16) -> MeanReference:
-    """Record the reference means of ``model`` (eval mode) on ``reference_pairs(world, count)``, encoded with
-    ``codec`` (``train.eval.Codec``) and cut to the model's ``max_seq_len`` like the scored pairs."""
-    pairs = [(codec.encode(c), codec.encode(t)) for c, t in reference_pairs(world, count)]
+    """Record the reference means of ``model`` (eval mode) on ``reference_pairs(world, count)`` (or on the given
+    (prompt, continuation) pairs: a world directory's reference set), encoded with ``codec``
+    (``train.eval.Codec``) and cut to the model's ``max_seq_len`` like the scored pairs."""
+    given = reference_pairs(world, count) if isinstance(world, World) else world
+    pairs = [(codec.encode(c), codec.encode(t)) for c, t in given]
     encoded, _ = encode_pairs(pairs, model.cfg.max_seq_len + 1)
     device = next(model.parameters()).device
     with record_knowledge_means(model) as every, record_knowledge_means(model) as answers:

@@ -21,7 +21,7 @@ from moe import MoEStats, flops
 from train import checkpoint, data, distill, objectives
 from train.config import WORLD_GENERATOR, Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
-from train.drills import FreshDrills
+from train.drills import FileDrills, FreshDrills
 from train.engine import build_engine, compute_dtype
 from train.guards import collapse_warnings
 from train.metrics import MetricsLogger, StepMetrics
@@ -105,7 +105,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             raise ValueError(
                 f"{path}: tokenizer has {tok.get_vocab_size()} ids, model.vocab_size={cfg.model.vocab_size}"
             )
-        if cfg.data.in_context_fraction is None:
+        if not cfg.data.with_context:
             stream, loss_mask = data.tokenize(docs, tok), None
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
@@ -126,9 +126,24 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             save_world_config(corpus_world_config(**cfg.data.generator_kwargs), run_dir)
     drills = None
     if cfg.data.fresh_drills:
-        world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
-        drills = FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1))
+        drills = _drill_source(cfg, tok)
     return TrainData(packed, drills), tok
+
+
+def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
+    """Fresh reading drills: of the world generator, or of a world on disk (its generator, else its drills file)."""
+    if cfg.data.source != "world":
+        world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
+        return FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1))
+    from train.world_disk import DRILLS, MANIFEST, load_world
+
+    disk = load_world(cfg.data.path)
+    if disk.generated is not None:
+        return FreshDrills(disk.generated, tok, cfg.data.seq_len, disk.drill_questions)
+    if not (disk.path / DRILLS).is_file():
+        raise ValueError(f"data.fresh_drills={cfg.data.fresh_drills} needs drill material in world {disk.path}: a "
+                         f"{DRILLS} file (rows with a context) or a 'generator' in its {MANIFEST}")
+    return FileDrills(disk.path / DRILLS, tok, cfg.data.seq_len, cfg.train.seed)
 
 
 def _check_compatible(state: dict, cfg: Config, world_size: int) -> None:

@@ -32,6 +32,7 @@ much for a context to stay with its text.
 Evaluation splits (``eval_splits``), one ``datasets.Dataset`` each, columns: id, split, prompt (context +
 ``Q: ...\\nA:``), context, question, choices, gold (index into choices), answer, memorised (counterfactual: the
 trained value, else ""), person, attribute, spans (over ``prompt + " " + answer + "."``).
+``python -m train.world --out DIR`` writes the world in the on-disk schema (``docs/world_schema.md``, ``train.world_disk``).
 """
 
 from __future__ import annotations
@@ -388,11 +389,16 @@ def load_world_config(path: str | Path) -> WorldConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.world",
-                                     description="Write a world's config, eval splits and corpus as JSON lines.")
-    parser.add_argument("--out", required=True, help="directory for world.json, <split>.jsonl, corpus.jsonl")
+                                     description="Write a world directory (docs/world_schema.md): manifest, corpus, "
+                                                 "eval splits and the mean ablations' reference set.")
+    parser.add_argument("--out", required=True, help="the world directory to write")
     parser.add_argument("--preset", default="default", choices=tuple(WORLD_PRESETS))
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="WorldConfig overrides")
-    parser.add_argument("--corpus", action="store_true", help="also write corpus.jsonl (pretraining text)")
+    parser.add_argument("--in-context-fraction", type=float, default=0.5,
+                        help="share of bio / qa / comparison rows written with their facts as context")
+    parser.add_argument("--num-drills", type=int, default=None, help="reading-drill rows in the corpus "
+                                                                      "(default: num_people)")
+    parser.add_argument("--drill-questions", type=int, default=1, help="QA lines per reading drill")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -400,18 +406,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not sep:
             parser.error(f"--set expects FIELD=VALUE, got {item!r}")
         overrides[key] = json.loads(value) if value[:1].isdigit() or value[:1] == "-" else value
+    # Through the importable module: under ``python -m`` this file is ``__main__``, whose World class is not the
+    # one ``train.world_disk`` checks against.
+    from train import world as importable
+    from train.world_disk import write_world
+
     try:
-        cfg = world_config(args.preset, **overrides)
+        world = importable.build_world(importable.world_config(args.preset, **overrides))
+        out = write_world(args.out, world, in_context_fraction=args.in_context_fraction, num_drills=args.num_drills,
+                          drill_questions=args.drill_questions)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    world = build_world(cfg)
-    out = Path(args.out)
-    save_world_config(cfg, out)
-    for split, data in eval_splits(world).items():
-        data.to_json(out / f"{split}.jsonl", lines=True)
-    if args.corpus:
-        pretraining_corpus(world).to_json(out / "corpus.jsonl", lines=True)
-    print(f"wrote {out}/world.json and {len(SPLITS)} splits" + (" and corpus.jsonl" if args.corpus else ""))
+    print(f"wrote the world directory {out} (manifest.json, corpus.jsonl, eval/ with {len(SPLITS)} splits, "
+          "reference.jsonl)")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def test_residual_moe_run_exports_and_evaluates(tmp_path, dist_info):
 @pytest.mark.parametrize("group", ["data", "train", "deepspeed", "experiment"])
 def test_every_option_composes(group):
     needs = {"data=files": ["data.files=[corpus.jsonl]"],  # checked for existence when loaded, not here
+             "data=world_dir": ["data.path=world"],
              # its name interpolates ${hydra:runtime.choices.model}, which resolves only under a real Hydra run
              "experiment=decoupling": ["name=decoupling"], "experiment=decoupling_tiny": ["name=decoupling_tiny"]}
     for option in _options(group):

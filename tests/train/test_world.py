@@ -11,7 +11,6 @@ from train.world import (
     build_world,
     drill_rows,
     eval_splits,
-    load_world_config,
     main,
     pretraining_corpus,
     reading_drills,
@@ -190,10 +189,10 @@ def test_bad_config(bad, match):
 
 def test_cli_writes_splits(tmp_path):
     main(["--out", str(tmp_path), "--preset", "tiny", "--set", "seed=4", "eval_examples=3"])
-    cfg = load_world_config(tmp_path / "world.json")
-    assert cfg == world_config("tiny", seed=4, eval_examples=3)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert WorldConfig(**manifest["generator"]) == world_config("tiny", seed=4, eval_examples=3)
     for split in SPLITS:
-        lines = (tmp_path / f"{split}.jsonl").read_text().splitlines()
+        lines = (tmp_path / "eval" / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line)["id"] for line in lines] == [f"{split}-{i}" for i in range(3)]
 
 

@@ -1,10 +1,11 @@
 """Datasets of the ``pure_reasoner`` lm_eval tasks: local JSON-lines files of the world's evaluation splits.
 
 Where the files come from (first that applies):
-  1. ``world_dir``: a directory written by ``python -m train.world --out DIR`` (``DIR/<split>.jsonl``), from
+  1. ``world_dir``: a world directory (``docs/world_schema.md``; ``python -m train.world --out DIR`` writes the
+     built-in one), its ``DIR/eval/<split>.jsonl``, from
      ``--metadata '{"world_dir": "DIR"}'``, ``--model_args ...,world_dir=DIR`` or the env var PURE_REASONER_WORLD_DIR;
-  2. ``CHECKPOINT/world/<split>.jsonl`` when the checkpoint directory carries them (CHECKPOINT: model_args
-     ``checkpoint``, or ``pretrained`` for ``lm_eval --model hf`` on an export);
+  2. ``CHECKPOINT/world/eval/<split>.jsonl`` when the checkpoint directory carries a world directory (CHECKPOINT:
+     model_args ``checkpoint``, or ``pretrained`` for ``lm_eval --model hf`` on an export);
   3. else the splits are regenerated in memory from ``CHECKPOINT/world.json`` (the generator is deterministic,
      so this is the same data as 1 for the same WorldConfig).
 Nothing is downloaded (works with HF_DATASETS_OFFLINE=1).
@@ -19,6 +20,7 @@ import datasets
 
 import train.lm_eval_model  # noqa: F401  registers the pure_reasoner model when a task YAML is loaded by path
 from train.world import SPLITS, build_world, eval_splits, load_world_config
+from train.world_disk import EVAL_DIR, read_split
 from train.world_text import continuation
 
 
@@ -38,12 +40,13 @@ def load_split(split: str, world_dir: str | None = None, checkpoint: str | None 
     candidates = [Path(world_dir)] if world_dir else []
     candidates += [Path(checkpoint) / "world"] if checkpoint else []
     for directory in candidates:
-        path = directory / f"{split}.jsonl"
+        path = directory / EVAL_DIR / f"{split}.jsonl"
         if path.is_file():
-            data = datasets.load_dataset("json", data_files={"test": str(path)})["test"]
-            return {"test": _with_choice_texts(data)}
+            rows = [{k: v for k, v in ex.items() if k != "facts"} for ex in read_split(path, split)]
+            return {"test": _with_choice_texts(datasets.Dataset.from_list(rows))}
     if world_dir:
-        raise ValueError(f"world_dir {world_dir} has no {split}.jsonl (write it with python -m train.world --out)")
+        raise ValueError(f"world_dir {world_dir} has no {EVAL_DIR}/{split}.jsonl (write it with python -m train.world "
+                         "--out)")
     if checkpoint is None or not (Path(checkpoint) / "world.json").is_file():
         raise ValueError(f"no data for split {split!r}: pass world_dir=DIR, or a checkpoint with world.json")
     world = build_world(load_world_config(Path(checkpoint) / "world.json"))

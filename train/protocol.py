@@ -1,0 +1,208 @@
+"""Run a recipe under the protocol: several seeds, each its own world, init and data order; train, evaluate, record.
+
+    python -m train.protocol --recipe NAME [--seeds 0 1 2] [--heldout-seeds 2] [--world-seed-offset 0]
+                             [--eval-examples 600] [--results results] [--eval-arg=--bits-people=120 ...]
+                             -- experiment=decoupling [overrides ...]
+
+For each seed k (at least ``MIN_SEEDS``): world seed ``w = offset + k`` (``data.generator_kwargs.seed``: its own
+people, facts and questions), ``train.seed=k`` (init and data order) and ``name=<recipe>-seed<k>``; then
+``python -m train.eval`` on its export into ``<results>/eval/<recipe>_seed<k>.json`` (with a ``run`` record:
+recipe, seed, world seed, held out), and an entry ``<recipe>_seed<k>`` in ``<results>/runs.json`` (commands, seed,
+world seed, commit, wall times). Seeds in ``--heldout-seeds`` run on world seeds never looked at while choosing
+a recipe: ``python -m train.scorecard --exclude-heldout`` leaves them out, the final scorecard keeps them.
+
+The world's eval splits hold ``--eval-examples`` questions (600: a 95% interval of about ±0.04); the single-hop
+splits (closed_book, open_book) are checked to reach that many before anything trains, and again in the reports.
+Training and evaluation run as subprocesses, one after another, in the current directory (``runs/<name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_SEEDS = 3
+SINGLE_HOP = ("closed_book", "open_book")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """What one seed of a recipe runs."""
+
+    recipe: str
+    seed: int
+    world_seed: int
+    heldout: bool
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe}-seed{self.seed}"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.recipe}_seed{self.seed}"
+
+    def train_overrides(self, eval_examples: int) -> list[str]:
+        return [*self.overrides, f"name={self.name}", f"train.seed={self.seed}",
+                f"++data.generator_kwargs.seed={self.world_seed}",
+                f"++data.generator_kwargs.eval_examples={eval_examples}"]
+
+
+def compose(overrides: Sequence[str]):
+    """The typed training Config of ``python -m train <overrides>`` (ValueError when it does not validate)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from train.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        try:
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+        except Exception as err:  # Hydra's own error types for overrides that do not compose
+            raise ValueError(f"overrides {list(overrides)} do not compose: {err}") from err
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return to_config(cfg)
+
+
+def check_world(cfg, eval_examples: int) -> dict[str, int]:
+    """Questions per single-hop split of the world ``cfg`` trains on; ValueError when one is below
+    ``eval_examples`` or the data is not the world generator (the protocol sets its seed)."""
+    from train.config import WORLD_GENERATOR
+    from train.world import build_world, corpus_world_config
+    from train.world_splits import split_examples
+
+    if cfg.data.source != "generator" or cfg.data.generator != WORLD_GENERATOR:
+        raise ValueError(f"the protocol gives every seed its own world through data.generator={WORLD_GENERATOR}; got "
+                         f"source={cfg.data.source!r}, generator={cfg.data.generator!r}")
+    world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
+    sizes = {s: len(split_examples(world, s)) for s in SINGLE_HOP}
+    short = {s: n for s, n in sizes.items() if n < eval_examples}
+    if short:
+        raise ValueError(f"world seed {world.cfg.seed}: single-hop splits {short} hold fewer than --eval-examples="
+                         f"{eval_examples} questions (closed_book asks 5 attributes of each held-out person: grow "
+                         f"data.generator_kwargs.num_people, or lower --eval-examples)")
+    return sizes
+
+
+def commit() -> str:
+    """The repository's HEAD commit, ``-dirty`` when the work tree has uncommitted changes ("unknown" outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# A launcher's (or this process's own) rank variables would make each run try to join that process group.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _run(command: list[str]) -> float:
+    """Run one training or eval command as a fresh single-rank job; its wall seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit status {done.returncode}: {' '.join(command)}")
+    return time.perf_counter() - start
+
+
+def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequence[str]) -> dict:
+    """Train and evaluate one seed; returns its manifest entry (the eval report gets its ``run`` record)."""
+    overrides = run.train_overrides(eval_examples)
+    train_cmd = [sys.executable, "-m", "train", *overrides]
+    report_path = results / "eval" / f"{run.stem}.json"
+    eval_cmd = [sys.executable, "-m", "train.eval", "--checkpoint", str(Path("runs") / run.name / "export"),
+                "--json", str(report_path), *eval_args]
+    train_s = _run(train_cmd)
+    eval_s = _run(eval_cmd)
+    report = json.loads(report_path.read_text())
+    short = {s: report["splits"][s]["base"]["n"] for s in SINGLE_HOP
+             if s in report["splits"] and report["splits"][s]["base"]["n"] < eval_examples}
+    if short:
+        raise ValueError(f"{report_path}: single-hop splits scored on {short} questions, fewer than {eval_examples}")
+    record = {"recipe": run.recipe, "seed": run.seed, "world_seed": run.world_seed, "heldout": run.heldout}
+    report["run"] = record
+    report_path.write_text(json.dumps(report, indent=2))
+    return {**record, "commit": commit(), "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
+            "commands": [" ".join(["python", *c[1:]]) for c in (train_cmd, eval_cmd)]}
+
+
+def record(manifest_path: Path, stem: str, entry: dict) -> None:
+    """Add (or replace) one entry of the runs manifest, written atomically."""
+    runs = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    runs[stem] = entry
+    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    tmp.replace(manifest_path)
+
+
+def plan(recipe: str, seeds: Sequence[int], heldout: Sequence[int], offset: int,
+         overrides: Sequence[str]) -> list[SeedRun]:
+    """The seed runs of a recipe; ValueError on fewer than MIN_SEEDS distinct seeds or a held-out seed not run."""
+    if not recipe or "/" in recipe:
+        raise ValueError(f"--recipe must be a non-empty name without '/', got {recipe!r}")
+    if len(set(seeds)) != len(seeds) or len(seeds) < MIN_SEEDS:
+        raise ValueError(f"the protocol needs >= {MIN_SEEDS} distinct seeds, got {list(seeds)}")
+    if not set(heldout) <= set(seeds):
+        raise ValueError(f"--heldout-seeds {sorted(set(heldout) - set(seeds))} are not among --seeds {list(seeds)}")
+    reserved = [o for o in overrides if o.split("=")[0].lstrip("+") in ("name", "train.seed",
+                                                                         "data.generator_kwargs.seed")]
+    if reserved:
+        raise ValueError(f"the protocol sets {reserved} itself (name, train.seed, the world seed)")
+    return [SeedRun(recipe, s, offset + s, s in heldout, tuple(overrides)) for s in seeds]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.protocol", description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, help="the recipe's name (runs are grouped by it)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--heldout-seeds", type=int, nargs="*", default=[],
+                        help="seeds whose worlds are never looked at while choosing the recipe")
+    parser.add_argument("--world-seed-offset", type=int, default=0, help="world seed = offset + seed")
+    parser.add_argument("--eval-examples", type=int, default=600,
+                        help="questions per eval split (single-hop splits must reach it)")
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--eval-arg", action="append", default=[], help="passed to train.eval (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="training overrides (after --)")
+    args = parser.parse_args(argv)
+    try:
+        runs = plan(args.recipe, args.seeds, args.heldout_seeds, args.world_seed_offset, args.overrides)
+        for run in runs:  # every seed's config and world are checked before the first one trains
+            check_world(compose(run.train_overrides(args.eval_examples)), args.eval_examples)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    manifest = args.results / "runs.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        try:
+            entry = run_seed(run, args.results, args.eval_examples, args.eval_arg)
+        except (RuntimeError, ValueError) as err:
+            print(f"error: seed {run.seed}: {err}", file=sys.stderr)
+            return 1
+        record(manifest, run.stem, entry)
+        print(f"{run.stem}: world seed {run.world_seed}, train {entry['train_wall_s']} s, "
+              f"eval {entry['eval_wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
