@@ -32,7 +32,8 @@ much for a context to stay with its text.
 Evaluation splits (``eval_splits``), one ``datasets.Dataset`` each, columns: id, split, prompt (context +
 ``Q: ...\\nA:``), context, question, choices, gold (index into choices), answer, memorised (counterfactual: the
 trained value, else ""), person, attribute, spans (over ``prompt + " " + answer + "."``).
-``python -m train.world --out DIR`` writes the world in the on-disk schema (``docs/world_schema.md``, ``train.world_disk``).
+``python -m train.world --out DIR`` writes the world in the on-disk schema (``docs/world_schema.md``,
+``train.world_disk``).
 """
 
 from __future__ import annotations
