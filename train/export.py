@@ -88,6 +88,23 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> No
     barrier()
 
 
+def differing_tensors(export_a: Path, export_b: Path) -> list[str]:
+    """Names of the tensors (parameters and persistent buffers) of two exports that are not bitwise equal
+    (other dtype, shape or bits), and of those only one holds; [] when the exports hold the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moe.checkpoint import WEIGHTS
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)  # so -0.0 != 0.0 and a NaN equals the same NaN
+
+    a, b = load_file(export_a / WEIGHTS), load_file(export_b / WEIGHTS)
+    same = {k for k in a.keys() & b.keys()
+            if a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(bits(a[k]), bits(b[k]))}
+    return sorted((a.keys() | b.keys()) - same)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 import train.checkpoint
-import train.data
 from moe.checkpoint import load_pretrained
-from tests.train.helpers import metrics, run_in_process
-from train.export import export_checkpoint
-
-
-class Crash(RuntimeError):
-    pass
+from tests.train.helpers import RECIPE_RUN, Crash, crash_at_step, metrics, run_in_process
+from train.export import differing_tensors, export_checkpoint
+from train.metrics import read_curve
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +19,10 @@ def uninterrupted(tmp_path_factory, dist_info):
     return run_dir, summary
 
 
-def _crash_at_step(monkeypatch, step: int) -> None:
-    real = train.data.micro_batch_positions
-
-    def positions(s, *args):
-        if s == step:
-            raise Crash(f"injected crash at step {s}")
-        return real(s, *args)
-
-    monkeypatch.setattr(train.data, "micro_batch_positions", positions)
-
-
 def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
     ref_dir, ref = uninterrupted
     with monkeypatch.context() as patch:
-        _crash_at_step(patch, 10)  # after the checkpoint of step 8
+        crash_at_step(patch, 10)  # after the checkpoint of step 8
         with pytest.raises(Crash):
             run_in_process(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000008"
@@ -48,6 +33,21 @@ def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
     assert [r["step"] for r in rows] == list(range(1, 13))  # rows logged after step 8 by the crashed run are gone
     for key in ("loss", "lr", "grad_norm", "consult_rate_l0"):
         assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
+
+
+def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_info):
+    # Knowledge in context, fresh drills, consult targets, gradient routing, the knowledge-off forget pass;
+    # two expert-parallel ranks: tests/train/test_train_launcher.py.
+    ref = run_in_process(tmp_path / "uninterrupted", base=RECIPE_RUN)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 10)  # after the checkpoint of step 8
+        with pytest.raises(Crash):
+            run_in_process(tmp_path / "crashed", base=RECIPE_RUN)
+    resumed = run_in_process(tmp_path / "crashed", base=RECIPE_RUN)
+    assert resumed.resumed_from == "step_00000008"
+    assert resumed.losses == ref.losses[8:]
+    assert read_curve(tmp_path / "crashed") == read_curve(tmp_path / "uninterrupted")  # every column but wall time
+    assert differing_tensors(tmp_path / "crashed" / "export", tmp_path / "uninterrupted" / "export") == []
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uninterrupted):
