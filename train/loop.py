@@ -363,7 +363,9 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         steps.append(last)
         window.append(last)
         done = step + 1
-        if logger is not None and (done % t.log_every == 0 or done == t.max_steps):
+        # Also before each checkpoint: a resume from it logs only later steps, so a row still in the window
+        # when a crash follows the checkpoint would be missing from metrics.csv for good.
+        if logger is not None and (done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps):
             for m in window:
                 logger.log(m)
             window = []

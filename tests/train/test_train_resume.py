@@ -35,6 +35,18 @@ def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
         assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
 
 
+def test_rows_not_yet_logged_at_a_checkpoint_survive_a_crash(tmp_path, monkeypatch, uninterrupted):
+    # log_every=3 does not divide ckpt_every=4: rows of steps after the last logged one and up to the
+    # checkpoint must be in metrics.csv by the time the checkpoint is, or a crash before the next log loses them.
+    ref_dir, _ = uninterrupted
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 5)  # after the checkpoint of step 4, before step 6 is logged
+        with pytest.raises(Crash):
+            run_in_process(tmp_path, "train.log_every=3")
+    run_in_process(tmp_path, "train.log_every=3")
+    assert read_curve(tmp_path) == read_curve(ref_dir)
+
+
 def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_info):
     # Knowledge in context, fresh drills, consult targets, gradient routing, the knowledge-off forget pass;
     # two expert-parallel ranks: tests/train/test_train_launcher.py.
