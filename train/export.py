@@ -73,18 +73,24 @@ def _copy_run_files(run_dir: Path, out: Path) -> None:
 
 
 def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> None:
-    """At the end of training: rank 0 exports the checkpoint just written; the others wait.
+    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export``; the others wait.
 
     The residual_moe baseline (``ffn=deepspeed_residual``, one expert-parallel rank, fp32) is exported from the
     engine's module, whose fp32 weights are the trained ones (DeepSpeed keeps MoE experts outside the
     ZeRO files that ``zero_to_fp32`` merges)."""
     if info.rank == 0:
+        # Written aside and renamed into place, so ``export/`` exists only complete: a run killed while
+        # exporting has none, and the same command (which trains no further) exports again.
+        tmp = run_dir / f".{EXPORT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         if cfg.ffn == "deepspeed_residual":
             from train.baselines import save_residual_pretrained
 
-            _copy_run_files(run_dir, save_residual_pretrained(engine.module, run_dir / EXPORT))
+            _copy_run_files(run_dir, save_residual_pretrained(engine.module, tmp))
         else:
-            export_checkpoint(run_dir)
+            export_checkpoint(run_dir, out_dir=tmp)
+        shutil.rmtree(run_dir / EXPORT, ignore_errors=True)
+        os.rename(tmp, run_dir / EXPORT)
     barrier()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train.checkpoint
+import train.export
 from moe.checkpoint import load_pretrained
 from tests.train.helpers import RECIPE_RUN, Crash, crash_at_step, metrics, run_in_process
 from train.export import differing_tensors, export_checkpoint
@@ -95,6 +96,26 @@ def test_export_loads_back(uninterrupted, tmp_path):
     torch.testing.assert_close(again(idx).logits_BSV, model(idx).logits_BSV, rtol=0, atol=0)
     # and the controller state (selection biases) travelled with the weights
     assert float(model.moe_layers()[0].router.consult_cut) != 0.0
+
+
+def test_crash_during_export_is_exported_by_the_same_command(tmp_path, monkeypatch, uninterrupted):
+    ref_dir, _ = uninterrupted
+    real = train.export.save_pretrained
+    with monkeypatch.context() as patch:
+
+        def save_pretrained(model, out):
+            (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text("{")  # killed a few bytes into the export
+            raise Crash("killed while exporting")
+
+        patch.setattr(train.export, "save_pretrained", save_pretrained)
+        with pytest.raises(Crash):
+            run_in_process(tmp_path)
+    assert real is train.export.save_pretrained
+    again = run_in_process(tmp_path)
+    assert again.resumed_from == "step_00000012" and again.losses == []  # nothing trained again
+    assert differing_tensors(tmp_path / "export", ref_dir / "export") == []
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
 
 
 def test_finished_run_is_not_rerun(uninterrupted):
