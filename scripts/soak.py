@@ -14,8 +14,9 @@ README's multi-process command, so the knowledge experts are split over the rank
    the other rank down, and the same command is relaunched, ``--kills`` times. The moments cycle through
    three kinds: 0..``--max-delay`` s after the launch logged its first new step; 0-10 ms after a checkpoint
    write starts (a ``.tmp-step_*`` directory, the partial-write marker of ``train.checkpoint``, appears; a
-   kill that leaves it behind was inside the write); and 0..``startup`` s after its ranks started (data,
-   engine, resume; ``startup``: the reference's time to its first step).
+   kill that leaves it behind was inside the write); 0..``startup`` s after its ranks started (data,
+   engine, resume; ``startup``: the reference's time to its first step); and 0-20 ms after the export at
+   the end starts (``train.export.EXPORT_TMP`` appears), after which the same command only exports.
 3. After every kill, before relaunching: the checkpoint ``latest`` names must be complete (state JSON, every
    rank's RNG and optimizer files, the model files, each readable without unpickling code) and the steps
    lost (last step logged minus the step of ``latest``) at most one checkpoint interval. Every relaunch
@@ -44,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-KINDS = ("after a new step", "during a checkpoint write", "during startup or resume")
+KINDS = ("after a new step", "during a checkpoint write", "during startup or resume", "during the export")
 
 
 def command(run_dir: Path, ranks: int, experiment: str, steps: int, ckpt_every: int) -> list[str]:
@@ -163,6 +164,8 @@ def _kill_one_rank(
 ) -> str:
     """Wait for a moment of ``kind``, SIGKILL one rank, wait for the launch to end; returns the moment ('' if
     the run ended first)."""
+    from train.export import EXPORT_TMP
+
     start_step = last_logged_step(run_dir)
     root = run_dir / "checkpoints"
     deadline = time.monotonic() + 600
@@ -179,10 +182,14 @@ def _kill_one_rank(
         return lambda: time.monotonic() >= moment_s or last_logged_step(run_dir) >= last_step - 1
 
     if kind == KINDS[1]:
+        _wait_for(proc, lambda: not _writing(root), deadline)  # a write the last kill cut short is removed first
         _wait_for(proc, lambda: _writing(root) or last_logged_step(run_dir) >= last_step - 1, deadline)
         time.sleep(rng.uniform(0.0, 0.01))  # somewhere inside DeepSpeed's writes, the RNG files or the fsyncs
     elif kind == KINDS[2]:
         _wait_for(proc, due(time.monotonic() + rng.uniform(0.0, startup_s)), deadline)
+    elif kind == KINDS[3]:
+        _wait_for(proc, lambda: (run_dir / EXPORT_TMP).is_dir(), deadline)
+        time.sleep(rng.uniform(0.0, 0.02))  # reading the checkpoint, gathering the experts or writing the files
     else:
         _wait_for(proc, lambda: last_logged_step(run_dir) > start_step, deadline)
         _wait_for(proc, due(time.monotonic() + rng.uniform(0.0, max_delay)), deadline)
@@ -202,7 +209,8 @@ def _kill_one_rank(
     except ProcessLookupError:
         pass
     proc.wait()
-    return f"{kind}: rank {victim} of {ranks}" + (", inside the write" if _writing(root) else "")
+    inside = _writing(root) or (run_dir / EXPORT_TMP).is_dir()
+    return f"{kind}: rank {victim} of {ranks}" + (", inside the write" if inside else "")
 
 
 def _resumed_from(log: Path, ranks: int) -> list[str]:
@@ -239,7 +247,8 @@ def soak(
         log_path = workdir / f"launch_{launches:03d}.log"
         with open(log_path, "w") as log:
             proc = launch(run_dir, log)
-            moment = _kill_one_rank(proc, run_dir, rng, KINDS[len(lost) % 3], ranks, max_delay, startup_s, steps)
+            kind = KINDS[len(lost) % len(KINDS)]
+            moment = _kill_one_rank(proc, run_dir, rng, kind, ranks, max_delay, startup_s, steps)
         said = _resumed_from(log_path, ranks)
         if any(tag != expected for tag in said):
             problems.append(f"launch {launches} resumed from {said}, expected {expected or 'scratch'}")
@@ -282,7 +291,9 @@ def soak(
         "kills": len(lost),
         "kill_moments": moments,
         "kills_during_checkpoint_write": sum(KINDS[1] in m for m in moments),
-        "kills_inside_checkpoint_write": sum("inside the write" in m for m in moments),
+        "kills_inside_checkpoint_write": sum(KINDS[1] in m and "inside the write" in m for m in moments),
+        "kills_during_export": sum(KINDS[3] in m for m in moments),
+        "kills_inside_export": sum(KINDS[3] in m and "inside the write" in m for m in moments),
         "launches": launches,  # of the soak run (the reference's not counted)
         "results_compared": len(compared),
         "kills_behind_compared_results": compared,

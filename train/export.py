@@ -24,6 +24,7 @@ from train.config import Config
 from train.dist import DistInfo, barrier
 
 EXPORT = "export"
+EXPORT_TMP = f".{EXPORT}.tmp"  # where the end-of-training export is written before it is renamed to EXPORT
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -81,8 +82,9 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> No
     if info.rank == 0:
         # Written aside and renamed into place, so ``export/`` exists only complete: a run killed while
         # exporting has none, and the same command (which trains no further) exports again.
-        tmp = run_dir / f".{EXPORT}.tmp"
+        tmp = run_dir / EXPORT_TMP
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # from the start: it marks an export under way (scripts/soak.py kills in one)
         if cfg.ffn == "deepspeed_residual":
             from train.baselines import save_residual_pretrained
 

@@ -237,8 +237,10 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
+    from train.export import EXPORT, export_from_engine
+
     # Read by every rank before the barrier below, so all agree even once rank 0 starts writing it.
-    exported = (run_dir / "export").is_dir()
+    exported = (run_dir / EXPORT).is_dir()
     if resumed is None:
         # DeepSpeed's WarmupCosineLR starts at iteration -1 and then 0, both at lr 0: skip one of the two.
         scheduler.step()
@@ -262,8 +264,6 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
             logger.close()
     exportable = cfg.ffn == "pure_reasoner" or (cfg.train.ep_size == 1 and cfg.deepspeed.precision == "fp32")
     if cfg.train.export and exportable and (start_step < cfg.train.max_steps or not exported):
-        from train.export import export_from_engine
-
         export_from_engine(engine, cfg, run_dir, info)
     return Summary(
         steps=cfg.train.max_steps,
