@@ -12,11 +12,12 @@ README's multi-process command, so the knowledge experts are split over the rank
 1. An uninterrupted reference run (same command, its own run directory).
 2. The soak run is launched, one of its ranks (chosen at random) is killed with SIGKILL, the launcher takes
    the other rank down, and the same command is relaunched, ``--kills`` times. The moments cycle through
-   three kinds: 0..``--max-delay`` s after the launch logged its first new step; 0-10 ms after a checkpoint
-   write starts (a ``.tmp-step_*`` directory, the partial-write marker of ``train.checkpoint``, appears; a
-   kill that leaves it behind was inside the write); 0..``startup`` s after its ranks started (data,
-   engine, resume; ``startup``: the reference's time to its first step); and 0-20 ms after the export at
-   the end starts (``train.export.EXPORT_TMP`` appears), after which the same command only exports.
+   four kinds: 0..``--max-delay`` s after the launch logged its first new step; 0-10 ms after a checkpoint
+   write starts while an earlier checkpoint is complete (a ``.tmp-step_*`` directory, the partial-write
+   marker of ``train.checkpoint``, appears; a kill that leaves it behind was inside the write);
+   0..``startup`` s after its ranks started (data, engine, resume; ``startup``: the reference's time to
+   its first step); and 0-20 ms after the export at the end starts (``train.export.EXPORT_TMP``
+   appears), after which the same command only exports.
 3. After every kill, before relaunching: the checkpoint ``latest`` names must be complete (state JSON, every
    rank's RNG and optimizer files, the model files, each readable without unpickling code) and the steps
    lost (last step logged minus the step of ``latest``) at most one checkpoint interval. Every relaunch
@@ -183,11 +184,14 @@ def _kill_one_rank(
 
     if kind == KINDS[1]:
         _wait_for(proc, lambda: not _writing(root), deadline)  # a write the last kill cut short is removed first
-        _wait_for(proc, lambda: _writing(root) or last_logged_step(run_dir) >= last_step - 1, deadline)
+        # A write while a complete checkpoint exists, so the relaunch has one to resume from.
+        _wait_for(proc, lambda: (_writing(root) and (root / "latest").exists())
+                  or last_logged_step(run_dir) >= last_step - 1, deadline)
         time.sleep(rng.uniform(0.0, 0.01))  # somewhere inside DeepSpeed's writes, the RNG files or the fsyncs
     elif kind == KINDS[2]:
         _wait_for(proc, due(time.monotonic() + rng.uniform(0.0, startup_s)), deadline)
     elif kind == KINDS[3]:
+        _wait_for(proc, lambda: not (run_dir / EXPORT_TMP).is_dir(), deadline)  # one cut short is removed first
         _wait_for(proc, lambda: (run_dir / EXPORT_TMP).is_dir(), deadline)
         time.sleep(rng.uniform(0.0, 0.02))  # reading the checkpoint, gathering the experts or writing the files
     else:
@@ -209,7 +213,7 @@ def _kill_one_rank(
     except ProcessLookupError:
         pass
     proc.wait()
-    inside = _writing(root) or (run_dir / EXPORT_TMP).is_dir()
+    inside = _writing(root) if kind == KINDS[1] else kind == KINDS[3] and (run_dir / EXPORT_TMP).is_dir()
     return f"{kind}: rank {victim} of {ranks}" + (", inside the write" if inside else "")
 
 
@@ -239,7 +243,7 @@ def soak(
         proc.wait()
     if proc.returncode != 0:
         return {"problems": [f"reference run exited {proc.returncode}, see {workdir / 'reference.log'}"]}
-    problems, lost, moments, launches, fresh_start = [], [], [], 0, 0
+    problems, lost, moments, launches, fresh_start, from_checkpoint = [], [], [], 0, 0, 0
     compared: list[int] = []  # kills behind each finished run's compared result
     expected = ""  # the checkpoint the next launch must resume from
     while len(lost) < kills:
@@ -250,6 +254,7 @@ def soak(
             kind = KINDS[len(lost) % len(KINDS)]
             moment = _kill_one_rank(proc, run_dir, rng, kind, ranks, max_delay, startup_s, steps)
         said = _resumed_from(log_path, ranks)
+        from_checkpoint += bool(said) and all(said)
         if any(tag != expected for tag in said):
             problems.append(f"launch {launches} resumed from {said}, expected {expected or 'scratch'}")
         if not moment:  # finished (or crashed) before the moment came
@@ -278,6 +283,7 @@ def soak(
         final = launch(run_dir, log)
         final.wait()
     said = _resumed_from(log_path, ranks)
+    from_checkpoint += bool(said) and all(said)
     if said != [expected] * ranks:
         problems.append(f"final launch resumed from {said}, expected {expected or 'scratch'}")
     if final.returncode != 0:
@@ -295,6 +301,7 @@ def soak(
         "kills_during_export": sum(KINDS[3] in m for m in moments),
         "kills_inside_export": sum(KINDS[3] in m and "inside the write" in m for m in moments),
         "launches": launches,  # of the soak run (the reference's not counted)
+        "launches_resumed_from_a_checkpoint": from_checkpoint,
         "results_compared": len(compared),
         "kills_behind_compared_results": compared,
         "steps": steps,

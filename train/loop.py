@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -230,15 +231,16 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
     train_data, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
+    from train.export import EXPORT, EXPORT_TMP, export_from_engine
+
     if info.rank == 0:
         checkpoint.remove_partial(run_dir)
+        shutil.rmtree(run_dir / EXPORT_TMP, ignore_errors=True)  # an export cut short by a kill
         checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
-    from train.export import EXPORT, export_from_engine
-
     # Read by every rank before the barrier below, so all agree even once rank 0 starts writing it.
     exported = (run_dir / EXPORT).is_dir()
     if resumed is None:

@@ -20,4 +20,5 @@ def test_short_soak(tmp_path):
     assert result["problems"] == []
     assert result["kills"] == 2 and result["kills_during_checkpoint_write"] == 1
     assert sum(result["kills_behind_compared_results"]) == 2 and result["results_compared"] >= 1
+    assert result["launches_resumed_from_a_checkpoint"] >= 1  # the one after the kill inside a write at least
     assert result["max_steps_lost"] <= 4

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.train.helpers import RECIPE_RUN, finish, launch, metrics, run_in_process, train_ranks
+from tests.train.helpers import finish, launch, metrics, run_in_process, train_ranks
 from train.export import differing_tensors
 from train.metrics import read_curve
 
@@ -22,11 +22,24 @@ def one_rank(tmp_path_factory, dist_info):
     return metrics(run_dir)
 
 
+EXPERT_PARALLEL = ("train.micro_batch_size=4", "train.ep_size=2")
+
+
+@pytest.fixture(scope="module")
+def expert_parallel(tmp_path_factory):
+    """An uninterrupted run on 2 expert-parallel ranks: its directory and output."""
+    run_dir = tmp_path_factory.mktemp("expert_parallel")
+    return run_dir, finish(launch(run_dir, *EXPERT_PARALLEL))
+
+
 @pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_ranks_track_one_rank(tmp_path, one_rank, ep_size):
-    out = finish(launch(tmp_path, "train.micro_batch_size=4", f"train.ep_size={ep_size}"))
+def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size):
+    if ep_size == 2:
+        run_dir, out = expert_parallel
+    else:
+        run_dir, out = tmp_path, finish(launch(tmp_path, "train.micro_batch_size=4"))
     assert out.count("done: 12 steps") == 2
-    rows = metrics(tmp_path)
+    rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in one_rank]
     for row, ref in zip(rows, one_rank, strict=True):
         # Same sequences per micro-batch; only float summation order differs (all-reduce vs accumulation).
@@ -34,19 +47,17 @@ def test_two_ranks_track_one_rank(tmp_path, one_rank, ep_size):
         assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
         assert row["consult_rate_l1"] == pytest.approx(ref["consult_rate_l1"], abs=2e-3)
     if ep_size == 2:
-        ckpt = tmp_path / "checkpoints" / "step_00000012"
+        ckpt = run_dir / "checkpoints" / "step_00000012"
         assert len(list(ckpt.glob("layer_0_expert_*_model_states.pt"))) == 8  # one file per expert, from 2 ranks
-        assert (tmp_path / "export" / "model.safetensors").is_file()
+        assert (run_dir / "export" / "model.safetensors").is_file()
 
 
-def test_kill9_of_one_rank_then_same_command_resumes_exactly(tmp_path):
-    # Expert-parallel, so resuming also reloads DeepSpeed's per-expert checkpoint files on both ranks; the
-    # decoupling recipe's features, with the recall_mean forget pass (router and experts run in it too).
-    args = ("objective.forget_ablation=recall_mean", "train.ep_size=2", "train.micro_batch_size=4")
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    finish(launch(ref_dir, *args, base=RECIPE_RUN))
-    proc = launch(run_dir, *args, base=RECIPE_RUN)
-    latest = run_dir / "checkpoints" / "latest"
+def test_kill9_of_one_rank_then_same_command_resumes_exactly(tmp_path, expert_parallel):
+    # Expert-parallel, so resuming also reloads DeepSpeed's per-expert checkpoint files on both ranks. The
+    # decoupling recipe's features on 2 ranks: tests/reliability/test_soak_short.py.
+    ref_dir, _ = expert_parallel
+    proc = launch(tmp_path, *EXPERT_PARALLEL)
+    latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 180
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -57,11 +68,11 @@ def test_kill9_of_one_rank_then_same_command_resumes_exactly(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-2000:]
     killed_at = latest.read_text()
-    assert (run_dir / "checkpoints" / killed_at / "trainer_state.json").is_file()
+    assert (tmp_path / "checkpoints" / killed_at / "trainer_state.json").is_file()
 
-    out = finish(launch(run_dir, *args, base=RECIPE_RUN))
+    out = finish(launch(tmp_path, *EXPERT_PARALLEL))
     assert out.count(f"resumed from {killed_at}") == 2
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     # Bit-identical: every step logged once, with the uninterrupted run's values, and the same final weights.
-    assert read_curve(run_dir) == read_curve(ref_dir)
-    assert differing_tensors(run_dir / "export", ref_dir / "export") == []
+    assert read_curve(tmp_path) == read_curve(ref_dir)
+    assert differing_tensors(tmp_path / "export", ref_dir / "export") == []
