@@ -25,6 +25,7 @@ from train.config import Config
 from train.dist import DistInfo, barrier
 
 EXPORT = "export"
+EXPORT_TMP = f".{EXPORT}.tmp"  # where the end-of-training export is written before it is renamed to EXPORT
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -75,19 +76,43 @@ def _copy_run_files(run_dir: Path, out: Path) -> None:
 
 
 def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> None:
-    """At the end of training: rank 0 exports the checkpoint just written; the others wait.
+    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export``; the others wait.
 
     The residual_moe baseline (``ffn=deepspeed_residual``, one expert-parallel rank, fp32) is exported from the
     engine's module, whose fp32 weights are the trained ones (DeepSpeed keeps MoE experts outside the
     ZeRO files that ``zero_to_fp32`` merges)."""
     if info.rank == 0:
+        # Written aside and renamed into place, so ``export/`` exists only complete: a run killed while
+        # exporting has none, and the same command (which trains no further) exports again.
+        tmp = run_dir / EXPORT_TMP
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # from the start: it marks an export under way (scripts/soak.py kills in one)
         if cfg.ffn == "deepspeed_residual":
             from train.baselines import save_residual_pretrained
 
-            _copy_run_files(run_dir, save_residual_pretrained(engine.module, run_dir / EXPORT))
+            _copy_run_files(run_dir, save_residual_pretrained(engine.module, tmp))
         else:
-            export_checkpoint(run_dir)
+            export_checkpoint(run_dir, out_dir=tmp)
+        shutil.rmtree(run_dir / EXPORT, ignore_errors=True)
+        os.rename(tmp, run_dir / EXPORT)
     barrier()
+
+
+def differing_tensors(export_a: Path, export_b: Path) -> list[str]:
+    """Names of the tensors (parameters and persistent buffers) of two exports that are not bitwise equal
+    (other dtype, shape or bits), and of those only one holds; [] when the exports hold the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moe.checkpoint import WEIGHTS
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)  # so -0.0 != 0.0 and a NaN equals the same NaN
+
+    a, b = load_file(export_a / WEIGHTS), load_file(export_b / WEIGHTS)
+    same = {k for k in a.keys() & b.keys()
+            if a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(bits(a[k]), bits(b[k]))}
+    return sorted((a.keys() | b.keys()) - same)
 
 
 def main(argv: list[str] | None = None) -> None:

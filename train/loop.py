@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -273,13 +274,18 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
     train_data, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
+    from train.export import EXPORT, EXPORT_TMP, export_from_engine
+
     if info.rank == 0:
         checkpoint.remove_partial(run_dir)
+        shutil.rmtree(run_dir / EXPORT_TMP, ignore_errors=True)  # an export cut short by a kill
         checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
+    # Read by every rank before the barrier below, so all agree even once rank 0 starts writing it.
+    exported = (run_dir / EXPORT).is_dir()
     if resumed is None:
         # DeepSpeed's WarmupCosineLR starts at iteration -1 and then 0, both at lr 0: skip one of the two.
         scheduler.step()
@@ -302,9 +308,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         if logger is not None:
             logger.close()
     exportable = cfg.ffn == "pure_reasoner" or (cfg.train.ep_size == 1 and cfg.deepspeed.precision == "fp32")
-    if cfg.train.export and exportable and start_step < cfg.train.max_steps:
-        from train.export import export_from_engine
-
+    if cfg.train.export and exportable and (start_step < cfg.train.max_steps or not exported):
         export_from_engine(engine, cfg, run_dir, info)
     return Summary(
         steps=cfg.train.max_steps,
@@ -404,7 +408,9 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         steps.append(last)
         window.append(last)
         done = step + 1
-        if logger is not None and (done % t.log_every == 0 or done == t.max_steps):
+        # Also before each checkpoint: a resume from it logs only later steps, so a row still in the window
+        # when a crash follows the checkpoint would be missing from metrics.csv for good.
+        if logger is not None and (done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps):
             for m in window:
                 logger.log(m)
             window = []

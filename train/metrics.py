@@ -66,6 +66,16 @@ class StepMetrics:
         return row
 
 
+WALL_TIME_COLUMNS = ("tokens_per_s", "mfu")  # measured from the step's wall time: differ between identical runs
+
+
+def read_curve(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``run_dir/metrics.csv`` as written (strings: equal rows are bitwise equal), without the
+    wall-time columns, so that two runs that computed the same steps have equal curves."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in WALL_TIME_COLUMNS} for row in csv.DictReader(f)]
+
+
 def _truncate_csv(path: Path, last_step: int) -> None:
     """Drop rows logged after ``last_step`` (by a run that died after its last checkpoint), atomically."""
     if not path.exists():

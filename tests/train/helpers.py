@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -25,23 +28,72 @@ def compose_raw(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-SMALL_RUN = (
-    "experiment=smoke",
+SHORT = (
     "train.max_steps=12",
     "train.ckpt_every=4",
     "train.log_every=4",
     "train.progress=false",
-    "data.max_chars=60000",
     "train.threads=1",  # bitwise-reproducible matmuls across runs and processes
 )
+SMALL_RUN = ("experiment=smoke", "data.max_chars=60000", *SHORT)
+RECIPE_RUN = ("experiment=decoupling_smoke", *SHORT)  # the decoupling recipe's features, ~10 s on one core
 
 
-def run_in_process(run_dir: Path, *overrides: str):
-    """Train in this process (a one-rank group) exactly as ``python -m train`` would; returns the Summary."""
+class Crash(RuntimeError):
+    """A failure injected into a training run by a test."""
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """Make the next in-process run raise ``Crash`` when it asks for the data of ``step`` (0-based)."""
+    import train.data
+
+    real = train.data.micro_batch_positions
+
+    def positions(s, *args):
+        if s == step:
+            raise Crash(f"injected crash at step {s}")
+        return real(s, *args)
+
+    monkeypatch.setattr(train.data, "micro_batch_positions", positions)
+
+
+def run_in_process(run_dir: Path, *overrides: str, base: tuple[str, ...] = SMALL_RUN):
+    """Train in this process (a one-rank group) exactly as ``python -m train <base> <overrides>`` would;
+    returns the Summary."""
     from train.loop import run
 
-    raw = compose_raw(*SMALL_RUN, *overrides)
+    raw = compose_raw(*base, *overrides)
     return run(OmegaConf.to_object(raw), run_dir, OmegaConf.to_yaml(raw, resolve=True))
+
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def launch(run_dir: Path, *overrides: str, base: tuple[str, ...] = SMALL_RUN) -> subprocess.Popen:
+    """``deepspeed --no_local_rank --num_gpus 2 --module train ...``: the README's multi-process command."""
+    from train.dist import _free_port
+
+    cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "train",
+           *base, f"hydra.run.dir={run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for a launch; asserts it succeeded and returns its output."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def train_ranks(launcher: subprocess.Popen) -> list:
+    """The ``python -m train`` processes (psutil) a launcher started."""
+    import psutil
+
+    def runs_train(cmdline: list[str]) -> bool:
+        return "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["train"]
+
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if runs_train(p.cmdline())]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 import train.checkpoint
-import train.data
+import train.export
 from moe.checkpoint import load_pretrained
-from tests.train.helpers import metrics, run_in_process
-
-
-class Crash(RuntimeError):
-    pass
+from tests.train.helpers import RECIPE_RUN, Crash, crash_at_step, metrics, run_in_process
+from train.export import differing_tensors
+from train.metrics import read_curve
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +39,10 @@ def _capture_trained_state(patch) -> dict:
     return captured
 
 
-def _crash_at_step(monkeypatch, step: int) -> None:
-    real = train.data.micro_batch_positions
-
-    def positions(s, *args):
-        if s == step:
-            raise Crash(f"injected crash at step {s}")
-        return real(s, *args)
-
-    monkeypatch.setattr(train.data, "micro_batch_positions", positions)
-
-
 def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
     ref_dir, ref = uninterrupted
     with monkeypatch.context() as patch:
-        _crash_at_step(patch, 10)  # after the checkpoint of step 8
+        crash_at_step(patch, 10)  # after the checkpoint of step 8
         with pytest.raises(Crash):
             run_in_process(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000008"
@@ -66,6 +53,36 @@ def test_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
     assert [r["step"] for r in rows] == list(range(1, 13))  # rows logged after step 8 by the crashed run are gone
     for key in ("loss", "lr", "grad_norm", "consult_rate_l0"):
         assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
+
+
+def test_rows_not_yet_logged_at_a_checkpoint_survive_a_crash(tmp_path, monkeypatch, uninterrupted):
+    # log_every=3 does not divide ckpt_every=4: rows of steps after the last logged one and up to the
+    # checkpoint must be in metrics.csv by the time the checkpoint is, or a crash before the next log loses them.
+    ref_dir, _ = uninterrupted
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 5)  # after the checkpoint of step 4, before step 6 is logged
+        with pytest.raises(Crash):
+            run_in_process(tmp_path, "train.log_every=3")
+    run_in_process(tmp_path, "train.log_every=3")
+    assert read_curve(tmp_path) == read_curve(ref_dir)
+
+
+@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
+def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_info, ablation):
+    # Knowledge in context, fresh drills, consult targets, gradient routing, the knowledge-off forget pass
+    # (recall_mean runs router and experts in it too); on two expert-parallel ranks:
+    # tests/reliability/test_soak_short.py.
+    forget = f"objective.forget_ablation={ablation}"
+    ref = run_in_process(tmp_path / "uninterrupted", forget, base=RECIPE_RUN)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 10)  # after the checkpoint of step 8
+        with pytest.raises(Crash):
+            run_in_process(tmp_path / "crashed", forget, base=RECIPE_RUN)
+    resumed = run_in_process(tmp_path / "crashed", forget, base=RECIPE_RUN)
+    assert resumed.resumed_from == "step_00000008"
+    assert resumed.losses == ref.losses[8:]
+    assert read_curve(tmp_path / "crashed") == read_curve(tmp_path / "uninterrupted")  # every column but wall time
+    assert differing_tensors(tmp_path / "crashed" / "export", tmp_path / "uninterrupted" / "export") == []
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uninterrupted):
@@ -121,6 +138,24 @@ def _check_transformers_loads(export):
     assert AutoTokenizer.from_pretrained(export)(text, add_special_tokens=False).input_ids == ids[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits_BSV, rtol=0, atol=1e-5)
+
+
+def test_crash_during_export_is_exported_by_the_same_command(tmp_path, monkeypatch, uninterrupted):
+    ref_dir, _ = uninterrupted
+    with monkeypatch.context() as patch:
+
+        def save_pretrained(model, out):
+            (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text("{")  # killed a few bytes into the export
+            raise Crash("killed while exporting")
+
+        patch.setattr(train.export, "save_pretrained", save_pretrained)
+        with pytest.raises(Crash):
+            run_in_process(tmp_path)
+    again = run_in_process(tmp_path)
+    assert again.resumed_from == "step_00000012" and again.losses == []  # nothing trained again
+    assert differing_tensors(tmp_path / "export", ref_dir / "export") == []
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
 
 
 def test_finished_run_is_not_rerun(uninterrupted):
