@@ -103,17 +103,24 @@ def test_bounded_rows_match_reference(bound, dtype, poison):
     assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("max_rows", [18, 5], ids=["all-rows-kept", "bound-below-S"])
-def test_opcheck(max_rows):
-    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops."""
+def test_opcheck(max_rows, layout):
+    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops;
+    with transposed inputs too, where the fake outputs must keep the real ops' (contiguous) strides."""
     import kernels.triton_mlp  # noqa: F401  (registers the ops)
     from kernels.triton_routing import routing_metadata_triton
 
     x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    if layout == "transposed":  # dense, not contiguous: the last two dims' strides swapped
+        x_TD, gates_TK, w1, w3, w2 = (
+            t.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()
+            for t in (x_TD, gates_TK, w1, w3, w2)
+        )
     meta = routing_metadata_triton(ids_TK, 4)
     ops = torch.ops.pure_reasoner
-    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True)
+    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True, False)
     torch.library.opcheck(ops.triton_knowledge_mlp.default, fwd_args)
     y_TD, a1_HF, a3_HF = ops.triton_knowledge_mlp(*fwd_args)
     plain = [t.detach() for t in (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, a1_HF, a3_HF)]
-    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False))
+    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False, False))

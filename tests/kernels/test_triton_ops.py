@@ -72,9 +72,18 @@ def test_grouped_wgrad(a_gather, b_gather, scale, poison):
     assert dw[1].abs().max() == 0
 
 
-def test_opcheck():
-    """Schema, fake (meta) kernels, autograd registration, and AOT dispatch of every custom op."""
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dims' strides swapped: dense but not contiguous."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck(layout):
+    """Schema, fake (meta) kernels, autograd registration, and AOT dispatch of every custom op; with
+    transposed inputs too, where the fake outputs must still have the real ops' (contiguous) strides."""
     x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    if layout == "transposed":
+        x_TD, gates_TK, w1, w3, w2 = (_transposed(t) for t in (x_TD, gates_TK, w1, w3, w2))
     slot_order_S, offsets_E = _routing(ids_TK, 4)
     ops = torch.ops.pure_reasoner
     a1_SF, a3_SF = (torch.randn(18, 40, device=DEVICE) for _ in range(2))
@@ -82,7 +91,7 @@ def test_opcheck():
     dy = torch.randn(9, 24, device=DEVICE)
     x, gates, w1_, w3_, w2_, h = (t.detach() for t in (x_TD, gates_TK, w1, w3, w2, h_SF))  # no autograd: bwd ops
     cases = {
-        ops.triton_routing.default: (ids_TK, 4),
+        ops.triton_routing.default: (ids_TK, 4, False),
         ops.triton_gather_swiglu.default: (x_TD, slot_order_S, offsets_E, w1, w3, 2, True),
         ops.triton_down_scatter.default: (h_SF, gates_TK, slot_order_S, offsets_E, w2),
         ops.triton_gather_swiglu_bwd.default: (h, x, slot_order_S, offsets_E, w1_, w3_, a1_SF, a3_SF, 2),
