@@ -8,10 +8,11 @@ dim, F expert width, E experts. Row r belongs to flat slot ``s_r = slot_order[r]
                dh[r] = g[s_r] · u[r],  dg[s_r] = <u[r], h[r]>
                dw2[e] = Σ_{r in e} h[r]ᵀ (g[s_r] · dy[token_r])                   (kernels.triton_wgrad)
 
-The backward has two epilogues. Standalone (h given): it writes dh. Fused into the knowledge MLP
-(``SWIGLU``, a1 and a3 given): it recomputes h = silu(a1) * a3 from the saved pre-activations, writes
-h (for dw2) and the SwiGLU backward da1, da3 (``kernels.triton_up.swiglu_grads``) while dh is still in
-registers, so the up projection's backward reads da1, da3 once instead of recomputing them per D block.
+The backward has two kernels around one main loop. Standalone (h given): it writes dh. Fused into the
+knowledge MLP (``down_swiglu_bwd``, a1 and a3 given): it recomputes h = silu(a1) * a3 from the saved
+pre-activations, writes h (for dw2) and the SwiGLU backward da1, da3 (``kernels.triton_up.swiglu_grads``)
+while dh is still in registers, so the up projection's backward reads da1, da3 once instead of
+recomputing them per D block.
 
 The output accumulates in fp32 and is cast to h's dtype once. Idle rows of dh are written as zeros by
 the grid's left-over programs; idle slots get a zero gate gradient. The fused epilogue's outputs are
@@ -92,28 +93,24 @@ def _down_scatter_fwd_kernel(
         tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask, sem="relaxed")
 
 
-@_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
-@triton.jit(do_not_specialize=["row_bucket"])
-def _down_scatter_bwd_kernel(
-    dy_ptr, h_ptr, a1_ptr, a3_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, da1_ptr, da3_ptr,
-    dgates_ptr, num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
-    SWIGLU: tl.constexpr, P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # BLOCK_N tiles F (the output), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
-    # SWIGLU: h is an output (from a1, a3) and da1, da3 replace dh; else h is an input and dh the output.
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out = rows[:, None] * F + cols[None, :]
-    out_mask = row_mask[:, None] & (cols < F)[None, :]
-    if expert >= num_experts:
-        if not SWIGLU:
-            tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
-        return
-    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    tokens = slots // num_slots_per_token
-    w_base = expert.to(tl.int64) * stride_we
+# The fused backward keeps u, a1, a3 and h live at once in its epilogue: in bf16, every 64-row tile
+# spills (255 registers at 64 x 64 / 4 warps and 64 x 128 / 8 warps; kernels.triton_aot), 32 x 128 / 8
+# warps uses 134. Small row blocks cost little weight traffic: GROUP_M row blocks share each w2 tile.
+_SWIGLU_TILES = TileConfigs(
+    mma=(
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ),
+    fma=_TILES.fma,
+    interpreter=_TILES.interpreter,
+)
+
+
+@triton.jit
+def _dy_w2t_tile(dy_ptr, w2_ptr, tokens, row_mask, cols, w_base, D, F, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u = dy[tokens] @ w2[e]ᵀ for one tile: [BLOCK_M rows, BLOCK_N of F] in fp32 (BLOCK_K tiles D)."""
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -123,27 +120,80 @@ def _down_scatter_bwd_kernel(
         w_mask = (kk < D)[:, None] & (cols < F)[None, :]
         w = tl.load(w2_ptr + w_base + cols[None, :] * D + kk[:, None], mask=w_mask, other=0.0)
         u += tl.dot(dy, w, input_precision=DOT_PRECISION)
-    if SWIGLU:
-        a1 = tl.load(a1_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
-        a3 = tl.load(a3_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
-        # h as the forward rounded it: y was computed from h in h's dtype.
-        h_low = (a1 * tl.sigmoid(a1) * a3).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + out, h_low, mask=out_mask)
-        h = h_low.to(tl.float32)
-    else:
-        h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    return u
+
+
+@triton.jit
+def _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW: tl.constexpr):
+    """Add this tile's share of dg = <u, h> to each row's slot (PER_ROW: into the F block's own row)."""
     if PER_ROW:
         tl.store(dgates_ptr + pid_n * num_slots + slots, tl.sum(u * h, axis=1), mask=row_mask)
     else:
+        # Only the sum matters, read after the kernel: no ordering between programs is needed.
         tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask, sem="relaxed")
+
+
+@_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@triton.jit(do_not_specialize=["row_bucket"])
+def _down_scatter_bwd_kernel(
+    dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
+    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = rows[:, None] * F + cols[None, :]
+    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    if expert >= num_experts:
+        tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
+        return
+    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
+    w_base = expert.to(tl.int64) * stride_we
+    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
+    h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-    dh = u * gate[:, None]
-    if SWIGLU:
-        da1, da3 = swiglu_grads(dh, a1, a3)
-        tl.store(da1_ptr + out, da1.to(da1_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(da3_ptr + out, da3.to(da3_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(dh_ptr + out, dh.to(dh_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dh_ptr + out, (u * gate[:, None]).to(dh_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_SWIGLU_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@triton.jit(do_not_specialize=["row_bucket"])
+def _down_swiglu_bwd_kernel(
+    dy_ptr, a1_ptr, a3_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, h_ptr, da1_ptr, da3_ptr, dgates_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # As _down_scatter_bwd_kernel, but h = silu(a1) * a3 is recomputed (and written, for dw2) and the
+    # epilogue writes da1, da3 instead of dh. Idle rows are left unwritten: nothing reads them.
+    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    if expert >= num_experts:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
+    w_base = expert.to(tl.int64) * stride_we
+    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
+    # Five [S, F] tiles share one int32 offset tile from the block's first row (BLOCK_M * F < 2^31): five
+    # 64-bit pointer tiles live at once spill the registers.
+    first = tl.min(rows, axis=0) * F
+    out = tl.arange(0, BLOCK_M)[:, None] * F + cols[None, :]
+    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    a1 = tl.load(a1_ptr + first + out, mask=out_mask, other=0.0).to(tl.float32)
+    a3 = tl.load(a3_ptr + first + out, mask=out_mask, other=0.0).to(tl.float32)
+    # h as the forward rounded it: y was computed from h in h's dtype.
+    h = (a1 * tl.sigmoid(a1) * a3).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + first + out, h, mask=out_mask)
+    _gate_grad(u, h.to(tl.float32), slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
+    gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    da1, da3 = swiglu_grads(u * gate[:, None], a1, a3)
+    tl.store(da1_ptr + first + out, da1.to(da1_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(da3_ptr + first + out, da3.to(da3_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _check(h_SF: torch.Tensor, gates_TK: torch.Tensor, slot_order_S, offsets_E, w2_EFD: torch.Tensor) -> None:
@@ -189,45 +239,42 @@ def down_scatter_fwd(
 
 
 def _down_bwd(dy_TD, h_SF, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32):
-    """Both epilogues: ``a1_SF is None``: h given, returns (dh, None, dgates, dw2); else h is recomputed
-    from a1, a3 and the result is (da1, da3, dgates, dw2)."""
+    """Both backward kernels: ``a1_SF is None``: h given, returns (dh, None, dgates, dw2); else h is
+    recomputed from a1, a3 and the result is (da1, da3, dgates, dw2)."""
     swiglu = a1_SF is not None
     rows_SF = a1_SF if swiglu else h_SF
     _check(rows_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
     dy_TD, w2_EFD = dy_TD.to(rows_SF.dtype).contiguous(), w2_EFD.contiguous()
     gates_S = gates_TK.reshape(-1).contiguous()
     num_slots, top_k, (num_experts, width, dim) = rows_SF.shape[0], gates_TK.shape[1], w2_EFD.shape
-    if swiglu:
-        a1_SF, a3_SF = a1_SF.contiguous(), a3_SF.contiguous()
-        h_SF = torch.empty_like(a1_SF)
-        g1_SF, g3_SF = torch.empty_like(a1_SF), torch.empty_like(a1_SF)
-    else:
-        h_SF = h_SF.contiguous()
-        a1_SF = a3_SF = g3_SF = h_SF  # never read or written without SWIGLU
-        g1_SF = torch.empty_like(h_SF)
+    kernel = _down_swiglu_bwd_kernel if swiglu else _down_scatter_bwd_kernel
     precision = dot_precision(rows_SF.dtype, tf32)
     # fp32 accumulator: atomic over F blocks; or deterministic, one row per F block of the pinned config
     num_partials = 1
     if deterministic:
-        pinned = pinned_config(_down_scatter_bwd_kernel, {"DOT_PRECISION": precision})
-        num_partials = triton.cdiv(width, pinned.kwargs["BLOCK_N"])
+        num_partials = triton.cdiv(width, pinned_config(kernel, {"DOT_PRECISION": precision}).kwargs["BLOCK_N"])
     dgates_PS = torch.zeros(num_partials, gates_S.numel(), dtype=torch.float32, device=rows_SF.device)
+    if swiglu:
+        a1_SF, a3_SF = a1_SF.contiguous(), a3_SF.contiguous()
+        h_SF, g1_SF, g3_SF = (torch.empty_like(a1_SF) for _ in range(3))
+        tensors = (dy_TD, a1_SF, a3_SF, gates_S, slot_order_S, offsets_E, w2_EFD, h_SF, g1_SF, g3_SF, dgates_PS)
+    else:
+        h_SF, g3_SF = h_SF.contiguous(), None
+        g1_SF = torch.empty_like(h_SF)
+        tensors = (dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, g1_SF, dgates_PS)
 
     def grid(meta):
         return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
     launch(
-        _down_scatter_bwd_kernel, grid, dy_TD, h_SF, a1_SF, a3_SF, gates_S, slot_order_S, offsets_E, w2_EFD,
-        g1_SF, g1_SF, g3_SF, dgates_PS, num_experts, num_slots, top_k, dim, width, w2_EFD.stride(0),
-        row_bucket(num_slots), deterministic=deterministic, SWIGLU=swiglu, P=padded(num_experts),
-        DOT_PRECISION=precision, PER_ROW=deterministic,
+        kernel, grid, *tensors, num_experts, num_slots, top_k, dim, width, w2_EFD.stride(0), row_bucket(num_slots),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=precision, PER_ROW=deterministic,
     )  # fmt: skip
     dw2_EFD = grouped_wgrad(
         h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float(),
         deterministic=deterministic, tf32=tf32,
     )
-    dgates_TK = dgates_PS.sum(0).to(gates_TK.dtype).view(gates_TK.shape)
-    return g1_SF, (g3_SF if swiglu else None), dgates_TK, dw2_EFD
+    return g1_SF, g3_SF, dgates_PS.sum(0).to(gates_TK.dtype).view(gates_TK.shape), dw2_EFD
 
 
 def down_scatter_bwd(

@@ -32,6 +32,33 @@ def _swiglu_window(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k, start, 
                              tf32)
 
 
+def knowledge_mlp_fwd(
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    gates_TK: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    max_rows: int,
+    save: bool,
+    deterministic: bool,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's launches (the op's body). Returns y_TD and, if ``save``, a1_HF, a3_HF of the first
+    H = min(max_rows, S) sorted rows (else [0, F] each)."""
+    top_k, num_slots = gates_TK.shape[1], slot_order_S.numel()
+    num_kept = min(max_rows, num_slots)
+    window = (x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k)
+    h_HF, a1_HF, a3_HF = _swiglu_window(*window, 0, num_kept, save, deterministic, tf32)
+    h_SF = h_HF
+    if num_kept < num_slots:  # shapes only: the rows past the bound, kept by no one
+        h_VF, _, _ = _swiglu_window(*window, num_kept, num_slots, False, deterministic, tf32)
+        h_SF = torch.cat([h_HF, h_VF])
+    y_TD = down_scatter_fwd(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32)
+    return y_TD, a1_HF, a3_HF
+
+
 @torch.library.custom_op("pure_reasoner::triton_knowledge_mlp", mutates_args=())
 def _mlp_op(
     x_TD: torch.Tensor,
@@ -46,16 +73,9 @@ def _mlp_op(
     deterministic: bool,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    top_k, num_slots = gates_TK.shape[1], slot_order_S.numel()
-    num_kept = min(max_rows, num_slots)
-    window = (x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k)
-    h_HF, a1_HF, a3_HF = _swiglu_window(*window, 0, num_kept, save, deterministic, tf32)
-    h_SF = h_HF
-    if num_kept < num_slots:  # shapes only: the rows past the bound, kept by no one
-        h_VF, _, _ = _swiglu_window(*window, num_kept, num_slots, False, deterministic, tf32)
-        h_SF = torch.cat([h_HF, h_VF])
-    y_TD = down_scatter_fwd(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32)
-    return y_TD, a1_HF, a3_HF
+    return knowledge_mlp_fwd(
+        x_TD, slot_order_S, offsets_E, gates_TK, w1_EDF, w3_EDF, w2_EFD, max_rows, save, deterministic, tf32
+    )
 
 
 @_mlp_op.register_fake
@@ -64,6 +84,37 @@ def _(x_TD, slot_order_S, offsets_E, gates_TK, w1_EDF, w3_EDF, w2_EFD, max_rows,
     width = w1_EDF.shape[2]
     # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides.
     return x_TD.new_empty(x_TD.shape), x_TD.new_empty(kept, width), x_TD.new_empty(kept, width)
+
+
+def knowledge_mlp_bwd(
+    dy_TD: torch.Tensor,
+    x_TD: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    gates_TK: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    a1_HF: torch.Tensor,
+    a3_HF: torch.Tensor,
+    deterministic: bool,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's launches (the op's body). Returns dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD;
+    rows past the H saved ones are recomputed first."""
+    top_k, num_slots, num_kept = gates_TK.shape[1], slot_order_S.numel(), a1_HF.shape[0]
+    a1_SF, a3_SF = a1_HF, a3_HF
+    if num_kept < num_slots:
+        window = (x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k)
+        _, a1_VF, a3_VF = _swiglu_window(*window, num_kept, num_slots, True, deterministic, tf32)
+        a1_SF, a3_SF = torch.cat([a1_HF, a1_VF]), torch.cat([a3_HF, a3_VF])
+    da1_SF, da3_SF, dgates_TK, dw2_EFD = down_swiglu_bwd(
+        dy_TD, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32
+    )
+    dx_TD, dw1_EDF, dw3_EDF = gather_swiglu_bwd(
+        da1_SF, da3_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k, deterministic, tf32
+    )
+    return dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD
 
 
 @torch.library.custom_op("pure_reasoner::triton_knowledge_mlp_bwd", mutates_args=())
@@ -81,19 +132,9 @@ def _mlp_bwd_op(
     deterministic: bool,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    top_k, num_slots, num_kept = gates_TK.shape[1], slot_order_S.numel(), a1_HF.shape[0]
-    a1_SF, a3_SF = a1_HF, a3_HF
-    if num_kept < num_slots:
-        window = (x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k)
-        _, a1_VF, a3_VF = _swiglu_window(*window, num_kept, num_slots, True, deterministic, tf32)
-        a1_SF, a3_SF = torch.cat([a1_HF, a1_VF]), torch.cat([a3_HF, a3_VF])
-    da1_SF, da3_SF, dgates_TK, dw2_EFD = down_swiglu_bwd(
-        dy_TD, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32
+    return knowledge_mlp_bwd(
+        dy_TD, x_TD, slot_order_S, offsets_E, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_HF, a3_HF, deterministic, tf32
     )
-    dx_TD, dw1_EDF, dw3_EDF = gather_swiglu_bwd(
-        da1_SF, da3_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k, deterministic, tf32
-    )
-    return dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD
 
 
 @_mlp_bwd_op.register_fake

@@ -21,6 +21,7 @@ Importing this module imports triton: only the Triton implementation does, on fi
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,19 @@ from kernels.backends import interpreting
 # Power-of-two buckets of the row count: the autotune key, so a small eval batch tunes its own config
 # instead of fixing the one every training step then uses.
 _MAX_ROW_BUCKET = 1 << 20
+# Set to 1, every autotuned kernel runs its first candidate, as deterministic runs do: a test suite on a
+# GPU then compiles one binary per kernel and shape instead of timing every candidate (minutes).
+PIN_CONFIGS_ENV = "PURE_REASONER_TRITON_PIN_CONFIGS"
 
 
 @dataclass(frozen=True)
 class TileConfigs:
-    """Autotune candidates per dot precision: tensor-core tiles (fp16, bf16, TF32) and FMA tiles (exact
-    fp32 'ieee', which needs smaller tiles to stay within registers). Under the interpreter, exactly one:
-    it has no driver to benchmark with ("0 active drivers") and gains nothing from tuning.
+    """Autotune candidates per dot precision. ``mma``: 16-bit tensor-core tiles (fp16, bf16); TF32 runs
+    the same tiles with half the reduction block (``reduction``), as its 4-byte operands would otherwise
+    double the shared memory of every pipeline stage (64 x 128 x 64 at 3 stages: 240 KiB > the H100's
+    227); ``fma``: exact fp32 ('ieee'), which needs smaller tiles to stay within registers. Under the
+    interpreter, exactly one: it has no driver to benchmark with ("0 active drivers") and gains nothing
+    from tuning.
 
     The first candidate of each list is the pinned one of deterministic runs (``launch``).
     """
@@ -46,22 +53,37 @@ class TileConfigs:
     mma: tuple[triton.Config, ...]
     fma: tuple[triton.Config, ...]
     interpreter: triton.Config
+    reduction: str = "BLOCK_K"
+
+    @property
+    def tf32(self) -> tuple[triton.Config, ...]:
+        return tuple(_halved(c, self.reduction) for c in self.mma)
 
     @property
     def all(self) -> list[triton.Config]:
-        return [self.interpreter] if interpreting() else [*self.mma, *self.fma]
+        return [self.interpreter] if interpreting() else [*self.mma, *self.tf32, *self.fma]
 
     def prune(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         """``early_config_prune``: the candidates for this launch's ``DOT_PRECISION``."""
         if interpreting():
             return configs
-        keep = self.fma if kwargs["DOT_PRECISION"] == "ieee" else self.mma
-        return [c for c in configs if any(c is k for k in keep)]
+        precision = kwargs["DOT_PRECISION"]
+        keep = {"ieee": self.fma, "tf32": self.tf32}.get(precision, self.mma)
+        return [c for c in configs if _signature(c) in {_signature(k) for k in keep}]
 
     def autotune(self, key: list[str], **kwargs):
         """``triton.autotune`` over these candidates, keyed on ``key`` plus the row bucket."""
         return triton.autotune(configs=self.all, key=[*key, "row_bucket"],
                                prune_configs_by={"early_config_prune": self.prune}, **kwargs)
+
+
+def _halved(config: triton.Config, name: str) -> triton.Config:
+    kwargs = {**config.kwargs, name: config.kwargs[name] // 2}
+    return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _signature(config: triton.Config) -> tuple:
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
 
 def dot_precision(dtype: torch.dtype, tf32: bool = False) -> str | None:
@@ -98,11 +120,12 @@ def launch(kernel, grid, *args, deterministic: bool, **constexprs) -> None:
     The tile sizes fix the order of every reduction (BLOCK_K over D or F, BLOCK_R over rows), and
     autotuning picks them by timing, so two processes can sum in different orders. A pinned config makes
     a deterministic kernel's bits independent of the run (and of the autotuner's ``reset_to_zero``: the
-    callers zero their accumulators themselves).
+    callers zero their accumulators themselves). ``PIN_CONFIGS_ENV``=1 pins every launch's config too.
     """
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    pin = deterministic or os.environ.get(PIN_CONFIGS_ENV) == "1"
     with device_guard(device):
-        if deterministic and isinstance(kernel, triton.runtime.Autotuner):
+        if pin and isinstance(kernel, triton.runtime.Autotuner):
             kernel.fn[grid](*args, **constexprs, **pinned_config(kernel, constexprs).all_kwargs())
         else:
             kernel[grid](*args, **constexprs)

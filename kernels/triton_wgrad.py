@@ -34,6 +34,7 @@ _TILES = TileConfigs(
         triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=2),
     ),
     interpreter=triton.Config({"BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_O": 32, "GROUP_I": 2}),
+    reduction="BLOCK_R",
 )
 
 
@@ -110,7 +111,7 @@ def grouped_wgrad(
     launch(
         _grouped_wgrad_kernel, grid, a_RI, b_RO, slot_order_S, scale, offsets_E, dw_EIO,
         num_slots_per_token, dim_in, dim_out, a_RI.stride(0), b_RO.stride(0), dw_EIO.stride(0), dw_EIO.stride(1),
-        row_bucket(slot_order_S.numel()), deterministic=deterministic, A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None,
-        DOT_PRECISION=dot_precision(a_RI.dtype, tf32),
+        row_bucket(slot_order_S.numel()), deterministic=deterministic, A_GATHER=a_gather, B_GATHER=b_gather,
+        SCALE=scale_S is not None, DOT_PRECISION=dot_precision(a_RI.dtype, tf32),
     )  # fmt: skip
     return dw_EIO
