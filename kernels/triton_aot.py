@@ -111,7 +111,7 @@ class _Launch:
 
 def _record_launches(shape: Shape, precision: str) -> list[_Launch]:
     """Every kernel launch of a training step's fwd+bwd (normal and deterministic), plus the standalone
-    ops' launches, as the launchers make them, on meta tensors."""
+    ops' launches, as the launchers make them, on meta tensors (the routing with ``PRECISIONS[0]`` only)."""
     from kernels import triton_down, triton_mlp, triton_routing, triton_up, triton_wgrad
 
     launches: list[_Launch] = []
@@ -143,8 +143,8 @@ def _record_launches(shape: Shape, precision: str) -> list[_Launch]:
         triton_down.down_scatter_bwd(dy, h, gates, slot_order, offsets, w2, tf32=tf32)
         triton_up.swiglu_grads_rows(rows, rows, rows)
         if precision == PRECISIONS[0]:  # the routing is dtype-free: once, with and without its id check
-            for debug in (False, True):
-                triton_routing.routing_metadata_triton(meta(t, k, dtype=torch.int64), e, debug)
+            for debug in (False, True):  # the launcher itself: its custom op would run the fake on meta
+                triton_routing._routing_metadata_launch(meta(t, k, dtype=torch.int64), e, debug)
     assert saved < s, "the production shape exercises the recompute window too"
     return launches
 

@@ -32,35 +32,21 @@ import triton.language as tl
 from kernels.backends import check_triton
 from kernels.combine import combine_rows
 from kernels.triton_schedule import (
+    ROW_GEMM_TILES,
     TileConfigs,
     dot_precision,
-    expert_row_block,
+    grouped_tile,
     launch,
     padded,
     pinned_config,
     row_blocks,
     row_bucket,
-    swizzle,
 )
 from kernels.triton_up import swiglu_grads
 from kernels.triton_wgrad import grouped_wgrad
 
-_TILES = TileConfigs(
-    mma=(
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ),
-    fma=(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=2),
-    ),
-    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
-)
 
-
-@_TILES.autotune(key=["D", "F"], reset_to_zero=["y_ptr"])
+@ROW_GEMM_TILES.autotune(key=["D", "F"], reset_to_zero=["y_ptr"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _down_scatter_fwd_kernel(
     h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, y_ptr,
@@ -69,12 +55,11 @@ def _down_scatter_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction). PER_ROW: y is [S, D] by sorted row.
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(D, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, D, BLOCK_M, BLOCK_N,
+                                                   GROUP_M, P)
     if expert >= num_experts:
         return
     slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
@@ -102,8 +87,8 @@ _SWIGLU_TILES = TileConfigs(
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ),
-    fma=_TILES.fma,
-    interpreter=_TILES.interpreter,
+    fma=ROW_GEMM_TILES.fma,
+    interpreter=ROW_GEMM_TILES.interpreter,
 )
 
 
@@ -133,7 +118,7 @@ def _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW: tl.
         tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask, sem="relaxed")
 
 
-@_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@ROW_GEMM_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _down_scatter_bwd_kernel(
     dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
@@ -142,9 +127,8 @@ def _down_scatter_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
+                                                       GROUP_M, P)
     out = rows[:, None] * F + cols[None, :]
     out_mask = row_mask[:, None] & (cols < F)[None, :]
     if expert >= num_experts:
@@ -170,11 +154,10 @@ def _down_swiglu_bwd_kernel(
 ):  # fmt: skip
     # As _down_scatter_bwd_kernel, but h = silu(a1) * a3 is recomputed (and written, for dw2) and the
     # epilogue writes da1, da3 instead of dh. Idle rows are left unwritten: nothing reads them.
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
+                                                       GROUP_M, P)
     if expert >= num_experts:
         return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
     w_base = expert.to(tl.int64) * stride_we
     u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,

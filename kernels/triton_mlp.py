@@ -45,8 +45,8 @@ def knowledge_mlp_fwd(
     deterministic: bool,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward's launches (the op's body). Returns y_TD and, if ``save``, a1_HF, a3_HF of the first
-    H = min(max_rows, S) sorted rows (else [0, F] each)."""
+    """The forward's launches (the body of the custom op ``_mlp_op``). Returns y_TD and, if ``save``,
+    a1_HF, a3_HF of the first H = min(max_rows, S) sorted rows (else [0, F] each)."""
     top_k, num_slots = gates_TK.shape[1], slot_order_S.numel()
     num_kept = min(max_rows, num_slots)
     window = (x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, top_k)
@@ -59,23 +59,7 @@ def knowledge_mlp_fwd(
     return y_TD, a1_HF, a3_HF
 
 
-@torch.library.custom_op("pure_reasoner::triton_knowledge_mlp", mutates_args=())
-def _mlp_op(
-    x_TD: torch.Tensor,
-    slot_order_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    gates_TK: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w3_EDF: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    max_rows: int,
-    save: bool,
-    deterministic: bool,
-    tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return knowledge_mlp_fwd(
-        x_TD, slot_order_S, offsets_E, gates_TK, w1_EDF, w3_EDF, w2_EFD, max_rows, save, deterministic, tf32
-    )
+_mlp_op = torch.library.custom_op("pure_reasoner::triton_knowledge_mlp", knowledge_mlp_fwd, mutates_args=())
 
 
 @_mlp_op.register_fake
@@ -100,8 +84,8 @@ def knowledge_mlp_bwd(
     deterministic: bool,
     tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward's launches (the op's body). Returns dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD;
-    rows past the H saved ones are recomputed first."""
+    """The backward's launches (the body of the custom op ``_mlp_bwd_op``). Returns dx_TD, dgates_TK,
+    dw1_EDF, dw3_EDF, dw2_EFD; rows past the H saved ones are recomputed first."""
     top_k, num_slots, num_kept = gates_TK.shape[1], slot_order_S.numel(), a1_HF.shape[0]
     a1_SF, a3_SF = a1_HF, a3_HF
     if num_kept < num_slots:
@@ -117,24 +101,7 @@ def knowledge_mlp_bwd(
     return dx_TD, dgates_TK, dw1_EDF, dw3_EDF, dw2_EFD
 
 
-@torch.library.custom_op("pure_reasoner::triton_knowledge_mlp_bwd", mutates_args=())
-def _mlp_bwd_op(
-    dy_TD: torch.Tensor,
-    x_TD: torch.Tensor,
-    slot_order_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    gates_TK: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w3_EDF: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    a1_HF: torch.Tensor,
-    a3_HF: torch.Tensor,
-    deterministic: bool,
-    tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return knowledge_mlp_bwd(
-        dy_TD, x_TD, slot_order_S, offsets_E, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_HF, a3_HF, deterministic, tf32
-    )
+_mlp_bwd_op = torch.library.custom_op("pure_reasoner::triton_knowledge_mlp_bwd", knowledge_mlp_bwd, mutates_args=())
 
 
 @_mlp_bwd_op.register_fake

@@ -77,6 +77,23 @@ class TileConfigs:
                                prune_configs_by={"early_config_prune": self.prune}, **kwargs)
 
 
+def _tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# The row-block GEMMs' candidates (gather + up/gate, down + scatter, and their backwards): each compiles
+# without a register spill on sm_90 and sm_80 in every dtype (kernels.triton_aot). Left out for spilling:
+# 128 x 128 (up forward's two accumulators; every kernel on sm_80), and on sm_80 the up backward at
+# 64 x 128 x 64 / 8 warps, 32 x 128 x 64 / 4 warps, 64 x 64 x 64 / 4 warps, and FMA 32 x 64 x 16.
+ROW_GEMM_TILES = TileConfigs(
+    mma=(_tile(64, 128, 32, 8, 3), _tile(64, 64, 64, 8, 3), _tile(128, 64, 32, 8, 3), _tile(32, 128, 64, 8, 3),
+         _tile(16, 128, 64, 4, 4)),
+    fma=(_tile(64, 64, 8, 8, 2), _tile(32, 32, 16, 4, 2)),
+    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
+)
+
+
 def _halved(config: triton.Config, name: str) -> triton.Config:
     kwargs = {**config.kwargs, name: config.kwargs[name] // 2}
     return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -152,6 +169,16 @@ def swizzle(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % in_group) % group_size
     pid_n = (pid % in_group) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(offsets_ptr, num_experts, num_slots, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, P: tl.constexpr):
+    """This program's tile of a grouped GEMM over ``num_cols`` output columns, in the swizzled order:
+    (expert, rows, row_mask) as ``expert_row_block``, the column block pid_n and its columns [BLOCK_N]."""
+    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(num_cols, BLOCK_N), GROUP_M)
+    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    return expert, rows, row_mask, pid_n, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit

@@ -28,46 +28,15 @@ import triton.language as tl
 from kernels.backends import check_triton
 from kernels.combine import combine_rows
 from kernels.triton_schedule import (
-    TileConfigs,
+    ROW_GEMM_TILES,
     dot_precision,
-    expert_row_block,
+    grouped_tile,
     launch,
     padded,
     row_blocks,
     row_bucket,
-    swizzle,
 )
 from kernels.triton_wgrad import grouped_wgrad
-
-# Forward: two fp32 accumulators of BLOCK_M x BLOCK_N, so BLOCK_M * BLOCK_N <= 64 * 128 per 4 warps;
-# 128 x 128 (x2) spills at 8 warps (checked by kernels.triton_aot). Backward: one accumulator.
-_FWD_TILES = TileConfigs(
-    mma=(
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ),
-    fma=(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=2),
-    ),
-    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
-)
-_BWD_TILES = TileConfigs(
-    mma=(
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ),
-    fma=(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=2),
-    ),
-    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
-)
 
 
 @triton.jit
@@ -77,7 +46,7 @@ def swiglu_grads(dh, a1, a3):
     return dh * a3 * sig * (1.0 + a1 * (1.0 - sig)), dh * a1 * sig
 
 
-@_FWD_TILES.autotune(key=["D", "F"])
+@ROW_GEMM_TILES.autotune(key=["D", "F"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _gather_swiglu_fwd_kernel(
     x_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, h_ptr, a1_ptr, a3_ptr,
@@ -85,9 +54,8 @@ def _gather_swiglu_fwd_kernel(
     SAVE_PREACT: tl.constexpr, P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
+                                                   GROUP_M, P)
     out = rows[:, None] * F + cols[None, :]
     out_mask = row_mask[:, None] & (cols < F)[None, :]
     if expert >= num_experts:
@@ -115,7 +83,7 @@ def _gather_swiglu_fwd_kernel(
         tl.store(a3_ptr + out, acc3.to(a3_ptr.dtype.element_ty), mask=out_mask)
 
 
-@_BWD_TILES.autotune(key=["D", "F"], reset_to_zero=["dx_ptr"])
+@ROW_GEMM_TILES.autotune(key=["D", "F"], reset_to_zero=["dx_ptr"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _gather_swiglu_bwd_kernel(
     da1_ptr, da3_ptr, slot_order_ptr, offsets_ptr, w1_ptr, w3_ptr, dx_ptr,
@@ -125,11 +93,10 @@ def _gather_swiglu_bwd_kernel(
 ):  # fmt: skip
     # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction). PER_ROW: dx is [S, D] by
     # sorted row, combined afterwards (no atomics).
-    pid_m, pid_n = swizzle(tl.cdiv(num_slots, BLOCK_M) + num_experts, tl.cdiv(D, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = expert_row_block(pid_m, offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, D, BLOCK_M, BLOCK_N,
+                                                   GROUP_M, P)
     if expert >= num_experts:
         return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):

@@ -6,7 +6,7 @@ from kernel_inputs import DEVICE, DTYPES, TOLERANCE, as_oracle_input, assert_out
 
 from kernels.reference import down_scatter_reference, gather_swiglu_reference
 from kernels.routing import routing_metadata
-from kernels.triton_down import down_scatter
+from kernels.triton_down import down_scatter, down_swiglu_bwd
 from kernels.triton_routing import routing_metadata_triton
 from kernels.triton_up import gather_swiglu
 from kernels.triton_wgrad import grouped_wgrad
@@ -100,3 +100,43 @@ def test_opcheck(layout):
     assert routing_metadata_triton  # its import registered pure_reasoner::triton_routing
     for op, args in cases.items():
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_down_swiglu_bwd(dtype, deterministic, poison):
+    """The fused backward (SwiGLU backward in the down projection's epilogue) against autograd through the
+    oracle of down_scatter(silu(a1) * a3): da1, da3 on the routed rows, dgates and dw2."""
+    num_tokens, top_k, num_experts, dim, width = 29, 2, 7, 40, 72
+    _, ids_TK, gates_TK, _, _, w2 = mlp_inputs(num_tokens, dim, width, num_experts, top_k, 0.4, dtype)
+    slot_order_S, offsets_E = _routing(ids_TK, num_experts)
+    a1_SF, a3_SF = (torch.randn(num_tokens * top_k, width, device=DEVICE).to(dtype) for _ in range(2))
+    dy_TD = torch.randn(num_tokens, dim, device=DEVICE).to(dtype)
+    da1, da3, dgates, dw2 = down_swiglu_bwd(dy_TD, a1_SF, a3_SF, gates_TK.detach(), slot_order_S, offsets_E,
+                                            w2.detach(), deterministic)
+    ref_a1, ref_a3, ref_gates, ref_w2 = (as_oracle_input(t.detach()).requires_grad_()
+                                         for t in (a1_SF, a3_SF, gates_TK, w2))
+    h_ref = torch.nn.functional.silu(ref_a1) * ref_a3
+    y_ref = down_scatter_reference(h_ref, ids_TK.cpu(), ref_gates, slot_order_S.cpu(), ref_w2)
+    grads = torch.autograd.grad(y_ref, [ref_a1, ref_a3, ref_gates, ref_w2], dy_TD.cpu().double())
+    routed = int(offsets_E[-1])
+    tol = TOLERANCE[dtype]
+    for name, got, want in [("da1", da1[:routed], grads[0][:routed]), ("da3", da3[:routed], grads[1][:routed]),
+                            ("dgates", dgates, grads[2]), ("dw2", dw2, grads[3])]:
+        torch.testing.assert_close(got.cpu().double(), want, **tol, msg=name)
+
+
+def test_expert_id_device_assert(monkeypatch):
+    """With Triton's debug checks on, an id outside [-1, E) stops the routing kernel (on a GPU: a device
+    assert, compiled in only with ``debug``; kernels.triton_aot checks that). The interpreter runs device
+    asserts only when its own options say debug, so they are switched on here."""
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        interpreter.InterpreterOptions(debug=True))
+    ok = torch.tensor([[0, -1], [3, 2]], device=DEVICE)
+    routing_metadata_triton(ok, 4, debug=True)
+    for bad in (4, -2):
+        with pytest.raises(InterpreterError, match="expert id out of"):
+            routing_metadata_triton(torch.tensor([[0, bad], [1, 2]], device=DEVICE), 4, debug=True)
