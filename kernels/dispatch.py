@@ -58,6 +58,7 @@ def knowledge_mlp(
     impl: str = "torch",
     max_rows: int | None = None,
     deterministic: bool = False,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """Sum over each token's consulted experts of gate * SwiGLU expert(x).
 
@@ -73,6 +74,7 @@ def knowledge_mlp(
             routed rows.
         deterministic: sum each token's slots in slot order, k = 0..K-1 (no atomics, no scatter-add), so
             the result does not depend on how the routing orders the rows. ``reference`` always does.
+        tf32: ``triton`` only: fp32 dots on tensor cores in TF32 (for training); off, exact IEEE fp32.
 
     Returns:
         y_TD: [T, D].
@@ -91,7 +93,7 @@ def knowledge_mlp(
         check_triton(x_TD, expert_ids_TK)  # weights and gates share x's device; weights its dtype
         from kernels.triton_mlp import knowledge_mlp_triton
 
-        return knowledge_mlp_triton(*args, max_rows=max_rows, deterministic=deterministic)
+        return knowledge_mlp_triton(*args, max_rows=max_rows, deterministic=deterministic, tf32=tf32)
     check_megablocks(x_TD)
     from kernels.megablocks_mlp import knowledge_mlp_megablocks
 

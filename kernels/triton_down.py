@@ -8,8 +8,15 @@ dim, F expert width, E experts. Row r belongs to flat slot ``s_r = slot_order[r]
                dh[r] = g[s_r] · u[r],  dg[s_r] = <u[r], h[r]>
                dw2[e] = Σ_{r in e} h[r]ᵀ (g[s_r] · dy[token_r])                   (kernels.triton_wgrad)
 
+The backward has two kernels around one main loop. Standalone (h given): it writes dh. Fused into the
+knowledge MLP (``down_swiglu_bwd``, a1 and a3 given): it recomputes h = silu(a1) * a3 from the saved
+pre-activations, writes h (for dw2) and the SwiGLU backward da1, da3 (``kernels.triton_up.swiglu_grads``)
+while dh is still in registers, so the up projection's backward reads da1, da3 once instead of
+recomputing them per D block.
+
 The output accumulates in fp32 and is cast to h's dtype once. Idle rows of dh are written as zeros by
-the grid's left-over programs; idle slots get a zero gate gradient.
+the grid's left-over programs; idle slots get a zero gate gradient. The fused epilogue's outputs are
+internal (read only on routed rows) and left unwritten on idle rows.
 
 Deterministic mode (``PER_ROW``) uses no atomics: the forward writes each row's gate-weighted output at its
 sorted position and ``kernels.combine`` sums a token's slots in slot order; the gate gradient's partial
@@ -24,33 +31,35 @@ import triton.language as tl
 
 from kernels.backends import check_triton
 from kernels.combine import combine_rows
-from kernels.triton_schedule import configs, dot_precision, expert_row_block, launch, padded, row_blocks
+from kernels.triton_schedule import (
+    ROW_GEMM_TILES,
+    TileConfigs,
+    dot_precision,
+    grouped_tile,
+    launch,
+    padded,
+    pinned_config,
+    row_blocks,
+    row_bucket,
+)
+from kernels.triton_up import swiglu_grads
 from kernels.triton_wgrad import grouped_wgrad
 
-_CONFIGS = configs(
-    gpu=[
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8),
-    ],
-    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
-)
 
-
-@triton.autotune(configs=_CONFIGS, key=["D", "F"], reset_to_zero=["y_ptr"])
-@triton.jit
+@ROW_GEMM_TILES.autotune(key=["D", "F"], reset_to_zero=["y_ptr"])
+@triton.jit(do_not_specialize=["row_bucket"])
 def _down_scatter_fwd_kernel(
     h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, y_ptr,
-    num_experts, num_slots, num_slots_per_token, D, F, stride_we,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
     P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction). PER_ROW: y is [S, D] by sorted row.
-    expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
+    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, D, BLOCK_M, BLOCK_N,
+                                                   GROUP_M, P)
     if expert >= num_experts:
         return
     slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_base = expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
@@ -65,28 +74,28 @@ def _down_scatter_fwd_kernel(
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
     else:
         tokens = slots // num_slots_per_token
-        tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
+        # Only the sum matters, read after the kernel: no ordering between programs is needed.
+        tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask, sem="relaxed")
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "F"], reset_to_zero=["dgates_ptr"])
+# The fused backward keeps u, a1, a3 and h live at once in its epilogue: in bf16, every 64-row tile
+# spills (255 registers at 64 x 64 / 4 warps and 64 x 128 / 8 warps; kernels.triton_aot), 32 x 128 / 8
+# warps uses 134. Small row blocks cost little weight traffic: GROUP_M row blocks share each w2 tile.
+_SWIGLU_TILES = TileConfigs(
+    mma=(
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ),
+    fma=ROW_GEMM_TILES.fma,
+    interpreter=ROW_GEMM_TILES.interpreter,
+)
+
+
 @triton.jit
-def _down_scatter_bwd_kernel(
-    dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
-    num_experts, num_slots, num_slots_per_token, D, F, stride_we,
-    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
-    expert, rows, row_mask = expert_row_block(offsets_ptr, num_experts, num_slots, BLOCK_M, P)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out = rows[:, None] * F + cols[None, :]
-    out_mask = row_mask[:, None] & (cols < F)[None, :]
-    if expert >= num_experts:
-        tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
-        return
-    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    tokens = slots // num_slots_per_token
-    w_base = expert.to(tl.int64) * stride_we
+def _dy_w2t_tile(dy_ptr, w2_ptr, tokens, row_mask, cols, w_base, D, F, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u = dy[tokens] @ w2[e]ᵀ for one tile: [BLOCK_M rows, BLOCK_N of F] in fp32 (BLOCK_K tiles D)."""
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -96,13 +105,78 @@ def _down_scatter_bwd_kernel(
         w_mask = (kk < D)[:, None] & (cols < F)[None, :]
         w = tl.load(w2_ptr + w_base + cols[None, :] * D + kk[:, None], mask=w_mask, other=0.0)
         u += tl.dot(dy, w, input_precision=DOT_PRECISION)
-    h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    return u
+
+
+@triton.jit
+def _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW: tl.constexpr):
+    """Add this tile's share of dg = <u, h> to each row's slot (PER_ROW: into the F block's own row)."""
     if PER_ROW:
-        tl.store(dgates_ptr + tl.program_id(1) * num_slots + slots, tl.sum(u * h, axis=1), mask=row_mask)
+        tl.store(dgates_ptr + pid_n * num_slots + slots, tl.sum(u * h, axis=1), mask=row_mask)
     else:
-        tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask)
+        # Only the sum matters, read after the kernel: no ordering between programs is needed.
+        tl.atomic_add(dgates_ptr + slots, tl.sum(u * h, axis=1), mask=row_mask, sem="relaxed")
+
+
+@ROW_GEMM_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@triton.jit(do_not_specialize=["row_bucket"])
+def _down_scatter_bwd_kernel(
+    dy_ptr, h_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, dh_ptr, dgates_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
+    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
+                                                       GROUP_M, P)
+    out = rows[:, None] * F + cols[None, :]
+    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    if expert >= num_experts:
+        tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
+        return
+    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
+    w_base = expert.to(tl.int64) * stride_we
+    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
+    h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
+    _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(dh_ptr + out, (u * gate[:, None]).to(dh_ptr.dtype.element_ty), mask=out_mask)
+
+
+@_SWIGLU_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@triton.jit(do_not_specialize=["row_bucket"])
+def _down_swiglu_bwd_kernel(
+    dy_ptr, a1_ptr, a3_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, h_ptr, da1_ptr, da3_ptr, dgates_ptr,
+    num_experts, num_slots, num_slots_per_token, D, F, stride_we, row_bucket,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # As _down_scatter_bwd_kernel, but h = silu(a1) * a3 is recomputed (and written, for dw2) and the
+    # epilogue writes da1, da3 instead of dh. Idle rows are left unwritten: nothing reads them.
+    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
+                                                       GROUP_M, P)
+    if expert >= num_experts:
+        return
+    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
+    w_base = expert.to(tl.int64) * stride_we
+    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K)
+    # Five [S, F] tiles share one int32 offset tile from the block's first row (BLOCK_M * F < 2^31): five
+    # 64-bit pointer tiles live at once spill the registers.
+    first = tl.min(rows, axis=0) * F
+    out = tl.arange(0, BLOCK_M)[:, None] * F + cols[None, :]
+    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    a1 = tl.load(a1_ptr + first + out, mask=out_mask, other=0.0).to(tl.float32)
+    a3 = tl.load(a3_ptr + first + out, mask=out_mask, other=0.0).to(tl.float32)
+    # h as the forward rounded it: y was computed from h in h's dtype.
+    h = (a1 * tl.sigmoid(a1) * a3).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + first + out, h, mask=out_mask)
+    _gate_grad(u, h.to(tl.float32), slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
+    gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+    da1, da3 = swiglu_grads(u * gate[:, None], a1, a3)
+    tl.store(da1_ptr + first + out, da1.to(da1_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(da3_ptr + first + out, da3.to(da3_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _check(h_SF: torch.Tensor, gates_TK: torch.Tensor, slot_order_S, offsets_E, w2_EFD: torch.Tensor) -> None:
@@ -123,8 +197,10 @@ def down_scatter_fwd(
     offsets_E: torch.Tensor,
     w2_EFD: torch.Tensor,
     deterministic: bool = False,
+    tf32: bool = False,
 ) -> torch.Tensor:
-    """Launch the forward. Returns y_TD in h's dtype; ``deterministic``: combined in slot order."""
+    """Launch the forward. Returns y_TD in h's dtype; ``deterministic``: combined in slot order;
+    ``tf32``: fp32 dots in TF32."""
     _check(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
     h_SF, gates_S, w2_EFD = h_SF.contiguous(), gates_TK.reshape(-1).contiguous(), w2_EFD.contiguous()
     (num_tokens, top_k), (num_experts, width, dim) = gates_TK.shape, w2_EFD.shape
@@ -132,17 +208,56 @@ def down_scatter_fwd(
     y_out = torch.zeros(h_SF.shape[0] if deterministic else num_tokens, dim, dtype=torch.float32, device=h_SF.device)
 
     def grid(meta):
-        return (row_blocks(h_SF.shape[0], num_experts, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_N"]))
+        return (row_blocks(h_SF.shape[0], num_experts, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]),)
 
     launch(
         _down_scatter_fwd_kernel, grid, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, y_out,
-        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
-        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
+        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0), row_bucket(h_SF.shape[0]),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype, tf32),
         PER_ROW=deterministic,
     )  # fmt: skip
     if deterministic:
         y_out = combine_rows(y_out, slot_order_S, num_tokens, top_k, deterministic=True)
     return y_out.to(h_SF.dtype)
+
+
+def _down_bwd(dy_TD, h_SF, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32):
+    """Both backward kernels: ``a1_SF is None``: h given, returns (dh, None, dgates, dw2); else h is
+    recomputed from a1, a3 and the result is (da1, da3, dgates, dw2)."""
+    swiglu = a1_SF is not None
+    rows_SF = a1_SF if swiglu else h_SF
+    _check(rows_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
+    dy_TD, w2_EFD = dy_TD.to(rows_SF.dtype).contiguous(), w2_EFD.contiguous()
+    gates_S = gates_TK.reshape(-1).contiguous()
+    num_slots, top_k, (num_experts, width, dim) = rows_SF.shape[0], gates_TK.shape[1], w2_EFD.shape
+    kernel = _down_swiglu_bwd_kernel if swiglu else _down_scatter_bwd_kernel
+    precision = dot_precision(rows_SF.dtype, tf32)
+    # fp32 accumulator: atomic over F blocks; or deterministic, one row per F block of the pinned config
+    num_partials = 1
+    if deterministic:
+        num_partials = triton.cdiv(width, pinned_config(kernel, {"DOT_PRECISION": precision}).kwargs["BLOCK_N"])
+    dgates_PS = torch.zeros(num_partials, gates_S.numel(), dtype=torch.float32, device=rows_SF.device)
+    if swiglu:
+        a1_SF, a3_SF = a1_SF.contiguous(), a3_SF.contiguous()
+        h_SF, g1_SF, g3_SF = (torch.empty_like(a1_SF) for _ in range(3))
+        tensors = (dy_TD, a1_SF, a3_SF, gates_S, slot_order_S, offsets_E, w2_EFD, h_SF, g1_SF, g3_SF, dgates_PS)
+    else:
+        h_SF, g3_SF = h_SF.contiguous(), None
+        g1_SF = torch.empty_like(h_SF)
+        tensors = (dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, g1_SF, dgates_PS)
+
+    def grid(meta):
+        return (row_blocks(num_slots, num_experts, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+    launch(
+        kernel, grid, *tensors, num_experts, num_slots, top_k, dim, width, w2_EFD.stride(0), row_bucket(num_slots),
+        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=precision, PER_ROW=deterministic,
+    )  # fmt: skip
+    dw2_EFD = grouped_wgrad(
+        h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float(),
+        deterministic=deterministic, tf32=tf32,
+    )
+    return g1_SF, g3_SF, dgates_PS.sum(0).to(gates_TK.dtype).view(gates_TK.shape), dw2_EFD
 
 
 def down_scatter_bwd(
@@ -153,31 +268,38 @@ def down_scatter_bwd(
     offsets_E: torch.Tensor,
     w2_EFD: torch.Tensor,
     deterministic: bool = False,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Returns dh_SF, dgates_TK (gates' dtype), dw2_EFD; ``deterministic``: no atomics."""
-    _check(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
-    dy_TD, h_SF, w2_EFD = dy_TD.to(h_SF.dtype).contiguous(), h_SF.contiguous(), w2_EFD.contiguous()
-    gates_S = gates_TK.reshape(-1).contiguous()
-    top_k, (num_experts, width, dim) = gates_TK.shape[1], w2_EFD.shape
-    dh_SF = torch.empty_like(h_SF)
-    # fp32 accumulator: atomic over F blocks; or deterministic, one row per F block of the pinned config
-    num_partials = triton.cdiv(width, _down_scatter_bwd_kernel.configs[0].kwargs["BLOCK_N"]) if deterministic else 1
-    dgates_PS = torch.zeros(num_partials, gates_S.numel(), dtype=torch.float32, device=h_SF.device)
-
-    def grid(meta):
-        return (row_blocks(h_SF.shape[0], num_experts, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
-
-    launch(
-        _down_scatter_bwd_kernel, grid, dy_TD, h_SF, gates_S, slot_order_S, offsets_E, w2_EFD, dh_SF, dgates_PS,
-        num_experts, h_SF.shape[0], top_k, dim, width, w2_EFD.stride(0),
-        deterministic=deterministic, P=padded(num_experts), DOT_PRECISION=dot_precision(h_SF.dtype),
-        PER_ROW=deterministic,
-    )  # fmt: skip
-    dw2_EFD = grouped_wgrad(
-        h_SF, dy_TD, slot_order_S, offsets_E, top_k, a_gather=False, b_gather=True, scale_S=gates_S.float(),
-        deterministic=deterministic,
+    dh_SF, _, dgates_TK, dw2_EFD = _down_bwd(
+        dy_TD, h_SF, None, None, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32
     )
-    return dh_SF, dgates_PS.sum(0).to(gates_TK.dtype).view(gates_TK.shape), dw2_EFD
+    return dh_SF, dgates_TK, dw2_EFD
+
+
+def down_swiglu_bwd(
+    dy_TD: torch.Tensor,
+    a1_SF: torch.Tensor,
+    a3_SF: torch.Tensor,
+    gates_TK: torch.Tensor,
+    slot_order_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    deterministic: bool = False,
+    tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ``down_scatter(silu(a1) * a3, ...)`` through the SwiGLU, in one pass.
+
+    Args:
+        dy_TD: [T, D]; a1_SF, a3_SF: [S, F] the saved pre-activations (idle rows are never read);
+        gates_TK, slot_order_S, offsets_E, w2_EFD: as ``down_scatter``.
+
+    Returns:
+        da1_SF, da3_SF (a1's dtype; idle rows unwritten), dgates_TK (gates' dtype), dw2_EFD.
+    """
+    if a3_SF.shape != a1_SF.shape or a3_SF.dtype != a1_SF.dtype:
+        raise ValueError(f"a1 {tuple(a1_SF.shape)} {a1_SF.dtype} and a3 {tuple(a3_SF.shape)} {a3_SF.dtype} differ")
+    return _down_bwd(dy_TD, None, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32)
 
 
 @torch.library.custom_op("pure_reasoner::triton_down_scatter", mutates_args=())
@@ -210,7 +332,8 @@ def _down_scatter_bwd_op(
 
 @_down_scatter_bwd_op.register_fake
 def _(dy_TD, h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD):
-    return torch.empty_like(h_SF), torch.empty_like(gates_TK), torch.empty_like(w2_EFD)
+    # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides.
+    return h_SF.new_empty(h_SF.shape), gates_TK.new_empty(gates_TK.shape), w2_EFD.new_empty(w2_EFD.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,6 +10,9 @@ P = E + 1 buckets (the last for ``NOT_CONSULTED``) padded to a power of two.
    among the block's earlier slots of the same bucket (a cumsum over the one-hot tile).
 Ranks follow slot order, so the result equals the stable sort of ``kernels.routing`` bit for bit.
 The one-hot tile is BLOCK_S x P, so BLOCK_S shrinks as E grows.
+
+An id outside ``[NOT_CONSULTED, E)`` would land in the idle bucket or a padding bucket and be silently
+dropped; with ``debug`` (or ``TRITON_DEBUG=1``) the count kernel checks every id with a device assert.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import triton
 import triton.language as tl
 
 from kernels.backends import check_triton
-from kernels.routing import RoutingMeta, check_ids
+from kernels.routing import NOT_CONSULTED, RoutingMeta, check_ids
+from kernels.triton_schedule import launch
 
 _TILE_ELEMENTS = 8192  # BLOCK_S * P: one int32 one-hot tile per program
+NOT_CONSULTED_ID = tl.constexpr(NOT_CONSULTED)
 
 
 @triton.jit
@@ -29,6 +34,8 @@ def _routing_count_kernel(ids_ptr, counts_ptr, num_slots, num_experts, BLOCK_S: 
     block = tl.program_id(0)
     slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
     ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+    # Compiled in only in Triton's debug mode (the ``debug`` launch option or TRITON_DEBUG=1).
+    tl.device_assert((ids >= NOT_CONSULTED_ID) & (ids < num_experts), "expert id out of [-1, num_experts)")
     # Idle slots go to bucket E; lanes past the end to P, which matches no bucket.
     bucket = tl.where(slots < num_slots, tl.where(ids < 0, num_experts, ids), P)
     onehot = (bucket[:, None] == tl.arange(0, P)[None, :]).to(tl.int32)
@@ -59,7 +66,7 @@ def _block_size(num_buckets_padded: int) -> int:
     return max(16, min(256, _TILE_ELEMENTS // num_buckets_padded))
 
 
-def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int, debug: bool) -> tuple[torch.Tensor, ...]:
     check_ids(expert_ids_TK, num_experts)
     check_triton(expert_ids_TK)
     ids_S = expert_ids_TK.reshape(-1).contiguous()
@@ -70,7 +77,8 @@ def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int) -> t
     counts_BP = torch.empty(num_blocks, num_buckets_padded, dtype=torch.int32, device=device)
     grid = (num_blocks,)
     if num_blocks:
-        _routing_count_kernel[grid](ids_S, counts_BP, num_slots, num_experts, BLOCK_S=block_s, P=num_buckets_padded)
+        launch(_routing_count_kernel, grid, ids_S, counts_BP, num_slots, num_experts, deterministic=False,
+               BLOCK_S=block_s, P=num_buckets_padded, **({"debug": True} if debug else {}))
     bucket_P = counts_BP.sum(0, dtype=torch.int64)
     group_start_P = torch.cumsum(bucket_P, 0) - bucket_P
     starts_BP = (torch.cumsum(counts_BP, 0, dtype=torch.int64) - counts_BP + group_start_P).to(torch.int32)
@@ -79,9 +87,9 @@ def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int) -> t
     token_order_S = torch.empty_like(slot_order_S)
     inverse_S = torch.empty_like(slot_order_S)
     if num_blocks:
-        _routing_place_kernel[grid](
-            ids_S, starts_BP, slot_order_S, token_order_S, inverse_S,
-            num_slots, num_experts, expert_ids_TK.shape[1], BLOCK_S=block_s, P=num_buckets_padded,
+        launch(
+            _routing_place_kernel, grid, ids_S, starts_BP, slot_order_S, token_order_S, inverse_S,
+            num_slots, num_experts, expert_ids_TK.shape[1], deterministic=False, BLOCK_S=block_s, P=num_buckets_padded,
         )  # fmt: skip
     counts_E = bucket_P[:num_experts].clone()
     return slot_order_S, token_order_S, inverse_S, counts_E, torch.cumsum(counts_E, 0).to(torch.int32)
@@ -89,30 +97,32 @@ def _routing_metadata_launch(expert_ids_TK: torch.Tensor, num_experts: int) -> t
 
 @torch.library.custom_op("pure_reasoner::triton_routing", mutates_args=())
 def _routing_op(
-    expert_ids_TK: torch.Tensor, num_experts: int
+    expert_ids_TK: torch.Tensor, num_experts: int, debug: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _routing_metadata_launch(expert_ids_TK, num_experts)
+    return _routing_metadata_launch(expert_ids_TK, num_experts, debug)
 
 
 @_routing_op.register_fake
-def _(expert_ids_TK, num_experts):
+def _(expert_ids_TK, num_experts, debug):
     num_slots = expert_ids_TK.shape[0] * expert_ids_TK.shape[1]
     slots = [expert_ids_TK.new_empty(num_slots, dtype=torch.int64) for _ in range(3)]
     counts_E = expert_ids_TK.new_empty(num_experts, dtype=torch.int64)
     return *slots, counts_E, expert_ids_TK.new_empty(num_experts, dtype=torch.int32)
 
 
-def routing_metadata_triton(expert_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
+def routing_metadata_triton(expert_ids_TK: torch.Tensor, num_experts: int, debug: bool = False) -> RoutingMeta:
     """Same contract as ``kernels.routing.routing_metadata`` (and equal to it exactly), built in Triton.
 
     Args:
         expert_ids_TK: [T, K] int32/int64 expert ids in ``[0, E)`` or ``NOT_CONSULTED``; CUDA, or CPU under
             ``TRITON_INTERPRET=1``.
         num_experts: E.
+        debug: check on the device that every id is in ``[NOT_CONSULTED, E)`` (a device-side assert;
+            ``TRITON_DEBUG=1`` turns it on for every launch).
 
     Returns:
         RoutingMeta.
     """
     check_ids(expert_ids_TK, num_experts)
-    slot_order_S, token_order_S, inverse_S, counts_E, offsets_E = _routing_op(expert_ids_TK, num_experts)
+    slot_order_S, token_order_S, inverse_S, counts_E, offsets_E = _routing_op(expert_ids_TK, num_experts, debug)
     return RoutingMeta(slot_order_S, token_order_S, inverse_S, counts_E, offsets_E, num_routed=counts_E.sum())

@@ -9,7 +9,9 @@ scaled by the slot's gate. Used by both backward passes:
     dW2[e] = Σ_r h[r]ᵀ · (gate_r · dy[token_r])  (B gathered and scaled)
 
 One program per (expert, I block, O block) loops over the expert's rows: the grid depends only on
-shapes, and an expert with no rows writes zeros.
+shapes, and an expert with no rows writes zeros. The (I, O) blocks of one expert are walked GROUP_I
+I blocks at a time down every O block (``kernels.triton_schedule.swizzle``), and an expert's programs
+run one after another (the expert is the grid's slow axis), so its rows stay in L2.
 """
 
 from __future__ import annotations
@@ -18,31 +20,38 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_schedule import configs, dot_precision, launch
+from kernels.triton_schedule import TileConfigs, dot_precision, launch, row_bucket, swizzle
 
-_CONFIGS = configs(
-    gpu=[
-        triton.Config({"BLOCK_R": 32, "BLOCK_I": 64, "BLOCK_O": 64}, num_warps=4),
-        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 64}, num_warps=8),
-        triton.Config({"BLOCK_R": 32, "BLOCK_I": 128, "BLOCK_O": 128}, num_warps=8),
-    ],
-    interpreter=triton.Config({"BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_O": 32}),
+# 32 x 128 x 128 / 8 warps spills on sm_80 (kernels.triton_aot).
+_TILES = TileConfigs(
+    mma=(
+        triton.Config({"BLOCK_R": 32, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 128, "GROUP_I": 8}, num_warps=8, num_stages=4),
+    ),
+    fma=(
+        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=2),
+    ),
+    interpreter=triton.Config({"BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_O": 32, "GROUP_I": 2}),
+    reduction="BLOCK_R",
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["DIM_IN", "DIM_OUT"])
-@triton.jit
+@_TILES.autotune(key=["DIM_IN", "DIM_OUT"])
+@triton.jit(do_not_specialize=["row_bucket"])
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, slot_order_ptr, scale_ptr, offsets_ptr, dw_ptr,
-    num_slots_per_token, DIM_IN, DIM_OUT, stride_a, stride_b, stride_de, stride_di,
+    num_slots_per_token, DIM_IN, DIM_OUT, stride_a, stride_b, stride_de, stride_di, row_bucket,
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_I: tl.constexpr,
 ):  # fmt: skip
-    expert = tl.program_id(0)
+    expert = tl.program_id(1)
+    pid_i, pid_o = swizzle(tl.cdiv(DIM_IN, BLOCK_I), tl.cdiv(DIM_OUT, BLOCK_O), GROUP_I)
     row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     row_end = tl.load(offsets_ptr + expert)
-    ii = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    oo = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    oo = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     acc = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -74,6 +83,7 @@ def grouped_wgrad(
     b_gather: bool,
     scale_S: torch.Tensor | None = None,
     deterministic: bool = False,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """dW_EIO[e] = Σ over expert e's sorted rows r of A[r]ᵀ · (scale · B[r]).
 
@@ -85,6 +95,7 @@ def grouped_wgrad(
         a_gather, b_gather: read that operand's rows at the token instead of the sorted row.
         scale_S: optional [S] fp32 per-slot scale of B's rows (the gates, flat).
         deterministic: pin the launch config (``kernels.triton_schedule.launch``).
+        tf32: fp32 dots in TF32 (``kernels.triton_schedule.dot_precision``).
 
     Returns:
         [E, I, O] in a's dtype; zero for experts with no rows.
@@ -95,12 +106,12 @@ def grouped_wgrad(
     scale = scale_S if scale_S is not None else slot_order_S  # never read when SCALE is off
 
     def grid(meta):
-        return (num_experts, triton.cdiv(dim_in, meta["BLOCK_I"]), triton.cdiv(dim_out, meta["BLOCK_O"]))
+        return (triton.cdiv(dim_in, meta["BLOCK_I"]) * triton.cdiv(dim_out, meta["BLOCK_O"]), num_experts)
 
     launch(
         _grouped_wgrad_kernel, grid, a_RI, b_RO, slot_order_S, scale, offsets_E, dw_EIO,
         num_slots_per_token, dim_in, dim_out, a_RI.stride(0), b_RO.stride(0), dw_EIO.stride(0), dw_EIO.stride(1),
-        deterministic=deterministic, A_GATHER=a_gather, B_GATHER=b_gather, SCALE=scale_S is not None,
-        DOT_PRECISION=dot_precision(a_RI.dtype),
+        row_bucket(slot_order_S.numel()), deterministic=deterministic, A_GATHER=a_gather, B_GATHER=b_gather,
+        SCALE=scale_S is not None, DOT_PRECISION=dot_precision(a_RI.dtype, tf32),
     )  # fmt: skip
     return dw_EIO

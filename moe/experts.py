@@ -50,13 +50,15 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as grouped ``[E, ...]`` weights; runs only the routed rows.
 
     ``saved_row_share``, ``min_saved_rows``: the saved-activation row bound (``saved_row_bound``); the
-    defaults keep all T*K. ``deterministic``: combine in slot order (``kernels.knowledge_mlp``).
+    defaults keep all T*K. ``deterministic``: combine in slot order; ``tf32``: the Triton path's fp32
+    dots in TF32 (``kernels.knowledge_mlp``).
     """
 
     def __init__(self, d_model: int, width: int, num_experts: int, impl: str = "torch",
-                 saved_row_share: float = 1.0, min_saved_rows: int = 0, deterministic: bool = False):
+                 saved_row_share: float = 1.0, min_saved_rows: int = 0, deterministic: bool = False,
+                 tf32: bool = False):
         super().__init__()
-        self.impl = impl
+        self.impl, self.tf32 = impl, tf32
         self.saved_row_share, self.min_saved_rows, self.deterministic = saved_row_share, min_saved_rows, deterministic
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, width))
@@ -73,4 +75,4 @@ class GroupedExperts(nn.Module):
         """
         max_rows = saved_row_bound(expert_ids_TK.numel(), self.saved_row_share, self.min_saved_rows)
         return knowledge_mlp(x_TD, expert_ids_TK, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, impl=self.impl,
-                             max_rows=max_rows, deterministic=self.deterministic)
+                             max_rows=max_rows, deterministic=self.deterministic, tf32=self.tf32)

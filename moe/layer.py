@@ -69,7 +69,8 @@ class PureReasonerMoE(nn.Module):
         self.reasoning_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.reasoning_gate else None
         self.router = KnowledgeRouter(cfg.d_model, kcfg)
         self.experts = GroupedExperts(cfg.d_model, kcfg.expert_width, kcfg.num_experts, kcfg.impl,
-                                      kcfg.saved_row_share, kcfg.saved_rows_min, kcfg.deterministic)
+                                      kcfg.saved_row_share, kcfg.saved_rows_min, kcfg.deterministic,
+                                      tf32=kcfg.tf32)
         self.init_weights()
 
     def init_weights(self, std: float = 0.02, out_std: float = 0.02) -> None:

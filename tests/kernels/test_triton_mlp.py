@@ -103,17 +103,59 @@ def test_bounded_rows_match_reference(bound, dtype, poison):
     assert_outputs_and_grads(tri, ref, floats, ref_floats, NAMES, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("max_rows", [18, 5], ids=["all-rows-kept", "bound-below-S"])
-def test_opcheck(max_rows):
-    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops."""
+def test_opcheck(max_rows, layout):
+    """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops;
+    with transposed inputs too, where the fake outputs must keep the real ops' (contiguous) strides."""
     import kernels.triton_mlp  # noqa: F401  (registers the ops)
     from kernels.triton_routing import routing_metadata_triton
 
     x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    if layout == "transposed":  # dense, not contiguous: the last two dims' strides swapped
+        x_TD, gates_TK, w1, w3, w2 = (
+            t.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_()
+            for t in (x_TD, gates_TK, w1, w3, w2)
+        )
     meta = routing_metadata_triton(ids_TK, 4)
     ops = torch.ops.pure_reasoner
-    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True)
+    fwd_args = (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, max_rows, True, True, False)
     torch.library.opcheck(ops.triton_knowledge_mlp.default, fwd_args)
     y_TD, a1_HF, a3_HF = ops.triton_knowledge_mlp(*fwd_args)
     plain = [t.detach() for t in (x_TD, meta.slot_order_S, meta.offsets_E, gates_TK, w1, w3, w2, a1_HF, a3_HF)]
-    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False))
+    torch.library.opcheck(ops.triton_knowledge_mlp_bwd.default, (torch.randn_like(y_TD), *plain, False, False))
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_reaches_every_fp32_dot(tf32, monkeypatch):
+    """knowledge.tf32 goes from the config through the layer's experts and the impl seam to every dot
+    kernel's launch of the fwd+bwd (exact 'ieee' when off); the interpreter's dots are exact either way,
+    so the result still equals the oracle."""
+    from kernels import triton_down, triton_up, triton_wgrad
+    from moe.config import KnowledgeConfig, MoEConfig
+    from moe.experts import GroupedExperts
+    from moe.layer import PureReasonerMoE
+
+    precisions = []
+    for module in (triton_up, triton_down, triton_wgrad):
+        real = module.launch
+
+        def spy(kernel, grid, *args, _real=real, **kwargs):
+            if "DOT_PRECISION" in kwargs:
+                precisions.append(kwargs["DOT_PRECISION"])
+            return _real(kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(module, "launch", spy)
+    cfg = KnowledgeConfig(num_experts=5, expert_width=72, top_k=2, impl="triton", tf32=tf32)
+    assert PureReasonerMoE(MoEConfig(d_model=40, knowledge=cfg)).experts.tf32 is tf32
+    experts = GroupedExperts(40, cfg.expert_width, cfg.num_experts, cfg.impl, tf32=cfg.tf32)
+    x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(29, 40, 72, 5, 2, 0.3, torch.float32)
+    with torch.no_grad():
+        for param, value in zip((experts.w1_EDF, experts.w3_EDF, experts.w2_EFD), (w1, w3, w2), strict=True):
+            param.copy_(value)
+    y = experts(x_TD, ids_TK, gates_TK)
+    y.backward(torch.randn_like(y))
+    # fwd: up + down; bwd: down (fused), its dw2, up, dw1, dw3
+    assert precisions == ["tf32" if tf32 else "ieee"] * 7
+    ref = knowledge_mlp_reference(*(as_oracle_input(t) for t in (x_TD, ids_TK, gates_TK, w1, w3, w2)))
+    torch.testing.assert_close(y.detach().double(), ref.detach(), rtol=1e-4, atol=1e-5)

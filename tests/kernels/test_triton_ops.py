@@ -6,7 +6,7 @@ from kernel_inputs import DEVICE, DTYPES, TOLERANCE, as_oracle_input, assert_out
 
 from kernels.reference import down_scatter_reference, gather_swiglu_reference
 from kernels.routing import routing_metadata
-from kernels.triton_down import down_scatter
+from kernels.triton_down import down_scatter, down_swiglu_bwd
 from kernels.triton_routing import routing_metadata_triton
 from kernels.triton_up import gather_swiglu
 from kernels.triton_wgrad import grouped_wgrad
@@ -72,9 +72,18 @@ def test_grouped_wgrad(a_gather, b_gather, scale, poison):
     assert dw[1].abs().max() == 0
 
 
-def test_opcheck():
-    """Schema, fake (meta) kernels, autograd registration, and AOT dispatch of every custom op."""
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dims' strides swapped: dense but not contiguous."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2).detach().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck(layout):
+    """Schema, fake (meta) kernels, autograd registration, and AOT dispatch of every custom op; with
+    transposed inputs too, where the fake outputs must still have the real ops' (contiguous) strides."""
     x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
+    if layout == "transposed":
+        x_TD, gates_TK, w1, w3, w2 = (_transposed(t) for t in (x_TD, gates_TK, w1, w3, w2))
     slot_order_S, offsets_E = _routing(ids_TK, 4)
     ops = torch.ops.pure_reasoner
     a1_SF, a3_SF = (torch.randn(18, 40, device=DEVICE) for _ in range(2))
@@ -82,7 +91,7 @@ def test_opcheck():
     dy = torch.randn(9, 24, device=DEVICE)
     x, gates, w1_, w3_, w2_, h = (t.detach() for t in (x_TD, gates_TK, w1, w3, w2, h_SF))  # no autograd: bwd ops
     cases = {
-        ops.triton_routing.default: (ids_TK, 4),
+        ops.triton_routing.default: (ids_TK, 4, False),
         ops.triton_gather_swiglu.default: (x_TD, slot_order_S, offsets_E, w1, w3, 2, True),
         ops.triton_down_scatter.default: (h_SF, gates_TK, slot_order_S, offsets_E, w2),
         ops.triton_gather_swiglu_bwd.default: (h, x, slot_order_S, offsets_E, w1_, w3_, a1_SF, a3_SF, 2),
@@ -91,3 +100,43 @@ def test_opcheck():
     assert routing_metadata_triton  # its import registered pure_reasoner::triton_routing
     for op, args in cases.items():
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_down_swiglu_bwd(dtype, deterministic, poison):
+    """The fused backward (SwiGLU backward in the down projection's epilogue) against autograd through the
+    oracle of down_scatter(silu(a1) * a3): da1, da3 on the routed rows, dgates and dw2."""
+    num_tokens, top_k, num_experts, dim, width = 29, 2, 7, 40, 72
+    _, ids_TK, gates_TK, _, _, w2 = mlp_inputs(num_tokens, dim, width, num_experts, top_k, 0.4, dtype)
+    slot_order_S, offsets_E = _routing(ids_TK, num_experts)
+    a1_SF, a3_SF = (torch.randn(num_tokens * top_k, width, device=DEVICE).to(dtype) for _ in range(2))
+    dy_TD = torch.randn(num_tokens, dim, device=DEVICE).to(dtype)
+    da1, da3, dgates, dw2 = down_swiglu_bwd(dy_TD, a1_SF, a3_SF, gates_TK.detach(), slot_order_S, offsets_E,
+                                            w2.detach(), deterministic)
+    ref_a1, ref_a3, ref_gates, ref_w2 = (as_oracle_input(t.detach()).requires_grad_()
+                                         for t in (a1_SF, a3_SF, gates_TK, w2))
+    h_ref = torch.nn.functional.silu(ref_a1) * ref_a3
+    y_ref = down_scatter_reference(h_ref, ids_TK.cpu(), ref_gates, slot_order_S.cpu(), ref_w2)
+    grads = torch.autograd.grad(y_ref, [ref_a1, ref_a3, ref_gates, ref_w2], dy_TD.cpu().double())
+    routed = int(offsets_E[-1])
+    tol = TOLERANCE[dtype]
+    for name, got, want in [("da1", da1[:routed], grads[0][:routed]), ("da3", da3[:routed], grads[1][:routed]),
+                            ("dgates", dgates, grads[2]), ("dw2", dw2, grads[3])]:
+        torch.testing.assert_close(got.cpu().double(), want, **tol, msg=name)
+
+
+def test_expert_id_device_assert(monkeypatch):
+    """With Triton's debug checks on, an id outside [-1, E) stops the routing kernel (on a GPU: a device
+    assert, compiled in only with ``debug``; kernels.triton_aot checks that). The interpreter runs device
+    asserts only when its own options say debug, so they are switched on here."""
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        interpreter.InterpreterOptions(debug=True))
+    ok = torch.tensor([[0, -1], [3, 2]], device=DEVICE)
+    routing_metadata_triton(ok, 4, debug=True)
+    for bad in (4, -2):
+        with pytest.raises(InterpreterError, match="expert id out of"):
+            routing_metadata_triton(torch.tensor([[0, bad], [1, 2]], device=DEVICE), 4, debug=True)
