@@ -35,8 +35,8 @@ class KnowledgeConfig:
         consults (the conventional MoE; used by baselines and published presets).
     consult_rate: target share of the T*K slots that go to real experts (``gate``: share of tokens
         that consult). The controller (``moe.router``) holds it with a per-layer consult cut, re-taken
-        after every optimizer step as the rate's quantile over ``reference_tokens`` router inputs of the
-        last few steps, plus a feedback term whose step is ``controller_step``.
+        after every optimizer step as the rate's quantile over the last ``reference_tokens`` router inputs
+        (one or two steps), plus a feedback term whose step is ``controller_step``.
     consult_loss_coef: weight of the supervised consult loss (``gate`` only): when the model is given
         per-token consult targets, BCE of each layer's consult logit against them joins the aux loss.
     saved_rows_factor, saved_rows_min: the knowledge path keeps activations for the backward on at most
@@ -58,7 +58,7 @@ class KnowledgeConfig:
     num_null_experts: int = 16
     consult_rate: float = 0.125
     controller_step: float = 0.05
-    reference_tokens: int = 4096
+    reference_tokens: int = 2048
     balance_step: float = 1e-3
     balance_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3

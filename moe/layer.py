@@ -18,7 +18,7 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.experts import GroupedExperts, SwiGLU, overflow_rows, saved_row_bound
-from moe.router import REFERENCE_STEPS, KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
+from moe.router import KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
 
 
 class MoEStats(NamedTuple):
@@ -30,8 +30,8 @@ class MoEStats(NamedTuple):
     consulting_tokens: 0-d, tokens that consulted at least one expert.
     num_tokens: T.
     num_slots: T*K.
-    router_inputs_ND: [N, D] fp32 sample of the router's inputs (N = min(T, reference_tokens / REFERENCE_STEPS),
-        rows spread evenly over the call), detached: the consult controller's next reference sample; None when the
+    router_inputs_ND: [N, D] fp32 sample of the router's inputs (N = min(T, reference_tokens), rows spread
+        evenly over the call), detached: the consult controller's next reference sample; None when the
         router did not run. Concatenate it over ranks so every rank applies the same update.
     overflow_rows: 0-d, routed slots past the knowledge path's saved-activation bound (recomputed in the
         backward, not dropped; ``moe.experts.saved_row_bound``); None when the router did not run.
@@ -166,10 +166,8 @@ class PureReasonerMoE(nn.Module):
         return y_TD
 
     def _router_sample(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """[N, D] fp32 rows spread evenly over x_TD, N = min(T, reference_tokens / REFERENCE_STEPS); from shapes only
-        (no sync)."""
-        per_step = max(self.cfg.knowledge.reference_tokens // REFERENCE_STEPS, 1)
-        return spread_rows(x_TD.detach(), min(x_TD.shape[0], per_step)).float()
+        """[N, D] fp32 rows spread evenly over x_TD, N = min(T, reference_tokens); from shapes only (no sync)."""
+        return spread_rows(x_TD.detach(), min(x_TD.shape[0], self.cfg.knowledge.reference_tokens)).float()
 
     def _idle_stats(self, x_TD: torch.Tensor) -> MoEStats:
         zero = x_TD.new_zeros((), dtype=torch.float32)

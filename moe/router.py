@@ -11,15 +11,17 @@ Consult rule. Each token (``gate``: its consult logit) or slot (``null``: its be
 best null's) has a *consult margin*; it consults when the margin exceeds ``consult_cut``, one scalar per
 layer. The controller sets that cut between optimizer steps (``update_controller``, after the weights
 changed) to the margin that a share ``consult_rate * exp(rate_correction)`` of ``reference_x_RD`` exceeds
-under the *current* weights. ``reference_x_RD`` is a ring of R router inputs sampled over the last
-``REFERENCE_STEPS`` steps; ``rate_correction`` is an integral feedback term on the realized rate, for what
+under the *current* weights. ``reference_x_RD`` is a ring holding the last R router inputs the controller was
+given (each step's, up to R); ``rate_correction`` is an integral feedback term on the realized rate, for what
 the quantile misses (the ``null`` margin is an approximation; the inputs drift as the layers below learn),
 acting on the rate rather than the margin so that its step means the same whatever the margins' scale.
 Why the quantile is re-taken under the new weights: with AdamW a learned consult gate's logits move by
 about lr * |x|_1 per step (0.6 at lr 3e-3, D=256) while they spread by ~0.01 across tokens, so a cut
 learned under the last step's weights would flip a layer between consulting 0% and 99%; re-scoring the
-reference follows that drift exactly. Why several steps: the cut is an order statistic, and at a 5% rate
-one step's 256 tokens give it a ~27% relative error, which eval would keep for good; 4096 rows, ~7%.
+reference follows that drift exactly. What it cannot follow is the drift of the inputs themselves (the layers
+below learn too), so the ring is kept short: R = 2,048 tokens, one or two steps of the main job, where a ring
+of 8 steps let a layer's rate sit 33% above target for 20 steps. R also sets the precision of the cut that
+eval keeps: at rate 1/8 a quantile over 2,048 tokens is off by ~6% (1 sigma), over 256 by ~18%.
 
 ``expert_bias_E`` balances load among real experts (DeepSeek-V3's aux-loss-free balancing). The cut and
 the bias change which experts are *selected*, never the gate values, and receive no gradients.
@@ -36,7 +38,6 @@ from torch import nn
 from kernels import NOT_CONSULTED
 from moe.config import KnowledgeConfig
 
-REFERENCE_STEPS = 8  # the reference ring spans about this many steps' router inputs
 
 
 class Routing(NamedTuple):
@@ -174,11 +175,10 @@ class KnowledgeRouter(nn.Module):
 
     @torch.no_grad()
     def add_reference(self, router_inputs_ND: torch.Tensor) -> None:
-        """Write ``router_inputs_ND`` ([N, D]; at most R / REFERENCE_STEPS rows spread evenly over it) over the oldest
-        rows of the reference ring. Index arithmetic on device: no host sync."""
+        """Write ``router_inputs_ND`` ([N, D]; at most R rows spread evenly over it) over the oldest rows of the
+        reference ring. Index arithmetic on device: no host sync."""
         num_ref = self.cfg.reference_tokens
-        per_step = min(router_inputs_ND.shape[0], max(num_ref // REFERENCE_STEPS, 1))
-        rows_ND = spread_rows(router_inputs_ND, per_step).to(self.reference_x_RD)
+        rows_ND = spread_rows(router_inputs_ND, min(router_inputs_ND.shape[0], num_ref)).to(self.reference_x_RD)
         slots_N = (self.reference_next + torch.arange(rows_ND.shape[0], device=rows_ND.device)) % num_ref
         self.reference_x_RD.index_copy_(0, slots_N, rows_ND)
         self.reference_next.copy_((self.reference_next + rows_ND.shape[0]) % num_ref)
