@@ -39,7 +39,6 @@ from kernels import NOT_CONSULTED
 from moe.config import KnowledgeConfig
 
 
-
 class Routing(NamedTuple):
     """What the router decided for T tokens.
 
