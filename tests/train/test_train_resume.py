@@ -144,7 +144,7 @@ def test_crash_during_export_is_exported_by_the_same_command(tmp_path, monkeypat
     ref_dir, _ = uninterrupted
     with monkeypatch.context() as patch:
 
-        def save_pretrained(model, out):
+        def save_pretrained(model, out, **_):
             (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text("{")  # killed a few bytes into the export
             raise Crash("killed while exporting")
