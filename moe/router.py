@@ -166,6 +166,8 @@ class KnowledgeRouter(nn.Module):
             # Relative error, clipped: the same step size works for targets of 1/32 and 1/2.
             step = cfg.controller_step * ((cfg.consult_rate - rate) / max(cfg.consult_rate, 1e-3)).clamp(-1.0, 1.0)
             self.rate_correction += step  # too few consults: aim at a higher rate
+            # Bounded (a factor of 20 either way), so a layer whose gate cannot reach the target winds up no further.
+            self.rate_correction.clamp_(-3.0, 3.0)
             if router_inputs_ND is not None:
                 self.add_reference(router_inputs_ND)
             self.refresh_cut()

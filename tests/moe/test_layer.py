@@ -253,3 +253,16 @@ def test_knowledge_mean_on_masked_tokens_only_and_without_gradient():
     assert all(p.grad is not None for p in layer.reasoning.parameters())
     with pytest.raises(ValueError, match="knowledge_mean must be bool"):
         layer(x_TD, knowledge_mean=mask_T[:10])
+
+
+def test_rate_feedback_is_bounded():
+    """A gate that cannot reach its target (every margin equal: no token clears the cut) does not wind the
+    feedback term up without limit."""
+    layer = _layer("gate", consult_rate=0.1)
+    with torch.no_grad():
+        layer.router.consult_proj.weight.zero_()
+    for _ in range(200):
+        _, stats = layer(torch.randn(64, 32))
+        assert float(stats.consult_rate) == 0.0
+        layer.update_controller(stats)
+    assert float(layer.router.rate_correction) == pytest.approx(3.0)
