@@ -1,4 +1,4 @@
-"""Reading drills that are new in every micro-batch (issue 5: "freshly generated people in every batch").
+"""Reading drills that are new in every micro-batch ("freshly generated people in every batch").
 
 ``data.fresh_drills = n`` fills n of the ``train.micro_batch_size`` sequences of every micro-batch with reading
 drills (``train.world.drill_rows``: biographies of people generated for this micro-batch as context, no loss on
