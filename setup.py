@@ -1,6 +1,10 @@
 """pure-reasoner: mixture-of-experts LMs that separate reasoning from knowledge."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# The top-level folders and their subpackages (moe, kernels.routing, train.world, ...).
+PACKAGES = [p for top in ("moe", "kernels", "train", "benchmarks")
+            for p in (top, *(f"{top}.{sub}" for sub in find_packages(top)))]
 
 # Ranges that torch 2.13.0 (the CPU wheel installed first by setup.sh) satisfies, so pip never
 # swaps in a multi-GB CUDA build. megablocks pins its own torch: it lives in the [gpu] extra only.
@@ -11,7 +15,11 @@ setup(
     version="0.1.0",
     description="An always-on reasoning expert plus occasionally-consulted knowledge experts",
     python_requires=">=3.10",
-    packages=["moe", "kernels", "train", "benchmarks"],
+    # One namespace, pure_reasoner, mapped onto the repository's top-level folders: installed, nothing of ours
+    # is a top-level name another distribution could shadow (Hugging Face's `kernels` package, for one).
+    packages=["pure_reasoner", *(f"pure_reasoner.{p}" for p in PACKAGES)],
+    package_dir={"pure_reasoner": "pure_reasoner", **{f"pure_reasoner.{p}": p.replace(".", "/") for p in PACKAGES}},
+    package_data={"pure_reasoner.train.evaluation": [f"lm_eval_tasks/{p}" for p in ("*.yaml", "*_yaml", "*.py")]},
     install_requires=[
         "torch>=2.9,<2.14",
         "triton>=3.4,<3.10",

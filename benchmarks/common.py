@@ -141,7 +141,7 @@ def measure_roofline(
     repeats: int = 5,
 ) -> Roofline:
     """Measure P (an n x n x n matmul, each engine) and W (a ``copy_mb`` MB copy: read + write counted)."""
-    from kernels import dense_matmul_engines
+    from pure_reasoner.kernels import dense_matmul_engines
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -237,8 +237,8 @@ def custom_op_flop_formulas() -> dict:
     cannot see. Knowledge MLP: 2 * routed rows * D * F per GEMM, 3 GEMMs forward, 6 backward (the row
     count is data-dependent: these get the tensors). oneDNN linear: 2 * M * I * O forward, twice that
     backward. Kept out of kernels/ because importing torch.utils.flop_counter imports triton."""
-    import kernels.onednn_linear  # noqa: F401  (registers the ops)
-    import kernels.torch_mlp  # noqa: F401
+    import pure_reasoner.kernels.expert_mlp.torch_mlp  # noqa: F401
+    import pure_reasoner.kernels.onednn_linear  # noqa: F401  (registers the ops)
 
     for fn in (_knowledge_mlp_flops, _knowledge_mlp_bwd_flops):
         fn._get_raw = True  # FlopCounterMode passes tensors, not shapes: the row count is data-dependent

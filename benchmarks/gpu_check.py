@@ -1,7 +1,7 @@
 """The GPU check: everything the Triton knowledge path must show on a CUDA machine, in one run.
 
     bash benchmarks/gpu_check.sh [OUT_DIR]          # installs the GPU extras, then runs this
-    python -m benchmarks.gpu_check --out DIR [--only step,...] [--dry-run]
+    python -m pure_reasoner.benchmarks.gpu_check --out DIR [--only step,...] [--dry-run]
 
 Shapes: T tokens, K slots per token, E experts, D model dim, F expert width. Steps (each with a time
 budget; the plan fits 8 minutes on one H100-class GPU, all steps sharing one Triton cache):
@@ -91,8 +91,8 @@ class Context:
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0, empty_experts: int = 0):
     """(x_TD, ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD), float leaves requiring grad; the last
     ``empty_experts`` experts get no rows; ``rate`` of the slots consult."""
-    from benchmarks.kernels import Workload
-    from benchmarks.kernels import make_inputs as kernel_inputs
+    from pure_reasoner.benchmarks.kernels import Workload
+    from pure_reasoner.benchmarks.kernels import make_inputs as kernel_inputs
 
     w = Workload("gpu_check", shape.tokens, shape.dim, shape.width, shape.experts, shape.top_k, False)
     x, ids, gates, w1, w3, w2 = kernel_inputs(w, shape.rate, dtype, device, seed)
@@ -105,7 +105,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0, em
 
 def fwd_bwd(inputs, impl: str = "triton", deterministic: bool = False, dy=None, **kwargs):
     """y and the gradients of x, gates, w1, w3, w2 for one dy (seeded if not given)."""
-    from kernels import knowledge_mlp
+    from pure_reasoner.kernels import knowledge_mlp
 
     x, ids, gates, w1, w3, w2 = inputs
     y = knowledge_mlp(x, ids, gates, w1, w3, w2, impl=impl, deterministic=deterministic, **kwargs)
@@ -143,7 +143,7 @@ def sanitizer(ctx: Context) -> dict:
     figures = {}
     for check in ("memcheck", "initcheck"):
         cmd = [tool, f"--tool={check}", "--error-exitcode=9", "--target-processes=all", sys.executable, "-m",
-               "benchmarks.gpu_check", "--single", "small_fwd_bwd", "--out", str(ctx.out)]
+               "pure_reasoner.benchmarks.gpu_check", "--single", "small_fwd_bwd", "--out", str(ctx.out)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=_step("sanitizer").budget_s * 2)
         (ctx.out / f"sanitizer_{check}.log").write_text(proc.stdout + proc.stderr)
@@ -197,7 +197,7 @@ def production(ctx: Context) -> dict:
 
 def overflow(ctx: Context) -> dict:
     """Rows past 2^31 / F in sorted order: the last tokens of the last expert, against the oracle."""
-    from kernels.reference import knowledge_mlp_reference
+    from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
 
     shape = OVERFLOW_CPU if ctx.cpu else OVERFLOW
     x, ids, gates, w1, w3, w2 = make_inputs(shape, torch.float32 if ctx.cpu else torch.bfloat16, ctx.device)
@@ -253,7 +253,7 @@ def cuda_graph(ctx: Context) -> dict:
 
 
 def inductor(ctx: Context) -> dict:
-    from kernels import knowledge_mlp
+    from pure_reasoner.kernels import knowledge_mlp
 
     inputs = make_inputs(ctx.shape(SMALL), torch.float32 if ctx.cpu else torch.bfloat16, ctx.device)
 
@@ -297,8 +297,8 @@ def device_guard(ctx: Context) -> dict:
 
 
 def perf(ctx: Context) -> dict:
-    from benchmarks.common import time_interleaved
-    from benchmarks.kernels import Workload, mlp_cases, mlp_cost, mlp_providers
+    from pure_reasoner.benchmarks.common import time_interleaved
+    from pure_reasoner.benchmarks.kernels import Workload, mlp_cases, mlp_cost, mlp_providers
 
     shape = ctx.shape(PRODUCTION)
     dtype = torch.float32 if ctx.cpu else torch.bfloat16
@@ -355,7 +355,7 @@ def _sonic_moe(shape: Shape, rate: float, peak: float | None) -> list[dict]:
         from sonicmoe.enums import ActivationType
     except ImportError as exc:
         return [{"rate": rate, "provider": "sonic-moe", "skipped": f"not installed: {exc}"}]
-    from benchmarks.common import time_interleaved
+    from pure_reasoner.benchmarks.common import time_interleaved
 
     if rate != 1.0:
         return [{"rate": rate, "provider": "sonic-moe", "skipped": "every token consults all K (rate 1 only)"}]

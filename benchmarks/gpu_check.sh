@@ -45,4 +45,4 @@ if [[ $dry_run == 0 ]]; then
             >> "$out/install.txt"
     fi
 fi
-exec "$py" -m benchmarks.gpu_check --out "$out" "$@"
+exec "$py" -m pure_reasoner.benchmarks.gpu_check --out "$out" "$@"

@@ -1,7 +1,7 @@
 """Stock transformers MoE blocks with their routed experts run by ours (``"pure_reasoner"``), ``grouped_mm`` and
 ``eager``: the same block, the same weights and inputs, only ``config._experts_implementation`` changes.
 
-    python -m benchmarks.hf_experts [--quick] [--json PATH] [--repeats N] [--dtype float32|bfloat16]
+    python -m pure_reasoner.benchmarks.hf_experts [--quick] [--json PATH] [--repeats N] [--dtype float32|bfloat16]
 
 Blocks: Qwen2-MoE (with its gated shared expert), Qwen3-MoE, OLMoE and Mixtral, each at a named shape scaled to
 one CPU socket from the published model (ratios of width, experts and top-k kept). Modes: ``fwd`` (no grad) and
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.common import print_table, time_interleaved, write_json
-from benchmarks.peers import _init_
+from pure_reasoner.benchmarks.common import print_table, time_interleaved, write_json
+from pure_reasoner.benchmarks.peers import _init_
 
 PROVIDERS = ("pure_reasoner", "grouped_mm", "eager")
 MODES = ("fwd", "fwd+bwd")
@@ -123,7 +123,7 @@ def check_agree(block, cfg, x_BSD: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def bench(w: Workload, repeats: int, dtype: torch.dtype) -> list[dict]:
-    import moe.hf  # noqa: F401  registers "pure_reasoner"
+    import pure_reasoner.moe.hf  # noqa: F401  registers "pure_reasoner"
 
     block, cfg = build_block(w, dtype)
     x_BSD = torch.randn(1, w.tokens, w.dim, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()

@@ -1,6 +1,6 @@
 """Knowledge-path kernels: ours against the oracle and HF transformers' grouped_mm experts, on a roofline.
 
-    python -m benchmarks.kernels [--quick] [--json PATH] [--repeats N]
+    python -m pure_reasoner.benchmarks.kernels [--quick] [--json PATH] [--repeats N]
 
 Ops: routing metadata (forward only) and the knowledge-expert MLP (fwd, bwd, fwd+bwd), at consult
 rates 1/8 and 1 (share of the T*K slots that go to a real expert). Providers on CPU: ``torch`` (ours),
@@ -33,9 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Roofline, Timing, measure_roofline, print_table, time_interleaved, write_json
-from kernels import NOT_CONSULTED, knowledge_mlp
-from kernels.routing import routing_metadata, routing_metadata_reference
+from pure_reasoner.benchmarks.common import (
+    Roofline,
+    Timing,
+    measure_roofline,
+    print_table,
+    time_interleaved,
+    write_json,
+)
+from pure_reasoner.kernels import NOT_CONSULTED, knowledge_mlp
+from pure_reasoner.kernels.routing.metadata import routing_metadata
+from pure_reasoner.kernels.routing.reference import routing_metadata_reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 RATES = (0.125, 1.0)
@@ -194,7 +202,7 @@ def bench_routing(w: Workload, rate: float, ids_TK, roof: Roofline, repeats: int
     if w.with_reference:
         cases["reference"] = lambda: routing_metadata_reference(ids_TK, w.experts)
     if device == "cuda":
-        from kernels.triton_routing import routing_metadata_triton
+        from pure_reasoner.kernels.routing.triton_routing import routing_metadata_triton
 
         cases["triton"] = lambda: routing_metadata_triton(ids_TK, w.experts)
     bytes_ = ids_TK.numel() * (ids_TK.element_size() + 3 * 8) + w.experts * 12

@@ -2,7 +2,7 @@
 parameters, HF's Qwen2MoeSparseMoeBlock and DeepSpeed's residual MoE (equal total parameters), and
 the dumb oracle (small shapes only); forward, backward and both, at consult rates 0 .. 1.
 
-    python -m benchmarks.layer [--quick] [--json PATH] [--plot PATH] [--cases default,large-batch,small]
+    python -m pure_reasoner.benchmarks.layer [--quick] [--json PATH] [--plot PATH] [--cases default,large-batch,small]
 
 Shape legend: T tokens, D model dim, F_r reasoning width, F_k knowledge-expert width, E experts, K top-k.
 
@@ -25,10 +25,17 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks import peers
-from benchmarks.common import Roofline, machine, measure_roofline, peak_memory, time_interleaved, write_json
-from benchmarks.layer_report import check_targets, plot, print_report
-from benchmarks.peers import Provider, Shapes
+from pure_reasoner.benchmarks import peers
+from pure_reasoner.benchmarks.common import (
+    Roofline,
+    machine,
+    measure_roofline,
+    peak_memory,
+    time_interleaved,
+    write_json,
+)
+from pure_reasoner.benchmarks.layer_report import check_targets, plot, print_report
+from pure_reasoner.benchmarks.peers import Provider, Shapes
 
 RATES = (0.0, 1 / 32, 1 / 8, 1 / 4, 1 / 2, 1.0)
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -169,7 +176,8 @@ def _memory_vs_experts(shapes: Shapes, providers: Sequence[Provider], x_TD, dy_T
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.layer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.benchmarks.layer",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1-2 repeats: a smoke run in seconds")
     parser.add_argument("--json", metavar="PATH", help="write records and checks as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a plot of time and roofline vs consult rate")
@@ -201,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = check_targets(records, memory_checks)
     print_report(records, targets, roof_before, roof_after)
     meta = {
-        "command": " ".join(["python -m benchmarks.layer", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m pure_reasoner.benchmarks.layer",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
         "roofline": {"before": vars(roof_before), "after": vars(roof_after), "used": vars(roof)},

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fractions import Fraction
 
-from benchmarks.common import Roofline, print_table
+from pure_reasoner.benchmarks.common import Roofline, print_table
 
 PEERS = ("qwen2moe", "deepspeed")
 ROOFLINE_SLACK = 1.5  # ours within 1.5x of its roofline

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
-from moe.experts import SwiGLU
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from pure_reasoner.moe.experts import SwiGLU
 
 INIT_STD = 0.02  # every peer is initialised like ours: Normal(0, 0.02), zero biases
 

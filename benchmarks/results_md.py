@@ -1,7 +1,7 @@
 """Markdown tables from the benchmarks' JSON results, for benchmarks/RESULTS.md.
 
-    python -m benchmarks.results_md kernels benchmarks/results/kernels_cpu.json
-    python -m benchmarks.results_md layer benchmarks/results/layer_cpu.json
+    python -m pure_reasoner.benchmarks.results_md kernels benchmarks/results/kernels_cpu.json
+    python -m pure_reasoner.benchmarks.results_md layer benchmarks/results/layer_cpu.json
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from benchmarks.layer_report import markdown as layer_markdown
+from pure_reasoner.benchmarks.layer_report import markdown as layer_markdown
 
 KERNEL_COLUMNS = ["workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s", "roofline_ms",
                   "x_roofline"]

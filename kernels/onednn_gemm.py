@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.routing import expert_row_ranges
+from pure_reasoner.kernels.routing.metadata import expert_row_ranges
 
 # A constant of the build (torch.compile cannot trace ``torch.backends.mkldnn.is_available()``).
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import onednn_gemm
+from pure_reasoner.kernels import onednn_gemm
 
 
 @torch.library.custom_op("pure_reasoner::onednn_linear", mutates_args=())

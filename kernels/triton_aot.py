@@ -5,7 +5,7 @@ below unless overridden).
 
 Triton compiles for a ``GPUTarget`` without a driver: its frontend, LLVM and the bundled ``ptxas`` all
 run on the CPU. What gets compiled is what a GPU run would launch: the real launchers
-(``kernels.triton_mlp.knowledge_mlp_fwd`` / ``_bwd``, the standalone ops' launchers, the routing) run
+(``kernels.expert_mlp.triton_mlp.knowledge_mlp_fwd`` / ``_bwd``, the standalone ops' launchers, the routing) run
 on meta tensors with ``launch`` replaced by a recorder, so every kernel, constexpr variant and argument
 (dtypes, ints, pointer alignment of windows) comes from the code itself; each recorded launch expands
 to the configs its autotuner would try for that dot precision (a deterministic launch: its pinned
@@ -18,8 +18,8 @@ it cannot be skipped (a deterministic run's pinned config, an untuned kernel), i
 exceeds the architecture's. An autotuned candidate too big for one architecture only is reported: the
 autotuner skips it there (Triton's ``OutOfResources``).
 
-    python -m kernels.triton_aot                       # sm_90 and sm_80, fp32 (IEEE, TF32), fp16, bf16
-    python -m kernels.triton_aot --arch 90 --json out.json --jobs 2
+    python -m pure_reasoner.kernels.triton_aot                       # sm_90 and sm_80, fp32 (IEEE, TF32), fp16, bf16
+    python -m pure_reasoner.kernels.triton_aot --arch 90 --json out.json --jobs 2
 
 Run it without ``TRITON_INTERPRET`` (the interpreter compiles nothing).
 """
@@ -42,7 +42,7 @@ from unittest import mock
 
 import torch
 
-from kernels.backends import interpreting
+from pure_reasoner.kernels.backends import interpreting
 
 PRECISIONS = ("fp32-ieee", "fp32-tf32", "fp16", "bf16")
 _DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -112,7 +112,8 @@ class _Launch:
 def _record_launches(shape: Shape, precision: str) -> list[_Launch]:
     """Every kernel launch of a training step's fwd+bwd (normal and deterministic), plus the standalone
     ops' launches, as the launchers make them, on meta tensors (the routing with ``PRECISIONS[0]`` only)."""
-    from kernels import triton_down, triton_mlp, triton_routing, triton_up, triton_wgrad
+    from pure_reasoner.kernels.expert_mlp import triton_down, triton_mlp, triton_up, triton_wgrad
+    from pure_reasoner.kernels.routing import triton_routing
 
     launches: list[_Launch] = []
 
@@ -153,7 +154,7 @@ def _configs(launch: _Launch) -> list[tuple[dict, bool]]:
     """(launch options + constexprs, skippable) for every binary this launch can run."""
     import triton
 
-    from kernels.triton_schedule import pinned_config
+    from pure_reasoner.kernels.triton_schedule import pinned_config
 
     kernel = launch.kernel
     if not isinstance(kernel, triton.runtime.Autotuner):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backends import interpreting
+from pure_reasoner.kernels.backends import interpreting
 
 # Power-of-two buckets of the row count: the autotune key, so a small eval batch tunes its own config
 # instead of fixing the one every training step then uses.

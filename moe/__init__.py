@@ -3,12 +3,12 @@
 Importing this package never imports triton.
 """
 
-from moe.config import KnowledgeConfig, ModelConfig, MoEConfig
-from moe.interventions import mean_ablation, record_knowledge_means
-from moe.layer import MoEStats, PureReasonerMoE
-from moe.model import LMOutput, PureReasonerLM
-from moe.presets import PRESET_NAMES, preset
-from moe.trace import record_knowledge_trace
+from pure_reasoner.moe.config import KnowledgeConfig, ModelConfig, MoEConfig
+from pure_reasoner.moe.interventions import mean_ablation, record_knowledge_means
+from pure_reasoner.moe.layer import MoEStats, PureReasonerMoE
+from pure_reasoner.moe.model import LMOutput, PureReasonerLM
+from pure_reasoner.moe.presets import PRESET_NAMES, preset
+from pure_reasoner.moe.trace import record_knowledge_trace
 
 __all__ = [
     "PRESET_NAMES",

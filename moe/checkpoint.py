@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moe.config import KnowledgeConfig, ModelConfig
-from moe.hf_files import model_config_values, write_hf_files
-from moe.model import PureReasonerLM
+from pure_reasoner.moe.config import KnowledgeConfig, ModelConfig
+from pure_reasoner.moe.hf_files import model_config_values, write_hf_files
+from pure_reasoner.moe.model import PureReasonerLM
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 HF_PREFIX = "model."  # what transformers' PureReasonerForCausalLM puts before PureReasonerLM's weight names

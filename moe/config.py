@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kernels import IMPLS
+from pure_reasoner.kernels import IMPLS
 
 MECHANISMS = ("gate", "null", "always")
 

@@ -1,6 +1,6 @@
 """A first look: forward batches through a randomly initialised model and print what it cost.
 
-``python -m moe.demo [--preset small] [--steps 50]``: the consult controller steers the router's
+``python -m pure_reasoner.moe.demo [--preset small] [--steps 50]``: the consult controller steers the router's
 selection biases for ``--steps`` batches (no training), then one batch is measured: realized consult
 rate per layer and realized active parameters and FLOPs per token against the nominal figures.
 """
@@ -11,13 +11,13 @@ import argparse
 
 import torch
 
-from moe.flops import nominal, realized
-from moe.model import PureReasonerLM
-from moe.presets import PRESET_NAMES, preset
+from pure_reasoner.moe.flops import nominal, realized
+from pure_reasoner.moe.model import PureReasonerLM
+from pure_reasoner.moe.presets import PRESET_NAMES, preset
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.moe.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small", choices=PRESET_NAMES[:3])
     parser.add_argument("--steps", type=int, default=50, help="controller warm-up batches")
     parser.add_argument("--batch", type=int, default=8)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Linear, knowledge_mlp
+from pure_reasoner.kernels import Linear, knowledge_mlp
 
 
 class SwiGLU(nn.Module):

@@ -13,7 +13,7 @@ Conventions (stated once, used everywhere):
 - Passes that skip part of the layer pay only for what runs: ``knowledge_off`` runs neither router nor
   experts; ``knowledge_mean`` runs both forward only (the ablation detaches the knowledge path).
 
-CLI: ``python -m moe.flops --preset NAME [--seq-len S] [--json]``.
+CLI: ``python -m pure_reasoner.moe.flops --preset NAME [--seq-len S] [--json]``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels import dense_matmul_engines
-from moe.config import ModelConfig
-from moe.layer import MoEStats
-from moe.presets import PRESET_NAMES, preset
+from pure_reasoner.kernels import dense_matmul_engines
+from pure_reasoner.moe.config import ModelConfig
+from pure_reasoner.moe.layer import MoEStats
+from pure_reasoner.moe.presets import PRESET_NAMES, preset
 
 # Model FLOPs per weight per token: forward (one multiply-add), backward (input and weight gradients).
 FWD_FLOPS_PER_PARAM, BWD_FLOPS_PER_PARAM = 2, 4
@@ -224,7 +224,7 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repea
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe.flops", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.moe.flops", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", required=True, choices=PRESET_NAMES)
     parser.add_argument("--seq-len", type=int, default=None, help="context length (default: the preset's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

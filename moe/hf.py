@@ -1,11 +1,11 @@
 """PureReasonerLM behind Hugging Face transformers' classes; importing this module registers them.
 
-    import moe.hf  # registers AutoConfig / AutoModelForCausalLM for model_type "pure_reasoner"
+    import pure_reasoner.moe.hf  # registers AutoConfig / AutoModelForCausalLM for model_type "pure_reasoner"
     model = AutoModelForCausalLM.from_pretrained(DIR)          # or, without the import: trust_remote_code=True
     tokenizer = AutoTokenizer.from_pretrained(DIR)
 
-``DIR`` is an export (``python -m train.export RUN``; layout in ``moe.hf_files``). Importing this module also
-registers our knowledge path as the experts implementation ``"pure_reasoner"`` (``moe.hf_experts``).
+``DIR`` is an export (``python -m pure_reasoner.train.export RUN``; layout in ``moe.hf_files``). Importing this module
+also registers our knowledge path as the experts implementation ``"pure_reasoner"`` (``moe.hf_experts``).
 Importing ``moe`` itself never imports transformers (seconds of import time the training job does not need).
 
 Shape legend: B batch, S sequence, V vocabulary.
@@ -19,10 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from moe.checkpoint import config_from_dict
-from moe.hf_experts import register_experts_implementation
-from moe.hf_files import MODEL_FIELDS, MODEL_TYPE
-from moe.model import PureReasonerLM, rope_tables
+from pure_reasoner.moe.checkpoint import config_from_dict
+from pure_reasoner.moe.hf_experts import register_experts_implementation
+from pure_reasoner.moe.hf_files import MODEL_FIELDS, MODEL_TYPE
+from pure_reasoner.moe.model import PureReasonerLM, rope_tables
 
 
 class PureReasonerConfig(PreTrainedConfig):

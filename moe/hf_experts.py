@@ -5,7 +5,7 @@ transformers 5 MoE models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, ...) decorate t
 function registered in ``ExpertsInterface`` under ``config._experts_implementation``.
 ``register_experts_implementation`` adds ours, so that on any such model
 
-    import moe.hf
+    import pure_reasoner.moe.hf
     model.set_experts_implementation("pure_reasoner")   # or from_pretrained(..., experts_implementation=...)
 
 runs the routed experts through ``knowledge_mlp``: ``impl="torch"`` on CPU (oneDNN / grouped_mm), ``"triton"`` on
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import NOT_CONSULTED, knowledge_mlp
+from pure_reasoner.kernels import NOT_CONSULTED, knowledge_mlp
 
 IMPLEMENTATIONS = {"pure_reasoner": None, "pure_reasoner_torch": "torch", "pure_reasoner_triton": "triton"}
 _SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules

@@ -21,7 +21,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from moe.config import ModelConfig
+from pure_reasoner.moe.config import ModelConfig
 
 MODEL_TYPE = "pure_reasoner"
 ARCHITECTURE = "PureReasonerForCausalLM"
@@ -72,8 +72,9 @@ def hf_config_values(cfg: ModelConfig, special: dict[str, int | None], knowledge
 
 
 def byte_tokenizer_json() -> str:
-    """A ``tokenizers`` file whose ids are UTF-8 bytes (id = byte value), as ``train.eval.Codec()`` encodes
-    without a tokenizer file: byte-level pre-tokenizer and decoder, one vocabulary entry per byte, no merges."""
+    """A ``tokenizers`` file whose ids are UTF-8 bytes (id = byte value), as ``train.evaluation.evaluate.Codec()``
+    encodes without a tokenizer file: byte-level pre-tokenizer and decoder, one vocabulary entry per byte, no
+    merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     chars = _bytes_to_unicode()
@@ -101,8 +102,8 @@ def tokenizer_special_ids(tokenizer_json: str) -> tuple[dict[str, int | None], d
 
     The last added special token is the end of a document (``train.data.EOD``): eos, and pad for batching.
     Without one (byte ids), byte 0 (NUL, which text does not contain) stands in for all three: pad (what
-    ``train.eval`` pads with), bos (nothing adds it to a text; lm_eval conditions an empty context on it) and eos
-    (lm_eval's generation needs one).
+    ``train.evaluation.evaluate`` pads with), bos (nothing adds it to a text; lm_eval conditions an empty context on
+    it) and eos (lm_eval's generation needs one).
     """
     data = json.loads(tokenizer_json)
     specials = [t for t in data.get("added_tokens", []) if t.get("special")]

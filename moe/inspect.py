@@ -1,7 +1,7 @@
-"""Show which knowledge experts each token consults: ``python -m moe.inspect``.
+"""Show which knowledge experts each token consults: ``python -m pure_reasoner.moe.inspect``.
 
-    python -m moe.inspect --checkpoint runs/x/export --text "Zorblat Quen was born in Vesk."
-    python -m moe.inspect --random tiny --jsonl split.jsonl --html trace.html --json trace.json
+    python -m pure_reasoner.moe.inspect --checkpoint runs/x/export --text "Zorblat Quen was born in Vesk."
+    python -m pure_reasoner.moe.inspect --random tiny --jsonl split.jsonl --html trace.html --json trace.json
 
 Model: ``--checkpoint DIR`` (``config.json`` + ``model.safetensors``, loaded without unpickling; its
 ``tokenizer.json`` when present, else UTF-8 bytes) or ``--random PRESET`` (random weights; the consult
@@ -27,11 +27,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moe.checkpoint import atomic_write, load_pretrained
-from moe.model import PureReasonerLM
-from moe.presets import PRESET_NAMES, preset
-from moe.trace_html import render_html
-from moe.trace_report import (
+from pure_reasoner.moe.checkpoint import atomic_write, load_pretrained
+from pure_reasoner.moe.model import PureReasonerLM
+from pure_reasoner.moe.presets import PRESET_NAMES, preset
+from pure_reasoner.moe.trace_html import render_html
+from pure_reasoner.moe.trace_report import (
     TracedDoc,
     describe,
     encode_all,
@@ -42,11 +42,11 @@ from moe.trace_report import (
     trace_documents,
     trace_record,
 )
-from moe.trace_text import TextCodec, Token, read_jsonl
+from pure_reasoner.moe.trace_text import TextCodec, Token, read_jsonl
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moe.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.moe.inspect", description=__doc__.split("\n")[0])
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="exported model directory (config.json + model.safetensors)")
     model.add_argument("--random", choices=PRESET_NAMES[:3], help="a randomly initialised model of this preset")

@@ -27,8 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from kernels import NOT_CONSULTED
-from moe.layer import PureReasonerMoE
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.moe.layer import PureReasonerMoE
 
 
 def knowledge_layers(model: nn.Module) -> list[PureReasonerMoE]:

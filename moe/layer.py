@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.experts import GroupedExperts, SwiGLU, overflow_rows, saved_row_bound
-from moe.router import KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
+from pure_reasoner.moe.config import MoEConfig
+from pure_reasoner.moe.experts import GroupedExperts, SwiGLU, overflow_rows, saved_row_bound
+from pure_reasoner.moe.router import KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
 
 
 class MoEStats(NamedTuple):

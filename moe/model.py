@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Linear, linear
-from moe.config import ModelConfig
-from moe.experts import SwiGLU
-from moe.layer import MoEStats, PureReasonerMoE
+from pure_reasoner.kernels import Linear, linear
+from pure_reasoner.moe.config import ModelConfig
+from pure_reasoner.moe.experts import SwiGLU
+from pure_reasoner.moe.layer import MoEStats, PureReasonerMoE
 
 
 class LMOutput(NamedTuple):

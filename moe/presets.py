@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from moe.config import KnowledgeConfig, ModelConfig
+from pure_reasoner.moe.config import KnowledgeConfig, ModelConfig
 
 
 def _ours(d_model: int, n_layers: int, n_heads: int, num_experts: int, seq_len: int) -> ModelConfig:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import NOT_CONSULTED
-from moe.config import KnowledgeConfig
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.moe.config import KnowledgeConfig
 
 
 class Routing(NamedTuple):

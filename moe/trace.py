@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import NOT_CONSULTED
-from moe.model import PureReasonerLM
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.moe.model import PureReasonerLM
 
 
 class TracePass(NamedTuple):

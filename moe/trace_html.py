@@ -15,7 +15,7 @@ import hashlib
 import html
 import json
 
-from moe.trace_report import TracedDoc, expert_table, rate_table, shade, token_layers
+from pure_reasoner.moe.trace_report import TracedDoc, expert_table, rate_table, shade, token_layers
 
 _SCRIPT = r"""
 "use strict";

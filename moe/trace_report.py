@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import NOT_CONSULTED
-from moe.model import PureReasonerLM
-from moe.trace import KnowledgeTrace, record_knowledge_trace
-from moe.trace_text import Fact, TextCodec, Token
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.moe.model import PureReasonerLM
+from pure_reasoner.moe.trace import KnowledgeTrace, record_knowledge_trace
+from pure_reasoner.moe.trace_text import Fact, TextCodec, Token
 
 FORMAT, VERSION = "pure-reasoner.knowledge-trace", 1
 

@@ -78,8 +78,8 @@ def inputs(gen: torch.Generator, s: dict):
 
 def check(gen: torch.Generator, s: dict) -> str:
     """'' when the fast path matches the reference in output and every gradient, else what differed."""
-    from kernels.reference import knowledge_mlp_reference
-    from kernels.torch_mlp import knowledge_mlp_torch
+    from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+    from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
 
     x_TD, ids_TK, gates_TK, weights = inputs(gen, s)
     fast = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=s["compact"], max_rows=s["max_rows"],
@@ -110,8 +110,8 @@ def check(gen: torch.Generator, s: dict) -> str:
 
 @contextmanager
 def poisoned_grouped_mm():
-    """``kernels.torch_mlp``'s ``grouped_mm`` with its unwritten rows set to NaN."""
-    import kernels.torch_mlp as torch_mlp
+    """``kernels.expert_mlp.torch_mlp``'s ``grouped_mm`` with its unwritten rows set to NaN."""
+    import pure_reasoner.kernels.expert_mlp.torch_mlp as torch_mlp
 
     real = torch_mlp.F.grouped_mm
 

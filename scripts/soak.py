@@ -6,7 +6,7 @@ nothing is lost and the result is bit-identical.
 
 The run: ``--experiment`` (default ``decoupling_smoke``: the decoupling recipe's features on the smoke model:
 knowledge in context, fresh drills, consult targets, gradient routing, the knowledge-off forget pass) on
-``--ranks`` ranks (2: ``deepspeed --no_local_rank --num_gpus 2 --module train ... train.ep_size=2``, the
+``--ranks`` ranks (2: ``deepspeed --no_local_rank --num_gpus 2 --module pure_reasoner.train ... train.ep_size=2``, the
 README's multi-process command, so the knowledge experts are split over the ranks).
 
 1. An uninterrupted reference run (same command, its own run directory).
@@ -14,7 +14,7 @@ README's multi-process command, so the knowledge experts are split over the rank
    the other rank down, and the same command is relaunched, ``--kills`` times. The moments cycle through
    four kinds: 0..``--max-delay`` s after the launch logged its first new step; 0-10 ms after a checkpoint
    write starts while an earlier checkpoint is complete (a ``.tmp-step_*`` directory, the partial-write
-   marker of ``train.checkpoint``, appears; a kill that leaves it behind was inside the write);
+   marker of ``train.ds_checkpoint``, appears; a kill that leaves it behind was inside the write);
    0..``startup`` s after its ranks started (data, engine, resume; ``startup``: the reference's time to
    its first step); and 0-20 ms after the export at the end starts (``train.export.EXPORT_TMP``
    appears), after which the same command only exports.
@@ -51,13 +51,13 @@ KINDS = ("after a new step", "during a checkpoint write", "during startup or res
 
 def command(run_dir: Path, ranks: int, experiment: str, steps: int, ckpt_every: int) -> list[str]:
     """The training command the soak launches (the same for the reference and every relaunch)."""
-    from train.dist import _free_port
+    from pure_reasoner.train.dist import _free_port
 
     if ranks == 1:
-        head = [sys.executable, "-m", "train"]
+        head = [sys.executable, "-m", "pure_reasoner.train"]
     else:
         head = [str(Path(sys.executable).parent / "deepspeed"), "--no_local_rank", "--num_gpus", str(ranks),
-                "--master_port", str(_free_port()), "--module", "train", f"train.ep_size={ranks}",
+                "--master_port", str(_free_port()), "--module", "pure_reasoner.train", f"train.ep_size={ranks}",
                 "train.micro_batch_size=4"]
     return [
         *head, f"experiment={experiment}", f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}",
@@ -84,8 +84,8 @@ def last_logged_step(run_dir: Path) -> int:
 
 def _result_problem(run_dir: Path, ref_dir: Path) -> str:
     """'' when the run's curve and final weights equal the reference's bit for bit, else how they differ."""
-    from train.export import differing_tensors
-    from train.metrics import read_curve
+    from pure_reasoner.train.export import differing_tensors
+    from pure_reasoner.train.metrics import read_curve
 
     curve, reference = read_curve(run_dir), read_curve(ref_dir)
     if curve != reference:
@@ -104,7 +104,7 @@ def check_latest(run_dir: Path, ranks: int) -> tuple[int, str, str]:
     import torch
     from safetensors.torch import load_file
 
-    from train.checkpoint import safe_torch_load
+    from pure_reasoner.train.ds_checkpoint import safe_torch_load
 
     root = run_dir / "checkpoints"
     pointer = root / "latest"
@@ -131,7 +131,7 @@ def check_latest(run_dir: Path, ranks: int) -> tuple[int, str, str]:
 
 
 def _ranks_of(proc: subprocess.Popen, ranks: int) -> list[int]:
-    """pids of the ``python -m train`` processes of a launch (the launch itself with one rank)."""
+    """pids of the ``python -m pure_reasoner.train`` processes of a launch (the launch itself with one rank)."""
     if ranks == 1:
         return [proc.pid]
     import psutil
@@ -165,7 +165,7 @@ def _kill_one_rank(
 ) -> str:
     """Wait for a moment of ``kind``, SIGKILL one rank, wait for the launch to end; returns the moment ('' if
     the run ended first)."""
-    from train.export import EXPORT_TMP
+    from pure_reasoner.train.export import EXPORT_TMP
 
     start_step = last_logged_step(run_dir)
     root = run_dir / "checkpoints"

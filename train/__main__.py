@@ -1,6 +1,6 @@
-"""``python -m train [group=option ...] [key=value ...]``: the main training job (Hydra).
+"""``python -m pure_reasoner.train [group=option ...] [key=value ...]``: the main training job (Hydra).
 
-Multi-process: ``deepspeed --no_local_rank --num_gpus 2 --module train ...`` (ranks read LOCAL_RANK
+Multi-process: ``deepspeed --no_local_rank --num_gpus 2 --module pure_reasoner.train ...`` (ranks read LOCAL_RANK
 from the environment; the launcher's ``--local_rank`` argument would collide with Hydra's parser).
 """
 
@@ -22,14 +22,14 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from train.config import register_configs, to_config  # noqa: E402
+from pure_reasoner.train.config import register_configs, to_config  # noqa: E402
 
 register_configs()
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def check_config(overrides: Sequence[str]) -> Path | None:
-    """Compose and validate the config of ``python -m train <overrides>`` before Hydra runs the job.
+    """Compose and validate the config of ``python -m pure_reasoner.train <overrides>`` before Hydra runs the job.
 
     Hydra creates the job's output directory (the run dir) before it calls ``main``, so a config rejected
     only there would leave an empty ``runs/<name>/`` behind; checked here first, it writes nothing.
@@ -70,8 +70,8 @@ def discard_run_dir(run_dir: Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from train.dist import exit_rank, multi_rank
-    from train.loop import TrainingAborted, run
+    from pure_reasoner.train.dist import exit_rank, multi_rank
+    from pure_reasoner.train.loop import TrainingAborted, run
 
     try:
         config = to_config(cfg)

@@ -22,9 +22,9 @@ from deepspeed.moe.layer import MoE
 from safetensors.torch import load_file
 from torch import nn
 
-from moe import ModelConfig, MoEConfig, MoEStats, PureReasonerLM
-from moe.checkpoint import CONFIG, FFN_FILE, WEIGHTS, atomic_write, config_from_dict, save_pretrained
-from moe.experts import SwiGLU
+from pure_reasoner.moe import ModelConfig, MoEConfig, MoEStats, PureReasonerLM
+from pure_reasoner.moe.checkpoint import CONFIG, FFN_FILE, WEIGHTS, atomic_write, config_from_dict, save_pretrained
+from pure_reasoner.moe.experts import SwiGLU
 
 
 class DeepSpeedResidualFFN(nn.Module):
@@ -122,7 +122,7 @@ def save_residual_pretrained(model: PureReasonerLM, directory: Path) -> Path:
 
 def load_residual_pretrained(directory: Path, map_location: str = "cpu") -> PureReasonerLM:
     """A residual_moe export as a model (joins or creates a one-process group: DeepSpeed's MoE needs one)."""
-    from train.dist import init_distributed
+    from pure_reasoner.train.dist import init_distributed
 
     init_distributed()
     cfg = config_from_dict(json.loads((directory / CONFIG).read_text()))

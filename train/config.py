@@ -14,7 +14,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from moe import ModelConfig, preset
+from pure_reasoner.moe import ModelConfig, preset
 
 MODEL_PRESETS = ("tiny", "small", "base")
 SOURCES = ("shakespeare", "files", "generator", "world")
@@ -25,7 +25,14 @@ ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
-WORLD_GENERATOR = "train.world:pretraining_corpus"
+WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
+# The same generator under the module path that configs saved by earlier versions of the package name.
+_FORMER_WORLD_GENERATOR = "train.world:pretraining_corpus"
+
+
+def current_generator(path: str | None) -> str | None:
+    """``data.generator`` as this version names it (a saved config may carry the world generator's former path)."""
+    return WORLD_GENERATOR if path == _FORMER_WORLD_GENERATOR else path
 
 
 def _require(ok: bool, message: str) -> None:
@@ -42,18 +49,18 @@ class DataConfig:
         yielding strings or dicts with ``text_field``) or ``world`` (a knowledge world on disk at ``path``,
         ``docs/world_schema.md``: its rows carry their contexts, so they are packed as with ``in_context_fraction``
         set, and the recall objectives read its ``recall`` spans).
-    path: with ``source=world``, the world directory (``python -m train.world --out DIR`` writes the built-in one).
-    tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
+    path: with ``source=world``, the world directory (``python -m pure_reasoner.train.world --out DIR`` writes the
+    built-in one). tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
         (256 byte ids plus an end-of-document id).
     seq_len: tokens per training sequence (packed across document boundaries).
     max_chars: keep only the first ``max_chars`` characters of the corpus (None: all of it).
     in_context_fraction: None (plain LM on the ``text`` column) or the knowledge-in-context objective for a
-        generator with a ``context`` column (``train.world:pretraining_corpus``): the value is passed to the
-        generator as ``in_context_fraction``, every row with a context is packed as one unit
+        generator with a ``context`` column (``pure_reasoner.train.world.generator:pretraining_corpus``): the value is
+        passed to the generator as ``in_context_fraction``, every row with a context is packed as one unit
         ``context + text + EOD`` inside one sequence, and no loss is taken on the context tokens.
     fresh_drills: with the world generator (``WORLD_GENERATOR``) and ``in_context_fraction`` set, this many of
         each micro-batch's sequences are reading drills about people generated for that micro-batch
-        (``train.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
+        (``train.world.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
         lines per drill (default 1). With ``source=world``: drills of the world's generator (its manifest's
         ``generator``), else of its ``drills.jsonl``.
     """
@@ -71,6 +78,7 @@ class DataConfig:
     fresh_drills: int = 0
 
     def __post_init__(self) -> None:
+        self.generator = current_generator(self.generator)
         _require(self.fresh_drills >= 0, f"data.fresh_drills must be >= 0, got {self.fresh_drills}")
         _require(
             not self.fresh_drills or self.source == "world"

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from train.config import DataConfig
-from train.objectives import IGNORE_INDEX, in_context_tokens
+from pure_reasoner.train.config import DataConfig
+from pure_reasoner.train.objectives import IGNORE_INDEX, in_context_tokens
 
 EOD = "<|endoftext|>"
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
@@ -162,7 +162,7 @@ def load_documents(cfg: DataConfig, recall: bool = False) -> datasets.Dataset:
     if recall and cfg.source not in ("generator", "world"):
         raise ValueError(f"recall spans come from a generator's or a world's rows, got data.source={cfg.source!r}")
     if cfg.source == "world":
-        from train.world_disk import corpus_dataset
+        from pure_reasoner.train.world.disk import corpus_dataset
 
         ds = corpus_dataset(cfg.path, recall=recall)  # validated: a bad row names its file, line and field
         return _truncate(ds, cfg.max_chars) if cfg.max_chars is not None else ds

@@ -1,7 +1,7 @@
 """Process-group setup for one or many ranks, and the few collectives the loop needs.
 
 Launched by ``deepspeed`` (or torchrun) the environment carries RANK / WORLD_SIZE / MASTER_*; run as a
-plain ``python -m train`` it does not, and this fills in a one-rank group on a free local port.
+plain ``python -m pure_reasoner.train`` it does not, and this fills in a one-rank group on a free local port.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from moe import LMOutput, PureReasonerLM
-from moe.checkpoint import load_pretrained
-from train.config import Config, ObjectiveConfig
-from train.data import TOKENIZER
-from train.objectives import drop_context, packed_distillation_loss
+from pure_reasoner.moe import LMOutput, PureReasonerLM
+from pure_reasoner.moe.checkpoint import load_pretrained
+from pure_reasoner.train.config import Config, ObjectiveConfig
+from pure_reasoner.train.data import TOKENIZER
+from pure_reasoner.train.objectives import drop_context, packed_distillation_loss
 
 
 def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:

@@ -7,7 +7,7 @@ import torch
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from train.config import Config
+from pure_reasoner.train.config import Config
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:

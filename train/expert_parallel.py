@@ -30,9 +30,9 @@ from deepspeed.utils import groups
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from kernels import knowledge_mlp
-from moe import PureReasonerLM
-from moe.experts import GroupedExperts
+from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.moe.experts import GroupedExperts
 
 
 class _Expert(nn.Module):
@@ -148,7 +148,7 @@ def gather_expert_state(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
     ``layer_<l>_expert_<e>_...`` file; experts are stacked back into GroupedExperts' [E, ...] tensors.
     (These are the module weights: exact for fp32 runs, bf16-rounded for bf16 runs.)
     """
-    from train.checkpoint import safe_torch_load
+    from pure_reasoner.train.ds_checkpoint import safe_torch_load
 
     ckpt = root / tag
     with safe_torch_load():

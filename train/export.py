@@ -1,11 +1,11 @@
 """Export a training checkpoint to ``model.safetensors`` + ``config.json`` + ``tokenizer.json``: a directory that
-our stack (``moe.checkpoint.load_pretrained``, ``train.eval``) and Hugging Face transformers (``AutoConfig``,
-``AutoModelForCausalLM``, ``AutoTokenizer``; see ``moe.hf_files`` and docs/huggingface.md) both load.
+our stack (``moe.checkpoint.load_pretrained``, ``train.evaluation.evaluate``) and Hugging Face transformers
+(``AutoConfig``, ``AutoModelForCausalLM``, ``AutoTokenizer``; see ``moe.hf_files`` and docs/huggingface.md) both load.
 
 The fp32 master weights are rebuilt from the DeepSpeed checkpoint itself (DeepSpeed's ``zero_to_fp32``
 merges the ZeRO-1/2 partitions of every rank), so the export is exact for fp32 and bf16 runs alike.
 
-CLI: ``python -m train.export RUN_DIR [--tag step_00000300] [--out DIR]`` (default ``RUN_DIR/export``).
+CLI: ``python -m pure_reasoner.train.export RUN_DIR [--tag step_00000300] [--out DIR]`` (default ``RUN_DIR/export``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from moe import PureReasonerLM
-from moe.checkpoint import save_pretrained
-from train import checkpoint
-from train.config import Config
-from train.dist import DistInfo, barrier
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.moe.checkpoint import save_pretrained
+from pure_reasoner.train import ds_checkpoint as checkpoint
+from pure_reasoner.train.config import Config
+from pure_reasoner.train.dist import DistInfo, barrier
 
 EXPORT = "export"
 EXPORT_TMP = f".{EXPORT}.tmp"  # where the end-of-training export is written before it is renamed to EXPORT
@@ -52,7 +52,7 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     if not (root / tag).is_dir():
         raise ValueError(f"no checkpoint {tag!r} under {root}")
     if cfg.train.ep_size > 1:
-        from train.expert_parallel import gather_expert_state
+        from pure_reasoner.train.expert_parallel import gather_expert_state
 
         state = gather_expert_state(root, tag, cfg)
     else:
@@ -68,7 +68,7 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
 
 
 def _copy_run_files(run_dir: Path, out: Path) -> None:
-    for name in ("tokenizer.json", "world.json"):  # the tokenizer, and the world train.eval asks about
+    for name in ("tokenizer.json", "world.json"):  # the tokenizer, and the world train.evaluation.evaluate asks about
         if (run_dir / name).exists():
             tmp = out / f".{name}.tmp"
             shutil.copyfile(run_dir / name, tmp)
@@ -88,7 +88,7 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # from the start: it marks an export under way (scripts/soak.py kills in one)
         if cfg.ffn == "deepspeed_residual":
-            from train.baselines import save_residual_pretrained
+            from pure_reasoner.train.baselines import save_residual_pretrained
 
             _copy_run_files(run_dir, save_residual_pretrained(engine.module, tmp))
         else:
@@ -104,7 +104,7 @@ def differing_tensors(export_a: Path, export_b: Path) -> list[str]:
     import torch
     from safetensors.torch import load_file
 
-    from moe.checkpoint import WEIGHTS
+    from pure_reasoner.moe.checkpoint import WEIGHTS
 
     def bits(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1).view(torch.uint8)  # so -0.0 != 0.0 and a NaN equals the same NaN
@@ -116,7 +116,7 @@ def differing_tensors(export_a: Path, export_b: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.train.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--out", type=Path, default=None)

@@ -18,16 +18,16 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from moe import MoEStats, flops
-from train import checkpoint, data, distill, objectives
-from train.config import WORLD_GENERATOR, Config
-from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
-from train.drills import FileDrills, FreshDrills
-from train.engine import build_engine, compute_dtype
-from train.guards import collapse_warnings
-from train.metrics import MetricsLogger, StepMetrics
-from train.model import build_model
-from train.world import build_world, corpus_world_config, save_world_config
+from pure_reasoner.moe import MoEStats, flops
+from pure_reasoner.train import data, distill, ds_checkpoint, objectives
+from pure_reasoner.train.build_model import build_model
+from pure_reasoner.train.config import WORLD_GENERATOR, Config, current_generator
+from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
+from pure_reasoner.train.engine import build_engine, compute_dtype
+from pure_reasoner.train.guards import collapse_warnings
+from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
+from pure_reasoner.train.world.drills import FileDrills, FreshDrills
+from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
 
@@ -136,7 +136,7 @@ def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
     if cfg.data.source != "world":
         world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
         return FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1))
-    from train.world_disk import DRILLS, MANIFEST, load_world
+    from pure_reasoner.train.world.disk import DRILLS, MANIFEST, load_world
 
     disk = load_world(cfg.data.path)
     if disk.generated is not None:
@@ -149,8 +149,10 @@ def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
 
 def _check_compatible(state: dict, cfg: Config, world_size: int) -> None:
     """A checkpoint resumes only the run that wrote it: same model, data, seed, batch layout, world size."""
-    now = _identity(cfg, world_size)
-    diffs = [k for k in now if state["identity"].get(k) != now[k]]
+    now, saved = _identity(cfg, world_size), dict(state["identity"])
+    if isinstance(saved.get("data"), dict):
+        saved["data"] = {**saved["data"], "generator": current_generator(saved["data"].get("generator"))}
+    diffs = [k for k in now if saved.get(k) != now[k]]
     if diffs:
         raise ValueError(f"checkpoint of step {state['step']} was written with different {diffs}; use a new name=")
 
@@ -252,14 +254,14 @@ class StepStats:
 
 
 def _resume(engine, cfg: Config, run_dir: Path, info: DistInfo) -> tuple[int, str | None]:
-    found = checkpoint.latest(run_dir)
+    found = ds_checkpoint.latest(run_dir)
     if found is None:
         return 0, None
     tag, state = found
     if not cfg.train.resume:
         raise ValueError(f"{run_dir} already holds checkpoint {tag}; set train.resume=true or choose a new name=")
     _check_compatible(state, cfg, info.world_size)
-    checkpoint.load(engine, run_dir, tag, info)
+    ds_checkpoint.load(engine, run_dir, tag, info)
     return int(state["step"]), tag
 
 
@@ -274,12 +276,12 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
     train_data, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
-    from train.export import EXPORT, EXPORT_TMP, export_from_engine
+    from pure_reasoner.train.export import EXPORT, EXPORT_TMP, export_from_engine
 
     if info.rank == 0:
-        checkpoint.remove_partial(run_dir)
+        ds_checkpoint.remove_partial(run_dir)
         shutil.rmtree(run_dir / EXPORT_TMP, ignore_errors=True)  # an export cut short by a kill
-        checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
+        ds_checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
@@ -348,7 +350,7 @@ def _one_step(
     if t.on_nonfinite == "abort" and acc.host_sums[4] > 0:
         # Every rank sees the same reduced sums, so all stop together and none waits on a dead peer. The step's
         # weights are never checkpointed (DeepSpeed also drops an update whose gradients are non-finite).
-        found = checkpoint.latest(run_dir)
+        found = ds_checkpoint.latest(run_dir)
         raise TrainingAborted(
             f"non-finite loss {acc.host_sums[0]} at step {step} ({int(acc.host_sums[4])} of {acc.micro_batches} "
             f"micro-batches); the run stops before this step is checkpointed; last good checkpoint: "
@@ -358,7 +360,7 @@ def _one_step(
         # DeepSpeed found non-finite gradients (the overflow flag is agreed over ranks) and dropped the update.
         what = f"non-finite gradients at step {step}; DeepSpeed dropped the update"
         if t.on_nonfinite == "abort":
-            found = checkpoint.latest(run_dir)
+            found = ds_checkpoint.latest(run_dir)
             raise TrainingAborted(f"{what}; last good checkpoint: {found[0] if found else 'none'}")
         log.warning("%s (train.on_nonfinite=skip)", what)
     return acc
@@ -438,6 +440,6 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         if done % t.ckpt_every == 0 or done == t.max_steps:
             samples = done * t.micro_batch_size * t.grad_accum * info.world_size
             state = {"step": done, "samples": samples, "identity": _identity(cfg, info.world_size)}
-            checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)
+            ds_checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)
     bar.close()
     return losses, steps

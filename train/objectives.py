@@ -3,7 +3,7 @@
 Shape legend: B batch, S (student) sequence, T teacher sequence, V vocabulary, N flattened positions.
 Targets follow ``PureReasonerLM``: ``targets_BS[b, s]`` is the token that position ``s`` must predict, -100 to ignore.
 
-Knowledge in context (``train.world`` rows with a ``context``): the facts are supplied before the text and no
+Knowledge in context (``train.world.generator`` rows with a ``context``): the facts are supplied before the text and no
 loss is taken on them, so the model is trained to *use* facts from its context. Build a row with
 ``in_context_tokens`` (ids + per-token loss mask, for packing pipelines) or ``in_context_example`` (inputs and
 targets of one unpacked row).
@@ -18,9 +18,9 @@ recall them: the only parameters left to hold them are the knowledge experts'.
 Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
 shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
 student to put its mass on one of the teacher's modes rather than spread it over all of them. Two layouts:
-- packed (what ``python -m train objective=distill`` runs): the teacher reads a packed knowledge-in-context
-  sequence, the student the same sequence with its context tokens removed (``drop_context``), and the teacher's
-  logits are gathered at the student's positions;
+- packed (what ``python -m pure_reasoner.train objective=distill`` runs): the teacher reads a packed
+  knowledge-in-context sequence, the student the same sequence with its context tokens removed (``drop_context``), and
+  the teacher's logits are gathered at the student's positions;
 - per row, for unpacked (context_ids, text_ids) rows (the teacher from
   ``moe.checkpoint.load_pretrained(DIR).eval()``)::
 
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from moe import LMOutput, ModelConfig, MoEStats, PureReasonerLM
-    from train.config import ObjectiveConfig
+    from pure_reasoner.moe import LMOutput, ModelConfig, MoEStats, PureReasonerLM
+    from pure_reasoner.train.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
 
@@ -138,7 +138,7 @@ def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_le
     """Training FLOPs per token of ``forget_pass``: ``knowledge_off`` runs no router and no expert
     (``moe.flops.knowledge_off``); ``recall_mean`` runs both forward only (``moe.flops.knowledge_mean``) on the
     routed rows of ``stats`` (None: the target rate)."""
-    from moe import flops
+    from pure_reasoner.moe import flops
 
     if objective.forget_ablation == "knowledge_off":
         return flops.knowledge_off(model_cfg, seq_len).flops_per_token

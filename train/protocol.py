@@ -1,15 +1,16 @@
 """Run a recipe under the protocol: several seeds, each its own world, init and data order; train, evaluate, record.
 
-    python -m train.protocol --recipe NAME [--seeds 0 1 2] [--heldout-seeds 2] [--world-seed-offset 0]
+    python -m pure_reasoner.train.protocol --recipe NAME [--seeds 0 1 2] [--heldout-seeds 2] [--world-seed-offset 0]
                              [--eval-examples 600] [--results results] [--eval-arg=--bits-people=120 ...]
                              -- experiment=decoupling [overrides ...]
 
 For each seed k (at least ``MIN_SEEDS``): world seed ``w = offset + k`` (``data.generator_kwargs.seed``: its own
 people, facts and questions), ``train.seed=k`` (init and data order) and ``name=<recipe>-seed<k>``; then
-``python -m train.eval`` on its export into ``<results>/eval/<recipe>_seed<k>.json`` (with a ``run`` record:
-recipe, seed, world seed, held out), and an entry ``<recipe>_seed<k>`` in ``<results>/runs.json`` (commands, seed,
-world seed, commit, wall times). Seeds in ``--heldout-seeds`` run on world seeds never looked at while choosing
-a recipe: ``python -m train.scorecard --exclude-heldout`` leaves them out, the final scorecard keeps them.
+``python -m pure_reasoner.train.evaluation`` on its export into ``<results>/eval/<recipe>_seed<k>.json`` (with a
+``run`` record: recipe, seed, world seed, held out), and an entry ``<recipe>_seed<k>`` in ``<results>/runs.json``
+(commands, seed, world seed, commit, wall times). Seeds in ``--heldout-seeds`` run on world seeds never looked at while
+choosing a recipe: ``python -m pure_reasoner.train.evaluation.scorecard --exclude-heldout`` leaves them out, the
+final scorecard keeps them.
 
 The world's eval splits hold ``--eval-examples`` questions (600: a 95% interval of about ±0.04); the single-hop
 splits (closed_book, open_book) are checked to reach that many before anything trains, and again in the reports.
@@ -58,13 +59,14 @@ class SeedRun:
 
 
 def compose(overrides: Sequence[str]):
-    """The typed training Config of ``python -m train <overrides>`` (ValueError when it does not validate)."""
+    """The typed training Config of ``python -m pure_reasoner.train <overrides>`` (ValueError when it does not
+    validate)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from train.config import register_configs, to_config
+    from pure_reasoner.train.config import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
@@ -81,9 +83,9 @@ def compose(overrides: Sequence[str]):
 def check_world(cfg, eval_examples: int) -> dict[str, int]:
     """Questions per single-hop split of the world ``cfg`` trains on; ValueError when one is below
     ``eval_examples`` or the data is not the world generator (the protocol sets its seed)."""
-    from train.config import WORLD_GENERATOR
-    from train.world import build_world, corpus_world_config
-    from train.world_splits import split_examples
+    from pure_reasoner.train.config import WORLD_GENERATOR
+    from pure_reasoner.train.world.generator import build_world, corpus_world_config
+    from pure_reasoner.train.world.splits import split_examples
 
     if cfg.data.source != "generator" or cfg.data.generator != WORLD_GENERATOR:
         raise ValueError(f"the protocol gives every seed its own world through data.generator={WORLD_GENERATOR}; got "
@@ -127,10 +129,10 @@ def _run(command: list[str]) -> float:
 def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequence[str]) -> dict:
     """Train and evaluate one seed; returns its manifest entry (the eval report gets its ``run`` record)."""
     overrides = run.train_overrides(eval_examples)
-    train_cmd = [sys.executable, "-m", "train", *overrides]
+    train_cmd = [sys.executable, "-m", "pure_reasoner.train", *overrides]
     report_path = results / "eval" / f"{run.stem}.json"
-    eval_cmd = [sys.executable, "-m", "train.eval", "--checkpoint", str(Path("runs") / run.name / "export"),
-                "--json", str(report_path), *eval_args]
+    eval_cmd = [sys.executable, "-m", "pure_reasoner.train.evaluation",
+                "--checkpoint", str(Path("runs") / run.name / "export"), "--json", str(report_path), *eval_args]
     train_s = _run(train_cmd)
     eval_s = _run(eval_cmd)
     report = json.loads(report_path.read_text())
@@ -171,7 +173,7 @@ def plan(recipe: str, seeds: Sequence[int], heldout: Sequence[int], offset: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.protocol", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.train.protocol", description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", required=True, help="the recipe's name (runs are grouped by it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout-seeds", type=int, nargs="*", default=[],
@@ -180,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=600,
                         help="questions per eval split (single-hop splits must reach it)")
     parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--eval-arg", action="append", default=[], help="passed to train.eval (repeatable)")
+    parser.add_argument("--eval-arg", action="append", default=[], help="passed to the evaluation (repeatable)")
     parser.add_argument("overrides", nargs="*", help="training overrides (after --)")
     args = parser.parse_args(argv)
     try:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.common import measure_roofline, peak_memory, time_interleaved, write_json
+from pure_reasoner.benchmarks.common import measure_roofline, peak_memory, time_interleaved, write_json
 
 
 def test_time_interleaved_counts_calls():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from pure_reasoner.benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_ONLY = {"kernel_tests", "sanitizer", "sync_free", "cuda_graph", "device_guard"}

@@ -1,4 +1,5 @@
-"""Smoke run of ``python -m benchmarks.hf_experts --quick``: every block, provider and mode lands in the JSON."""
+"""Smoke run of ``python -m pure_reasoner.benchmarks.hf_experts --quick``: every block, provider and mode lands in the
+JSON."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
 
-from benchmarks.hf_experts import MODES, PROVIDERS, QUICK, main  # noqa: E402
+from pure_reasoner.benchmarks.hf_experts import MODES, PROVIDERS, QUICK, main  # noqa: E402
 
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
@@ -27,5 +28,5 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
 
 
 def test_bad_repeats_exits_nonzero():
-    cmd = [sys.executable, "-m", "benchmarks.hf_experts", "--quick", "--repeats", "0"]
+    cmd = [sys.executable, "-m", "pure_reasoner.benchmarks.hf_experts", "--quick", "--repeats", "0"]
     assert subprocess.run(cmd, capture_output=True).returncode != 0

@@ -1,4 +1,4 @@
-"""Smoke run of ``python -m benchmarks.kernels --quick``: every provider and mode lands in the JSON."""
+"""Smoke run of ``python -m pure_reasoner.benchmarks.kernels --quick``: every provider and mode lands in the JSON."""
 
 import json
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from benchmarks.kernels import main
-from benchmarks.results_md import kernels_markdown
+from pure_reasoner.benchmarks.kernels import main
+from pure_reasoner.benchmarks.results_md import kernels_markdown
 
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
 
 
 def test_bad_repeats_exits_nonzero():
-    cmd = [sys.executable, "-m", "benchmarks.kernels", "--quick", "--repeats", "0"]
+    cmd = [sys.executable, "-m", "pure_reasoner.benchmarks.kernels", "--quick", "--repeats", "0"]
     assert subprocess.run(cmd, capture_output=True).returncode != 0
 
 
@@ -38,7 +38,7 @@ def test_hf_baseline_equals_ours(rate):
     """The peer computes the same thing: its sentinel handling of idle slots included."""
     import torch
 
-    from benchmarks.kernels import QUICK, check_providers_agree, make_inputs, mlp_providers
+    from pure_reasoner.benchmarks.kernels import QUICK, check_providers_agree, make_inputs, mlp_providers
 
     inputs = make_inputs(QUICK, rate, torch.float32, "cpu", seed=1)
     check_providers_agree(mlp_providers(inputs, QUICK, "cpu"), inputs, torch.float32)

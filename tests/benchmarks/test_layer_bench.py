@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import layer, peers
-from benchmarks.common import custom_op_flop_formulas
+from pure_reasoner.benchmarks import layer, peers
+from pure_reasoner.benchmarks.common import custom_op_flop_formulas
 
 SHAPES = peers.Shapes("test", tokens=64, d_model=32, reasoning_width=48, expert_width=40, num_experts=8, top_k=2)
 

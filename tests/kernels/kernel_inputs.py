@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.routing import NOT_CONSULTED
+from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Oracles run in float64 on the same (upcast) inputs; these bound the kernel's own rounding.

@@ -9,9 +9,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE
 
-from kernels import knowledge_mlp
-from kernels.combine import combine_rows
-from kernels.reference import combine_rows_reference, knowledge_mlp_reference
+from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.kernels.expert_mlp.combine import combine_rows
+from pure_reasoner.kernels.expert_mlp.reference import combine_rows_reference, knowledge_mlp_reference
 
 
 def _rows(num_tokens, top_k, dim, idle_share, seed):
@@ -87,7 +87,7 @@ IMPLS = [
 def _run(impl, kwargs, inputs):
     if impl == "triton":
         return knowledge_mlp(*(t.to(DEVICE) for t in inputs), impl="triton", deterministic=True, **kwargs).cpu()
-    from kernels.torch_mlp import knowledge_mlp_torch
+    from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
 
     return knowledge_mlp_torch(*inputs, deterministic=True, **kwargs)
 

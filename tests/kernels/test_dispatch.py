@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from kernels import IMPLS, knowledge_mlp
-from moe import KnowledgeConfig
+from pure_reasoner.kernels import IMPLS, knowledge_mlp
+from pure_reasoner.moe import KnowledgeConfig
 
 
 def _inputs():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_inputs import DEVICE
 
-from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.routing import NOT_CONSULTED, routing_metadata, routing_metadata_reference
+from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED, routing_metadata
+from pure_reasoner.kernels.routing.reference import routing_metadata_reference
 
 
 def _random_ids(num_tokens: int, top_k: int, num_experts: int, idle_share: float) -> torch.Tensor:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from kernel_inputs import DEVICE
 
-from kernels import knowledge_mlp
-from kernels.torch_mlp import knowledge_mlp_torch
-from moe import KnowledgeConfig
-from moe.experts import overflow_rows, saved_row_bound
+from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
+from pure_reasoner.moe import KnowledgeConfig
+from pure_reasoner.moe.experts import overflow_rows, saved_row_bound
 
 NUM_TOKENS, DIM, WIDTH, NUM_EXPERTS, TOP_K = 512, 32, 64, 8, 2
 
@@ -81,8 +81,8 @@ def test_layer_past_the_bound_is_exact_and_counted():
     """A layer whose router consults far more than its target (the null mechanism at init routes about
     half the slots, against a bound of 1/8 of them): the rows past the bound are recomputed, not dropped,
     so output and gradients equal the loop oracle's, and the stats count them."""
-    from kernels.reference import knowledge_mlp_reference
-    from moe import MoEConfig, PureReasonerMoE
+    from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+    from pure_reasoner.moe import MoEConfig, PureReasonerMoE
 
     kcfg = KnowledgeConfig(num_experts=4, expert_width=48, top_k=2, mechanism="null", num_null_experts=4,
                            consult_rate=0.125, saved_rows_factor=1.0, saved_rows_min=0, impl="triton")

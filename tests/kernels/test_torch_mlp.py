@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels import knowledge_mlp
-from kernels.reference import knowledge_mlp_reference
-from kernels.routing import NOT_CONSULTED
-from kernels.torch_mlp import knowledge_mlp_torch, mlp_backward, mlp_forward
+from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch, mlp_backward, mlp_forward
+from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 

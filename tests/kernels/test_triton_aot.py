@@ -1,6 +1,6 @@
 """Every Triton kernel compiled ahead of time for an H100 (sm_90) and an A100 (sm_80), without a GPU.
 
-``python -m kernels.triton_aot`` records the launches of a production-shape fwd+bwd (and the standalone
+``python -m pure_reasoner.kernels.triton_aot`` records the launches of a production-shape fwd+bwd (and the standalone
 ops) and compiles each with Triton's bundled ptxas. This test runs it in a subprocess without
 TRITON_INTERPRET (this process decorated the kernels for the interpreter) and checks:
 - every kernel and autotune candidate we keep builds with no register spill and within the architecture's
@@ -29,7 +29,8 @@ KERNEL_MODULES = ["triton_up", "triton_down", "triton_wgrad", "triton_routing", 
 def _run_aot(tmp: Path, *args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "kernels.triton_aot", "--jobs", "2", "--json", str(tmp / "aot.json"), *args]
+    cmd = [sys.executable, "-m", "pure_reasoner.kernels.triton_aot", "--jobs", "2", "--json", str(tmp / "aot.json"),
+           *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads((tmp / "aot.json").read_text())["results"] if (tmp / "aot.json").exists() else []
@@ -69,7 +70,7 @@ def test_sm90_every_kernel_config_and_dtype_builds_without_spills(sm90):
 
 
 def test_sm80_every_kernel_and_config_builds_without_spills_and_fits(tmp_path):
-    """bf16 and exact fp32 (fp16 and TF32 use the same tiles; ``python -m kernels.triton_aot --arch 80``
+    """bf16 and exact fp32 (fp16 and TF32 use the same tiles; ``python -m pure_reasoner.kernels.triton_aot --arch 80``
     compiles them too, and does not spill either)."""
     results = _run_aot(tmp_path, "--arch", "80", "--precision", "bf16", "fp32-ieee")
     assert {r["kernel"] for r in results} == _jit_kernels()

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_inputs import DEVICE, DTYPES, as_oracle_input, assert_outputs_and_grads, mlp_inputs
 
-from kernels import knowledge_mlp
-from kernels.reference import knowledge_mlp_reference
+from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
 
 NAMES = ["x", "gates", "w1", "w3", "w2"]
 
@@ -108,8 +108,8 @@ def test_bounded_rows_match_reference(bound, dtype, poison):
 def test_opcheck(max_rows, layout):
     """Schema, fake kernels, autograd registration and AOT dispatch of the fused forward and backward ops;
     with transposed inputs too, where the fake outputs must keep the real ops' (contiguous) strides."""
-    import kernels.triton_mlp  # noqa: F401  (registers the ops)
-    from kernels.triton_routing import routing_metadata_triton
+    import pure_reasoner.kernels.expert_mlp.triton_mlp  # noqa: F401  (registers the ops)
+    from pure_reasoner.kernels.routing.triton_routing import routing_metadata_triton
 
     x_TD, ids_TK, gates_TK, w1, w3, w2 = mlp_inputs(9, 24, 40, 4, 2, 0.3, torch.float32)
     if layout == "transposed":  # dense, not contiguous: the last two dims' strides swapped
@@ -131,10 +131,10 @@ def test_tf32_reaches_every_fp32_dot(tf32, monkeypatch):
     """knowledge.tf32 goes from the config through the layer's experts and the impl seam to every dot
     kernel's launch of the fwd+bwd (exact 'ieee' when off); the interpreter's dots are exact either way,
     so the result still equals the oracle."""
-    from kernels import triton_down, triton_up, triton_wgrad
-    from moe.config import KnowledgeConfig, MoEConfig
-    from moe.experts import GroupedExperts
-    from moe.layer import PureReasonerMoE
+    from pure_reasoner.kernels.expert_mlp import triton_down, triton_up, triton_wgrad
+    from pure_reasoner.moe.config import KnowledgeConfig, MoEConfig
+    from pure_reasoner.moe.experts import GroupedExperts
+    from pure_reasoner.moe.layer import PureReasonerMoE
 
     precisions = []
     for module in (triton_up, triton_down, triton_wgrad):

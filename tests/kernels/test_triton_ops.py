@@ -4,12 +4,12 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, DTYPES, TOLERANCE, as_oracle_input, assert_outputs_and_grads, mlp_inputs
 
-from kernels.reference import down_scatter_reference, gather_swiglu_reference
-from kernels.routing import routing_metadata
-from kernels.triton_down import down_scatter, down_swiglu_bwd
-from kernels.triton_routing import routing_metadata_triton
-from kernels.triton_up import gather_swiglu
-from kernels.triton_wgrad import grouped_wgrad
+from pure_reasoner.kernels.expert_mlp.reference import down_scatter_reference, gather_swiglu_reference
+from pure_reasoner.kernels.expert_mlp.triton_down import down_scatter, down_swiglu_bwd
+from pure_reasoner.kernels.expert_mlp.triton_up import gather_swiglu
+from pure_reasoner.kernels.expert_mlp.triton_wgrad import grouped_wgrad
+from pure_reasoner.kernels.routing.metadata import routing_metadata
+from pure_reasoner.kernels.routing.triton_routing import routing_metadata_triton
 
 # (T, D, F, E, K, idle share): each names the edge it targets.
 CASES = [

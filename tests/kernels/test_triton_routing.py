@@ -4,8 +4,9 @@ import pytest
 import torch
 from kernel_inputs import DEVICE, random_ids
 
-from kernels.routing import routing_metadata, routing_metadata_reference
-from kernels.triton_routing import routing_metadata_triton
+from pure_reasoner.kernels.routing.metadata import routing_metadata
+from pure_reasoner.kernels.routing.reference import routing_metadata_reference
+from pure_reasoner.kernels.routing.triton_routing import routing_metadata_triton
 
 CASES = [
     pytest.param(1, 1, 1, 0.0, None, id="T=1-E=1"),

@@ -8,11 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_schedule
-from kernels.triton_down import _down_scatter_bwd_kernel, _down_scatter_fwd_kernel, _down_swiglu_bwd_kernel
-from kernels.triton_schedule import TileConfigs, pinned_config, row_bucket, swizzle
-from kernels.triton_up import _gather_swiglu_bwd_kernel, _gather_swiglu_fwd_kernel
-from kernels.triton_wgrad import _grouped_wgrad_kernel
+from pure_reasoner.kernels import triton_schedule
+from pure_reasoner.kernels.expert_mlp.triton_down import (
+    _down_scatter_bwd_kernel,
+    _down_scatter_fwd_kernel,
+    _down_swiglu_bwd_kernel,
+)
+from pure_reasoner.kernels.expert_mlp.triton_up import _gather_swiglu_bwd_kernel, _gather_swiglu_fwd_kernel
+from pure_reasoner.kernels.expert_mlp.triton_wgrad import _grouped_wgrad_kernel
+from pure_reasoner.kernels.triton_schedule import TileConfigs, pinned_config, row_bucket, swizzle
 
 AUTOTUNED = [_gather_swiglu_fwd_kernel, _gather_swiglu_bwd_kernel, _down_scatter_fwd_kernel, _down_scatter_bwd_kernel,
              _down_swiglu_bwd_kernel, _grouped_wgrad_kernel]
@@ -68,7 +72,7 @@ def test_candidates_per_precision(monkeypatch):
 
 
 def test_pinned_config_is_the_first_candidate_of_the_precision():
-    from kernels.triton_schedule import ROW_GEMM_TILES as _TILES
+    from pure_reasoner.kernels.triton_schedule import ROW_GEMM_TILES as _TILES
 
     assert len(_down_scatter_fwd_kernel.configs) == 1  # the interpreter's single candidate
     assert pinned_config(_down_scatter_fwd_kernel, {"DOT_PRECISION": "ieee"}) is _down_scatter_fwd_kernel.configs[0]

@@ -5,8 +5,8 @@ from each op's own inputs (never from ``moe.flops``): the knowledge MLP's routed
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import custom_op_flop_formulas
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.benchmarks.common import custom_op_flop_formulas
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
 
 SEQ = 24
 CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

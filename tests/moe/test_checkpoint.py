@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from moe import PureReasonerLM, preset
-from moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
+from pure_reasoner.moe import PureReasonerLM, preset
+from pure_reasoner.moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe import KnowledgeConfig, ModelConfig, MoEConfig
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, MoEConfig
 
 CASES = [
     (KnowledgeConfig, dict(num_experts=4, top_k=5), "top_k=5"),

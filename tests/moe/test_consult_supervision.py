@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
-from moe.router import KnowledgeRouter, consult_loss
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from pure_reasoner.moe.router import KnowledgeRouter, consult_loss
 
 
 def test_consult_loss_is_bce_of_the_consult_logit():

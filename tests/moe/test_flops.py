@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from moe import PRESET_NAMES, PureReasonerLM, preset
-from moe.flops import knowledge_off, main, nominal, realized
+from pure_reasoner.moe import PRESET_NAMES, PureReasonerLM, preset
+from pure_reasoner.moe.flops import knowledge_off, main, nominal, realized
 
 # (total, active) from the model cards / papers, in billions.
 PUBLISHED = {

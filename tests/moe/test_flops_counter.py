@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import flops
+from pure_reasoner.moe import flops
 from tests.moe.flop_count import CPU_ATTENTION, CPU_ATTENTION_BWD, SEQ, counted, exact_rate, small_model
 
 BATCH = 3

@@ -1,5 +1,5 @@
 """Hugging Face round trip: an export loads in stock transformers (both routes) with PureReasonerLM's logits,
-generates what PureReasonerLM generates, tokenizes as train.eval does, and loads back into our stack."""
+generates what PureReasonerLM generates, tokenizes as train.evaluation.evaluate does, and loads back into our stack."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from moe.checkpoint import load_pretrained, save_pretrained
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe.checkpoint import load_pretrained, save_pretrained
 
 pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
 os.environ["HF_HUB_OFFLINE"] = "1"  # read when transformers is first imported, below (and by subprocesses)
@@ -58,7 +58,7 @@ def test_knowledge_path_is_exercised(exported):
 def test_registered_route_logits_and_knowledge_off(exported):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import moe.hf  # noqa: F401  registers the auto classes
+    import pure_reasoner.moe.hf  # noqa: F401  registers the auto classes
 
     model, path = exported
     config = AutoConfig.from_pretrained(path)
@@ -102,7 +102,7 @@ def test_remote_code_route_in_a_fresh_process(exported, tmp_path):
 def test_generate_matches_ours(exported):
     from transformers import AutoModelForCausalLM
 
-    import moe.hf  # noqa: F401
+    import pure_reasoner.moe.hf  # noqa: F401
 
     model, path = exported
     hf = AutoModelForCausalLM.from_pretrained(path)
@@ -115,7 +115,7 @@ def test_generate_matches_ours(exported):
 def test_labels_loss_and_padding(exported):
     from transformers import AutoModelForCausalLM
 
-    import moe.hf  # noqa: F401
+    import pure_reasoner.moe.hf  # noqa: F401
 
     model, path = exported
     hf = AutoModelForCausalLM.from_pretrained(path)
@@ -138,13 +138,13 @@ def test_labels_loss_and_padding(exported):
 
 
 def test_tokenizer_encodes_as_train_eval(tmp_path):
-    """AutoTokenizer on an export equals train.eval's Codec: byte ids without a tokenizer file; a trained BPE with
-    its end-of-document token as eos and pad."""
+    """AutoTokenizer on an export equals train.evaluation.evaluate's Codec: byte ids without a tokenizer file; a
+    trained BPE with its end-of-document token as eos and pad."""
     import datasets
     from transformers import AutoTokenizer
 
-    from train.data import EOD, save_tokenizer, train_tokenizer
-    from train.eval import Codec, load_codec
+    from pure_reasoner.train.data import EOD, save_tokenizer, train_tokenizer
+    from pure_reasoner.train.evaluation.evaluate import Codec, load_codec
 
     text = "Ana Vora was born in Brim Ka. She works as a ¿tinsmith? 42 ünïcode\n"
     byte_dir = save_pretrained(_model(), tmp_path / "bytes", hf=True)
@@ -169,7 +169,7 @@ def test_loads_back_into_our_stack(exported, tmp_path):
     """The export, and what transformers saves from it (weight names prefixed), load into PureReasonerLM."""
     from transformers import AutoModelForCausalLM
 
-    import moe.hf  # noqa: F401
+    import pure_reasoner.moe.hf  # noqa: F401
 
     model, path = exported
     AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "resaved")
@@ -185,7 +185,7 @@ def test_loads_back_into_our_stack(exported, tmp_path):
 def test_bad_config_value_raises(exported, tmp_path):
     from transformers import AutoConfig
 
-    import moe.hf  # noqa: F401
+    import pure_reasoner.moe.hf  # noqa: F401
 
     _, path = exported
     values = json.loads((path / "config.json").read_text())

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
 
-import moe.hf  # noqa: E402,F401  registers the experts implementations
-import moe.hf_experts  # noqa: E402
+import pure_reasoner.moe.hf  # noqa: E402,F401  registers the experts implementations
+from pure_reasoner.moe import hf_experts as moe_hf_experts  # noqa: E402
 
 # (rtol, atol as a share of the reference's largest magnitude) per dtype. bf16: both sides round every matmul
 # to 8 bits of mantissa, in different orders (measured: up to 0.6% of the logits, 1.8% of a gradient's max).
@@ -64,14 +64,14 @@ def _run(model, ids, labels):
 def calls(monkeypatch):
     """Counts the knowledge_mlp calls the experts implementation makes (proof that it ran, not eager)."""
     count = {"n": 0, "impl": set()}
-    real = moe.hf_experts.knowledge_mlp
+    real = moe_hf_experts.knowledge_mlp
 
     def counted(*args, **kwargs):
         count["n"] += 1
         count["impl"].add(kwargs["impl"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moe.hf_experts, "knowledge_mlp", counted)
+    monkeypatch.setattr(moe_hf_experts, "knowledge_mlp", counted)
     return count
 
 
@@ -119,7 +119,7 @@ def test_expert_parallel_sentinel_ids_are_skipped():
     dropped_TK = ids_TK.clone()
     dropped_TK[::2, 1] = 4  # a sentinel
     kept_TK = torch.where(dropped_TK == 4, 0.0, weights_TK)
-    got = moe.hf_experts.experts_forward(experts, x_TD, dropped_TK, weights_TK)
+    got = moe_hf_experts.experts_forward(experts, x_TD, dropped_TK, weights_TK)
     with torch.no_grad():  # eager, written out per token
         want = torch.zeros_like(x_TD)
         for t in range(9):

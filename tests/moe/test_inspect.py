@@ -15,12 +15,12 @@ import torch
 from rich.console import Console
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from moe import PureReasonerLM, preset
-from moe.checkpoint import CONFIG, load_pretrained, save_pretrained
-from moe.inspect import main
-from moe.trace import KnowledgeTrace, record_knowledge_trace
-from moe.trace_report import TracedDoc, summarize
-from moe.trace_text import TOKENIZER, Fact, TextCodec, read_jsonl, visible
+from pure_reasoner.moe import PureReasonerLM, preset
+from pure_reasoner.moe.checkpoint import CONFIG, load_pretrained, save_pretrained
+from pure_reasoner.moe.inspect import main
+from pure_reasoner.moe.trace import KnowledgeTrace, record_knowledge_trace
+from pure_reasoner.moe.trace_report import TracedDoc, summarize
+from pure_reasoner.moe.trace_text import TOKENIZER, Fact, TextCodec, read_jsonl, visible
 
 DEMO = Path(__file__).parents[2] / "docs" / "knowledge_trace_demo.jsonl"
 # Each payload would mark <body data-pwned> if it ever ran as markup or script.
@@ -347,8 +347,8 @@ def test_usage_errors_exit_2():
 
 
 def test_entry_point(tmp_path):
-    """``python -m moe.inspect`` itself: exit status 1 with a message, or 0 with the file written."""
-    cmd = [sys.executable, "-m", "moe.inspect"]
+    """``python -m pure_reasoner.moe.inspect`` itself: exit status 1 with a message, or 0 with the file written."""
+    cmd = [sys.executable, "-m", "pure_reasoner.moe.inspect"]
     bad = subprocess.run([*cmd, "--checkpoint", tmp_path / "missing", "--text", "hi"], capture_output=True, text=True)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
     good = subprocess.run([*cmd, "--random", "tiny", "--warmup", "1", "--text", "hi", "--json", tmp_path / "t.json"],
@@ -412,7 +412,7 @@ def _check_screenshot(path: Path, shape_HW: tuple[int, int]) -> None:
     """A PNG of the window's size in which the token colours (the page's CSS) are visible."""
     from matplotlib.image import imread
 
-    from moe.trace_report import shade
+    from pure_reasoner.moe.trace_report import shade
 
     pixels_HWC = imread(path)[..., :3]
     assert pixels_HWC.shape[:2] == shape_HW

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import NOT_CONSULTED
-from kernels.reference import knowledge_mlp_reference
-from moe import KnowledgeConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, preset
-from moe.interventions import mean_ablation, record_knowledge_means
-from moe.trace import record_knowledge_trace
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, preset
+from pure_reasoner.moe.interventions import mean_ablation, record_knowledge_means
+from pure_reasoner.moe.trace import record_knowledge_trace
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 

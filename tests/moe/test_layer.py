@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import knowledge_mlp_reference
-from moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
-from moe.experts import SwiGLU
+from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
+from pure_reasoner.moe.experts import SwiGLU
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
 
 
 def _cfg(**kw) -> ModelConfig:

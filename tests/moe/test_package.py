@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from moe.demo import main as demo_main
+from pure_reasoner.moe.demo import main as demo_main
 
 
 def test_import_does_not_load_triton():

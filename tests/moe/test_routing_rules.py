@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moe import KnowledgeConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, preset
-from moe.router import KnowledgeRouter
+from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, preset
+from pure_reasoner.moe.router import KnowledgeRouter
 
 MECHANISMS = ["gate", "null", "always"]
 

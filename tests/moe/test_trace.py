@@ -4,9 +4,9 @@ tokens, and leaves no trace on the model outside its ``with`` block."""
 import pytest
 import torch
 
-from kernels import NOT_CONSULTED
-from moe import PureReasonerLM, preset
-from moe.trace import record_knowledge_trace
+from pure_reasoner.kernels import NOT_CONSULTED
+from pure_reasoner.moe import PureReasonerLM, preset
+from pure_reasoner.moe.trace import record_knowledge_trace
 
 
 def _model(mechanism: str = "gate", n_layers: int = 3) -> PureReasonerLM:

@@ -1,6 +1,6 @@
 """A corpus of bad inputs: each fails with an error naming the offending value and writes nothing.
 
-One table, four kinds: configs (composed as ``python -m train`` composes them), data (trained in
+One table, four kinds: configs (composed as ``python -m pure_reasoner.train`` composes them), data (trained in
 process, the run directory must stay empty), exported checkpoints and tokenizers, and tensors at the
 public API. A handful of cases also run the real CLIs as subprocesses (exit status != 0, no output).
 """
@@ -19,12 +19,12 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-import kernels
-from moe import PureReasonerLM, preset
-from moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
+from pure_reasoner import kernels
+from pure_reasoner.moe import PureReasonerLM, preset
+from pure_reasoner.moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
+from pure_reasoner.train.config import to_config
+from pure_reasoner.train.evaluation.evaluate import load_codec
 from tests.train.helpers import compose_raw, run_in_process
-from train.config import to_config
-from train.eval import load_codec
 
 REPO = Path(__file__).resolve().parents[2]
 DIST_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -263,7 +263,7 @@ def test_cli_train_rejected_config_writes_nothing(tmp_path, override, message, w
     """Neither ``runs/<name>/`` (relative to the working directory) nor a given ``hydra.run.dir`` is created."""
     run_dir = tmp_path / "elsewhere" / "run"
     extra = [f"hydra.run.dir={run_dir}"] if where == "hydra_run_dir" else []
-    proc = _cli("-m", "train", "experiment=smoke", override, *extra, cwd=tmp_path)
+    proc = _cli("-m", "pure_reasoner.train", "experiment=smoke", override, *extra, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -272,7 +272,8 @@ def test_cli_train_bad_data_writes_nothing(tmp_path):
     """Data rejected after Hydra made the run dir: the (new, still empty) run dir is removed again."""
     data, run_dir = tmp_path / "corpus.jsonl", tmp_path / "run"
     data.write_text('{"text": "some words"}\n[1, 2]\n')
-    proc = _cli("-m", "train", "experiment=smoke", "data=files", f"data.files=[{data}]", f"hydra.run.dir={run_dir}")
+    proc = _cli("-m", "pure_reasoner.train", "experiment=smoke", "data=files", f"data.files=[{data}]",
+                f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2 and f"{data}:2: not a JSON object" in proc.stderr, proc.stderr
     assert not run_dir.exists()
 
@@ -280,7 +281,7 @@ def test_cli_train_bad_data_writes_nothing(tmp_path):
 def test_cli_inspect_pickle_checkpoint(exported, tmp_path):
     marker, out = tmp_path / "pwned", tmp_path / "trace.json"
     _malicious_pickle(exported / WEIGHTS, marker)
-    proc = _cli("-m", "moe.inspect", "--checkpoint", str(exported), "--text", "hi", "--json", str(out))
+    proc = _cli("-m", "pure_reasoner.moe.inspect", "--checkpoint", str(exported), "--text", "hi", "--json", str(out))
     assert proc.returncode != 0 and "model.safetensors is not a readable safetensors file" in proc.stderr
     assert not marker.exists() and not out.exists()
 
@@ -288,17 +289,17 @@ def test_cli_inspect_pickle_checkpoint(exported, tmp_path):
 def test_cli_inspect_document_over_any_limit(exported, tmp_path):
     out = tmp_path / "trace.json"
     text = "word " * 5000
-    proc = _cli("-m", "moe.inspect", "--checkpoint", str(exported), "--text", text, "--json", str(out))
+    proc = _cli("-m", "pure_reasoner.moe.inspect", "--checkpoint", str(exported), "--text", text, "--json", str(out))
     assert proc.returncode != 0 and "over model.max_seq_len=128" in proc.stderr
     assert not out.exists()
 
 
 def test_cli_eval_truncated_checkpoint(exported, tmp_path):
-    from train.world import world_config
+    from pure_reasoner.train.world.generator import world_config
 
     (exported / "world.json").write_text(json.dumps(asdict(world_config("tiny"))))
     _truncate_weights(exported, tmp_path)
     out = tmp_path / "report.json"
-    proc = _cli("-m", "train.eval", "--checkpoint", str(exported), "--json", str(out))
+    proc = _cli("-m", "pure_reasoner.train.evaluation", "--checkpoint", str(exported), "--json", str(out))
     assert proc.returncode == 2 and "is not a readable safetensors file" in proc.stderr
     assert not out.exists()

@@ -26,15 +26,15 @@ def test_short_fuzz(fuzz_module):
 
 @pytest.mark.parametrize("bug", ["output", "grad"])
 def test_fuzz_catches_a_wrong_kernel(fuzz_module, monkeypatch, bug):
-    import kernels.torch_mlp
+    from pure_reasoner.kernels.expert_mlp import torch_mlp as kernels_expert_mlp_torch_mlp
 
-    real = kernels.torch_mlp.knowledge_mlp_torch
+    real = kernels_expert_mlp_torch_mlp.knowledge_mlp_torch
 
     def wrong(x_TD, ids_TK, gates_TK, w1, w3, w2, **options):
         if bug == "output":
             return real(x_TD, ids_TK, gates_TK, w1, w3, w2, **options) * 1.001
         return real(x_TD, ids_TK, gates_TK.detach(), w1, w3, w2, **options)  # drops the gates' gradient
 
-    monkeypatch.setattr(kernels.torch_mlp, "knowledge_mlp_torch", wrong)
+    monkeypatch.setattr(kernels_expert_mlp_torch_mlp, "knowledge_mlp_torch", wrong)
     _, failures = fuzz_module.fuzz(10, seed=1)
     assert len(failures) >= 5, failures

@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-import moe.model
+from pure_reasoner.moe import model as moe_model
+from pure_reasoner.train.guards import collapse_warnings
+from pure_reasoner.train.loop import TrainingAborted
 from tests.train.helpers import metrics, run_in_process
-from train.guards import collapse_warnings
-from train.loop import TrainingAborted
 
 BALANCED = [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]]
 
@@ -51,7 +51,7 @@ def test_bad_arguments():
 def _nan_grads_at(monkeypatch, call: int) -> None:
     """The ``call``-th forward returns a finite loss whose gradients are NaN: d sqrt(z)/dz at z = 0 is inf,
     times dz/dlogits = 0."""
-    real, calls = moe.model.PureReasonerLM.forward, []
+    real, calls = moe_model.PureReasonerLM.forward, []
 
     def forward(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
@@ -60,7 +60,7 @@ def _nan_grads_at(monkeypatch, call: int) -> None:
             out = out._replace(loss=out.loss + torch.sqrt((out.logits_BSV.sum() * 0).abs()))
         return out
 
-    monkeypatch.setattr(moe.model.PureReasonerLM, "forward", forward)
+    monkeypatch.setattr(moe_model.PureReasonerLM, "forward", forward)
 
 
 def test_nonfinite_gradients_abort_within_the_step(tmp_path, monkeypatch, dist_info):
@@ -83,16 +83,16 @@ def test_nonfinite_gradients_skip_warns_and_goes_on(tmp_path, monkeypatch, dist_
 
 def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, dist_info, caplog):
     """Wired into the loop's metrics path: a router forced onto expert 0 is reported with its layer."""
-    import moe.router
+    from pure_reasoner.moe import router as moe_router
 
-    real = moe.router.KnowledgeRouter.forward
+    real = moe_router.KnowledgeRouter.forward
 
     def forward(self, x_TD):
         r = real(self, x_TD)
         ids_TK = torch.where(r.expert_ids_TK >= 0, torch.zeros_like(r.expert_ids_TK), r.expert_ids_TK)
         return r._replace(expert_ids_TK=ids_TK)
 
-    monkeypatch.setattr(moe.router.KnowledgeRouter, "forward", forward)
+    monkeypatch.setattr(moe_router.KnowledgeRouter, "forward", forward)
     with caplog.at_level(logging.WARNING, logger="train"):
         run_in_process(
             tmp_path, "train.max_steps=4", "train.warmup_steps=1", "train.collapse_window=4", "train.export=false"

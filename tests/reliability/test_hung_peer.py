@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from train.dist import _free_port
+from pure_reasoner.train.dist import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RANK = """
 import time, torch
-from train.dist import init_distributed, all_reduce_sum, exit_rank
+from pure_reasoner.train.dist import init_distributed, all_reduce_sum, exit_rank
 info = init_distributed(timeout_s=5.0)
 if info.rank == 1:
     time.sleep(120)  # hung: holds its sockets open, never joins the collective

@@ -13,10 +13,10 @@
 import pytest
 import torch
 
-import moe.model
-from moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from pure_reasoner.moe import model as moe_model
+from pure_reasoner.train.loop import TrainingAborted
 from tests.train.helpers import run_in_process
-from train.loop import TrainingAborted
 
 MECHANISMS = ["gate", "null", "always"]
 
@@ -75,7 +75,7 @@ def test_lm_nan_token_stays_in_its_sequence(mechanism):
 def test_nan_token_in_training_is_caught_by_the_guard(tmp_path, monkeypatch, dist_info):
     """One token of one micro-batch (step 6, after the checkpoint of step 4) NaN: the run aborts before that
     update and the last checkpoint stays the good one."""
-    real, calls = moe.model.PureReasonerLM.forward, []
+    real, calls = moe_model.PureReasonerLM.forward, []
 
     def forward(self, *args, **kwargs):
         calls.append(1)
@@ -87,7 +87,7 @@ def test_nan_token_in_training_is_caught_by_the_guard(tmp_path, monkeypatch, dis
         finally:
             handle.remove()
 
-    monkeypatch.setattr(moe.model.PureReasonerLM, "forward", forward)
+    monkeypatch.setattr(moe_model.PureReasonerLM, "forward", forward)
     with pytest.raises(TrainingAborted, match=r"non-finite .* at step 6"):
         run_in_process(tmp_path, "train.max_steps=8")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pure_reasoner.train import ds_checkpoint as checkpoint
+from pure_reasoner.train.export import export_checkpoint
 from tests.train.helpers import run_in_process
-from train import checkpoint
-from train.export import export_checkpoint
 
 SHORT = ("train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2", "train.export=false")
 
@@ -108,7 +108,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, 
 
 
 def test_cli_full_disk_exits_nonzero(tmp_path):
-    """The same through ``python -m train``: exit status 4 and the message, via a sitecustomize patch."""
+    """The same through ``python -m pure_reasoner.train``: exit status 4 and the message, via a sitecustomize patch."""
     (tmp_path / "sitecustomize.py").write_text(
         "import errno, torch\n"
         "real = torch.save\n"
@@ -129,7 +129,7 @@ def test_cli_full_disk_exits_nonzero(tmp_path):
         [
             sys.executable,
             "-m",
-            "train",
+            "pure_reasoner.train",
             "experiment=smoke",
             "data.max_chars=60000",
             "train.max_steps=4",

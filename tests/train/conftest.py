@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def dist_info():
     """A one-rank gloo process group for in-process engine tests (shared by the whole session)."""
-    from train.dist import init_distributed
+    from pure_reasoner.train.dist import init_distributed
 
     return init_distributed()

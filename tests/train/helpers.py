@@ -1,4 +1,4 @@
-"""Helpers for the training-stack tests: compose configs and train in process like ``python -m train``."""
+"""Helpers for the training-stack tests: compose configs and train in process like ``python -m pure_reasoner.train``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import Config, register_configs
+from pure_reasoner.train.config import Config, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(*overrides: str) -> Config:
-    """The typed Config that ``python -m train <overrides>`` would run."""
+    """The typed Config that ``python -m pure_reasoner.train <overrides>`` would run."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return OmegaConf.to_object(compose("config", overrides=list(overrides)))
@@ -45,22 +45,22 @@ class Crash(RuntimeError):
 
 def crash_at_step(monkeypatch, step: int) -> None:
     """Make the next in-process run raise ``Crash`` when it asks for the data of ``step`` (0-based)."""
-    import train.data
+    from pure_reasoner.train import data as train_data
 
-    real = train.data.micro_batch_positions
+    real = train_data.micro_batch_positions
 
     def positions(s, *args):
         if s == step:
             raise Crash(f"injected crash at step {s}")
         return real(s, *args)
 
-    monkeypatch.setattr(train.data, "micro_batch_positions", positions)
+    monkeypatch.setattr(train_data, "micro_batch_positions", positions)
 
 
 def run_in_process(run_dir: Path, *overrides: str, base: tuple[str, ...] = SMALL_RUN):
-    """Train in this process (a one-rank group) exactly as ``python -m train <base> <overrides>`` would;
+    """Train in this process (a one-rank group) exactly as ``python -m pure_reasoner.train <base> <overrides>`` would;
     returns the Summary."""
-    from train.loop import run
+    from pure_reasoner.train.loop import run
 
     raw = compose_raw(*base, *overrides)
     return run(OmegaConf.to_object(raw), run_dir, OmegaConf.to_yaml(raw, resolve=True))
@@ -70,11 +70,12 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def launch(run_dir: Path, *overrides: str, base: tuple[str, ...] = SMALL_RUN) -> subprocess.Popen:
-    """``deepspeed --no_local_rank --num_gpus 2 --module train ...``: the README's multi-process command."""
-    from train.dist import _free_port
+    """``deepspeed --no_local_rank --num_gpus 2 --module pure_reasoner.train ...``: the README's multi-process
+    command."""
+    from pure_reasoner.train.dist import _free_port
 
-    cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "train",
-           *base, f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", "2", "--master_port", str(_free_port()),
+           "--module", "pure_reasoner.train", *base, f"hydra.run.dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -87,7 +88,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 
 
 def train_ranks(launcher: subprocess.Popen) -> list:
-    """The ``python -m train`` processes (psutil) a launcher started."""
+    """The ``python -m pure_reasoner.train`` processes (psutil) a launcher started."""
     import psutil
 
     def runs_train(cmdline: list[str]) -> bool:

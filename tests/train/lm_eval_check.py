@@ -1,4 +1,4 @@
-"""What an lm_eval run on the world's tasks must agree on with train.eval (shared by the lm_eval tests)."""
+"""What an lm_eval run on the world's tasks must agree on with train.evaluation (shared by the lm_eval tests)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from train import eval_metrics as em
-from train.eval import evaluate_split, greedy_generate, score_continuations
-from train.world_splits import split_examples
-from train.world_text import continuation
+from pure_reasoner.train.evaluation import scores as em
+from pure_reasoner.train.evaluation.evaluate import evaluate_split, greedy_generate, score_continuations
+from pure_reasoner.train.world.splits import split_examples
+from pure_reasoner.train.world.text import continuation
 
 
 def _samples(out: Path, task: str) -> list[dict]:
@@ -20,8 +20,8 @@ def _samples(out: Path, task: str) -> list[dict]:
 
 def assert_lm_eval_matches_train_eval(model, codec, world, out: Path) -> None:
     """lm_eval's output in ``out`` (``--log_samples``, tasks pr_counterfactual and pr_open_book_gen) equals what
-    train.eval computes for ``model``: each choice's log-likelihood and the accuracy; each greedy answer (cut at
-    the first stop string) and the exact match."""
+    train.evaluation.evaluate computes for ``model``: each choice's log-likelihood and the accuracy; each greedy answer
+    (cut at the first stop string) and the exact match."""
     (results_path,) = out.rglob("results_*.json")
     results = json.loads(results_path.read_text())["results"]
 

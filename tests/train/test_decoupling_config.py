@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe import flops
+from pure_reasoner.moe import flops
 from tests.train.helpers import compose_config
 
 MODELS = ("tiny_reasoner", "tiny_dense", "tiny_topk_moe", "tiny_shared_moe", "tiny_residual_moe")

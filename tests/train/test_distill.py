@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from pure_reasoner.train.objectives import IGNORE_INDEX, drop_context, packed_distillation_loss, reverse_kl
 from tests.train.helpers import compose_config, metrics, run_in_process
-from train.objectives import IGNORE_INDEX, drop_context, packed_distillation_loss, reverse_kl
 
 IGN = IGNORE_INDEX
 

@@ -1,5 +1,6 @@
 """Evaluation: metrics on hand-made cases, the scoring machinery against direct computation, and a smoke run
-(train a tiny model on a tiny world for a few dozen steps, save it, run ``python -m train.eval`` on it)."""
+(train a tiny model on a tiny world for a few dozen steps, save it, run ``python -m pure_reasoner.train.evaluation``
+on it)."""
 
 import copy
 import json
@@ -9,16 +10,16 @@ import random
 import pytest
 import torch
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from moe.checkpoint import save_pretrained
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe.checkpoint import save_pretrained
+from pure_reasoner.train.evaluation import mean_reference as er
+from pure_reasoner.train.evaluation import scores as em
+from pure_reasoner.train.evaluation.evaluate import Codec, consult_map, greedy_generate, main, score_continuations
+from pure_reasoner.train.objectives import in_context_tokens, lm_loss, shift_targets
+from pure_reasoner.train.world.generator import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
+from pure_reasoner.train.world.splits import reference_pairs, split_examples
+from pure_reasoner.train.world.text import continuation
 from tests.train.lm_eval_check import assert_lm_eval_matches_train_eval
-from train import eval_metrics as em
-from train import eval_reference as er
-from train.eval import Codec, consult_map, greedy_generate, main, score_continuations
-from train.objectives import in_context_tokens, lm_loss, shift_targets
-from train.world import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
-from train.world_splits import split_examples
-from train.world_text import continuation
 
 
 def test_chance_adjustment():
@@ -135,7 +136,7 @@ def test_tokenizer_json_codec(tmp_path):
     """A checkpoint with a byte-level BPE ``tokenizer.json`` is scored and decoded through it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from train.eval import load
+    from pure_reasoner.train.evaluation.evaluate import load
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -256,7 +257,7 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 
 
 def test_lm_eval_harness_matches_train_eval(tmp_path):
-    """``lm_eval`` (offline, our tasks and model class) scores exactly what train.eval scores."""
+    """``lm_eval`` (offline, our tasks and model class) scores exactly what train.evaluation.evaluate scores."""
     pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
     import os
     import subprocess
@@ -270,9 +271,10 @@ def test_lm_eval_harness_matches_train_eval(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root),
            "HF_DATASETS_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "train.lm_eval_model", "--model", "pure_reasoner", "--model_args",
-           f"checkpoint={tmp_path / 'ckpt'}", "--device", "cpu", "--batch_size", "8", "--log_samples",
-           "--tasks", "pr_counterfactual,pr_open_book_gen", "--include_path", str(root / "train/lm_eval_tasks"),
+    cmd = [sys.executable, "-m", "pure_reasoner.train.evaluation.lm_eval_model", "--model", "pure_reasoner",
+           "--model_args", f"checkpoint={tmp_path / 'ckpt'}", "--device", "cpu", "--batch_size", "8", "--log_samples",
+           "--tasks", "pr_counterfactual,pr_open_book_gen",
+           "--include_path", str(root / "train/evaluation/lm_eval_tasks"),
            "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -326,9 +328,9 @@ def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
 
 def test_lm_eval_mean_ablation_uses_a_stored_reference(tmp_path):
     """The lm_eval model takes the mean ablations' constants from a stored file (mean_reference=FILE) and scores
-    what train.eval scores with them; without the file it refuses."""
+    what train.evaluation.evaluate scores with them; without the file it refuses."""
     pytest.importorskip("lm_eval", reason="lm_eval not installed (pip install '.[eval]')")
-    from train.lm_eval_model import PureReasonerEvalLM
+    from pure_reasoner.train.evaluation.lm_eval_model import PureReasonerEvalLM
 
     model, codec = _knowledge_model(max_seq_len=256), Codec()
     save_pretrained(model, tmp_path / "ckpt")
@@ -349,7 +351,7 @@ def test_lm_eval_mean_ablation_uses_a_stored_reference(tmp_path):
 def _patched_experts(model, means_LD, mask_T):
     """The model with each layer's experts computed by the loop oracle, the consulting tokens in ``mask_T``
     (all, when None) given means_LD[layer]: an implementation of the mean ablation independent of the hooks."""
-    from kernels.reference import knowledge_mlp_reference
+    from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
 
     def forward(layer, experts):
         def run(x_TD, ids_TK, gates_TK):
@@ -367,7 +369,7 @@ def _patched_experts(model, means_LD, mask_T):
 @pytest.mark.parametrize("ablation", ["knowledge_mean", "answer_mean"])
 def test_mean_ablations_apply_the_constant_where_they_should(ablation):
     """Each pair scored alone with patched experts (the oracle above; answer_mean: at the positions predicting
-    its continuation) == train.eval's score of the batch."""
+    its continuation) == train.evaluation.evaluate's score of the batch."""
     model, codec = _knowledge_model(max_seq_len=256), Codec()
     num_layers = len(model.moe_layers())
     reference = er.MeanReference(torch.randn(num_layers, 32), torch.randn(num_layers, 32),
@@ -390,8 +392,8 @@ def test_mean_ablations_apply_the_constant_where_they_should(ablation):
 
 @pytest.mark.parametrize("ablation", ["base", "knowledge_off", "knowledge_mean", "answer_mean"])
 def test_scores_do_not_depend_on_the_batch(ablation):
-    """train.eval's scores of the world's questions (closed and open book, so rows of very different lengths
-    share a padded batch) at batch sizes 1, 7 and 64 agree within 1e-5; so do the reference means."""
+    """train.evaluation.evaluate's scores of the world's questions (closed and open book, so rows of very different
+    lengths share a padded batch) at batch sizes 1, 7 and 64 agree within 1e-5; so do the reference means."""
     model, codec = _knowledge_model(), Codec()
     world = build_world(world_config("tiny"))
     examples = split_examples(world, "closed_book")[:10] + split_examples(world, "open_book")[:8]
@@ -412,8 +414,8 @@ def test_reference_set_holds_no_eval_example():
     """Deterministic; its closed-book questions are about QA people, never about the held-out people the
     closed-book splits ask about; no prompt of any split is in it."""
     world = build_world(world_config("tiny"))
-    pairs = er.reference_pairs(world, 40)
-    assert pairs == er.reference_pairs(world, 40) and len(pairs) == 40
+    pairs = reference_pairs(world, 40)
+    assert pairs == reference_pairs(world, 40) and len(pairs) == 40
     eval_prompts = {ex["prompt"] for split in SPLITS for ex in split_examples(world, split)}
     assert not eval_prompts & {prompt for prompt, _ in pairs}
     closed = [prompt for prompt, _ in pairs if prompt.startswith("Q: ")]

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from pure_reasoner.train import data
+from pure_reasoner.train.config import WORLD_GENERATOR, DataConfig
+from pure_reasoner.train.dist import DistInfo
+from pure_reasoner.train.loop import TrainData
+from pure_reasoner.train.objectives import IGNORE_INDEX
+from pure_reasoner.train.world.drills import FreshDrills
+from pure_reasoner.train.world.generator import build_world, drill_rows, pretraining_corpus, world_config
+from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP
 from tests.train.helpers import compose_config, metrics, run_in_process
-from train import data
-from train.config import DataConfig
-from train.dist import DistInfo
-from train.drills import FreshDrills
-from train.loop import TrainData
-from train.objectives import IGNORE_INDEX
-from train.world import build_world, drill_rows, pretraining_corpus, world_config
-from train.world_text import ATTRIBUTES, TWO_HOP
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,7 @@ def test_fresh_drill_config_errors():
     with pytest.raises(ValueError, match="fresh_drills"):
         DataConfig(source="shakespeare", fresh_drills=1)
     with pytest.raises(ValueError, match="fresh_drills"):
-        DataConfig(source="generator", generator="train.world:pretraining_corpus", fresh_drills=-1,
-                   in_context_fraction=0.5)
+        DataConfig(source="generator", generator=WORLD_GENERATOR, fresh_drills=-1, in_context_fraction=0.5)
     world = ("data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny")
     with pytest.raises(ValueError, match="micro_batch_size"):
         compose_config(*world, "data.fresh_drills=8", "train.micro_batch_size=8")

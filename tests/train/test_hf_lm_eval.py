@@ -1,5 +1,5 @@
 """lm_eval's stock ``hf`` model on an export (trust_remote_code, offline) scores the world's local tasks exactly as
-train.eval does."""
+train.evaluation.evaluate does."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from moe.checkpoint import save_pretrained
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe.checkpoint import save_pretrained
+from pure_reasoner.train.evaluation.evaluate import Codec
+from pure_reasoner.train.world.generator import build_world, save_world_config, world_config
 from tests.train.lm_eval_check import assert_lm_eval_matches_train_eval
-from train.eval import Codec
-from train.world import build_world, save_world_config, world_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def test_stock_hf_model_scores_like_train_eval(tmp_path):
            "--model_args", f"pretrained={export},trust_remote_code=True", "--device", "cpu",
            # batch 1: lm_eval left-pads generation batches, which the model refuses (it attends to every position)
            "--batch_size", "1", "--log_samples", "--tasks", "pr_counterfactual,pr_open_book_gen",
-           "--include_path", str(ROOT / "train/lm_eval_tasks"), "--output_path", str(tmp_path / "out")]
+           "--include_path", str(ROOT / "train/evaluation/lm_eval_tasks"), "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_lm_eval_matches_train_eval(model, Codec(), build_world(cfg), tmp_path / "out")

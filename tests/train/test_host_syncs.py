@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train.loop
-from moe import PureReasonerLM
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train import loop as train_loop
 from tests.train.helpers import run_in_process
 
 OURS = tuple(str(Path(__file__).resolve().parents[2] / pkg) + "/" for pkg in ("train", "moe", "kernels"))
@@ -79,8 +79,8 @@ def test_one_host_read_per_optimizer_step(tmp_path, monkeypatch, dist_info):
 
     for method in ("tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, method, counting(method))
-    monkeypatch.setattr(train.loop, "_one_step", counted(train.loop._one_step))
-    real_metrics = train.loop._metrics
+    monkeypatch.setattr(train_loop, "_one_step", counted(train_loop._one_step))
+    real_metrics = train_loop._metrics
 
     def metrics_from_host_copy(cfg, engine, info, step, acc, *args):
         """The metrics must come from the host copy that ``reduce`` read: the device-side tensors are swapped for
@@ -89,10 +89,10 @@ def test_one_host_read_per_optimizer_step(tmp_path, monkeypatch, dist_info):
         acc.router_inputs = [[t.to("meta") for t in per_layer] for per_layer in acc.router_inputs]
         return real_metrics(cfg, engine, info, step, acc, *args)
 
-    monkeypatch.setattr(train.loop, "_metrics", metrics_from_host_copy)
+    monkeypatch.setattr(train_loop, "_metrics", metrics_from_host_copy)
     monkeypatch.setattr(PureReasonerLM, "update_controllers", counted(PureReasonerLM.update_controllers))
     # The data pipeline builds each micro-batch on the host before it moves to the device: not a device read.
-    monkeypatch.setattr(train.loop.TrainData, "micro_batch", counted(train.loop.TrainData.micro_batch, False))
+    monkeypatch.setattr(train_loop.TrainData, "micro_batch", counted(train_loop.TrainData.micro_batch, False))
     steps = 6
     run_in_process(tmp_path / "run", f"train.max_steps={steps}", "train.grad_accum=2", "train.ckpt_every=100",
                    "train.export=false")

@@ -4,10 +4,10 @@ import datasets
 import pytest
 import torch
 
-from train import data
-from train.config import DataConfig
-from train.objectives import IGNORE_INDEX
-from train.world import corpus_world_config, world_config
+from pure_reasoner.train import data
+from pure_reasoner.train.config import WORLD_GENERATOR, DataConfig
+from pure_reasoner.train.objectives import IGNORE_INDEX
+from pure_reasoner.train.world.generator import corpus_world_config, world_config
 
 
 def _byte_tok():
@@ -64,12 +64,12 @@ def test_config_and_world_json():
 
 
 def test_world_generator_rows_carry_context():
-    cfg = DataConfig(source="generator", generator="train.world:pretraining_corpus",
+    cfg = DataConfig(source="generator", generator=WORLD_GENERATOR,
                      generator_kwargs={"preset": "tiny"}, in_context_fraction=1.0, seq_len=512)
     docs = data.load_documents(cfg)
     assert set(docs.column_names) == {"text", "context"}
     with_context = sum(bool(c) for c in docs["context"])
     assert 0.8 * len(docs) < with_context < len(docs)  # every row but the bridge-fact ("world") rows
-    plain = data.load_documents(DataConfig(source="generator", generator="train.world:pretraining_corpus",
+    plain = data.load_documents(DataConfig(source="generator", generator=WORLD_GENERATOR,
                                            generator_kwargs={"preset": "tiny"}))
     assert plain.column_names == ["text"]

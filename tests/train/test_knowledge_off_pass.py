@@ -4,16 +4,16 @@ parameters the knowledge-off pass trains, config errors and a run end to end."""
 import pytest
 import torch
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM, flops
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, flops
+from pure_reasoner.train import data
+from pure_reasoner.train.config import ObjectiveConfig
+from pure_reasoner.train.dist import DistInfo
+from pure_reasoner.train.loop import TrainData
+from pure_reasoner.train.objectives import forget_pass, forget_pass_flops, knowledge_off_loss
+from pure_reasoner.train.world.drills import FreshDrills
+from pure_reasoner.train.world.generator import build_world, corpus_world_config
 from tests.moe.flop_count import SEQ, counted, exact_rate, small_model
 from tests.train.helpers import SMALL_RUN, compose_config, metrics, run_in_process
-from train import data
-from train.config import ObjectiveConfig
-from train.dist import DistInfo
-from train.drills import FreshDrills
-from train.loop import TrainData
-from train.objectives import forget_pass, forget_pass_flops, knowledge_off_loss
-from train.world import build_world, corpus_world_config
 
 FORGET = ("experiment=decoupling_tiny", "name=t", "objective.forget_weight=1.0", "objective.read_weight=0.5")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from train.objectives import (
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.train.objectives import (
     IGNORE_INDEX,
     align_teacher,
     distill_batch,

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from train import scorecard
-from train.protocol import check_world, compose, main, plan
+from pure_reasoner.train.evaluation import scorecard
+from pure_reasoner.train.protocol import check_world, compose, main, plan
 
 TINY = ("experiment=decoupling_tiny", "model=tiny", "model.max_seq_len=384", "train.max_steps=2",
         "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
@@ -24,7 +24,8 @@ def test_protocol_runs_three_seeds_on_their_own_worlds(tmp_path, monkeypatch):
         entry = runs[f"tiny_seed{seed}"]
         assert (entry["seed"], entry["world_seed"], entry["heldout"]) == (seed, 10 + seed, seed == 2)
         assert len(entry["commit"]) >= 40 and entry["train_wall_s"] > 0
-        assert f"train.seed={seed}" in entry["commands"][0] and "python -m train.eval" in entry["commands"][1]
+        assert f"train.seed={seed}" in entry["commands"][0]
+        assert "python -m pure_reasoner.train.evaluation" in entry["commands"][1]
         config = yaml.safe_load((tmp_path / "runs" / f"tiny-seed{seed}" / "config.yaml").read_text())
         assert config["train"]["seed"] == seed and config["data"]["generator_kwargs"]["seed"] == 10 + seed
         report = json.loads((tmp_path / "results" / "eval" / f"tiny_seed{seed}.json").read_text())
@@ -54,5 +55,5 @@ def test_protocol_refuses_what_cannot_tell_recipes_apart(tmp_path, capsys):
     assert check_world(cfg, 60) == {"closed_book": 60, "open_book": 600}
     assert main(["--recipe", "r", "--results", str(tmp_path), "--", *TINY]) == 2
     assert "fewer than --eval-examples=600" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="data.generator=train.world:pretraining_corpus"):
+    with pytest.raises(ValueError, match="data.generator=pure_reasoner.train.world.generator:pretraining_corpus"):
         check_world(compose(["experiment=smoke", "data=shakespeare"]), 10)

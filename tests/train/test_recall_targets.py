@@ -5,13 +5,13 @@ import datasets
 import pytest
 import torch
 
+from pure_reasoner.train import data
+from pure_reasoner.train.config import DataConfig, ObjectiveConfig
+from pure_reasoner.train.dist import DistInfo
+from pure_reasoner.train.loop import TrainData
+from pure_reasoner.train.world.drills import FreshDrills
+from pure_reasoner.train.world.generator import build_world, corpus_world_config, pretraining_corpus
 from tests.train.helpers import compose_config
-from train import data
-from train.config import DataConfig, ObjectiveConfig
-from train.dist import DistInfo
-from train.drills import FreshDrills
-from train.loop import TrainData
-from train.world import build_world, corpus_world_config, pretraining_corpus
 
 
 def _byte_tok():

@@ -1,10 +1,11 @@
-"""train.report on hand-made eval reports: the numbers land in the right cells, plots are written, bad input fails."""
+"""train.evaluation.report on hand-made eval reports: the numbers land in the right cells, plots are written, bad
+input fails."""
 
 import json
 
 import pytest
 
-from train.report import build, main
+from pure_reasoner.train.evaluation.report import build, main
 
 
 def _report(base_closed: float, off_closed: float, faith: float, checkpoint: str = "/nonexistent") -> dict:
@@ -32,8 +33,8 @@ def test_report_from_hand_made_json(tmp_path):
     (tmp_path / "eval" / "reasoner.json").write_text(json.dumps(_report(0.6, 0.05, 0.9)))
     (tmp_path / "eval" / "dense.json").write_text(json.dumps(_report(0.4, 0.4, 0.2)))
     recorded = {"seq_len": 512, "flops_per_token": 7.8e6, "active_params": 7.8e5, "total_params": 7.8e5}
-    (tmp_path / "runs.json").write_text(json.dumps({"dense": {"wall_s": 321, "commands": ["python -m train x"],
-                                                              "flops": recorded}}))
+    run = {"wall_s": 321, "commands": ["python -m pure_reasoner.train x"], "flops": recorded}
+    (tmp_path / "runs.json").write_text(json.dumps({"dense": run}))
     (tmp_path / "notes.md").write_text("## What was run\n")
     assert main([str(tmp_path)]) == 0
     out = json.loads((tmp_path / "decoupling.json").read_text())
@@ -49,7 +50,7 @@ def test_report_from_hand_made_json(tmp_path):
     assert md.startswith("## What was run")
     assert "| reasoner | knowledge_off | +0.050 | +0.450 |" in md
     assert "| dense | base | +0.400 | +0.500 |" in md
-    assert "python -m train x" in md and "| 321 |" in md
+    assert "python -m pure_reasoner.train x" in md and "| 321 |" in md
     assert "| 0.90 (0.90 / 0.10 / 0.00) |" in md
     for name in ("accuracy.png", "ablations.png", "consult_rate.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -4,12 +4,12 @@ never reaches a reasoning expert while the forward pass is unchanged."""
 import pytest
 import torch
 
-from moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from pure_reasoner.train import data
+from pure_reasoner.train.build_model import build_model
+from pure_reasoner.train.loop import prepare_data
+from pure_reasoner.train.world.generator import pretraining_corpus
 from tests.train.helpers import compose_config, metrics, run_in_process
-from train import data
-from train.loop import prepare_data
-from train.model import build_model
-from train.world import pretraining_corpus
 
 
 def test_closed_book_tokens_hand_made():

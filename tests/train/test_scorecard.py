@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from train.scorecard import DEFAULT_TARGETS, Target, load_targets, main, read_runs, score
+from pure_reasoner.train.evaluation.scorecard import DEFAULT_TARGETS, Target, load_targets, main, read_runs, score
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (tables: 4.303)
 T_975_DF1 = 12.706204736174707  # 1 degree of freedom (tables: 12.706)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from moe import PureReasonerLM
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train.baselines import DeepSpeedResidualFFN
+from pure_reasoner.train.build_model import build_model
+from pure_reasoner.train.config import MODEL_PRESETS
 from tests.train.helpers import CONF, compose_config, compose_raw, run_in_process
-from train.baselines import DeepSpeedResidualFFN
-from train.config import MODEL_PRESETS
-from train.model import build_model
 
 
 def _options(group: str) -> list[str]:
@@ -78,8 +78,8 @@ def test_residual_moe_ablations_split_its_two_terms(dist_info):
 
 
 def test_residual_moe_run_exports_and_evaluates(tmp_path, dist_info):
-    from moe.checkpoint import load_pretrained
-    from train.eval import load
+    from pure_reasoner.moe.checkpoint import load_pretrained
+    from pure_reasoner.train.evaluation.evaluate import load
 
     run_in_process(tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
                    "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "model=tiny_residual_moe")

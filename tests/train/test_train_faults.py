@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import moe.model
+from pure_reasoner.moe import model as moe_model
+from pure_reasoner.train.loop import TrainingAborted
 from tests.train.helpers import metrics, run_in_process
-from train.loop import TrainingAborted
 
 
 def _assert_nothing_written(run_dir):
@@ -73,7 +73,7 @@ def test_bad_data_names_the_problem(tmp_path, corpus, case, match, dist_info):
 def test_cli_bad_input_exits_nonzero_naming_value(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "train", "experiment=smoke", "data.seq_len=0", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "pure_reasoner.train", "experiment=smoke", "data.seq_len=0", f"hydra.run.dir={run_dir}"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -85,7 +85,7 @@ def test_cli_bad_input_exits_nonzero_naming_value(tmp_path):
 
 def _nan_loss_at(monkeypatch, call: int) -> None:
     """From the ``call``-th forward on, the loss is NaN (as a diverging run would report it)."""
-    real, calls = moe.model.PureReasonerLM.forward, []
+    real, calls = moe_model.PureReasonerLM.forward, []
 
     def forward(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
@@ -94,7 +94,7 @@ def _nan_loss_at(monkeypatch, call: int) -> None:
             out = out._replace(loss=out.loss * float("nan"))
         return out
 
-    monkeypatch.setattr(moe.model.PureReasonerLM, "forward", forward)
+    monkeypatch.setattr(moe_model.PureReasonerLM, "forward", forward)
 
 
 def test_nonfinite_loss_aborts_before_the_update(tmp_path, monkeypatch, dist_info):
@@ -106,7 +106,7 @@ def test_nonfinite_loss_aborts_before_the_update(tmp_path, monkeypatch, dist_inf
 
 
 def test_nonfinite_loss_skip_drops_the_step(tmp_path, monkeypatch, dist_info):
-    real = moe.model.PureReasonerLM.forward
+    real = moe_model.PureReasonerLM.forward
     calls = []
 
     def forward(self, *args, **kwargs):  # only step 6's loss is NaN
@@ -114,7 +114,7 @@ def test_nonfinite_loss_skip_drops_the_step(tmp_path, monkeypatch, dist_info):
         calls.append(1)
         return out._replace(loss=out.loss * float("nan")) if len(calls) == 6 and out.loss is not None else out
 
-    monkeypatch.setattr(moe.model.PureReasonerLM, "forward", forward)
+    monkeypatch.setattr(moe_model.PureReasonerLM, "forward", forward)
     summary = run_in_process(tmp_path, "train.on_nonfinite=skip")
     rows = metrics(tmp_path)
     assert [int(r["skipped"]) for r in rows] == [0] * 5 + [1] + [0] * 6

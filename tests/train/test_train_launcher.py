@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from pure_reasoner.train.export import differing_tensors
+from pure_reasoner.train.metrics import read_curve
 from tests.train.helpers import finish, launch, metrics, run_in_process, train_ranks
-from train.export import differing_tensors
-from train.metrics import read_curve
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train.checkpoint
-import train.export
-from moe.checkpoint import load_pretrained
+from pure_reasoner.moe.checkpoint import load_pretrained
+from pure_reasoner.train import ds_checkpoint as train_ds_checkpoint
+from pure_reasoner.train import export as train_export
+from pure_reasoner.train.export import differing_tensors
+from pure_reasoner.train.metrics import read_curve
 from tests.train.helpers import RECIPE_RUN, Crash, crash_at_step, metrics, run_in_process
-from train.export import differing_tensors
-from train.metrics import read_curve
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,9 @@ def _capture_trained_state(patch) -> dict:
     controller buffers) and DeepSpeed's fp32 master copy of every parameter."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    import train.export
+    from pure_reasoner.train import export as train_export
 
-    captured, real = {}, train.export.export_from_engine
+    captured, real = {}, train_export.export_from_engine
 
     def export_from_engine(engine, *args):
         captured["state"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -35,7 +35,7 @@ def _capture_trained_state(patch) -> dict:
                             for n, p in engine.module.named_parameters()}
         return real(engine, *args)
 
-    patch.setattr(train.export, "export_from_engine", export_from_engine)
+    patch.setattr(train_export, "export_from_engine", export_from_engine)
     return captured
 
 
@@ -87,7 +87,7 @@ def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uninterrupted):
     _, ref = uninterrupted
-    real = train.checkpoint.save_file
+    real = train_ds_checkpoint.save_file
     with monkeypatch.context() as patch:
 
         def save_file(tensors, path):
@@ -95,7 +95,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uni
                 raise Crash("killed while writing checkpoint 8")
             return real(tensors, path)
 
-        patch.setattr(train.checkpoint, "save_file", save_file)
+        patch.setattr(train_ds_checkpoint, "save_file", save_file)
         with pytest.raises(Crash):
             run_in_process(tmp_path)
     root = tmp_path / "checkpoints"
@@ -113,7 +113,7 @@ def test_export_equals_the_trained_engine(tmp_path, dist_info):
         run_in_process(tmp_path, "train.max_steps=6")
     exported = load_pretrained(tmp_path / "export").state_dict()
     assert (tmp_path / "export" / "tokenizer.json").is_file()
-    assert (tmp_path / "export" / "world.json").is_file()  # the world train.eval asks about
+    assert (tmp_path / "export" / "world.json").is_file()  # the world train.evaluation.evaluate asks about
     assert exported.keys() == trained["state"].keys()
     for name, tensor in trained["state"].items():  # weights and controller state (selection biases, cut)
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
@@ -128,8 +128,8 @@ def _check_transformers_loads(export):
     pytest.importorskip("transformers", reason="transformers not installed (pip install '.[dev]')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import moe.hf  # noqa: F401  registers the auto classes
-    from train.eval import load
+    import pure_reasoner.moe.hf  # noqa: F401  registers the auto classes
+    from pure_reasoner.train.evaluation.evaluate import load
 
     ours, codec = load(export)
     hf = AutoModelForCausalLM.from_pretrained(export)
@@ -149,7 +149,7 @@ def test_crash_during_export_is_exported_by_the_same_command(tmp_path, monkeypat
             (out / "config.json").write_text("{")  # killed a few bytes into the export
             raise Crash("killed while exporting")
 
-        patch.setattr(train.export, "save_pretrained", save_pretrained)
+        patch.setattr(train_export, "save_pretrained", save_pretrained)
         with pytest.raises(Crash):
             run_in_process(tmp_path)
     again = run_in_process(tmp_path)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from train.world import (
+from pure_reasoner.train.world.generator import (
     SPLITS,
     WorldConfig,
     build_world,
@@ -16,7 +16,7 @@ from train.world import (
     reading_drills,
     world_config,
 )
-from train.world_text import ATTRIBUTES, QUESTIONS, TWO_HOP
+from pure_reasoner.train.world.text import ATTRIBUTES, QUESTIONS, TWO_HOP
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_cli_writes_splits(tmp_path):
 
 
 def test_hydra_style_call_and_drill_rows(world):
-    # data.generator=train.world:pretraining_corpus with plain keyword values only.
+    # data.generator=pure_reasoner.train.world.generator:pretraining_corpus with plain keyword values only.
     assert pretraining_corpus(preset="tiny", seed=3, num_drills=2).to_list() == \
         pretraining_corpus(world, num_drills=2).to_list()
     rows = drill_rows(world, 0, 3)

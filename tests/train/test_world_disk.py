@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import PureReasonerLM, preset
+from pure_reasoner.moe import PureReasonerLM, preset
+from pure_reasoner.train import data
+from pure_reasoner.train.dist import DistInfo
+from pure_reasoner.train.evaluation.evaluate import Codec, evaluate
+from pure_reasoner.train.loop import prepare_data
+from pure_reasoner.train.world.disk import load_world, read_corpus, read_split
+from pure_reasoner.train.world.generator import build_world, main, world_config
+from pure_reasoner.train.world.splits import SPLITS, split_examples
 from tests.train.helpers import compose_config
-from train import data
-from train.dist import DistInfo
-from train.eval import Codec, evaluate
-from train.loop import prepare_data
-from train.world import build_world, main, world_config
-from train.world_disk import load_world, read_corpus, read_split
-from train.world_splits import SPLITS, split_examples
 
 WORLD = ("preset=tiny", "seed=3", "eval_examples=12")
 CPU = DistInfo(0, 1, 0, 1, torch.device("cpu"))
