@@ -17,7 +17,7 @@ from pure_reasoner.moe import LMOutput, PureReasonerLM
 from pure_reasoner.moe.checkpoint import load_pretrained
 from pure_reasoner.train.config import Config, ObjectiveConfig
 from pure_reasoner.train.data import TOKENIZER
-from pure_reasoner.train.objectives import drop_context, packed_distillation_loss
+from pure_reasoner.train.objectives import distillation_loss, drop_context
 
 
 def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:
@@ -54,6 +54,6 @@ def distill_forward(engine, teacher: PureReasonerLM, idx_BS: torch.Tensor, targe
         teacher_logits_BSV = teacher(idx_BS).logits_BSV
     view = drop_context(idx_BS, targets_BS, pad_id=0)
     out = engine(view.ids_BS)
-    loss, _ = packed_distillation_loss(out.logits_BSV, teacher_logits_BSV, view, obj.kl_weight, obj.ce_weight,
+    loss, _ = distillation_loss(out.logits_BSV, teacher_logits_BSV, view, obj.kl_weight, obj.ce_weight,
                                        obj.temperature)
     return out._replace(loss=loss + out.aux_loss)

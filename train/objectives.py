@@ -15,18 +15,10 @@ facts are supplied (context rows, reading drills) it is trained by cross-entropy
 (reasoning experts, attention, embeddings) is trained not to hold the facts, while the full model must still
 recall them: the only parameters left to hold them are the knowledge experts'.
 
-Mode-seeking distillation: a teacher sees ``context + text`` (the facts), the student sees ``text`` only; on the
-shared suffix the student minimises the reverse KL(student || teacher), which (unlike forward KL) drives the
-student to put its mass on one of the teacher's modes rather than spread it over all of them. Two layouts:
-- packed (what ``python -m pure_reasoner.train objective=distill`` runs): the teacher reads a packed
-  knowledge-in-context sequence, the student the same sequence with its context tokens removed (``drop_context``), and
-  the teacher's logits are gathered at the student's positions;
-- per row, for unpacked (context_ids, text_ids) rows (the teacher from
-  ``moe.checkpoint.load_pretrained(DIR).eval()``)::
-
-    batch = distill_batch(rows)
-    loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0)   # loss includes the MoE aux loss
-    loss.backward(); student.update_controllers(out.stats)
+Mode-seeking distillation (``objective.kind=distill``, run by ``train.distill``): the teacher reads a packed
+knowledge-in-context sequence, the student the same sequence without its supplied tokens (``drop_context``);
+where both predict the same next token the student minimises the reverse KL(student || teacher), which (unlike
+forward KL) puts its mass on one of the teacher's modes instead of spreading it over all of them.
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from pure_reasoner.moe import LMOutput, ModelConfig, MoEStats, PureReasonerLM
+    from pure_reasoner.moe import ModelConfig, MoEStats
     from pure_reasoner.train.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
@@ -177,89 +169,6 @@ def reverse_kl(
     return (kl_N * weights_N).sum() / weights_N.sum().clamp(min=1.0) * temperature**2
 
 
-def align_teacher(teacher_logits_BTV: torch.Tensor, offset_B: torch.Tensor, student_len: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits at the student's positions: student position s <-> teacher position s + offset_B[b].
-
-    With teacher input ``context_b + text_b`` and student input ``text_b``, ``offset_B`` = len(context_b).
-
-    Returns:
-        aligned [B, S, V] (rows past the teacher's end are zero) and valid [B, S] bool.
-    """
-    batch, teacher_len, vocab = teacher_logits_BTV.shape
-    if offset_B.shape != (batch,) or (offset_B < 0).any():
-        raise ValueError(f"offset_B must be [B]={batch} non-negative offsets, got {offset_B.tolist()}")
-    pos_BS = torch.arange(student_len, device=offset_B.device).unsqueeze(0) + offset_B.unsqueeze(1)
-    valid_BS = pos_BS < teacher_len
-    index_BSV = pos_BS.clamp(max=teacher_len - 1).unsqueeze(-1).expand(batch, student_len, vocab)
-    aligned = teacher_logits_BTV.gather(1, index_BSV) * valid_BS.unsqueeze(-1)
-    return aligned, valid_BS
-
-
-class DistillBatch(NamedTuple):
-    """student_ids_BS / student_targets_BS: text only; teacher_ids_BT: context + text; offset_B: context lengths."""
-
-    student_ids_BS: torch.Tensor
-    student_targets_BS: torch.Tensor
-    teacher_ids_BT: torch.Tensor
-    offset_B: torch.Tensor
-
-
-def distill_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> DistillBatch:
-    """Right-padded student (text) and teacher (context + text) batches from (context_ids, text_ids) rows."""
-    if not rows or any(len(text) < 2 for _, text in rows):
-        raise ValueError("every row needs a text of >= 2 tokens")
-    student_len = max(len(text) for _, text in rows) - 1
-    teacher_len = max(len(c) + len(t) for c, t in rows)
-    student = torch.full((len(rows), student_len), pad_id)
-    targets = torch.full((len(rows), student_len), IGNORE_INDEX)
-    teacher = torch.full((len(rows), teacher_len), pad_id)
-    for b, (context, text) in enumerate(rows):
-        student[b, : len(text) - 1] = torch.tensor(text[:-1])
-        targets[b, : len(text) - 1] = torch.tensor(text[1:])
-        teacher[b, : len(context) + len(text)] = torch.tensor([*context, *text])
-    return DistillBatch(student, targets, teacher, torch.tensor([len(c) for c, _ in rows]))
-
-
-def distillation_loss(
-    student_logits_BSV: torch.Tensor,
-    teacher_logits_BTV: torch.Tensor,
-    batch: DistillBatch,
-    kl_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``ce_weight * CE(student) + kl_weight * reverse KL(student || teacher)`` on the shared suffix.
-
-    The KL counts the positions where the student has a target (padding excluded) and the teacher has the
-    aligned position. Returns the loss and its detached parts ``{"ce", "reverse_kl"}``.
-    """
-    aligned_BSV, valid_BS = align_teacher(teacher_logits_BTV, batch.offset_B, student_logits_BSV.shape[1])
-    return _ce_plus_reverse_kl(student_logits_BSV, aligned_BSV, batch.student_targets_BS, valid_BS, kl_weight,
-                               ce_weight, temperature)
-
-
-def _ce_plus_reverse_kl(student_logits_BSV, aligned_teacher_BSV, targets_BS, valid_BS, kl_weight, ce_weight,
-                        temperature) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CE on the targets, reverse KL where a target exists and the teacher position is valid; weighted sum + parts."""
-    kl = reverse_kl(student_logits_BSV, aligned_teacher_BSV, valid_BS & (targets_BS != IGNORE_INDEX), temperature)
-    ce = lm_loss(student_logits_BSV, targets_BS)
-    return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}
-
-
-def distill_forward(student: PureReasonerLM, teacher: PureReasonerLM, batch: DistillBatch, **loss_kwargs
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], LMOutput]:
-    """Teacher (no grad) on context + text, student on text; ``distillation_loss`` plus the student's aux loss.
-
-    Returns (loss, parts, the student's LMOutput: its ``stats`` feed ``update_controllers``).
-    """
-    with torch.no_grad():
-        teacher_logits_BTV = teacher(batch.teacher_ids_BT).logits_BSV
-    out = student(batch.student_ids_BS)
-    loss, parts = distillation_loss(out.logits_BSV, teacher_logits_BTV, batch, **loss_kwargs)
-    return loss + out.aux_loss, parts, out
-
-
 class StudentView(NamedTuple):
     """A packed knowledge-in-context batch with its context tokens removed (see ``drop_context``).
 
@@ -308,7 +217,7 @@ def drop_context(ids_BS: torch.Tensor, targets_BS: torch.Tensor, pad_id: int) ->
     return StudentView(student, targets, teacher_pos)
 
 
-def packed_distillation_loss(
+def distillation_loss(
     student_logits_BSV: torch.Tensor,
     teacher_logits_BSV: torch.Tensor,
     view: StudentView,
@@ -316,13 +225,19 @@ def packed_distillation_loss(
     ce_weight: float = 1.0,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``ce_weight * CE(student) + kl_weight * reverse KL(student || teacher)`` for ``drop_context`` batches.
+    """``ce_weight * CE(student) + kl_weight * reverse KL(student || teacher)`` of a ``drop_context`` batch.
 
     The teacher's logits are taken at ``view.teacher_pos_BS``; both terms count the positions with a target.
-    Returns the loss and its detached parts ``{"ce", "reverse_kl"}``.
+
+    Args:
+        student_logits_BSV: [B, S, V] the student's logits on ``view.ids_BS``.
+        teacher_logits_BSV: [B, S, V] the teacher's logits on the packed batch ``view`` was made from.
+
+    Returns:
+        the loss and its detached parts ``{"ce", "reverse_kl"}``.
     """
     index_BSV = view.teacher_pos_BS.unsqueeze(-1).expand(*view.teacher_pos_BS.shape, teacher_logits_BSV.shape[-1])
     aligned_BSV = teacher_logits_BSV.gather(1, index_BSV)
-    valid_BS = torch.ones_like(view.targets_BS, dtype=torch.bool)
-    return _ce_plus_reverse_kl(student_logits_BSV, aligned_BSV, view.targets_BS, valid_BS, kl_weight, ce_weight,
-                               temperature)
+    kl = reverse_kl(student_logits_BSV, aligned_BSV, view.targets_BS != IGNORE_INDEX, temperature)
+    ce = lm_loss(student_logits_BSV, view.targets_BS)
+    return ce_weight * ce + kl_weight * kl, {"ce": ce.detach(), "reverse_kl": kl.detach()}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pure_reasoner.train.objectives import IGNORE_INDEX, drop_context, packed_distillation_loss, reverse_kl
+from pure_reasoner.train.objectives import IGNORE_INDEX, distillation_loss, drop_context, reverse_kl
 from tests.train.helpers import compose_config, metrics, run_in_process
 
 IGN = IGNORE_INDEX
@@ -34,11 +34,11 @@ def test_packed_loss_is_ce_when_student_matches_teacher():
     view = drop_context(ids, targets, pad_id=0)
     teacher_BSV = torch.randn(1, 7, 11)
     student_BSV = teacher_BSV.gather(1, view.teacher_pos_BS.unsqueeze(-1).expand(1, 7, 11)).requires_grad_()
-    loss, parts = packed_distillation_loss(student_BSV, teacher_BSV, view, kl_weight=1.0, ce_weight=1.0)
+    loss, parts = distillation_loss(student_BSV, teacher_BSV, view, kl_weight=1.0, ce_weight=1.0)
     assert parts["reverse_kl"].abs() < 1e-6
     torch.testing.assert_close(loss, parts["ce"])
     other = torch.randn_like(student_BSV)
-    _, parts = packed_distillation_loss(other, teacher_BSV, view, kl_weight=1.0)
+    _, parts = distillation_loss(other, teacher_BSV, view, kl_weight=1.0)
     aligned = teacher_BSV.gather(1, view.teacher_pos_BS.unsqueeze(-1).expand(1, 7, 11))
     torch.testing.assert_close(parts["reverse_kl"], reverse_kl(other, aligned, view.targets_BS != IGN))
 

@@ -1,4 +1,4 @@
-"""Objectives: targets and loss masks, reverse KL against the direct formula, teacher alignment."""
+"""Objectives: targets and loss masks, reverse KL against the direct formula, the distillation loss."""
 
 import math
 
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.train.config import ObjectiveConfig
+from pure_reasoner.train.distill import distill_forward
 from pure_reasoner.train.objectives import (
     IGNORE_INDEX,
-    align_teacher,
-    distill_batch,
-    distill_forward,
     distillation_loss,
+    drop_context,
     in_context_example,
     in_context_tokens,
     knowledge_off_loss,
@@ -108,46 +108,53 @@ def test_lm_loss_is_the_models_cross_entropy():
     torch.testing.assert_close(lm_loss(out.logits_BSV, targets[None]), manual)
 
 
-def test_teacher_alignment_and_distillation():
-    rows = [([9, 9], [1, 2, 3, 4]), ([8], [5, 6, 7]), ([], [2, 3])]
-    batch = distill_batch(rows, pad_id=0)
-    assert batch.teacher_ids_BT.tolist() == [[9, 9, 1, 2, 3, 4], [8, 5, 6, 7, 0, 0], [2, 3, 0, 0, 0, 0]]
-    assert batch.student_ids_BS.tolist() == [[1, 2, 3], [5, 6, 0], [2, 0, 0]]
-    assert batch.student_targets_BS.tolist() == [[2, 3, 4], [6, 7, -100], [3, -100, -100]]
-    assert batch.offset_B.tolist() == [2, 1, 0]
-    # A "model" whose logits one-hot the input token: aligned teacher rows must one-hot the student's inputs.
+def test_distillation_loss_reads_the_teacher_at_the_students_positions():
+    """A teacher whose logits one-hot its input token: gathered at the student's positions they one-hot the
+    student's inputs; a student equal to that has zero KL and its loss is its CE alone."""
+    ids_BS = torch.tensor([[9, 9, 1, 2, 3, 4, 8, 5, 6, 7]])  # context 9 9 | text 1..4 | context 8 | text 5..7
+    mask = torch.tensor([[False, False, True, True, True, True, False, True, True, True]])
+    inputs_BS, targets_BS = shift_targets(ids_BS, mask)
+    view = drop_context(inputs_BS, targets_BS, pad_id=0)
+    assert view.ids_BS[0, :7].tolist() == [9, 1, 2, 3, 4, 5, 6]  # the first token, then every predicted one
     vocab = 10
-    teacher_logits = F.one_hot(batch.teacher_ids_BT, vocab).float()
-    aligned, valid = align_teacher(teacher_logits, batch.offset_B, 3)
-    assert valid.all()
-    assert aligned.argmax(-1)[batch.student_targets_BS != -100].tolist() == [1, 2, 3, 5, 6, 2]
-    # A student equal to the aligned teacher has zero KL; its loss is then its CE alone.
-    student = (aligned * 5).requires_grad_()
-    loss, parts = distillation_loss(student, teacher_logits * 5, batch, kl_weight=2.0)
+    teacher_BSV = F.one_hot(inputs_BS, vocab).float() * 5
+    aligned_BSV = teacher_BSV.gather(1, view.teacher_pos_BS.unsqueeze(-1).expand(-1, -1, vocab))
+    assert aligned_BSV.argmax(-1)[0, :7].tolist() == [9, 1, 2, 3, 4, 5, 6]
+    student_BSV = aligned_BSV.clone().requires_grad_()
+    loss, parts = distillation_loss(student_BSV, teacher_BSV, view, kl_weight=2.0)
     assert float(parts["reverse_kl"]) == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(loss, parts["ce"])
-    _, parts = distillation_loss(torch.randn(3, 3, vocab), teacher_logits, batch)
+    expected_ce = F.cross_entropy(student_BSV[0], view.targets_BS[0], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(parts["ce"], expected_ce)
+    _, parts = distillation_loss(torch.randn(1, 9, vocab), teacher_BSV, view)
     assert float(parts["reverse_kl"]) > 0.1
-    _, valid = align_teacher(teacher_logits, torch.tensor([2, 1, 5]), 3)
-    assert valid.tolist() == [[True] * 3, [True] * 3, [True, False, False]]
 
 
 def test_distill_forward_trains_student_toward_teacher():
     cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, reasoning_width=16,
                       knowledge=KnowledgeConfig(num_experts=2, expert_width=8, top_k=1))
     teacher, student = PureReasonerLM(cfg).eval(), PureReasonerLM(cfg)
-    batch = distill_batch([([1, 2, 3], [4, 5, 6, 7]), ([2], [8, 9, 10])])
+    ids, mask = in_context_tokens([1, 2, 3], [4, 5, 6, 7])
+    more_ids, more_mask = in_context_tokens([2], [8, 9, 10])
+    idx_BS, targets_BS = shift_targets(torch.tensor([ids + more_ids]), torch.tensor([mask + more_mask]))
+    objective = ObjectiveConfig(kind="distill", teacher="unused", kl_weight=1.0, ce_weight=0.0)
+    view = drop_context(idx_BS, targets_BS, pad_id=0)
+
+    def kl() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(student(view.ids_BS).logits_BSV, teacher(idx_BS).logits_BSV, view,
+                                           ce_weight=0.0)[1]["reverse_kl"])
+
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    kls = []
+    before = kl()
     for _ in range(30):
-        loss, parts, out = distill_forward(student, teacher, batch, kl_weight=1.0, ce_weight=0.0)
+        out = distill_forward(student, teacher, idx_BS, targets_BS, objective)
         assert len(out.stats) == 1
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()
         opt.step()
-        kls.append(float(parts["reverse_kl"]))
     assert all(p.grad is None for p in teacher.parameters())
-    assert kls[-1] < 0.5 * kls[0]
+    assert kl() < 0.5 * before
 
 
 def test_knowledge_off_loss_hand_made():
