@@ -1,5 +1,12 @@
-"""Pure ops for the knowledge path: routing metadata, grouped expert MLPs, their oracles; and the dense
-linear the rest of the model uses (oneDNN GEMMs on CPU fp32).
+"""Pure ops for the knowledge path, one folder per op, each with its oracle beside its fast paths; and the
+dense linear the rest of the model uses (oneDNN GEMMs on CPU fp32).
+
+    routing/            routing metadata: reference, torch path, Triton kernel
+    expert_mlp/         the knowledge experts' MLP: reference, torch path, Triton kernels, megablocks, dispatch
+    onednn_gemm.py, onednn_linear.py     grouped and dense fp32 GEMMs through oneDNN; ``Linear``
+    triton_schedule.py  what every Triton kernel shares: row-block schedule, launch, the autotune table
+    triton_aot.py       ahead-of-time compile of every Triton kernel for GPUs this machine does not have
+    backends.py         where each optional implementation can run
 
 Importing this package never imports triton; the Triton implementations load on first use.
 """

@@ -82,6 +82,8 @@ def _tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> 
                          num_warps=warps, num_stages=stages)
 
 
+# The autotune candidates of every knowledge-path kernel, in one table.
+#
 # The row-block GEMMs' candidates (gather + up/gate, down + scatter, and their backwards): each compiles
 # without a register spill on sm_90 and sm_80 in every dtype (kernels.triton_aot). Left out for spilling:
 # 128 x 128 (up forward's two accumulators; every kernel on sm_80), and on sm_80 the up backward at
@@ -91,6 +93,35 @@ ROW_GEMM_TILES = TileConfigs(
          _tile(16, 128, 64, 4, 4)),
     fma=(_tile(64, 64, 8, 8, 2), _tile(32, 32, 16, 4, 2)),
     interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
+)
+
+
+# The fused backward keeps u, a1, a3 and h live at once in its epilogue: in bf16, every 64-row tile
+# spills (255 registers at 64 x 64 / 4 warps and 64 x 128 / 8 warps; kernels.triton_aot), 32 x 128 / 8
+# warps uses 134. Small row blocks cost little weight traffic: GROUP_M row blocks share each w2 tile.
+SWIGLU_BWD_TILES = TileConfigs(
+    mma=(
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ),
+    fma=ROW_GEMM_TILES.fma,
+    interpreter=ROW_GEMM_TILES.interpreter,
+)
+
+# The grouped weight gradient (triton_wgrad): 32 x 128 x 128 / 8 warps spills on sm_80 (kernels.triton_aot).
+WGRAD_TILES = TileConfigs(
+    mma=(
+        triton.Config({"BLOCK_R": 32, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 128, "GROUP_I": 8}, num_warps=8, num_stages=4),
+    ),
+    fma=(
+        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=2),
+    ),
+    interpreter=triton.Config({"BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_O": 32, "GROUP_I": 2}),
+    reduction="BLOCK_R",
 )
 
 

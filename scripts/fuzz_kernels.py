@@ -62,17 +62,10 @@ def draw(gen: torch.Generator, case: int) -> tuple[str, dict]:
 
 def inputs(gen: torch.Generator, s: dict):
     """x_TD, ids_TK, gates_TK, [w1_EDF, w3_EDF, w2_EFD] (leaf tensors needing grad)."""
-    T, D, F, E, K, dtype = s["T"], s["D"], s["F"], s["E"], s["K"], s["dtype"]
-    x_TD = torch.randn(T, D, dtype=dtype, generator=gen).requires_grad_()
-    ids_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
-    if s["one"] is not None:
-        ids_TK = torch.full((T, K), s["one"])
-    ids_TK = torch.where(torch.rand(T, K, generator=gen) < s["idle"], -1, ids_TK)
-    gates_TK = torch.rand(T, K, generator=gen).requires_grad_()
-    weights = [
-        (torch.randn(E, *shape, dtype=dtype, generator=gen) / shape[0] ** 0.5).requires_grad_()
-        for shape in ((D, F), (D, F), (F, D))
-    ]
+    from pure_reasoner.kernels.expert_mlp.random_inputs import random_mlp_inputs
+
+    x_TD, ids_TK, gates_TK, *weights = random_mlp_inputs(s["T"], s["D"], s["F"], s["E"], s["K"], s["idle"],
+                                                         s["dtype"], one_expert=s["one"], generator=gen)
     return x_TD, ids_TK, gates_TK, weights
 
 

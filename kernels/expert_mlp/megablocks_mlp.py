@@ -6,7 +6,8 @@ megablocks' gather/scatter kernels assume every slot goes to a real expert, so i
 them; the routing, gather and scatter-add here are ours and only the three grouped GEMMs (megablocks'
 ``grouped_gemm_util.ops.gmm``, autograd included) are megablocks'. Its grouped GEMM takes the
 per-expert row counts on the host: one device->host copy per call, which the Triton path avoids.
-Never run here (no CUDA, megablocks not installed): a peer for GPU benchmarks, not a tested path.
+A peer for the GPU benchmarks; tested against the oracle where CUDA and megablocks are present
+(``tests/kernels/test_dispatch.py``, skipped elsewhere).
 """
 
 from __future__ import annotations

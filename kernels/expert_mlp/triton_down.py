@@ -35,7 +35,7 @@ from pure_reasoner.kernels.expert_mlp.triton_up import swiglu_grads
 from pure_reasoner.kernels.expert_mlp.triton_wgrad import grouped_wgrad
 from pure_reasoner.kernels.triton_schedule import (
     ROW_GEMM_TILES,
-    TileConfigs,
+    SWIGLU_BWD_TILES,
     dot_precision,
     grouped_tile,
     launch,
@@ -76,20 +76,6 @@ def _down_scatter_fwd_kernel(
         tokens = slots // num_slots_per_token
         # Only the sum matters, read after the kernel: no ordering between programs is needed.
         tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask, sem="relaxed")
-
-
-# The fused backward keeps u, a1, a3 and h live at once in its epilogue: in bf16, every 64-row tile
-# spills (255 registers at 64 x 64 / 4 warps and 64 x 128 / 8 warps; kernels.triton_aot), 32 x 128 / 8
-# warps uses 134. Small row blocks cost little weight traffic: GROUP_M row blocks share each w2 tile.
-_SWIGLU_TILES = TileConfigs(
-    mma=(
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    ),
-    fma=ROW_GEMM_TILES.fma,
-    interpreter=ROW_GEMM_TILES.interpreter,
-)
 
 
 @triton.jit
@@ -144,7 +130,7 @@ def _down_scatter_bwd_kernel(
     tl.store(dh_ptr + out, (u * gate[:, None]).to(dh_ptr.dtype.element_ty), mask=out_mask)
 
 
-@_SWIGLU_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
+@SWIGLU_BWD_TILES.autotune(key=["D", "F"], reset_to_zero=["dgates_ptr"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _down_swiglu_bwd_kernel(
     dy_ptr, a1_ptr, a3_ptr, gates_ptr, slot_order_ptr, offsets_ptr, w2_ptr, h_ptr, da1_ptr, da3_ptr, dgates_ptr,

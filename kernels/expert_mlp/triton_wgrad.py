@@ -20,25 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pure_reasoner.kernels.triton_schedule import TileConfigs, dot_precision, launch, row_bucket, swizzle
-
-# 32 x 128 x 128 / 8 warps spills on sm_80 (kernels.triton_aot).
-_TILES = TileConfigs(
-    mma=(
-        triton.Config({"BLOCK_R": 32, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_R": 64, "BLOCK_I": 128, "BLOCK_O": 128, "GROUP_I": 8}, num_warps=8, num_stages=4),
-    ),
-    fma=(
-        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_R": 16, "BLOCK_I": 64, "BLOCK_O": 64, "GROUP_I": 8}, num_warps=8, num_stages=2),
-    ),
-    interpreter=triton.Config({"BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_O": 32, "GROUP_I": 2}),
-    reduction="BLOCK_R",
-)
+from pure_reasoner.kernels.triton_schedule import WGRAD_TILES, dot_precision, launch, row_bucket, swizzle
 
 
-@_TILES.autotune(key=["DIM_IN", "DIM_OUT"])
+@WGRAD_TILES.autotune(key=["DIM_IN", "DIM_OUT"])
 @triton.jit(do_not_specialize=["row_bucket"])
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, slot_order_ptr, scale_ptr, offsets_ptr, dw_ptr,

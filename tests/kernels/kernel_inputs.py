@@ -1,10 +1,13 @@
-"""Shared by the kernel tests: random inputs, the per-dtype tolerance table, gradient comparison."""
+"""Shared by the kernel tests: random inputs on the test device, the per-dtype tolerance table, gradient
+comparison."""
 
 from __future__ import annotations
 
 import torch
 
-from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
+from pure_reasoner.kernels.expert_mlp.random_inputs import random_ids, random_mlp_inputs
+
+__all__ = ["DEVICE", "DTYPES", "TOLERANCE", "as_oracle_input", "assert_outputs_and_grads", "mlp_inputs", "random_ids"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Oracles run in float64 on the same (upcast) inputs; these bound the kernel's own rounding.
@@ -17,24 +20,10 @@ TOLERANCE = {
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-def random_ids(num_tokens, num_experts, top_k, idle_share, one_expert=None) -> torch.Tensor:
-    """[T, K] distinct experts per token (or all ``one_expert``), each slot idle with prob ``idle_share``."""
-    if one_expert is not None:
-        ids_TK = torch.full((num_tokens, top_k), one_expert)
-    else:
-        ids_TK = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
-    return torch.where(torch.rand(num_tokens, top_k) < idle_share, NOT_CONSULTED, ids_TK).reshape(num_tokens, top_k)
-
-
 def mlp_inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, one_expert=None):
-    """(x_TD, ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD) on DEVICE, float leaves requiring grad; gates fp32."""
-    ids_TK = random_ids(num_tokens, num_experts, top_k, idle_share, one_expert)
-    x_TD = torch.randn(num_tokens, dim)
-    gates_TK = torch.rand(num_tokens, top_k) + 0.1
-    weights = [torch.randn(num_experts, a, b) / a**0.5 for a, b in ((dim, width), (dim, width), (width, dim))]
-    floats = [x_TD.to(dtype), gates_TK, *(w.to(dtype) for w in weights)]
-    x_TD, gates_TK, w1, w3, w2 = (t.to(DEVICE).requires_grad_() for t in floats)
-    return x_TD, ids_TK.to(DEVICE), gates_TK, w1, w3, w2
+    """``random_mlp_inputs`` on DEVICE with gates in [0.1, 1.1) (no gate so small that it hides a wrong row)."""
+    return random_mlp_inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, one_expert=one_expert,
+                             gate_floor=0.1, device=DEVICE)
 
 
 def as_oracle_input(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from kernel_inputs import DEVICE
 
 from pure_reasoner.kernels import knowledge_mlp
 from pure_reasoner.kernels.expert_mlp.combine import combine_rows
+from pure_reasoner.kernels.expert_mlp.random_inputs import random_ids
 from pure_reasoner.kernels.expert_mlp.reference import combine_rows_reference, knowledge_mlp_reference
 
 
@@ -61,8 +62,7 @@ def _exact_inputs(num_tokens, dim, width, num_experts, top_k, seed):
     w1 = torch.randint(2, 4, (num_experts, dim, width), generator=gen).float()
     w3 = torch.randint(-2, 3, (num_experts, dim, width), generator=gen).float()
     w2 = torch.randint(-2, 3, (num_experts, width, dim), generator=gen).float()
-    ids_TK = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(num_tokens)])
-    ids_TK = torch.where(torch.rand(num_tokens, top_k, generator=gen) < 0.2, -1, ids_TK)
+    ids_TK = random_ids(num_tokens, num_experts, top_k, 0.2, generator=gen)
     gates_TK = torch.rand(num_tokens, top_k, generator=gen) + 0.1
     return x_TD, ids_TK, gates_TK, w1, w3, w2
 

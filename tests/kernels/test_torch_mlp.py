@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pure_reasoner.kernels import knowledge_mlp
+from pure_reasoner.kernels.expert_mlp.random_inputs import random_mlp_inputs
 from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
 from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch, mlp_backward, mlp_forward
 from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
@@ -12,16 +13,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol
 
 
 def _inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype, one_expert=None):
-    x_TD = torch.randn(num_tokens, dim, dtype=dtype, requires_grad=True)
-    ids_TK = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])
-    if one_expert is not None:
-        ids_TK = torch.full((num_tokens, top_k), one_expert)
-    ids_TK = torch.where(torch.rand(num_tokens, top_k) < idle_share, NOT_CONSULTED, ids_TK)
-    gates_TK = torch.rand(num_tokens, top_k, dtype=torch.float32, requires_grad=True)
-    weights = [
-        (torch.randn(num_experts, *shape, dtype=dtype) / shape[0] ** 0.5).requires_grad_()
-        for shape in ((dim, width), (dim, width), (width, dim))
-    ]
+    x_TD, ids_TK, gates_TK, *weights = random_mlp_inputs(num_tokens, dim, width, num_experts, top_k, idle_share, dtype,
+                                                         one_expert=one_expert)
     return x_TD, ids_TK, gates_TK, weights
 
 
