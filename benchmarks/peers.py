@@ -89,7 +89,7 @@ def _itemsize(shapes: Shapes) -> int:
 def consult_bias_for_rate(layer: PureReasonerMoE, x_TD: torch.Tensor, rate: float) -> float:
     """The consult bias under which exactly ``round(rate * T)`` tokens of ``x_TD`` consult knowledge.
 
-    Mirrors the ``gate`` router's decision ``consult_logit > consult_cut`` (cut = -bias), with
+    Mirrors the ``gate`` router's decision ``consult_logit > margin_threshold`` (cut = -bias), with
     the logit computed as the router does (fp32); the bias sits halfway between two neighbouring logits.
     """
     proj = layer.router.consult_proj
@@ -123,11 +123,11 @@ def ours(name: str, layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, 
     bias = consult_bias_for_rate(layer, x_TD, rate)
 
     def call(x):
-        layer.router.consult_cut.fill_(-bias)
+        layer.router.margin_threshold.fill_(-bias)
         return layer(x)[0]
 
     with torch.no_grad():
-        layer.router.consult_cut.fill_(-bias)
+        layer.router.margin_threshold.fill_(-bias)
         _, stats = layer(x_TD)
     load_E = stats.expert_load_E
     rows, touched = int(load_E.sum()), int((load_E > 0).sum())

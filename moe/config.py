@@ -34,7 +34,7 @@ class KnowledgeConfig:
         token whose k slots are all null consults nothing. ``always``: plain top-k, every token
         consults (the conventional MoE; used by baselines and published presets).
     consult_rate: target share of the T*K slots that go to real experts (``gate``: share of tokens
-        that consult). The controller (``moe.router``) holds it with a per-layer consult cut, re-taken
+        that consult). The controller (``moe.router``) holds it with a per-layer margin threshold, re-taken
         after every optimizer step as the rate's quantile over the last ``reference_tokens`` router inputs
         (one or two steps), plus a feedback term whose step is ``controller_step``.
     consult_loss_coef: weight of the supervised consult loss (``gate`` only): when the model is given

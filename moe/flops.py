@@ -79,11 +79,12 @@ def block_params(cfg: ModelConfig, index: int) -> BlockParams:
     norms = 2 * d + ((q_dim + 2 * kv_dim) if cfg.qkv_bias else 0) + ((q_dim + kv_dim) if cfg.qk_norm else 0)
     if not cfg.is_moe_layer(index):
         return BlockParams(attention, norms, 3 * d * cfg.dense_width, 0, 0, 0, 0)
-    k = cfg.knowledge
+    knowledge = cfg.knowledge
     reasoning = (3 * d * cfg.reasoning_width if cfg.reasoning_width else 0) + (d if cfg.reasoning_gate else 0)
-    gate = k.mechanism == "gate"
-    router = d * k.num_router_outputs + (d if gate else 0)
-    return BlockParams(attention, norms, 0, reasoning, router, 3 * d * k.expert_width, k.num_experts, int(gate))
+    gate = knowledge.mechanism == "gate"
+    router = d * knowledge.num_router_outputs + (d if gate else 0)
+    return BlockParams(attention, norms, 0, reasoning, router, 3 * d * knowledge.expert_width, knowledge.num_experts,
+                       int(gate))
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ def _account(
 
 
 def _nominal_experts(cfg: ModelConfig) -> list[float]:
-    k = cfg.knowledge
-    return [k.consult_rate * k.top_k] * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    knowledge = cfg.knowledge
+    return [knowledge.consult_rate * knowledge.top_k] * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
 
 
 def _realized_experts(stats: Sequence[MoEStats]) -> list[float]:

@@ -1,7 +1,7 @@
 """PureReasonerMoE: an always-on reasoning expert plus occasionally-consulted knowledge experts.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, F_r reasoning width,
-F_k knowledge-expert width, E knowledge experts, K top-k slots.
+F_e knowledge-expert width, E knowledge experts, K top-k slots (k: one of them).
 
     y_TD = reasoning(x_TD) + sum over consulted slots k of gates_TK[:, k] * expert_{ids_TK[:, k]}(x_TD)
 

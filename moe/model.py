@@ -121,7 +121,7 @@ class PureReasonerLM(nn.Module):
             else:
                 nn.init.normal_(param, std=std)
         for layer in self.moe_layers():
-            layer.router.reset_controller()  # its cut must match the new weights
+            layer.router.reset_controller()  # its threshold must match the new weights
 
     def moe_layers(self) -> list[PureReasonerMoE]:
         return [block.ffn for block in self.blocks if block.is_moe]

@@ -2,28 +2,25 @@
 
 Shape legend: T tokens, D model dim, E real experts, N null experts, K top-k slots, R reference tokens.
 
-The router runs in fp32. A token's routing is a function of that token and the router's state only, in
-training and in eval alike: nothing in it depends on the other tokens of the call (later positions of
-its own sequence, other sequences of the batch), so a model's output at position t never depends on
-positions after t through the router.
+The router runs in fp32, and a token's routing depends on that token and the router's state only (never on
+other positions or sequences of the call), in training and in eval alike.
 
-Consult rule. Each token (``gate``: its consult logit) or slot (``null``: its best real score minus the
-best null's) has a *consult margin*; it consults when the margin exceeds ``consult_cut``, one scalar per
-layer. The controller sets that cut between optimizer steps (``update_controller``, after the weights
-changed) to the margin that a share ``consult_rate * exp(rate_correction)`` of ``reference_x_RD`` exceeds
-under the *current* weights. ``reference_x_RD`` is a ring holding the last R router inputs the controller was
-given (each step's, up to R); ``rate_correction`` is an integral feedback term on the realized rate, for what
-the quantile misses (the ``null`` margin is an approximation; the inputs drift as the layers below learn),
-acting on the rate rather than the margin so that its step means the same whatever the margins' scale.
-Why the quantile is re-taken under the new weights: with AdamW a learned consult gate's logits move by
-about lr * |x|_1 per step (0.6 at lr 3e-3, D=256) while they spread by ~0.01 across tokens, so a cut
-learned under the last step's weights would flip a layer between consulting 0% and 99%; re-scoring the
-reference follows that drift exactly. What it cannot follow is the drift of the inputs themselves (the layers
-below learn too), so the ring is kept short: R = 2,048 tokens, one or two steps of the main job, where a ring
-of 8 steps let a layer's rate sit 33% above target for 20 steps. R also sets the precision of the cut that
-eval keeps: at rate 1/8 a quantile over 2,048 tokens is off by ~6% (1 sigma), over 256 by ~18%.
+Consult rule. Each token (``gate``: its consult logit) or slot (``null``: its best real score minus the best
+null's) has a *consult margin*, and consults when the margin exceeds the layer's ``margin_threshold``. After
+each optimizer step the controller (``update_controller``) sets ``margin_threshold`` to the margin that a share
+``consult_rate * exp(log_rate_offset)`` of the reference inputs ``reference_x_RD`` exceeds under the *new*
+weights; ``log_rate_offset`` is an integral feedback term on the realized rate (acting on the log-rate, so its
+step means the same whatever the margins' scale) for what the quantile misses: the ``null`` margin is an
+approximation and the inputs drift as the layers below learn.
 
-``expert_bias_E`` balances load among real experts (DeepSeek-V3's aux-loss-free balancing). The cut and
+Why re-take the quantile under the new weights: with AdamW a learned consult gate's logits move by about
+lr * |x|_1 per step (0.6 at lr 3e-3, D=256) while they spread by ~0.01 across tokens, so a threshold from the
+previous step's weights would flip a layer between consulting 0% and 99%. Why a short ring of reference
+inputs (R = 2,048, one or two steps of the main job): the inputs drift too, and a ring of 8 steps let a
+layer's rate sit 33% above target for 20 steps. R also sets the precision that eval keeps: at rate 1/8 a
+quantile over 2,048 tokens is off by ~6% (1 sigma), over 256 by ~18%.
+
+``expert_bias_E`` balances load among real experts (DeepSeek-V3's aux-loss-free balancing). The threshold and
 the bias change which experts are *selected*, never the gate values, and receive no gradients.
 """
 
@@ -74,8 +71,9 @@ class KnowledgeRouter(nn.Module):
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts))
         self.register_buffer("reference_x_RD", torch.zeros(cfg.reference_tokens, d_model))
         self.register_buffer("reference_next", torch.zeros((), dtype=torch.int64))  # ring position
-        self.register_buffer("consult_cut", torch.zeros(()))
-        self.register_buffer("rate_correction", torch.zeros(()))
+        self.register_buffer("margin_threshold", torch.zeros(()))
+        self.register_buffer("log_rate_offset", torch.zeros(()))
+        self._register_load_state_dict_pre_hook(_rename_former_buffers)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         """Route T tokens, each on its own (see the module docstring).
@@ -92,8 +90,8 @@ class KnowledgeRouter(nn.Module):
         select_TE = real_logits_TE.detach() + self.expert_bias_E
         consult_logit_T = self._consult_logit(x_TD)
         if cfg.mechanism == "null":
-            null_cut_TN = logits_TL[:, cfg.num_experts :].detach() + self.consult_cut
-            _, ids_TK = torch.cat([select_TE, null_cut_TN], 1).topk(cfg.top_k, dim=1)
+            null_threshold_TN = logits_TL[:, cfg.num_experts :].detach() + self.margin_threshold
+            _, ids_TK = torch.cat([select_TE, null_threshold_TN], 1).topk(cfg.top_k, dim=1)
             probs_TK = F.softmax(logits_TL, dim=1).gather(1, ids_TK)
             real_TK = ids_TK < cfg.num_experts
         else:
@@ -103,7 +101,7 @@ class KnowledgeRouter(nn.Module):
         gates_TK = probs_TK / probs_TK.sum(1, keepdim=True) if cfg.normalize_gates else probs_TK
         if consult_logit_T is not None:
             gates_TK = gates_TK * torch.sigmoid(consult_logit_T).unsqueeze(1)
-            real_TK = real_TK & (consult_logit_T.detach() > self.consult_cut).unsqueeze(1)
+            real_TK = real_TK & (consult_logit_T.detach() > self.margin_threshold).unsqueeze(1)
         ids_TK = torch.where(real_TK, ids_TK, NOT_CONSULTED)
         gates_TK = torch.where(real_TK, gates_TK, 0.0)
         return Routing(
@@ -122,7 +120,7 @@ class KnowledgeRouter(nn.Module):
 
     @torch.no_grad()
     def consult_margins(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        """The margins that ``consult_cut`` is compared with: [T] consult logits (``gate``) or [T, K] per-slot
+        """The margins that ``margin_threshold`` is compared with: [T] consult logits (``gate``) or [T, K] per-slot
         margins, each of the top-K biased real scores minus the best null score (``null``; approximate: a real
         slot also competes with the second-best null); None for ``always``."""
         cfg = self.cfg
@@ -150,7 +148,7 @@ class KnowledgeRouter(nn.Module):
         self, load_E: torch.Tensor, num_slots: torch.Tensor | float, router_inputs_ND: torch.Tensor | None = None
     ) -> None:
         """Update the selection-only state from one step's (already all-reduced) routing, after the optimizer
-        step: the feedback term, the reference sample, the cut under the current weights, the balance bias.
+        step: the feedback term, the reference sample, the threshold under the current weights, the balance bias.
         Reads nothing back to the host.
 
         Args:
@@ -165,12 +163,12 @@ class KnowledgeRouter(nn.Module):
             rate = load_E.sum() / num_slots
             # Relative error, clipped: the same step size works for targets of 1/32 and 1/2.
             step = cfg.controller_step * ((cfg.consult_rate - rate) / max(cfg.consult_rate, 1e-3)).clamp(-1.0, 1.0)
-            self.rate_correction += step  # too few consults: aim at a higher rate
+            self.log_rate_offset += step  # too few consults: aim at a higher rate
             # Bounded (a factor of 20 either way), so a layer whose gate cannot reach the target winds up no further.
-            self.rate_correction.clamp_(-3.0, 3.0)
+            self.log_rate_offset.clamp_(-3.0, 3.0)
             if router_inputs_ND is not None:
                 self.add_reference(router_inputs_ND)
-            self.refresh_cut()
+            self.refresh_threshold()
         # sign() of an all-zero load is 0: an idle step leaves the balance alone, with no host check.
         self.expert_bias_E += cfg.balance_step * torch.sign(load_E.mean() - load_E)
 
@@ -185,30 +183,41 @@ class KnowledgeRouter(nn.Module):
         self.reference_next.copy_((self.reference_next + rows_ND.shape[0]) % num_ref)
 
     @torch.no_grad()
-    def refresh_cut(self) -> None:
-        """``consult_cut`` = the margin that a ``consult_rate * exp(rate_correction)`` share of the reference
+    def refresh_threshold(self) -> None:
+        """``margin_threshold`` = the margin that a ``consult_rate * exp(log_rate_offset)`` share of the reference
         sample's margins exceeds under the current weights (linear interpolation between order statistics).
         The index is computed on device, so nothing is read back to the host."""
         margins = self.consult_margins(self.reference_x_RD)
         if margins is None:
             return
         sorted_M = margins.reshape(-1).sort().values
-        rate = (self.cfg.consult_rate * self.rate_correction.exp()).clamp(0.0, 1.0)
+        rate = (self.cfg.consult_rate * self.log_rate_offset.exp()).clamp(0.0, 1.0)
         position = (1.0 - rate) * (sorted_M.numel() - 1)
         low_1 = position.floor().long().view(1)
         high_1 = (low_1 + 1).clamp(max=sorted_M.numel() - 1)
-        cut_1 = torch.lerp(sorted_M.index_select(0, low_1), sorted_M.index_select(0, high_1), position - low_1)
-        self.consult_cut.copy_(cut_1[0])
+        threshold_1 = torch.lerp(sorted_M.index_select(0, low_1), sorted_M.index_select(0, high_1), position - low_1)
+        self.margin_threshold.copy_(threshold_1[0])
 
     @torch.no_grad()
     def reset_controller(self) -> None:
         """Fresh controller state for freshly initialised weights: unit-RMS Gaussian reference inputs (what an
-        RMSNorm at init hands the router), no correction, the cut they imply, no balance bias."""
+        RMSNorm at init hands the router), no rate offset, the threshold they imply, no balance bias."""
         self.reference_x_RD.normal_()
         self.reference_next.zero_()
-        self.rate_correction.zero_()
+        self.log_rate_offset.zero_()
         self.expert_bias_E.zero_()
-        self.refresh_cut()
+        self.refresh_threshold()
+
+
+# Buffer names of checkpoints written before the controller's state was renamed, and their names now.
+FORMER_BUFFER_NAMES = {"consult_cut": "margin_threshold", "rate_correction": "log_rate_offset"}
+
+
+def _rename_former_buffers(state_dict: dict, prefix: str, *_args) -> None:
+    """A load_state_dict pre-hook: an older checkpoint's controller buffers load under their current names."""
+    for old, new in FORMER_BUFFER_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def spread_rows(x_ND: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _checkpoint(directory: Path, **overrides) -> Path:
         setattr(cfg, key, value)
     model = PureReasonerLM(cfg)
     for layer in model.moe_layers():  # a moderate consult rate, so the trace has both kinds of token
-        layer.router.consult_cut.fill_(0.3)
+        layer.router.margin_threshold.fill_(0.3)
     return save_pretrained(model, directory)
 
 

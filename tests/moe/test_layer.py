@@ -265,4 +265,4 @@ def test_rate_feedback_is_bounded():
         _, stats = layer(torch.randn(64, 32))
         assert float(stats.consult_rate) == 0.0
         layer.update_controller(stats)
-    assert float(layer.router.rate_correction) == pytest.approx(3.0)
+    assert float(layer.router.log_rate_offset) == pytest.approx(3.0)

@@ -50,7 +50,7 @@ def test_router_follows_the_written_rule(mechanism):
     with torch.no_grad():
         router.proj.weight.normal_()
         router.expert_bias_E.copy_(torch.tensor([0.5, -0.3, 0.0, 0.8, -1.0]))
-        router.consult_cut.fill_(cut)
+        router.margin_threshold.fill_(cut)
         if router.consult_proj is not None:
             router.consult_proj.weight.normal_()
             router.consult_proj.bias.fill_(-0.1)

@@ -119,7 +119,7 @@ def test_export_equals_the_trained_engine(tmp_path, dist_info):
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     for name, master in trained["fp32"].items():
         torch.testing.assert_close(exported[name], master, rtol=0, atol=0, msg=name)
-    assert float(exported["blocks.0.ffn.router.consult_cut"]) != 0.0  # the controller did move
+    assert float(exported["blocks.0.ffn.router.margin_threshold"]) != 0.0  # the controller did move
     _check_transformers_loads(tmp_path / "export")
 
 
