@@ -131,6 +131,8 @@ class TrainConfig:
         ``collapse_window`` steps (``train.guards``).
     collective_timeout_s: a rank waits at most this long in one collective (e.g. on a hung peer),
         then fails with an error; the last checkpoint stays the latest.
+    first_look: questions per split in the table a run on the built-in knowledge world ends with (closed and
+        open book, knowledge on and off; ``train.first_look``); 0: no table.
     init_from: a ``train.export`` directory whose weights (and routing-controller buffers) start the run instead
         of a fresh init; its model config must equal ``model`` and its tokenizer becomes the run's. The optimizer
         and schedule start fresh. A run that resumes from its own checkpoint ignores it.
@@ -160,6 +162,7 @@ class TrainConfig:
     export: bool = True
     progress: bool = True
     init_from: str | None = None
+    first_look: int = 200
 
     def __post_init__(self) -> None:
         for key in (
@@ -188,6 +191,7 @@ class TrainConfig:
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
+        _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",
