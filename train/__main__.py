@@ -95,6 +95,12 @@ def main(cfg: DictConfig) -> float:
         f"median {summary.tokens_per_s:.0f} tokens/s, MFU {summary.mfu:.2%}, {summary.wall_s:.1f} s"
         + (f" (resumed from {summary.resumed_from})" if summary.resumed_from else "")
     )
+    if config.train.first_look and int(os.environ.get("RANK", "0")) == 0:
+        from pure_reasoner.train.first_look import first_look, render
+
+        report = first_look(Path(HydraConfig.get().runtime.output_dir) / "export", config.train.first_look)
+        if report is not None:
+            print(render(report))
     return summary.final_loss
 
 

@@ -50,7 +50,8 @@ class DataConfig:
         ``docs/world_schema.md``: its rows carry their contexts, so they are packed as with ``in_context_fraction``
         set, and the recall objectives read its ``recall`` spans).
     path: with ``source=world``, the world directory (``python -m pure_reasoner.train.world --out DIR`` writes the
-    built-in one). tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
+        built-in one).
+    tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
         (256 byte ids plus an end-of-document id).
     seq_len: tokens per training sequence (packed across document boundaries).
     max_chars: keep only the first ``max_chars`` characters of the corpus (None: all of it).
@@ -139,6 +140,11 @@ class TrainConfig:
         ``collapse_window`` steps (``train.guards``).
     collective_timeout_s: a rank waits at most this long in one collective (e.g. on a hung peer),
         then fails with an error; the last checkpoint stays the latest.
+    first_look: questions per split in the table a run on the built-in knowledge world ends with (closed and
+        open book, knowledge on and off; ``train.first_look``); 0: no table.
+    init_from: a ``train.export`` directory whose weights (and routing-controller buffers) start the run instead
+        of a fresh init; its model config must equal ``model`` and its tokenizer becomes the run's. The optimizer
+        and schedule start fresh. A run that resumes from its own checkpoint ignores it.
     """
 
     max_steps: int = 200
@@ -164,6 +170,8 @@ class TrainConfig:
     collapse_max_share: float = 0.9
     export: bool = True
     progress: bool = True
+    init_from: str | None = None
+    first_look: int = 200
 
     def __post_init__(self) -> None:
         for key in (
@@ -192,6 +200,7 @@ class TrainConfig:
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
+        _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",
@@ -220,7 +229,8 @@ class ObjectiveConfig:
         ``distill`` (mode-seeking distillation: ``ce_weight`` * CE + ``kl_weight`` * reverse KL(student ||
         teacher)). The teacher reads the packed knowledge-in-context sequence, the student the same sequence
         without its context tokens (``train.objectives.drop_context``); needs ``data.in_context_fraction``.
-    teacher: with ``distill``, a ``train.export`` directory (config.json, model.safetensors, tokenizer.json);
+    teacher: with ``distill`` or ``anchor_weight``, a ``train.export`` directory (config.json, model.safetensors,
+        tokenizer.json);
         the student uses its tokenizer and vocabulary.
     temperature: softens both distributions (the KL is scaled by temperature²).
     route_knowledge: knowledge gradient routing (with ``lm`` and ``data.in_context_fraction``): on the tokens of
@@ -245,6 +255,11 @@ class ObjectiveConfig:
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
         at recall tokens (a "key" the always-on path could learn to need) is still there when the pass must not
         know the value, so only person-specific expert outputs can carry it.
+    anchor_weight: with ``kind=lm`` and ``teacher``: adds ``anchor_weight`` * KL(model || teacher) at the recall
+        tokens of rows without context (as ``consult_targets=recall``), the model run with knowledge on and the
+        frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
+        closed-book recall where the teacher had it while the forget pass moves the facts into the experts
+        (relocation) or while new facts are learned (knowledge update).
     """
 
     kind: str = "lm"
@@ -258,6 +273,7 @@ class ObjectiveConfig:
     forget_weight: float = 0.0
     read_weight: float = 0.0
     forget_ablation: str = "knowledge_off"
+    anchor_weight: float = 0.0
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -270,9 +286,12 @@ class ObjectiveConfig:
                      f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
+        _require(self.anchor_weight == 0 or (self.kind == "lm" and bool(self.teacher)),
+                 f"objective.anchor_weight={self.anchor_weight} needs objective.kind=lm and objective.teacher=DIR, "
+                 f"got kind={self.kind!r}, teacher={self.teacher!r}")
         _require(self.forget_ablation in FORGET_ABLATIONS,
                  f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
-        for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight"):
+        for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
         _require(not self.route_knowledge or self.kind == "lm",
@@ -356,7 +375,7 @@ class Config:
         (``model.knowledge.consult_loss_coef``), and/or to split the knowledge-off pass's tokens
         (``objective.forget_weight`` / ``read_weight``)."""
         return (self.objective.route_knowledge or self.model.knowledge.consult_loss_coef > 0
-                or self.objective.knowledge_off_pass)
+                or self.objective.knowledge_off_pass or self.objective.anchor_weight > 0)
 
     @property
     def routes_recall_tokens(self) -> bool:
@@ -370,8 +389,9 @@ class Config:
 
     @property
     def uses_recall_tokens(self) -> bool:
-        """Whether training reads the recall-token mask (routing, consult targets and/or forgetting)."""
-        return self.routes_recall_tokens or self.consults_recall_tokens or self.objective.forget_weight > 0
+        """Whether training reads the recall-token mask (routing, consult targets, forgetting and/or the anchor)."""
+        return (self.routes_recall_tokens or self.consults_recall_tokens or self.objective.forget_weight > 0
+                or self.objective.anchor_weight > 0)
 
 
 def _unknown_keys(node, cls, prefix: str) -> list[str]:

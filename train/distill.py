@@ -3,12 +3,12 @@
 The teacher (a ``train.export`` directory, frozen, in eval mode) reads each packed knowledge-in-context
 sequence; the student reads the same sequence without its supplied tokens (``objectives.drop_context``) and
 minimises ``ce_weight`` * CE + ``kl_weight`` * KL(student || teacher) at the aligned positions, plus its MoE
-aux loss. Shape legend: B batch, S sequence, V vocabulary.
+aux loss. With ``objective.anchor_weight`` (``kind=lm``) the teacher instead reads the model's own tokens and
+anchors its closed-book recall (``anchor_loss``). Shape legend: B batch, S sequence, V vocabulary.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,17 +16,17 @@ import torch
 from pure_reasoner.moe import LMOutput, PureReasonerLM
 from pure_reasoner.moe.checkpoint import load_pretrained
 from pure_reasoner.train.config import Config, ObjectiveConfig
-from pure_reasoner.train.data import TOKENIZER
-from pure_reasoner.train.objectives import distillation_loss, drop_context
+from pure_reasoner.train.init_from import adopt_tokenizer
+from pure_reasoner.train.objectives import distillation_loss, drop_context, reverse_kl
 
 
 def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:
-    """The frozen teacher for ``objective.kind=distill`` (None otherwise). Rank 0 puts the teacher's tokenizer
-    in the run directory when it has none yet, so the student reads the teacher's token ids.
+    """The frozen teacher for ``objective.kind=distill`` or ``objective.anchor_weight`` (None otherwise). Rank 0
+    puts the teacher's tokenizer in the run directory when it has none yet, so the student reads its token ids.
 
     Raises ValueError naming the teacher when it cannot be loaded or its vocabulary differs from the student's.
     """
-    if cfg.objective.kind != "distill":
+    if cfg.objective.kind != "distill" and cfg.objective.anchor_weight == 0:
         return None
     src = Path(cfg.objective.teacher)
     teacher = load_pretrained(src).eval().requires_grad_(False)
@@ -34,11 +34,7 @@ def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None
         raise ValueError(
             f"objective.teacher={src} has vocab_size {teacher.cfg.vocab_size}, model.vocab_size={cfg.model.vocab_size}"
         )
-    if not (src / TOKENIZER).is_file():
-        raise ValueError(f"objective.teacher={src} has no {TOKENIZER}")
-    if rank == 0 and not (run_dir / TOKENIZER).exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / TOKENIZER, run_dir / TOKENIZER)
+    adopt_tokenizer(src, run_dir, rank, "objective.teacher")
     return teacher
 
 
@@ -57,3 +53,12 @@ def distill_forward(engine, teacher: PureReasonerLM, idx_BS: torch.Tensor, targe
     loss, _ = distillation_loss(out.logits_BSV, teacher_logits_BSV, view, obj.kl_weight, obj.ce_weight,
                                        obj.temperature)
     return out._replace(loss=loss + out.aux_loss)
+
+
+def anchor_loss(logits_BSV: torch.Tensor, teacher: PureReasonerLM, idx_BS: torch.Tensor, anchor_BS: torch.Tensor,
+                obj: ObjectiveConfig) -> torch.Tensor:
+    """``anchor_weight`` * KL(model || teacher) at the ``anchor_BS`` positions (0-d), the teacher (frozen)
+    reading the same ``idx_BS`` [B, S]; ``logits_BSV`` [B, S, V] are the model's, knowledge on."""
+    with torch.no_grad():
+        teacher_logits_BSV = teacher(idx_BS).logits_BSV
+    return obj.anchor_weight * reverse_kl(logits_BSV, teacher_logits_BSV, anchor_BS, obj.temperature)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pure_reasoner.moe import MoEStats, flops
-from pure_reasoner.train import data, distill, ds_checkpoint, objectives
+from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
 from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.config import WORLD_GENERATOR, Config, current_generator
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
@@ -62,7 +62,8 @@ class TrainData:
         ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef`` (with
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
         ``data.recall_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
-        also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows)."""
+        also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows); with
+        ``objective.anchor_weight`` those recall tokens as anchor_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
@@ -84,6 +85,8 @@ class TrainData:
         if cfg.objective.knowledge_off_pass:
             batch["read_BS"] = ~closed_BS
             batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
+        if cfg.objective.anchor_weight > 0:
+            batch["anchor_BS"] = recall_BS
         if cfg.objective.route_knowledge:
             batch["reasoning_frozen_BS"] = frozen_BS
         if cfg.model.knowledge.consult_loss_coef > 0:
@@ -274,6 +277,10 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
     with rank_zero_first(info.rank):
         teacher = distill.load_teacher(cfg, run_dir, info.rank)  # before the tokenizer: the student uses the teacher's
+        source = None
+        if cfg.train.init_from is not None:
+            source = init_from.check_source(cfg.train.init_from, cfg.model, cfg.train.ep_size)
+            init_from.adopt_tokenizer(Path(cfg.train.init_from), run_dir, info.rank, "train.init_from")
     train_data, _ = prepare_data(cfg, run_dir, info)  # bad input fails here, before anything else is written
     log.info("data ready after %.1f s", time.perf_counter() - start_time)
     from pure_reasoner.train.export import EXPORT, EXPORT_TMP, export_from_engine
@@ -283,6 +290,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
         shutil.rmtree(run_dir / EXPORT_TMP, ignore_errors=True)  # an export cut short by a kill
         ds_checkpoint._write_atomic(run_dir / "config.yaml", resolved_config)
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
+    if source is not None:  # a resume below overwrites these weights with the run's own
+        init_from.init_weights(model, source)
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
@@ -328,16 +337,21 @@ def _one_step(
 ) -> StepStats:
     """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats.
 
-    With a teacher (``objective.kind=distill``) the loss is ``distill.distill_forward``'s."""
+    With ``objective.kind=distill`` the loss is ``distill.distill_forward``'s; ``objective.anchor_weight`` adds
+    ``distill.anchor_loss``."""
     t = cfg.train
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts, info.device)
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
-        if teacher is None:
-            out = engine(**batch)
-        else:
+        anchor_BS = batch.pop("anchor_BS", None)
+        if cfg.objective.kind == "distill":
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
+        else:
+            out = engine(**batch)
+        if anchor_BS is not None:
+            anchor = distill.anchor_loss(out.logits_BSV, teacher, batch["idx_BS"], anchor_BS, cfg.objective)
+            out = out._replace(loss=out.loss + anchor)
         off_loss = torch.zeros((), device=out.loss.device)
         if read_BS is not None:
             off_loss = objectives.forget_pass(engine, batch["idx_BS"], batch["targets_BS"], forget_BS, read_BS,
@@ -366,7 +380,8 @@ def _one_step(
     return acc
 
 
-def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr: float, seconds: float, peak: float):
+def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr: float, seconds: float, peak: float,
+             teacher=None):
     seq_len, t = cfg.data.seq_len, cfg.train
     stats = acc.moe_stats(on_host=True)
     cost = flops.realized(cfg.model, stats, seq_len) if stats else flops.nominal(cfg.model, seq_len)
@@ -374,6 +389,8 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     if cfg.objective.knowledge_off_pass:  # the forget pass, on about the ordinary pass's routed rows (the same
         # routers on nearly the same inputs; the pass's own counts are not collected)
         flops_per_token += objectives.forget_pass_flops(cfg.model, cfg.objective, seq_len, stats or None)
+    if teacher is not None:  # the frozen teacher's forward (distillation, anchor)
+        flops_per_token += flops.nominal(teacher.cfg, seq_len).inference_flops_per_token
     loss, ce, aux, off, _, _ = (value / acc.micro_batches for value in acc.host_sums)
     return StepMetrics(
         step=step + 1,
@@ -405,7 +422,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         acc = _one_step(cfg, engine, train_data, info, run_dir, step, teacher)
         if engine.was_step_applied() and model.moe_layers():
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
-        last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak)
+        last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)
         losses.append(last.loss)
         steps.append(last)
         window.append(last)

@@ -1,0 +1,48 @@
+"""Runs that start from an exported model (``train.init_from``): its weights and its tokenizer.
+
+Relocation (move facts learned in a first run into the knowledge experts) and knowledge updates (teach a
+trained model new facts) continue from a ``train.export`` directory instead of a fresh init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from pure_reasoner.moe import ModelConfig, PureReasonerLM
+from pure_reasoner.moe.checkpoint import load_pretrained
+from pure_reasoner.train.data import TOKENIZER
+
+
+def adopt_tokenizer(src: Path, run_dir: Path, rank: int, what: str) -> None:
+    """Rank 0 copies ``src``'s tokenizer into ``run_dir`` when the run has none yet, so the run reads the same
+    token ids as the model in ``src``. Raises ValueError naming ``what`` (the config key) when ``src`` has none."""
+    if not (src / TOKENIZER).is_file():
+        raise ValueError(f"{what}={src} has no {TOKENIZER}")
+    if rank == 0 and not (run_dir / TOKENIZER).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / TOKENIZER, run_dir / TOKENIZER)
+
+
+def check_source(directory: str, model_cfg: ModelConfig, ep_size: int) -> PureReasonerLM:
+    """The model exported in ``directory`` (``train.init_from``), loaded on CPU, checked before anything is written.
+
+    Raises ValueError naming the directory when it is missing or unreadable, or the fields of the model config that
+    differ from ``model_cfg``, or when ``ep_size`` > 1 (each rank would hold only its own experts)."""
+    src = Path(directory)
+    if ep_size != 1:
+        raise ValueError(f"train.init_from needs train.ep_size=1, got {ep_size}")
+    if not src.is_dir():
+        raise ValueError(f"train.init_from={src} is not a directory")
+    source = load_pretrained(src)
+    if source.cfg != model_cfg:
+        theirs, ours = dataclasses.asdict(source.cfg), dataclasses.asdict(model_cfg)
+        diff = {key: (theirs[key], ours[key]) for key in ours if theirs.get(key) != ours[key]}
+        raise ValueError(f"train.init_from={src} has another model config; (theirs, ours): {diff}")
+    return source
+
+
+def init_weights(model: PureReasonerLM, source: PureReasonerLM) -> None:
+    """Copy ``source``'s parameters and buffers (the routing controllers' included) into ``model``."""
+    model.load_state_dict(source.state_dict(), strict=True)
