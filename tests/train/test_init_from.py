@@ -20,7 +20,7 @@ def test_init_weights_copies_every_parameter_and_controller_buffer(tmp_path):
     torch.manual_seed(0)
     trained = PureReasonerLM(TINY)
     for layer in trained.moe_layers():  # controller state a fresh init would not have
-        layer.router.consult_cut.fill_(0.37)
+        layer.router.margin_threshold.fill_(0.37)
     save_pretrained(trained, tmp_path)
     torch.manual_seed(1)
     model = PureReasonerLM(TINY)
@@ -30,7 +30,7 @@ def test_init_weights_copies_every_parameter_and_controller_buffer(tmp_path):
     assert set(saved) == set(state)
     for name, tensor in saved.items():
         assert torch.equal(state[name], tensor), name
-    assert all(float(layer.router.consult_cut) == pytest.approx(0.37) for layer in model.moe_layers())
+    assert all(float(layer.router.margin_threshold) == pytest.approx(0.37) for layer in model.moe_layers())
 
 
 def test_init_from_refuses_other_configs_and_missing_dirs(tmp_path):
