@@ -58,7 +58,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(q_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(kv_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos_SQ: torch.Tensor, sin_SQ: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SQ: torch.Tensor, sin_SQ: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """mask_B1SS: None (causal over the whole sequence) or [B, 1, S, S] bool, True where a query may attend."""
         batch, seq, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.q_norm is not None:
@@ -68,7 +70,8 @@ class Attention(nn.Module):
         v_BGSQ = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSQ, k_BGSQ = apply_rope(q_BHSQ, cos_SQ, sin_SQ), apply_rope(k_BGSQ, cos_SQ, sin_SQ)
         out_BHSQ = F.scaled_dot_product_attention(
-            q_BHSQ, k_BGSQ, v_BGSQ, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+            q_BHSQ, k_BGSQ, v_BGSQ, attn_mask=mask_B1SS, is_causal=mask_B1SS is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.wo(out_BHSQ.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -84,8 +87,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         self.ffn = PureReasonerMoE(cfg.moe_config()) if self.is_moe else SwiGLU(cfg.d_model, cfg.dense_width)
 
-    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool | torch.Tensor], **token_masks):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SQ, sin_SQ)
+    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool | torch.Tensor], mask_B1SS=None,
+                **token_masks):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SQ, sin_SQ, mask_B1SS)
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
             return x_BSD + self.ffn(h_BSD), None
@@ -136,6 +140,7 @@ class PureReasonerLM(nn.Module):
         knowledge_mean: bool | torch.Tensor = False,
         reasoning_frozen_BS: torch.Tensor | None = None,
         consult_target_BS: torch.Tensor | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
     ) -> LMOutput:
         """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches (knowledge_off,
         reasoning_off, knowledge_mean (a bool or a [B, S] bool mask): see ``PureReasonerMoE.forward``; the last
@@ -144,7 +149,10 @@ class PureReasonerLM(nn.Module):
         reasoning_frozen_BS [B, S] bool or None: tokens whose gradient must not reach the MoE layers' reasoning
         experts (``PureReasonerMoE.forward``'s ``reasoning_frozen``; knowledge gradient routing);
         consult_target_BS [B, S] bool or None: which tokens should consult (supervised consult, its loss weighted
-        by ``knowledge.consult_loss_coef`` in ``aux_loss``).
+        by ``knowledge.consult_loss_coef`` in ``aux_loss``);
+        doc_ids_BS [B, S] integer or None: the document each token belongs to (non-decreasing along S) for packed
+        sequences: a token attends only to earlier tokens of its own document, so it sees what it would see at the
+        start of a sequence of its own (RoPE depends on relative positions only), as in eval and generation.
 
         Returns: LMOutput (logits [B, S, V]).
         """
@@ -153,6 +161,13 @@ class PureReasonerLM(nn.Module):
         seq = idx_BS.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        mask_B1SS = None
+        if doc_ids_BS is not None:
+            if doc_ids_BS.shape != idx_BS.shape:
+                raise ValueError(f"doc_ids_BS must have the shape of idx_BS {tuple(idx_BS.shape)}, got "
+                                 f"{tuple(doc_ids_BS.shape)}")
+            causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=idx_BS.device).tril()
+            mask_B1SS = ((doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]) & causal_SS).unsqueeze(1)
         x_BSD = self.embed(idx_BS)
         cos_SQ, sin_SQ = self.rope_cos[:seq], self.rope_sin[:seq]
         all_stats = []
@@ -164,7 +179,7 @@ class PureReasonerLM(nn.Module):
         if isinstance(knowledge_mean, torch.Tensor) or knowledge_mean:  # only then: baseline FFNs do not take it
             ablations["knowledge_mean"] = knowledge_mean
         for block in self.blocks:
-            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, ablations, **token_masks)
+            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, ablations, mask_B1SS, **token_masks)
             if stats is not None:
                 all_stats.append(stats)
         x_BSD = self.norm(x_BSD)

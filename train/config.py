@@ -64,6 +64,10 @@ class DataConfig:
         (``train.world.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
         lines per drill (default 1). With ``source=world``: drills of the world's generator (its manifest's
         ``generator``), else of its ``drills.jsonl``.
+    doc_mask: each token attends only to its own document of the packed sequence (documents end at ``EOD``;
+        ``PureReasonerLM.forward``'s ``doc_ids_BS``), so training sees every row as eval and generation do: from
+        its own start. Off, a token also attends to the unrelated rows packed before it, and what it has seen
+        (router inputs included) differs between a 512-token training window and a short eval prompt.
     """
 
     source: str = "shakespeare"
@@ -77,6 +81,7 @@ class DataConfig:
     max_chars: int | None = None
     in_context_fraction: float | None = None
     fresh_drills: int = 0
+    doc_mask: bool = False
 
     def __post_init__(self) -> None:
         self.generator = current_generator(self.generator)
@@ -335,6 +340,8 @@ class Config:
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")
             _require(kcfg.mechanism == "always", "ffn=deepspeed_residual routes every token: set mechanism 'always'")
+        _require(self.objective.kind != "distill" or not self.data.doc_mask,
+                 "objective.kind=distill does not support data.doc_mask (the student's view drops tokens)")
         _require(
             self.objective.kind != "distill" or self.data.with_context,
             "objective.kind=distill needs data.in_context_fraction or data.source=world (the teacher reads the "

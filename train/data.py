@@ -430,3 +430,9 @@ def micro_batch_positions(
     """
     first = (step * grad_accum * world + rank * grad_accum + micro_step) * micro_batch
     return torch.arange(first, first + micro_batch)
+
+
+def doc_ids(idx_BS: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """[B, S] index of the document each token belongs to: a document ends with (and includes) its ``EOD``."""
+    is_eod_BS = (idx_BS == eod_id).long()
+    return is_eod_BS.cumsum(1) - is_eod_BS

@@ -56,9 +56,10 @@ def distill_forward(engine, teacher: PureReasonerLM, idx_BS: torch.Tensor, targe
 
 
 def anchor_loss(logits_BSV: torch.Tensor, teacher: PureReasonerLM, idx_BS: torch.Tensor, anchor_BS: torch.Tensor,
-                obj: ObjectiveConfig) -> torch.Tensor:
+                obj: ObjectiveConfig, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
     """``anchor_weight`` * KL(model || teacher) at the ``anchor_BS`` positions (0-d), the teacher (frozen)
-    reading the same ``idx_BS`` [B, S]; ``logits_BSV`` [B, S, V] are the model's, knowledge on."""
+    reading the same ``idx_BS`` [B, S] (and ``doc_ids_BS``); ``logits_BSV`` [B, S, V] are the model's, knowledge
+    on."""
     with torch.no_grad():
-        teacher_logits_BSV = teacher(idx_BS).logits_BSV
+        teacher_logits_BSV = teacher(idx_BS, doc_ids_BS=doc_ids_BS).logits_BSV
     return obj.anchor_weight * reverse_kl(logits_BSV, teacher_logits_BSV, anchor_BS, obj.temperature)

@@ -55,6 +55,7 @@ class TrainData:
 
     packed: data.PackedSequences
     drills: FreshDrills | None
+    eod_id: int | None = None  # the end-of-document token: documents for data.doc_mask
 
     def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
@@ -82,6 +83,8 @@ class TrainData:
                 closed_BS = torch.cat([closed_BS, none_BS])
                 recall_BS = None if recall_BS is None else torch.cat([recall_BS, none_BS])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
+        if cfg.data.doc_mask:
+            batch["doc_ids_BS"] = data.doc_ids(idx_BS, self.eod_id)
         if cfg.objective.knowledge_off_pass:
             batch["read_BS"] = ~closed_BS
             batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
@@ -131,7 +134,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     drills = None
     if cfg.data.fresh_drills:
         drills = _drill_source(cfg, tok)
-    return TrainData(packed, drills), tok
+    return TrainData(packed, drills, tok.token_to_id(data.EOD)), tok
 
 
 def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
@@ -350,12 +353,13 @@ def _one_step(
         else:
             out = engine(**batch)
         if anchor_BS is not None:
-            anchor = distill.anchor_loss(out.logits_BSV, teacher, batch["idx_BS"], anchor_BS, cfg.objective)
+            anchor = distill.anchor_loss(out.logits_BSV, teacher, batch["idx_BS"], anchor_BS, cfg.objective,
+                                         batch.get("doc_ids_BS"))
             out = out._replace(loss=out.loss + anchor)
         off_loss = torch.zeros((), device=out.loss.device)
         if read_BS is not None:
             off_loss = objectives.forget_pass(engine, batch["idx_BS"], batch["targets_BS"], forget_BS, read_BS,
-                                              cfg.objective)
+                                              cfg.objective, batch.get("doc_ids_BS"))
             out = out._replace(loss=out.loss + off_loss)
         engine.backward(out.loss)
         acc.add(out.loss, out.aux_loss, off_loss, out.stats)

@@ -113,12 +113,15 @@ def knowledge_off_loss(
 
 
 def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS: torch.Tensor,
-                read_BS: torch.Tensor, objective: ObjectiveConfig) -> torch.Tensor:
+                read_BS: torch.Tensor, objective: ObjectiveConfig, doc_ids_BS: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: the ``knowledge_mean`` ablation at the
     ``forget_BS`` tokens), scored by ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
     off = objective.forget_ablation == "knowledge_off"
     ablation = {"knowledge_off": True} if off else {"knowledge_mean": forget_BS}
+    if doc_ids_BS is not None:  # the ordinary pass's document mask (data.doc_mask)
+        ablation["doc_ids_BS"] = doc_ids_BS
     logits_BSV = model(idx_BS, **ablation).logits_BSV
     loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
                                  objective.read_weight)

@@ -100,3 +100,13 @@ def test_relocation_run_end_to_end(tmp_path):
     expected = flops.nominal(cfg.model, seq).flops_per_token + forget_pass_flops(cfg.model, cfg.objective, seq)
     assert teacher > 0.15 * expected  # leaving it out would fail the check below
     assert [row["flops_per_token"] for row in second] == pytest.approx([expected + teacher] * len(second), rel=0.06)
+
+
+def test_doc_mask_run_end_to_end(tmp_path):
+    """data.doc_mask trains (forget pass included: decoupling_smoke has it) and its loss goes down."""
+    run_in_process(tmp_path / "run", "data.doc_mask=true", base=RECIPE_RUN)
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["ce"] < rows[0]["ce"] - 0.3
+    with pytest.raises(ValueError, match="does not support data.doc_mask"):
+        compose_config(*RECIPE_RUN, "data.doc_mask=true", "objective.kind=distill", "objective.teacher=x",
+                       "objective.forget_weight=0", "objective.read_weight=0", "objective.route_knowledge=false")
