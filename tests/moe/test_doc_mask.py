@@ -4,8 +4,8 @@ after others is computed exactly as the same document alone at the start of a se
 import pytest
 import torch
 
-from moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from train.data import doc_ids
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.train.data import doc_ids
 
 CFG = ModelConfig(vocab_size=60, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, reasoning_width=48,
                   knowledge=KnowledgeConfig(num_experts=4, expert_width=24, top_k=2))
