@@ -131,6 +131,9 @@ class TrainConfig:
         ``collapse_window`` steps (``train.guards``).
     collective_timeout_s: a rank waits at most this long in one collective (e.g. on a hung peer),
         then fails with an error; the last checkpoint stays the latest.
+    compile: run the model's forward under ``torch.compile`` (Inductor), in place, so checkpoints and exports
+        are unchanged. With ``ffn=pure_reasoner`` and ``ep_size=1`` the forward is one graph (``fullgraph=True``);
+        the first step (and the first knowledge-off pass) pays the compile. Not part of a checkpoint's identity.
     """
 
     max_steps: int = 200
@@ -156,6 +159,7 @@ class TrainConfig:
     collapse_max_share: float = 0.9
     export: bool = True
     progress: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in (
