@@ -141,6 +141,9 @@ class TrainConfig:
     init_from: a ``train.export`` directory whose weights (and routing-controller buffers) start the run instead
         of a fresh init; its model config must equal ``model`` and its tokenizer becomes the run's. The optimizer
         and schedule start fresh. A run that resumes from its own checkpoint ignores it.
+    compile: run the model's forward under ``torch.compile`` (Inductor), in place, so checkpoints and exports
+        are unchanged. With ``ffn=pure_reasoner`` and ``ep_size=1`` the forward is one graph (``fullgraph=True``);
+        the first step (and the first knowledge-off pass) pays the compile. Not part of a checkpoint's identity.
     """
 
     max_steps: int = 200
@@ -168,6 +171,7 @@ class TrainConfig:
     progress: bool = True
     init_from: str | None = None
     first_look: int = 200
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in (
