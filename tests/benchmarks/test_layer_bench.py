@@ -21,7 +21,7 @@ def _counted_matmul_flops(fn) -> int:
     counts = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten._grouped_mm,
               # the torch path's custom ops (benchmarks.common gives their FLOP formulas)
               torch.ops.pure_reasoner.torch_knowledge_mlp, torch.ops.pure_reasoner.torch_knowledge_mlp_bwd,
-              torch.ops.pure_reasoner.onednn_linear, torch.ops.pure_reasoner.onednn_linear_bwd}
+              torch.ops.pure_reasoner.cpu_linear, torch.ops.pure_reasoner.cpu_linear_bwd}
     mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops, **custom_op_flop_formulas()}
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
