@@ -268,4 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
     main()

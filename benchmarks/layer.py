@@ -219,4 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
     sys.exit(main())

@@ -12,7 +12,8 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
-now, engines interleaved, the fastest of a few calls kept: about 0.3 s on an idle 2-core machine. The
+now, engines interleaved, the fastest of a few calls kept: about 0.3 s on an idle 2-core machine, at most
+about 3 s of calls on a busy one (``measure``'s budget: fewer repeats). The
 choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACHE_HOME/pure_reasoner`` or
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
 count and torch version, so another machine or torch build measures again. ``PURE_REASONER_GEMM_ENGINE``
@@ -42,9 +43,9 @@ ENGINES = {"dense": ("mkl", "onednn"), "grouped": ("mkl", "onednn", "grouped_mm"
            "grouped_wgrad": ("mkl", "onednn", "grouped_mm")}
 # Representative shapes: dense [M, I] @ [I, O]; grouped E experts x rows each, [I] -> [O]. 1024-wide
 # weights and 32 rows per expert are the knowledge path's low-consult-rate regime (benchmarks/).
-_CLASS_SHAPES = {"dense": dict(rows=1024, in_dim=1024, out_dim=1024),
-                 "grouped": dict(experts=8, rows=32, in_dim=1024, out_dim=1024),
-                 "grouped_wgrad": dict(experts=8, rows=32, in_dim=1024, out_dim=1024)}
+_CLASS_SHAPES = {"dense": dict(rows=512, in_dim=1024, out_dim=1024),
+                 "grouped": dict(experts=4, rows=32, in_dim=1024, out_dim=1024),
+                 "grouped_wgrad": dict(experts=4, rows=32, in_dim=1024, out_dim=1024)}
 _CACHE_VERSION = 1
 
 Timer = Callable[[str, str, Callable[[], object]], float]
@@ -132,21 +133,26 @@ def wall_timer(shape_class: str, engine: str, fn: Callable[[], object]) -> float
     return time.perf_counter() - start
 
 
-def measure(timer: Timer = wall_timer, repeats: int = 3) -> EngineChoice:
+def measure(timer: Timer = wall_timer, repeats: int = 3, budget_s: float = 3.0) -> EngineChoice:
     """Time every engine of every class (engines interleaved, one untimed call first) and keep the fastest.
 
     Args:
         timer: (class, engine, fn) -> seconds of one call.
         repeats: timed calls per engine; the fastest counts (other work on the machine only slows calls).
+        budget_s: seconds of calls (as the timer reports them) the whole measurement may take: a class stops
+            repeating once it spent its share (on a busy machine, after one timed round).
     """
     picks, gflops = {}, {}
     for shape_class in CLASSES:
         fns, flops = _cases(shape_class)
-        best = {e: float("inf") for e in fns}
-        for _ in range(repeats + 1):  # the first round warms up (oneDNN compiles a kernel per shape)
+        best, spent = {e: float("inf") for e in fns}, 0.0
+        for round_ in range(repeats + 1):  # round 0 warms up (oneDNN compiles a kernel per shape)
+            if round_ > 1 and spent > budget_s / len(CLASSES):
+                break
             for engine, fn in fns.items():
                 seconds = timer(shape_class, engine, fn)
-                if _ > 0:
+                spent += seconds
+                if round_ > 0:
                     best[engine] = min(best[engine], seconds)
         picks[shape_class] = min(best, key=best.get)
         gflops[shape_class] = {e: round(flops / max(t, 1e-12) / 1e9, 1) for e, t in best.items()}

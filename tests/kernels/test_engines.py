@@ -53,9 +53,15 @@ def test_measure_uses_the_fastest_call_not_the_first():
             return 100.0 if n in (1, 3) else 1.0  # slow warm-up and one slow repeat, else fastest
         return 2.0
 
-    choice = engines.measure(timer, repeats=3)
+    choice = engines.measure(timer, repeats=3, budget_s=float("inf"))
     assert (choice.dense, choice.grouped, choice.grouped_wgrad) == ("onednn",) * 3
-    assert choice.gflops["dense"]["onednn"] == pytest.approx(2 * 1024**3 / 1.0 / 1e9, abs=0.05)  # rounded to 0.1
+    assert choice.gflops["dense"]["onednn"] == pytest.approx(2 * 512 * 1024**2 / 1.0 / 1e9, abs=0.05)  # rounded to 0.1
+
+
+def test_measurement_stops_repeating_past_its_budget():
+    timer = FakeTimer()
+    engines.measure(timer, repeats=50, budget_s=1.0)  # every fake call takes >= 0.5 s: two rounds per class
+    assert timer.calls == 2 * sum(len(engines.available(c)) for c in engines.CLASSES)
 
 
 def test_cache_is_used_on_the_same_machine_and_remeasured_on_another(tmp_path, monkeypatch):
