@@ -163,7 +163,8 @@ def measure_roofline(
     )
 
 
-_TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF")
+_TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF",
+               "GLIBC_TUNABLES", "PURE_REASONER_GEMM_ENGINE")
 
 
 def machine() -> dict:
@@ -185,6 +186,17 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def ours_engine(in_dim: int, out_dim: int) -> str:
+    """The CPU fp32 engines of our torch knowledge path on experts with [in_dim, out_dim] weights: forward and
+    input gradient, then weight gradient (``kernels.engines``). What benchmark rows name in ``engine``."""
+    from kernels.onednn_gemm import MIN_GROUPED_WEIGHT
+
+    choice = engines.current()
+    if in_dim * out_dim < MIN_GROUPED_WEIGHT:
+        return "grouped_mm"
+    return f"{choice.grouped} (wgrad {choice.grouped_wgrad})"
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
