@@ -264,9 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be >= 1, got {repeats}")
     workloads = (QUICK,) if args.quick else WORKLOADS
     huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
-    if huge_pages != "1" and "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
-        print("note: neither jemalloc (source scripts/cpu_env.sh) nor THP_MEM_ALLOC_ENABLE=1: every call re-faults "
-              "its fresh large tensors (weight gradients) page by page")
+    tuned = "GLIBC_TUNABLES" in os.environ or "jemalloc" in os.environ.get("LD_PRELOAD", "")
+    if huge_pages != "1" and not tuned:
+        print("note: no malloc tuning (train.malloc_tuning, jemalloc) nor THP_MEM_ALLOC_ENABLE=1: every call "
+              "re-faults its fresh large tensors (weight gradients) page by page")
 
     rows, roof = run(workloads, repeats, "cpu", torch.float32, args.quick)
     rooflines = {"cpu float32": asdict(roof)}
