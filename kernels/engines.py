@@ -12,13 +12,14 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
-now, engines interleaved, the fastest of a few calls kept: about 0.3 s on an idle 2-core machine, at most
-about 3 s of calls on a busy one (``measure``'s budget: fewer repeats). The
-choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACHE_HOME/pure_reasoner`` or
+now, engines interleaved, the fastest of a few calls kept: ~15 GFLOP of calls in all, a fraction of a second
+on an idle 2-core machine, and at most ~3 s of calls on a busy one (``measure``'s budget: fewer repeats).
+The choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACHE_HOME/pure_reasoner`` or
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
 count and torch version, so another machine or torch build measures again. ``PURE_REASONER_GEMM_ENGINE``
 (``auto`` | ``mkl`` | ``onednn``; the training config's ``train.gemm_engine`` sets it) overrides the
-measurement. The only state is ``_resolve``'s lru_cache: one choice per (override, threads, cache file).
+measurement; ``python -m kernels.engines`` measures again (e.g. after a busy first run). The only state is
+``_resolve``'s lru_cache: one choice per (override, threads, cache file).
 """
 
 from __future__ import annotations
@@ -201,14 +202,19 @@ def _write_cache(path: Path, entries: dict) -> None:
                       stacklevel=2)
 
 
-def load_or_measure(path: Path, key: str, timer: Timer = wall_timer) -> EngineChoice:
-    """The choice cached under ``key`` in ``path``, else a fresh measurement (then cached)."""
+def load_or_measure(path: Path, key: str, timer: Timer = wall_timer, fresh: bool = False) -> EngineChoice:
+    """The choice cached under ``key`` in ``path``, else (or when ``fresh``) a new measurement, then cached.
+
+    The entry records the 1-minute load average at measurement time: a choice measured on a busy machine
+    can be redone with ``python -m kernels.engines``.
+    """
     entries = _read_cache(path)
-    cached = _from_entry(entries.get(key))
+    cached = None if fresh else _from_entry(entries.get(key))
     if cached is not None:
         return cached
     choice = measure(timer)
-    entries[key] = {**{c: getattr(choice, c) for c in CLASSES}, "gflops": choice.gflops}
+    entries[key] = {**{c: getattr(choice, c) for c in CLASSES}, "gflops": choice.gflops,
+                    "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     _write_cache(path, entries)
     return choice
 
@@ -232,3 +238,8 @@ def current() -> EngineChoice:
 def cpu_fp32(*tensors: torch.Tensor) -> bool:
     """These tensors' GEMMs are the ones the engine choice is about: CPU, fp32."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+if __name__ == "__main__":  # python -m kernels.engines: measure again now (threads as torch sets them), cache, print
+    print(machine_key(torch.get_num_threads()))
+    print(json.dumps(load_or_measure(default_cache_path(), machine_key(torch.get_num_threads()), fresh=True).as_dict()))
