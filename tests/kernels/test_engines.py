@@ -168,4 +168,4 @@ def test_real_measurement_is_consistent(tmp_path):
     for shape_class in engines.CLASSES:
         measured = choice.gflops[shape_class]
         assert set(measured) == set(engines.available(shape_class))
-        assert getattr(choice, shape_class) == max(measured, key=measured.get)
+        assert measured[getattr(choice, shape_class)] == max(measured.values())  # ties: rounded to 0.1
