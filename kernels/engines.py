@@ -18,7 +18,7 @@ The choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACH
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
 count and torch version, so another machine or torch build measures again. ``PURE_REASONER_GEMM_ENGINE``
 (``auto`` | ``mkl`` | ``onednn``; the training config's ``train.gemm_engine`` sets it) overrides the
-measurement; ``python -m kernels.engines`` measures again (e.g. after a busy first run). The only state is
+measurement; ``python -m kernels.measure_engines`` measures again (e.g. after a busy first run). The only state is
 ``_resolve``'s lru_cache: one choice per (override, threads, cache file).
 """
 
@@ -206,7 +206,7 @@ def load_or_measure(path: Path, key: str, timer: Timer = wall_timer, fresh: bool
     """The choice cached under ``key`` in ``path``, else (or when ``fresh``) a new measurement, then cached.
 
     The entry records the 1-minute load average at measurement time: a choice measured on a busy machine
-    can be redone with ``python -m kernels.engines``.
+    can be redone with ``python -m kernels.measure_engines``.
     """
     entries = _read_cache(path)
     cached = None if fresh else _from_entry(entries.get(key))
@@ -239,7 +239,3 @@ def cpu_fp32(*tensors: torch.Tensor) -> bool:
     """These tensors' GEMMs are the ones the engine choice is about: CPU, fp32."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
-
-if __name__ == "__main__":  # python -m kernels.engines: measure again now (threads as torch sets them), cache, print
-    print(machine_key(torch.get_num_threads()))
-    print(json.dumps(load_or_measure(default_cache_path(), machine_key(torch.get_num_threads()), fresh=True).as_dict()))

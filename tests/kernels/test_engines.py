@@ -80,7 +80,7 @@ def test_cache_is_used_on_the_same_machine_and_remeasured_on_another(tmp_path, m
     assert engines.machine_key(2, model="Test CPU A") != key
     assert engines.load_or_measure(path, engines.machine_key(2, model="Test CPU A"), timer).source == "measured"
     assert len(json.loads(path.read_text())["entries"]) == 4  # every measurement kept under its own key
-    assert engines.load_or_measure(path, key, timer, fresh=True).source == "measured"  # python -m kernels.engines
+    assert engines.load_or_measure(path, key, timer, fresh=True).source == "measured"  # kernels.measure_engines
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"version": 99, "entries": {}}', "[1, 2]", ""],
@@ -163,7 +163,7 @@ def test_every_grouped_engine_matches_float64(engine, transposed):
 
 def test_real_measurement_is_consistent(tmp_path):
     """The real timer on this machine picks, per class, the engine it measured fastest (its speed is a
-    benchmark matter, not a test's: ``python -m kernels.engines`` prints it)."""
+    benchmark matter, not a test's: ``python -m kernels.measure_engines`` prints it)."""
     choice = engines.load_or_measure(tmp_path / "engines.json", "key")
     for shape_class in engines.CLASSES:
         measured = choice.gflops[shape_class]
