@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from kernels.engines import OVERRIDES as GEMM_ENGINES
 from moe import ModelConfig, preset
 
 MODEL_PRESETS = ("tiny", "small", "base")
@@ -128,6 +129,8 @@ class TrainConfig:
     The global batch is ``micro_batch_size * grad_accum * world_size`` sequences per optimizer step.
     ep_size: expert-parallel degree (1: every rank holds every knowledge expert).
     threads: torch intra-op threads per rank (None: the machine's cores split evenly over local ranks).
+    gemm_engine: engine of the big CPU fp32 GEMMs: ``auto`` (measured on this machine at startup, cached per
+        machine; ``kernels.engines``), ``mkl`` or ``onednn``. ``auto`` leaves $PURE_REASONER_GEMM_ENGINE in force.
     on_nonfinite: ``abort`` stops at the first NaN/inf loss before it reaches the weights, or at the first
         step whose gradients were non-finite (DeepSpeed dropped its update; the last checkpoint stays the
         latest); ``skip`` lets DeepSpeed drop that step's update, warns, and goes on.
@@ -159,6 +162,7 @@ class TrainConfig:
     seed: int = 0
     ep_size: int = 1
     threads: int | None = None
+    gemm_engine: str = "auto"
     log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
@@ -201,6 +205,10 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
+        _require(
+            self.gemm_engine in GEMM_ENGINES,
+            f"train.gemm_engine must be one of {GEMM_ENGINES}, got {self.gemm_engine!r}",
+        )
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",

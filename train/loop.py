@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import statistics
 import time
@@ -18,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from kernels import engines
 from moe import MoEStats, flops
 from train import checkpoint, data, distill, init_from, objectives
 from train.config import WORLD_GENERATOR, Config
@@ -269,11 +271,23 @@ def _resume(engine, cfg: Config, run_dir: Path, info: DistInfo) -> tuple[int, st
     return int(state["step"]), tag
 
 
+def _choose_gemm_engines(override: str, rank: int) -> engines.EngineChoice:
+    """This machine's GEMM engines, chosen before any step is timed: measured by rank 0 (a fraction of a
+    second, then cached per machine), read from the cache by the others; or the config's override."""
+    if override != "auto":
+        os.environ[engines.ENV_OVERRIDE] = override  # the channel the kernels read (kernels.engines.current)
+    with rank_zero_first(rank):
+        choice = engines.current()
+    log.info("GEMM engines (%s): %s", choice.source, {c: getattr(choice, c) for c in engines.CLASSES})
+    return choice
+
+
 def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank."""
     start_time = time.perf_counter()
     info = init_distributed(cfg.train.collective_timeout_s)
     threads = set_threads(info, cfg.train.threads)
+    _choose_gemm_engines(cfg.train.gemm_engine, info.rank)
     datasets.disable_progress_bars()
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
     with rank_zero_first(info.rank):
