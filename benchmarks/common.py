@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from pure_reasoner.kernels import engines
+from pure_reasoner.kernels.engines import cpu_model
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -152,27 +155,16 @@ def measure_roofline(
     t = time_interleaved(cases, repeats=repeats, device=device)
     # The fastest of the repeats: what the machine can do (a shared VM's speed drifts by up to 2x over
     # minutes; judging the cases' medians against the best the machine showed is the strict reading).
-    engines = {k: 2 * n**3 / v.min_s / 1e9 for k, v in t.items() if k != "copy"}
+    by_engine = {k: 2 * n**3 / v.min_s / 1e9 for k, v in t.items() if k != "copy"}
     return Roofline(
-        matmul_gflops=max(engines.values()),
+        matmul_gflops=max(by_engine.values()),
         copy_gbs=2 * numel * a.element_size() / t["copy"].min_s / 1e9,
-        engines=engines,
+        engines=by_engine,
     )
 
 
-_TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF")
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo``'s model name on Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+_TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF",
+               "GLIBC_TUNABLES", "PURE_REASONER_GEMM_ENGINE")
 
 
 def machine() -> dict:
@@ -184,6 +176,8 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # The engine each class of CPU fp32 GEMM ran on (measured fastest here, cached, or overridden).
+        "gemm_engines": engines.current().as_dict(),
         # Other work on the machine skews timings: record how busy it was (1, 5, 15 min averages).
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         # Settings that change CPU timings: thread count and PyTorch's huge-page allocation.
@@ -192,6 +186,17 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def ours_engine(in_dim: int, out_dim: int) -> str:
+    """The CPU fp32 engines of our torch knowledge path on experts with [in_dim, out_dim] weights: forward and
+    input gradient, then weight gradient (``kernels.engines``). What benchmark rows name in ``engine``."""
+    from pure_reasoner.kernels.onednn_gemm import MIN_GROUPED_WEIGHT
+
+    choice = engines.current()
+    if in_dim * out_dim < MIN_GROUPED_WEIGHT:
+        return "grouped_mm"
+    return f"{choice.grouped} (wgrad {choice.grouped_wgrad})"
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
@@ -224,18 +229,18 @@ def _knowledge_mlp_bwd_flops(dy_TD, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_R
     return 6 * 2 * rows * w1_EDF.shape[1] * w1_EDF.shape[2]
 
 
-def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+def _cpu_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
-def _onednn_linear_bwd_flops(dy_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _onednn_linear_flops(x_shape, w_shape)
+def _cpu_linear_bwd_flops(dy_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _cpu_linear_flops(x_shape, w_shape)
 
 
 def custom_op_flop_formulas() -> dict:
     """``FlopCounterMode(custom_mapping=...)`` entries for our custom ops, whose insides the counter
     cannot see. Knowledge MLP: 2 * routed rows * D * F per GEMM, 3 GEMMs forward, 6 backward (the row
-    count is data-dependent: these get the tensors). oneDNN linear: 2 * M * I * O forward, twice that
+    count is data-dependent: these get the tensors). CPU linear: 2 * M * I * O forward, twice that
     backward. Kept out of kernels/ because importing torch.utils.flop_counter imports triton."""
     import pure_reasoner.kernels.expert_mlp.torch_mlp  # noqa: F401
     import pure_reasoner.kernels.onednn_linear  # noqa: F401  (registers the ops)
@@ -244,4 +249,4 @@ def custom_op_flop_formulas() -> dict:
         fn._get_raw = True  # FlopCounterMode passes tensors, not shapes: the row count is data-dependent
     ops = torch.ops.pure_reasoner
     return {ops.torch_knowledge_mlp: _knowledge_mlp_flops, ops.torch_knowledge_mlp_bwd: _knowledge_mlp_bwd_flops,
-            ops.onednn_linear: _onednn_linear_flops, ops.onednn_linear_bwd: _onednn_linear_bwd_flops}
+            ops.cpu_linear: _cpu_linear_flops, ops.cpu_linear_bwd: _cpu_linear_bwd_flops}

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pure_reasoner.benchmarks.common import print_table, time_interleaved, write_json
+from pure_reasoner.benchmarks.common import ours_engine, print_table, time_interleaved, write_json
 from pure_reasoner.benchmarks.peers import _init_
 
 PROVIDERS = ("pure_reasoner", "grouped_mm", "eager")
@@ -137,11 +137,21 @@ def bench(w: Workload, repeats: int, dtype: torch.dtype) -> list[dict]:
                      "K": w.top_k, "F_s": w.shared_width, "dtype": str(dtype).removeprefix("torch."),
                      "provider": provider, "mode": mode,
                      "ms": t.median_s * 1e3, "min_ms": t.min_s * 1e3, "GFLOP/s": flops / t.median_s / 1e9,
-                     "vs_grouped_mm": t.median_s / timings[("grouped_mm", mode)].median_s})
+                     "vs_grouped_mm": t.median_s / timings[("grouped_mm", mode)].median_s,
+                     "engine": _engine(provider, w, dtype)})
     return rows
 
 
-COLUMNS = ["name", "T", "D", "F", "E", "K", "provider", "mode", "ms", "min_ms", "GFLOP/s", "vs_grouped_mm"]
+COLUMNS = ["name", "T", "D", "F", "E", "K", "provider", "mode", "ms", "min_ms", "GFLOP/s", "vs_grouped_mm", "engine"]
+
+
+def _engine(provider: str, w: Workload, dtype: torch.dtype) -> str:
+    """The experts' GEMM engine: ours picks per machine on CPU fp32 (``kernels.engines``); eager loops torch.mm."""
+    if dtype != torch.float32:
+        return provider
+    if provider == "pure_reasoner":
+        return ours_engine(w.dim, w.width)
+    return {"eager": "mkl (per-expert loop)", "grouped_mm": "grouped_mm"}.get(provider, provider)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,4 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
     main()

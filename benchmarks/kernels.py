@@ -37,13 +37,13 @@ from pure_reasoner.benchmarks.common import (
     Roofline,
     Timing,
     measure_roofline,
+    ours_engine,
     print_table,
     time_interleaved,
     write_json,
 )
 from pure_reasoner.kernels import NOT_CONSULTED, knowledge_mlp
-from pure_reasoner.kernels.routing.metadata import routing_metadata
-from pure_reasoner.kernels.routing.reference import routing_metadata_reference
+from pure_reasoner.kernels.routing.metadata import routing_metadata, routing_metadata_reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 RATES = (0.125, 1.0)
@@ -185,6 +185,13 @@ def check_providers_agree(providers: dict[str, Provider], inputs, dtype: torch.d
             torch.testing.assert_close(p.fn(x_TD, gates_TK).float(), ours, rtol=tol, atol=tol, msg=name)
 
 
+def _engine(provider: str, w: Workload, where: str) -> str:
+    """The GEMM engine a provider ran on (CPU fp32: the one ``kernels.engines`` chose for ours)."""
+    if where != "cpu float32":
+        return provider
+    return {"torch": ours_engine(w.dim, w.width), "reference": "mkl (per-token loop)"}.get(provider, "grouped_mm")
+
+
 def _row(w: Workload, rate: float, op: str, provider: str, mode: str, t: Timing, flops, bytes_, roof, where):
     seconds, roof_s = t.median_s, roof.time_s(flops, bytes_)
     return {
@@ -193,6 +200,7 @@ def _row(w: Workload, rate: float, op: str, provider: str, mode: str, t: Timing,
         "op": op, "provider": provider, "mode": mode, "ms": seconds * 1e3, "min_ms": t.min_s * 1e3,
         "GFLOP/s": flops / seconds / 1e9, "GB/s": bytes_ / seconds / 1e9,
         "roofline_ms": roof_s * 1e3, "x_roofline": seconds / roof_s, "flops": flops, "bytes": bytes_,
+        "engine": _engine(provider, w, where) if op == "knowledge_mlp" else "",
     }  # fmt: skip
 
 
@@ -242,7 +250,7 @@ def run(workloads, repeats: int, device: str, dtype: torch.dtype, quick: bool) -
 
 
 COLUMNS = ["device", "workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s"]
-COLUMNS += ["roofline_ms", "x_roofline"]
+COLUMNS += ["roofline_ms", "x_roofline", "engine"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,9 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be >= 1, got {repeats}")
     workloads = (QUICK,) if args.quick else WORKLOADS
     huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
-    if huge_pages != "1" and "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
-        print("note: neither jemalloc (source scripts/cpu_env.sh) nor THP_MEM_ALLOC_ENABLE=1: every call re-faults "
-              "its fresh large tensors (weight gradients) page by page")
+    tuned = "GLIBC_TUNABLES" in os.environ or "jemalloc" in os.environ.get("LD_PRELOAD", "")
+    if huge_pages != "1" and not tuned:
+        print("note: no malloc tuning (train.malloc_tuning, jemalloc) nor THP_MEM_ALLOC_ENABLE=1: every call "
+              "re-faults its fresh large tensors (weight gradients) page by page")
 
     rows, roof = run(workloads, repeats, "cpu", torch.float32, args.quick)
     rooflines = {"cpu float32": asdict(roof)}
@@ -276,4 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
     main()

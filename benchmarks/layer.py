@@ -132,7 +132,7 @@ def _record(p: Provider, shapes: Shapes, mode: str, timing) -> dict:
         "tokens": shapes.tokens, "time_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s,
         "repeats": timing.repeats, "tokens_per_s": shapes.tokens / timing.median_s, "flops": flops,
         "gflops_per_s": flops / timing.median_s / 1e9, "bytes": bytes_moved, "total_params": p.total_params,
-        "routed_rows": p.routed_rows, "touched_experts": p.touched_experts,
+        "routed_rows": p.routed_rows, "touched_experts": p.touched_experts, "engine": p.engine,
     }
 
 
@@ -228,4 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
     sys.exit(main())

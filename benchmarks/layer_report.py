@@ -183,7 +183,9 @@ def plot(records: Sequence[dict], path: str) -> None:
 
 def markdown(result: dict) -> str:
     """Markdown tables (fwd+bwd per case, speedups, targets) of a ``benchmarks.layer`` JSON result."""
-    records, lines = result["records"], []
+    records, machine = result["records"], result.get("machine", {})
+    lines = [f"CPU: {machine.get('cpu_model', '?')}, {machine.get('torch_threads', '?')} threads; GEMM engines: "
+             f"{machine.get('gemm_engines', 'not recorded')}", ""]
 
     def table(rows: Sequence[dict], columns: Sequence[str]) -> None:
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -201,7 +203,7 @@ def markdown(result: dict) -> str:
                     "act MiB": r["activation_bytes"] / 2**20 if "activation_bytes" in r else ""}
                    for r in records if (r["case"], r["mode"]) == (case, mode)],
                   ["provider", "rate", "time_s", "spread", "tokens_per_s", "gflops_per_s", "peak %", "roofline_s",
-                   "vs_roofline", "act MiB"])
+                   "vs_roofline", "act MiB", "engine"])
         sp = speedups(records, case)
         if sp:
             lines.extend([f"**{case}, fwd+bwd: speedup of ours over peers, measured vs roofline**", ""])

@@ -15,12 +15,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pure_reasoner.benchmarks.common import ours_engine
+from pure_reasoner.kernels import engines
 from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
 from pure_reasoner.moe.experts import SwiGLU
 
@@ -56,6 +58,7 @@ class Provider:
     routed_rows: int = 0
     touched_experts: int = 0
     bwd_flops: float | None = None  # None: twice the forward (input and weight gradients of every matmul)
+    engine: str = ""  # the CPU fp32 GEMM engines it runs (``benchmarks.common.ours_engine``)
 
     def mode_flops(self, mode: str) -> float:
         """Matmul FLOPs of one call in ``mode`` (fwd, bwd or fwd+bwd)."""
@@ -139,9 +142,10 @@ def ours(name: str, layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, 
     # With no token consulting, y does not depend on the gates: the router's backward never runs (in training
     # its aux losses would still reach it; the benchmark times y alone).
     bwd_flops = 2 * (flops - router_flops) if rows == 0 else None
+    engine = f"linear {engines.current().dense}; experts {ours_engine(d, shapes.expert_width)}"
     return Provider(
         name, float(stats.consult_rate), layer, call, flops, weights * _itemsize(shapes), _num_params(layer),
-        rows, touched, bwd_flops,
+        rows, touched, bwd_flops, engine=engine,
     )
 
 
@@ -149,7 +153,7 @@ def oracle(layer: PureReasonerMoE, shapes: Shapes, x_TD: torch.Tensor, rate: flo
     """The dumb per-token loop (``impl="reference"``) on a copy of ``layer``'s weights. Small shapes only."""
     ref = copy.deepcopy(layer)
     ref.experts.impl = "reference"
-    return ours("oracle", ref, shapes, x_TD, rate)
+    return replace(ours("oracle", ref, shapes, x_TD, rate), engine="mkl (per-token loop)")
 
 
 def reasoning_alone(shapes: Shapes) -> Provider:
@@ -164,7 +168,7 @@ def dense(shapes: Shapes, rate: float, name: str = "dense") -> Provider:
     weights = 3 * shapes.d_model * width
     return Provider(
         name, rate, module, module, swiglu_flops(shapes.tokens, shapes.d_model, width), weights * _itemsize(shapes),
-        weights,
+        weights, engine=f"linear {engines.current().dense}",
     )
 
 
@@ -202,7 +206,9 @@ def qwen2_moe(shapes: Shapes, x_TD: torch.Tensor, experts_implementation: str = 
     )
     weights = 3 * d * shapes.reasoning_width + d * (shapes.num_experts + 1) + touched * 3 * d * shapes.expert_width
     name = "qwen2moe" if experts_implementation == "grouped_mm" else f"qwen2moe-{experts_implementation}"
-    return Provider(name, 1.0, block, call, flops, weights * _itemsize(shapes), _num_params(block), rows, touched)
+    engine = "linear mkl (nn.Linear); experts " + ("grouped_mm" if experts_implementation == "grouped_mm" else "mkl")
+    return Provider(name, 1.0, block, call, flops, weights * _itemsize(shapes), _num_params(block), rows, touched,
+                    engine=engine)
 
 
 def _init_deepspeed_groups() -> None:
@@ -249,4 +255,6 @@ def deepspeed_moe(shapes: Shapes, x_TD: torch.Tensor) -> Provider:
     )
     touched = shapes.num_experts  # capacity rows are computed even for an expert no token chose
     weights = 3 * d * shapes.reasoning_width + d * (shapes.num_experts + 2) + touched * 3 * d * shapes.expert_width
-    return Provider("deepspeed", 1.0, moe, call, flops, weights * _itemsize(shapes), _num_params(moe), rows, touched)
+    engine = f"linear {engines.current().dense} (our SwiGLU as its experts and residual MLP)"
+    return Provider("deepspeed", 1.0, moe, call, flops, weights * _itemsize(shapes), _num_params(moe), rows, touched,
+                    engine=engine)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pure_reasoner.benchmarks.layer_report import markdown as layer_markdown
 
 KERNEL_COLUMNS = ["workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s", "roofline_ms",
-                  "x_roofline"]
+                  "x_roofline", "engine"]
 
 
 def _fmt(value) -> str:
@@ -22,7 +22,9 @@ def _fmt(value) -> str:
 
 def kernels_markdown(result: dict) -> str:
     """The run's machine, roofline and every row of a ``benchmarks.kernels`` JSON result as a table."""
-    lines = [f"machine: `{json.dumps(result['machine'])}`", ""]
+    machine = result["machine"]
+    lines = [f"CPU: {machine.get('cpu_model', '?')}, GEMM engines: {machine.get('gemm_engines', 'not recorded')}", "",
+             f"machine: `{json.dumps(machine)}`", ""]
     for where, roof in result["rooflines"].items():
         engines = ", ".join(f"{k} {v:.1f}" for k, v in roof.get("engines", {}).items())
         lines.append(f"roofline ({where}): P = {roof['matmul_gflops']:.1f} GFLOP/s ({engines}), "

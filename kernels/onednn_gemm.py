@@ -1,10 +1,11 @@
-"""Grouped fp32 GEMMs through oneDNN on CPU: the torch path's engine where oneDNN is the faster one.
+"""Dense and grouped fp32 GEMMs through oneDNN on CPU: one of the engines ``kernels.engines`` picks from.
 
 PyTorch sends a CPU fp32 ``torch.mm`` (and ``F.grouped_mm``'s per-expert loop) to MKL, which runs
-non-Intel x86 CPUs through slower code paths: on the AMD EPYC (AVX-512) this project is developed on,
-MKL reaches ~170 GFLOP/s on a large dense fp32 matmul with 2 threads and oneDNN ~370, at the same
-fp32 precision. ``torch.ops.mkldnn._linear_pointwise`` (the op Inductor uses for CPU linears) is
-oneDNN's fp32 GEMM ``y = a @ wᵀ``; it takes strided views without copying them first.
+non-Intel x86 CPUs through slower code paths: on an AMD EPYC (AVX-512) MKL reaches ~170 GFLOP/s on a
+large dense fp32 matmul with 2 threads and oneDNN ~370, at the same fp32 precision; on an Intel Xeon
+MKL is ~15% ahead. Which one runs is measured on the running machine (``kernels.engines``).
+``torch.ops.mkldnn._linear_pointwise`` (the op Inductor uses for CPU linears) is oneDNN's fp32 GEMM
+``y = a @ wᵀ``; it takes strided views without copying them first.
 
 Offsets are read on the host (a CPU tensor's values are in host memory: no device sync).
 Shapes: R rows sorted by expert, E experts, I input and O output width.
@@ -33,11 +34,6 @@ def usable(*tensors: torch.Tensor) -> bool:
     return _HAS_ONEDNN and all(
         t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
     )
-
-
-def grouped_worthwhile(x: torch.Tensor, in_dim: int, out_dim: int) -> bool:
-    """oneDNN can run ``x``'s grouped GEMMs and their [in_dim, out_dim] weights are big enough to repay it."""
-    return usable(x) and in_dim * out_dim >= MIN_GROUPED_WEIGHT
 
 
 def _linear(a_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:

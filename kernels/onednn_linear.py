@@ -1,12 +1,14 @@
-"""``F.linear`` with its fp32 CPU GEMMs in oneDNN (see ``kernels.onednn_gemm`` for why), forward and backward.
+"""``F.linear`` with its big fp32 CPU GEMMs on this machine's fastest engine, forward and backward.
 
 Shapes: M rows (all leading dims flattened), I in features, O out features.
 
     y = x @ wᵀ + b,   dx = dy @ w,   dw = dyᵀ @ x,   db = sum over rows of dy
 
-A torch.library custom op with a fake kernel and an autograd formula, so ``torch.compile`` sees one
-opaque node. Anything oneDNN cannot take (other devices and dtypes) or that is too small to repay its
-kernel compile (``onednn_gemm.MIN_DENSE_MACS``) goes to ``F.linear``.
+The engine (MKL's ``torch.mm`` or oneDNN, see ``kernels.onednn_gemm``) is the one ``kernels.engines``
+measured fastest for dense GEMMs here. A torch.library custom op with a fake kernel and an autograd
+formula, so ``torch.compile`` sees one opaque node and never traces the engine choice. Anything that is
+not CPU fp32, or too small to repay oneDNN's kernel compile (``onednn_gemm.MIN_DENSE_MACS``), goes to
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pure_reasoner.kernels import onednn_gemm
+from pure_reasoner.kernels import engines, onednn_gemm
+
+_DENSE = {"mkl": torch.mm, "onednn": onednn_gemm.matmul}
 
 
-@torch.library.custom_op("pure_reasoner::onednn_linear", mutates_args=())
+def _matmul(a_MI: torch.Tensor, b_IO: torch.Tensor) -> torch.Tensor:
+    """a @ b on the dense engine chosen for this machine."""
+    return _DENSE[engines.current().dense](a_MI, b_IO)
+
+
+@torch.library.custom_op("pure_reasoner::cpu_linear", mutates_args=())
 def _linear_op(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    return onednn_gemm.matmul(x_MI, w_OI.t())
+    return _matmul(x_MI, w_OI.t())
 
 
 @_linear_op.register_fake
@@ -28,10 +37,10 @@ def _(x_MI, w_OI):
     return x_MI.new_empty(x_MI.shape[0], w_OI.shape[0])
 
 
-@torch.library.custom_op("pure_reasoner::onednn_linear_bwd", mutates_args=())
+@torch.library.custom_op("pure_reasoner::cpu_linear_bwd", mutates_args=())
 def _linear_bwd_op(dy_MO: torch.Tensor, x_MI: torch.Tensor, w_OI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dy_MO = dy_MO.contiguous()  # a stride-0 (expanded) upstream gradient is legal; oneDNN wants real strides
-    return onednn_gemm.matmul(dy_MO, w_OI), onednn_gemm.matmul(dy_MO.t(), x_MI)
+    return _matmul(dy_MO, w_OI), _matmul(dy_MO.t(), x_MI)
 
 
 @_linear_bwd_op.register_fake
@@ -51,8 +60,8 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x_MI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as ``F.linear(x, w, b)`` ([..., I] -> [..., O]); oneDNN GEMMs for big enough CPU fp32 ones."""
-    if not onednn_gemm.usable(x_MI, w_OI) or x_MI.numel() * w_OI.shape[0] < onednn_gemm.MIN_DENSE_MACS:
+    """Same as ``F.linear(x, w, b)`` ([..., I] -> [..., O]); big CPU fp32 GEMMs on this machine's engine."""
+    if not engines.cpu_fp32(x_MI, w_OI) or x_MI.numel() * w_OI.shape[0] < onednn_gemm.MIN_DENSE_MACS:
         return F.linear(x_MI, w_OI, b_O)
     y_MO = _linear_op(x_MI.reshape(-1, x_MI.shape[-1]), w_OI).view(*x_MI.shape[:-1], w_OI.shape[0])
     return y_MO if b_O is None else y_MO + b_O

@@ -15,7 +15,7 @@ from pure_reasoner.kernels import Linear, knowledge_mlp
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU FFN: ``w2(silu(w1 x) * w3 x)`` (oneDNN GEMMs on CPU fp32, see ``kernels.onednn_linear``)."""
+    """Dense SwiGLU FFN: ``w2(silu(w1 x) * w3 x)`` (big CPU fp32 GEMMs on this machine's engine: ``kernels.Linear``)."""
 
     def __init__(self, d_model: int, width: int):
         super().__init__()

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import os
 
+if __name__ == "__main__":  # before anything else: it may replace the process (train.malloc_tuning)
+    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
 # Nothing is downloaded at run time: data, tokenizer and model all come from this machine.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from pure_reasoner.kernels.engines import OVERRIDES as GEMM_ENGINES
 from pure_reasoner.moe import ModelConfig, preset
 
 MODEL_PRESETS = ("tiny", "small", "base")
@@ -27,7 +28,7 @@ KNOWLEDGE_TOKENS = ("rows", "recall")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
-_FORMER_WORLD_GENERATOR = "train.world:pretraining_corpus"
+_FORMER_WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 
 
 def current_generator(path: str | None) -> str | None:
@@ -137,6 +138,8 @@ class TrainConfig:
     The global batch is ``micro_batch_size * grad_accum * world_size`` sequences per optimizer step.
     ep_size: expert-parallel degree (1: every rank holds every knowledge expert).
     threads: torch intra-op threads per rank (None: the machine's cores split evenly over local ranks).
+    gemm_engine: engine of the big CPU fp32 GEMMs: ``auto`` (measured on this machine at startup, cached per
+        machine; ``kernels.engines``), ``mkl`` or ``onednn``. ``auto`` leaves $PURE_REASONER_GEMM_ENGINE in force.
     on_nonfinite: ``abort`` stops at the first NaN/inf loss before it reaches the weights, or at the first
         step whose gradients were non-finite (DeepSpeed dropped its update; the last checkpoint stays the
         latest); ``skip`` lets DeepSpeed drop that step's update, warns, and goes on.
@@ -150,6 +153,9 @@ class TrainConfig:
     init_from: a ``train.export`` directory whose weights (and routing-controller buffers) start the run instead
         of a fresh init; its model config must equal ``model`` and its tokenizer becomes the run's. The optimizer
         and schedule start fresh. A run that resumes from its own checkpoint ignores it.
+    compile: run the model's forward under ``torch.compile`` (Inductor), in place, so checkpoints and exports
+        are unchanged. With ``ffn=pure_reasoner`` and ``ep_size=1`` the forward is one graph (``fullgraph=True``);
+        the first step (and the first knowledge-off pass) pays the compile. Not part of a checkpoint's identity.
     """
 
     max_steps: int = 200
@@ -165,6 +171,7 @@ class TrainConfig:
     seed: int = 0
     ep_size: int = 1
     threads: int | None = None
+    gemm_engine: str = "auto"
     log_every: int = 10
     ckpt_every: int = 100
     keep_checkpoints: int = 2
@@ -177,6 +184,7 @@ class TrainConfig:
     progress: bool = True
     init_from: str | None = None
     first_look: int = 200
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in (
@@ -206,6 +214,10 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
+        _require(
+            self.gemm_engine in GEMM_ENGINES,
+            f"train.gemm_engine must be one of {GEMM_ENGINES}, got {self.gemm_engine!r}",
+        )
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",

@@ -66,12 +66,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int):
-    """``deepspeed.initialize`` on ``model``. Returns (engine, lr_scheduler)."""
+    """``deepspeed.initialize`` on ``model``, compiled with ``train.compile``. Returns (engine, lr_scheduler)."""
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay),
         config=deepspeed_config(cfg, world_size),
     )
+    if cfg.train.compile:
+        # The model's forward, not the module call: DeepSpeed's forward hooks (its throughput timer reads
+        # time.time()) would break the graph. engine.module stays the model, its state_dict keys unchanged.
+        # Expert parallelism (its all-to-all split sizes are read on the host) and DeepSpeed's MoE gate break
+        # the graph, so only our own layer on one expert-parallel rank is held to a single graph.
+        model = engine.module
+        fullgraph = cfg.ffn == "pure_reasoner" and cfg.train.ep_size == 1
+        model.forward = torch.compile(model.forward, backend="inductor", fullgraph=fullgraph)
     return engine, scheduler
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import statistics
 import time
@@ -18,15 +19,16 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from pure_reasoner.kernels import engines
 from pure_reasoner.moe import MoEStats, flops
-from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
-from pure_reasoner.train.build_model import build_model
-from pure_reasoner.train.config import WORLD_GENERATOR, Config, current_generator
+from pure_reasoner.train import ds_checkpoint as checkpoint, data, distill, init_from, objectives
+from pure_reasoner.train.config import WORLD_GENERATOR, Config
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
+from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
-from pure_reasoner.train.world.drills import FileDrills, FreshDrills
+from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
@@ -271,11 +273,23 @@ def _resume(engine, cfg: Config, run_dir: Path, info: DistInfo) -> tuple[int, st
     return int(state["step"]), tag
 
 
+def _choose_gemm_engines(override: str, rank: int) -> engines.EngineChoice:
+    """This machine's GEMM engines, chosen before any step is timed: measured by rank 0 (a fraction of a
+    second, then cached per machine), read from the cache by the others; or the config's override."""
+    if override != "auto":
+        os.environ[engines.ENV_OVERRIDE] = override  # the channel the kernels read (kernels.engines.current)
+    with rank_zero_first(rank):
+        choice = engines.current()
+    log.info("GEMM engines (%s): %s", choice.source, {c: getattr(choice, c) for c in engines.CLASSES})
+    return choice
+
+
 def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank."""
     start_time = time.perf_counter()
     info = init_distributed(cfg.train.collective_timeout_s)
     threads = set_threads(info, cfg.train.threads)
+    _choose_gemm_engines(cfg.train.gemm_engine, info.rank)
     datasets.disable_progress_bars()
     log.info("process group ready after %.1f s", time.perf_counter() - start_time)
     with rank_zero_first(info.rank):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pure_reasoner.kernels import onednn_gemm
+from pure_reasoner.kernels import engines, onednn_gemm
 from pure_reasoner.kernels.expert_mlp.combine import combine_rows
 from pure_reasoner.kernels.routing.metadata import expert_row_ranges, routing_metadata
 
@@ -45,6 +45,27 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_mm_ok(dtype: torch.dtype, *dims: int) -> bool:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return dtype in _GROUPED_MM_DTYPES and all((n * itemsize) % _GROUPED_MM_ALIGN_BYTES == 0 for n in dims)
+
+
+def _engine(shape_class: str, x: torch.Tensor, in_dim: int, out_dim: int) -> str:
+    """The engine for these grouped GEMMs: this machine's pick (``kernels.engines``) for CPU fp32 GEMMs with
+    weights big enough to repay oneDNN's per-shape kernel compile, else ``grouped_mm``."""
+    if engines.cpu_fp32(x) and in_dim * out_dim >= onednn_gemm.MIN_GROUPED_WEIGHT:
+        return getattr(engines.current(), shape_class)
+    return "grouped_mm"
+
+
+def grouped_matmul_with(engine: str, x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``grouped_matmul`` on the named engine: ``onednn``, ``grouped_mm`` (where its stride rule and dtype
+    allow) or ``mkl`` (a ``torch.mm`` per expert, reading the offsets on the host)."""
+    if engine == "onednn":
+        return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
+    if engine == "grouped_mm" and _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
+        return F.grouped_mm(x_RI, w_EIO, offs=offsets_E)
+    out_RO = x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[2])
+    for e, start, end in expert_row_ranges(offsets_E):
+        torch.mm(x_RI[start:end], w_EIO[e], out=out_RO[start:end])
+    return out_RO
 
 
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -62,26 +83,27 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     Returns:
         [R, O]
     """
-    if onednn_gemm.grouped_worthwhile(x_RI, w_EIO.shape[1], w_EIO.shape[2]):
-        return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
-    if _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
-        return F.grouped_mm(x_RI, w_EIO, offs=offsets_E)
-    out_RO = x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[2])
-    for e, start, end in expert_row_ranges(offsets_E):
-        torch.mm(x_RI[start:end], w_EIO[e], out=out_RO[start:end])
-    return out_RO
+    engine = _engine("grouped", x_RI, w_EIO.shape[1], w_EIO.shape[2])
+    return grouped_matmul_with(engine, x_RI, w_EIO, offsets_E)
 
 
-def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
-    if onednn_gemm.grouped_worthwhile(a_RI, a_RI.shape[1], b_RO.shape[1]):
+def grouped_matmul_wgrad_with(engine: str, a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor
+                              ) -> torch.Tensor:
+    """``grouped_matmul_wgrad`` on the named engine (see ``grouped_matmul_with``)."""
+    if engine == "onednn":
         return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
-    if _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
+    if engine == "grouped_mm" and _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
         return F.grouped_mm(a_RI.t(), b_RO, offs=offsets_E)
     out_EIO = a_RI.new_zeros(offsets_E.numel(), a_RI.shape[1], b_RO.shape[1])
     for e, start, end in expert_row_ranges(offsets_E):
         torch.mm(a_RI[start:end].t(), b_RO[start:end], out=out_EIO[e])
     return out_EIO
+
+
+def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
+    engine = _engine("grouped_wgrad", a_RI, a_RI.shape[1], b_RO.shape[1])
+    return grouped_matmul_wgrad_with(engine, a_RI, b_RO, offsets_E)
 
 
 def _valid_rows(num_rows: int, offsets_E: torch.Tensor) -> torch.Tensor:

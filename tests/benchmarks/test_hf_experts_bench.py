@@ -25,6 +25,9 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
         assert r["ms"] > 0 and r["GFLOP/s"] > 0, r
         if r["provider"] == "grouped_mm":
             assert r["vs_grouped_mm"] == 1.0
+        want = {"grouped_mm": "grouped_mm", "eager": "mkl (per-expert loop)"}.get(r["provider"])
+        assert r["engine"] == want if want else r["engine"]  # ours: the engines chosen on this machine
+    assert "grouped" in data["machine"]["gemm_engines"]
 
 
 def test_bad_repeats_exits_nonzero():

@@ -24,8 +24,16 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     for r in data["records"]:
         assert r["ms"] > 0 and r["roofline_ms"] > 0 and r["x_roofline"] > 0, r
         assert r["op"] == "routing" or r["flops"] > 0
+    # The CPU and the engine each provider ran on are named (kernels.engines chose ours on this machine).
+    chosen = data["machine"]["gemm_engines"]
+    assert data["machine"]["cpu_model"] and {chosen["grouped"], chosen["grouped_wgrad"]} <= {"mkl", "onednn",
+                                                                                              "grouped_mm"}
+    engines = {r["provider"]: r["engine"] for r in data["records"] if r["op"] == "knowledge_mlp"}
+    assert engines["hf_grouped_mm"] == "grouped_mm" and engines["reference"].startswith("mkl") and engines["torch"]
     table = kernels_markdown(data).splitlines()
-    assert "onednn" in table[2] and len([t for t in table if t.startswith("| tiny")]) == len(data["records"])
+    assert table[0].startswith(f"CPU: {data['machine']['cpu_model']}, GEMM engines:")
+    roofline = next(t for t in table if t.startswith("roofline"))
+    assert "onednn" in roofline and len([t for t in table if t.startswith("| tiny")]) == len(data["records"])
 
 
 def test_bad_repeats_exits_nonzero():

@@ -21,7 +21,7 @@ def _counted_matmul_flops(fn) -> int:
     counts = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten._grouped_mm,
               # the torch path's custom ops (benchmarks.common gives their FLOP formulas)
               torch.ops.pure_reasoner.torch_knowledge_mlp, torch.ops.pure_reasoner.torch_knowledge_mlp_bwd,
-              torch.ops.pure_reasoner.onednn_linear, torch.ops.pure_reasoner.onednn_linear_bwd}
+              torch.ops.pure_reasoner.cpu_linear, torch.ops.pure_reasoner.cpu_linear_bwd}
     mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops, **custom_op_flop_formulas()}
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
@@ -84,8 +84,12 @@ def test_quick_run_writes_every_record(tmp_path):
     out = json.loads(json_path.read_text())
     records = out["records"]
     required = {"provider", "consult_rate", "mode", "tokens", "time_s", "tokens_per_s", "gflops_per_s",
-                "peak_fraction", "roofline_s"}
+                "peak_fraction", "roofline_s", "engine"}
     assert all(required <= set(r) for r in records)
+    chosen = out["machine"]["gemm_engines"]  # kernels.engines' choice on this machine, named per provider
+    engines = {r["provider"]: r["engine"] for r in records}
+    assert engines["qwen2moe"] == "linear mkl (nn.Linear); experts grouped_mm"
+    assert engines["ours"].startswith(f"linear {chosen['dense']}; experts ") and out["machine"]["cpu_model"]
     assert all(r["time_s"] > 0 and r["roofline_s"] > 0 and r["gflops_per_s"] > 0 for r in records)
     for case, (modes, _, _) in layer.QUICK_PLAN.items():
         for mode in modes:

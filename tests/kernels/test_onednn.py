@@ -1,12 +1,12 @@
-"""oneDNN GEMMs (grouped, and the linear op) against float64 references."""
+"""The GEMM engines (oneDNN grouped GEMMs, the CPU linear op on every engine) against float64 references."""
 
 import pytest
 import torch
 
-from pure_reasoner.kernels import onednn_gemm, onednn_linear
+from pure_reasoner.kernels import engines, onednn_gemm, onednn_linear
 from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
-from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
 from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
+from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -68,14 +68,21 @@ def _autograd_nodes(t: torch.Tensor) -> set[str]:
 DIM_IN, DIM_OUT = 512, 520
 
 
+@pytest.fixture(params=["mkl", "onednn", "auto"])
+def gemm_engine(request, monkeypatch):
+    """Every override of the engine choice: the numerics must not depend on which engine runs."""
+    monkeypatch.setenv(engines.ENV_OVERRIDE, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead", [(65,), (5, 13)], ids=["2d", "3d"])
-def test_linear_matches_float64(bias, lead):
+def test_linear_matches_float64(bias, lead, gemm_engine):
     x = torch.randn(*lead, DIM_IN, requires_grad=True)
     w = (torch.randn(DIM_OUT, DIM_IN) / DIM_IN**0.5).requires_grad_()
     b = torch.randn(DIM_OUT, requires_grad=True) if bias else None
     got = onednn_linear.linear(x, w, b)
-    assert any("onednn_linear" in name for name in _autograd_nodes(got))
+    assert any("cpu_linear" in name for name in _autograd_nodes(got))
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(got)
@@ -85,7 +92,7 @@ def test_linear_matches_float64(bias, lead):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_linear_takes_an_expanded_upstream_gradient():
+def test_linear_takes_an_expanded_upstream_gradient(gemm_engine):
     x, w = torch.randn(65, DIM_IN, requires_grad=True), torch.randn(DIM_OUT, DIM_IN, requires_grad=True)
     onednn_linear.linear(x, w).sum().backward()  # dy is a stride-0 expand of a scalar
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(65, DIM_IN), rtol=1e-5, atol=1e-4)
@@ -94,11 +101,11 @@ def test_linear_takes_an_expanded_upstream_gradient():
 
 def test_small_linear_goes_to_f_linear():
     y = onednn_linear.linear(torch.randn(4, 8, requires_grad=True), torch.randn(3, 8))
-    assert not any("onednn" in name for name in _autograd_nodes(y))
+    assert not any("cpu_linear" in name for name in _autograd_nodes(y))
 
 
-def test_knowledge_mlp_through_onednn_matches_reference():
-    """The torch path at expert weights big enough for oneDNN (MIN_GROUPED_WEIGHT), against the oracle."""
+def test_knowledge_mlp_through_each_engine_matches_reference(gemm_engine):
+    """The torch path at expert weights big enough for the engine choice (MIN_GROUPED_WEIGHT), against the oracle."""
     num_tokens, dim, width, num_experts = 24, 512, 512, 3
     x_TD = torch.randn(num_tokens, dim, requires_grad=True)
     ids_TK = torch.stack([torch.randperm(num_experts)[:2] for _ in range(num_tokens)])
@@ -118,9 +125,9 @@ def test_knowledge_mlp_through_onednn_matches_reference():
 
 def test_linear_opcheck_and_compile():
     x, w = torch.randn(65, DIM_IN, requires_grad=True), torch.randn(DIM_OUT, DIM_IN, requires_grad=True)
-    torch.library.opcheck(torch.ops.pure_reasoner.onednn_linear.default, (x, w))
+    torch.library.opcheck(torch.ops.pure_reasoner.cpu_linear.default, (x, w))
     bwd_args = (torch.randn(65, DIM_OUT), x.detach(), w.detach())
-    torch.library.opcheck(torch.ops.pure_reasoner.onednn_linear_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.pure_reasoner.cpu_linear_bwd.default, bwd_args)
     compiled = torch.compile(onednn_linear.linear, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w), x @ w.t(), rtol=1e-4, atol=1e-3)
 

@@ -1,0 +1,22 @@
+"""``python -m pure_reasoner.kernels.measure_engines``: measure this machine's GEMM engines again (with the thread count torch
+uses here), update the cache (``kernels.engines``) and print the key and the choice. For a choice first measured
+while the machine was busy."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pure_reasoner.kernels import engines
+
+
+def main() -> None:
+    key = engines.machine_key(torch.get_num_threads())
+    choice = engines.load_or_measure(engines.default_cache_path(), key, fresh=True)
+    print(key)
+    print(json.dumps(choice.as_dict()))
+
+
+if __name__ == "__main__":
+    main()
