@@ -23,7 +23,7 @@ def node_command(hostfile, node_rank: int, port: int, run_dir, *overrides: str) 
     """The per-node command of docs/multinode.md."""
     return [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
             "--master_addr", "127.0.0.1", "--master_port", str(port), "--no_local_rank",
-            "--module", "train", "experiment=smoke", "data.max_chars=60000", "train.progress=false",
+            "--module", "pure_reasoner.train", "experiment=smoke", "data.max_chars=60000", "train.progress=false",
             "train.threads=1", f"hydra.run.dir={run_dir}", *overrides]
 
 
