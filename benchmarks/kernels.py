@@ -43,7 +43,8 @@ from pure_reasoner.benchmarks.common import (
     write_json,
 )
 from pure_reasoner.kernels import NOT_CONSULTED, knowledge_mlp
-from pure_reasoner.kernels.routing.metadata import routing_metadata, routing_metadata_reference
+from pure_reasoner.kernels.routing.metadata import routing_metadata
+from pure_reasoner.kernels.routing.reference import routing_metadata_reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 RATES = (0.125, 1.0)

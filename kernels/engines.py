@@ -18,8 +18,8 @@ The choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACH
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
 count and torch version, so another machine or torch build measures again. ``PURE_REASONER_GEMM_ENGINE``
 (``auto`` | ``mkl`` | ``onednn``; the training config's ``train.gemm_engine`` sets it) overrides the
-measurement; ``python -m pure_reasoner.kernels.measure_engines`` measures again (e.g. after a busy first run). The only state is
-``_resolve``'s lru_cache: one choice per (override, threads, cache file).
+measurement; ``python -m pure_reasoner.kernels.measure_engines`` measures again (e.g. after a busy first
+run). The only state is ``_resolve``'s lru_cache: one choice per (override, threads, cache file).
 """
 
 from __future__ import annotations

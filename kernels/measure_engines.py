@@ -1,6 +1,6 @@
-"""``python -m pure_reasoner.kernels.measure_engines``: measure this machine's GEMM engines again (with the thread count torch
-uses here), update the cache (``kernels.engines``) and print the key and the choice. For a choice first measured
-while the machine was busy."""
+"""``python -m pure_reasoner.kernels.measure_engines``: measure this machine's GEMM engines again (with the
+thread count torch uses here), update the cache (``kernels.engines``) and print the key and the choice. For a
+choice first measured while the machine was busy."""
 
 from __future__ import annotations
 

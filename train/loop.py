@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from pure_reasoner.kernels import engines
 from pure_reasoner.moe import MoEStats, flops
-from pure_reasoner.train import ds_checkpoint as checkpoint, data, distill, init_from, objectives
-from pure_reasoner.train.config import WORLD_GENERATOR, Config
+from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
+from pure_reasoner.train.build_model import build_model
+from pure_reasoner.train.config import WORLD_GENERATOR, Config, current_generator
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
-from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
-from pure_reasoner.train.build_model import build_model
+from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
 
 log = logging.getLogger("train")

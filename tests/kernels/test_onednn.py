@@ -5,8 +5,8 @@ import torch
 
 from pure_reasoner.kernels import engines, onednn_gemm, onednn_linear
 from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
-from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
 from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
+from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import DEEPSPEED, finish, metrics, run_in_process
 from pure_reasoner.train.dist import _free_port
+from tests.train.helpers import DEEPSPEED, finish, metrics, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("train.max_steps=6", "train.micro_batch_size=4", "train.ckpt_every=3")
