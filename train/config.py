@@ -28,7 +28,7 @@ KNOWLEDGE_TOKENS = ("rows", "recall")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
-_FORMER_WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
+_FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
 
 
 def current_generator(path: str | None) -> str | None:
