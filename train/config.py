@@ -26,6 +26,8 @@ OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
 WORLD_GENERATOR = "train.world:pretraining_corpus"
+UPDATE_GENERATOR = "train.world_update:update_corpus"  # a knowledge update's rows (``train.world_update``)
+TRAINABLE = ("all", "knowledge")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -112,8 +114,9 @@ class DataConfig:
 
     @property
     def marks_recall(self) -> bool:
-        """Whether the rows mark the values of facts (``recall`` spans): the world generator or a world on disk."""
-        return self.generator == WORLD_GENERATOR or self.source == "world"
+        """Whether the rows mark the values of facts (``recall`` spans): the world generator, a knowledge update's
+        (``UPDATE_GENERATOR``) or a world on disk."""
+        return self.generator in (WORLD_GENERATOR, UPDATE_GENERATOR) or self.source == "world"
 
 
 @dataclass
@@ -136,6 +139,10 @@ class TrainConfig:
     init_from: a ``train.export`` directory whose weights (and routing-controller buffers) start the run instead
         of a fresh init; its model config must equal ``model`` and its tokenizer becomes the run's. The optimizer
         and schedule start fresh. A run that resumes from its own checkpoint ignores it.
+    trainable: ``all`` (every parameter) or ``knowledge`` (only the MoE layers' knowledge experts and routers; the
+        rest is frozen before the engine is built, ``train.trainable``): a knowledge update of a trained pure
+        reasoner (``python -m train.update``, docs/knowledge_update.md). Needs MoE layers and ffn=pure_reasoner;
+        the export takes the frozen parameters from ``init_from`` bit for bit.
     """
 
     max_steps: int = 200
@@ -163,6 +170,7 @@ class TrainConfig:
     progress: bool = True
     init_from: str | None = None
     first_look: int = 200
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         for key in (
@@ -192,6 +200,9 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
+        _require(self.trainable in TRAINABLE, f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        _require(self.trainable == "all" or self.init_from is not None,
+                 f"train.trainable={self.trainable} freezes what train.init_from holds: set train.init_from=DIR")
         _require(
             self.on_nonfinite in ON_NONFINITE,
             f"train.on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}",
@@ -322,6 +333,13 @@ class Config:
         _require(
             kcfg.num_experts % self.train.ep_size == 0,
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
+        )
+        _require(
+            self.train.trainable != "knowledge"
+            or (self.ffn == "pure_reasoner" and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
+            f"train.trainable=knowledge trains only knowledge experts and routers: it needs ffn=pure_reasoner and MoE "
+            f"layers, got ffn={self.ffn!r} and {sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE "
+            f"layers (fine-tune a dense model with train.trainable=all)",
         )
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")

@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from moe import MoEStats, flops
 from train import checkpoint, data, distill, init_from, objectives
-from train.config import WORLD_GENERATOR, Config
+from train.config import UPDATE_GENERATOR, WORLD_GENERATOR, Config
 from train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from train.drills import FileDrills, FreshDrills
 from train.engine import build_engine, compute_dtype
 from train.guards import collapse_warnings
 from train.metrics import MetricsLogger, StepMetrics
 from train.model import build_model
+from train.trainable import set_trainable
 from train.world import build_world, corpus_world_config, save_world_config
 
 log = logging.getLogger("train")
@@ -128,6 +129,10 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         if info.rank == 0 and cfg.data.generator == WORLD_GENERATOR:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_world_config(corpus_world_config(**cfg.data.generator_kwargs), run_dir)
+        if info.rank == 0 and cfg.data.generator == UPDATE_GENERATOR:
+            from train.world_update import save_update_files
+
+            save_update_files(cfg.data.generator_kwargs, run_dir)  # world.json (the base world) + update.json
     drills = None
     if cfg.data.fresh_drills:
         drills = _drill_source(cfg, tok)
@@ -290,6 +295,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
     if source is not None:  # a resume below overwrites these weights with the run's own
         init_from.init_weights(model, source)
+    set_trainable(model, cfg.train.trainable)  # before the engine: only trainable parameters reach the optimizer
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
