@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from train.config import TRAINABLE, UPDATE_GENERATOR, Config  # noqa: E402
-from train.world_update import UpdateConfig, update_kwargs  # noqa: E402
+from train.world_update import UpdateConfig, build_update, update_kwargs  # noqa: E402
 
 REPORT = "update_eval.json"
 
@@ -40,19 +40,21 @@ def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, 
     """The typed Config of the update run and its resolved YAML (module docstring). Raises ValueError on a bad
     base run (no config.yaml, export or world.json) or override."""
     from train.export import EXPORT, load_run_config
-    from train.world import load_world_config
+    from train.world import build_world, load_world_config
 
     base = load_run_config(base_run)
     export = base_run / EXPORT
     if not (export / "world.json").is_file():
         raise ValueError(f"{export} has no world.json: the base run did not train on the built-in knowledge world")
     world = load_world_config(export / "world.json")
+    build_update(build_world(world), update)  # a bad update fails here, before anything is written
     node = OmegaConf.structured(base)
     changes = {
         "name": out.name,
         "data.source": "generator", "data.generator": UPDATE_GENERATOR,
         "data.generator_kwargs": update_kwargs(world, update),
-        "data.in_context_fraction": 0.0, "data.fresh_drills": 0, "data.max_chars": None,
+        "data.in_context_fraction": 0.0, "data.fresh_drills": 0, "data.max_chars": None, "data.path": None,
+        "data.files": [],
         "train.init_from": str(export), "train.trainable": trainable, "train.max_steps": steps,
         "train.warmup_steps": min(base.train.warmup_steps, steps // 10), "train.ckpt_every": steps,
         "train.first_look": 0,

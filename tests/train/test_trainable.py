@@ -38,11 +38,11 @@ def test_knowledge_on_a_dense_model_or_an_unknown_mode_is_refused():
 
 def test_config_checks_trainable():
     with pytest.raises(ValueError, match="trainable=knowledge.*MoE layers"):
-        compose_config("experiment=decoupling", "model=tiny_dense", "train.trainable=knowledge",
+        compose_config("experiment=decoupling", "name=x", "model=tiny_dense", "train.trainable=knowledge",
                        "train.init_from=somewhere")
     with pytest.raises(ValueError, match="set train.init_from"):
-        compose_config("experiment=decoupling", "train.trainable=knowledge")
+        compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge")
     with pytest.raises(ValueError, match="train.trainable must be one of"):
         compose_config("train.trainable=experts")
-    cfg = compose_config("experiment=decoupling", "train.trainable=knowledge", "train.init_from=somewhere")
+    cfg = compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge", "train.init_from=somewhere")
     assert cfg.train.trainable == "knowledge"

@@ -110,10 +110,10 @@ def test_corpus_kwargs_and_update_files_round_trip(tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     ({"changed_facts": 13}, "changed_facts=13 exceeds the world's 12 held-out"),
-    ({"new_people": 2}, "new_people=2 is too few"),
+    ({"new_people": 2, "changed_facts": 2}, "new_people=2 is too few"),
     ({"new_people": -1}, "must be >= 0"),
     ({"new_people": 0, "changed_facts": 0}, "needs new_people > 0 or changed_facts > 0"),
-    ({"people": 3}, "unexpected keyword"),
+    ({"people": 3, "changed_facts": 2}, "unexpected keyword"),
 ])
 def test_bad_updates_name_the_value(fields, message):
     with pytest.raises(ValueError, match=message):
