@@ -34,6 +34,9 @@ _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path
 def current_generator(path: str | None) -> str | None:
     """``data.generator`` as this version names it (a saved config may carry the world generator's former path)."""
     return WORLD_GENERATOR if path == _FORMER_WORLD_GENERATOR else path
+# a knowledge update's rows (``train.world_update``)
+UPDATE_GENERATOR = "pure_reasoner.train.world_update:update_corpus"
+TRAINABLE = ("all", "knowledge")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -127,8 +130,9 @@ class DataConfig:
 
     @property
     def marks_recall(self) -> bool:
-        """Whether the rows mark the values of facts (``recall`` spans): the world generator or a world on disk."""
-        return self.generator == WORLD_GENERATOR or self.source == "world"
+        """Whether the rows mark the values of facts (``recall`` spans): the world generator, a knowledge update's
+        (``UPDATE_GENERATOR``) or a world on disk."""
+        return self.generator in (WORLD_GENERATOR, UPDATE_GENERATOR) or self.source == "world"
 
 
 @dataclass
@@ -156,6 +160,10 @@ class TrainConfig:
     compile: run the model's forward under ``torch.compile`` (Inductor), in place, so checkpoints and exports
         are unchanged. With ``ffn=pure_reasoner`` and ``ep_size=1`` the forward is one graph (``fullgraph=True``);
         the first step (and the first knowledge-off pass) pays the compile. Not part of a checkpoint's identity.
+    trainable: ``all`` (every parameter) or ``knowledge`` (only the MoE layers' knowledge experts and routers; the
+        rest is frozen before the engine is built, ``train.trainable``): a knowledge update of a trained pure
+        reasoner (``python -m pure_reasoner.train.update``, docs/knowledge_update.md). Needs MoE layers and
+        ffn=pure_reasoner; the export takes the frozen parameters from ``init_from`` bit for bit.
     """
 
     max_steps: int = 200
@@ -185,6 +193,7 @@ class TrainConfig:
     init_from: str | None = None
     first_look: int = 200
     compile: bool = False
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         for key in (
@@ -214,6 +223,9 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
+        _require(self.trainable in TRAINABLE, f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        _require(self.trainable == "all" or self.init_from is not None,
+                 f"train.trainable={self.trainable} freezes what train.init_from holds: set train.init_from=DIR")
         _require(
             self.gemm_engine in GEMM_ENGINES,
             f"train.gemm_engine must be one of {GEMM_ENGINES}, got {self.gemm_engine!r}",
@@ -348,6 +360,13 @@ class Config:
         _require(
             kcfg.num_experts % self.train.ep_size == 0,
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
+        )
+        _require(
+            self.train.trainable != "knowledge"
+            or (self.ffn == "pure_reasoner" and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
+            f"train.trainable=knowledge trains only knowledge experts and routers: it needs ffn=pure_reasoner and MoE "
+            f"layers, got ffn={self.ffn!r} and {sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE "
+            f"layers (fine-tune a dense model with train.trainable=all)",
         )
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")

@@ -59,6 +59,8 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
         with checkpoint.safe_torch_load():
             state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model = PureReasonerLM(cfg.model)
+    if cfg.train.trainable != "all":
+        state = _with_frozen_from_source(model, state, cfg)
     model.load_state_dict(state, strict=True)
     out = out_dir or run_dir / EXPORT
     out.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,24 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     return out
 
 
+def _with_frozen_from_source(model: PureReasonerLM, state: dict, cfg: Config) -> dict:
+    """``state`` with the frozen parameters of ``train.trainable`` taken from ``train.init_from``'s export: they never
+    changed, and DeepSpeed's ZeRO-1 checkpoint leaves them out of what ``zero_to_fp32`` merges (ZeRO-2 keeps them,
+    in the compute dtype: bf16 runs would round them)."""
+    from pure_reasoner.moe.checkpoint import load_pretrained
+    from pure_reasoner.train.trainable import set_trainable
+
+    if cfg.train.init_from is None:
+        raise ValueError(f"train.trainable={cfg.train.trainable} froze parameters at their fresh init; export needs "
+                         "train.init_from to hold them")
+    source = load_pretrained(cfg.train.init_from).state_dict()
+    frozen = set_trainable(model, cfg.train.trainable)
+    return {**state, **{name: source[name] for name in frozen}}
+
+
 def _copy_run_files(run_dir: Path, out: Path) -> None:
-    for name in ("tokenizer.json", "world.json"):  # the tokenizer, and the world train.evaluation.evaluate asks about
+    # the tokenizer, the world train.eval asks about, and a knowledge update's new facts (train.world_update)
+    for name in ("tokenizer.json", "world.json", "update.json"):
         if (run_dir / name).exists():
             tmp = out / f".{name}.tmp"
             shutil.copyfile(run_dir / name, tmp)

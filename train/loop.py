@@ -23,11 +23,12 @@ from pure_reasoner.kernels import engines
 from pure_reasoner.moe import MoEStats, flops
 from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
 from pure_reasoner.train.build_model import build_model
-from pure_reasoner.train.config import WORLD_GENERATOR, Config, current_generator
+from pure_reasoner.train.config import UPDATE_GENERATOR, WORLD_GENERATOR, Config, current_generator
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
+from pure_reasoner.train.trainable import set_trainable
 from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
 
@@ -133,6 +134,10 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         if info.rank == 0 and cfg.data.generator == WORLD_GENERATOR:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_world_config(corpus_world_config(**cfg.data.generator_kwargs), run_dir)
+        if info.rank == 0 and cfg.data.generator == UPDATE_GENERATOR:
+            from pure_reasoner.train.world_update import save_update_files
+
+            save_update_files(cfg.data.generator_kwargs, run_dir)  # world.json (the base world) + update.json
     drills = None
     if cfg.data.fresh_drills:
         drills = _drill_source(cfg, tok)
@@ -309,6 +314,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     model = build_model(cfg, ep_rank=info.rank % cfg.train.ep_size)
     if source is not None:  # a resume below overwrites these weights with the run's own
         init_from.init_weights(model, source)
+    set_trainable(model, cfg.train.trainable)  # before the engine: only trainable parameters reach the optimizer
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)

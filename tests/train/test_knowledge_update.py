@@ -1,0 +1,62 @@
+"""A knowledge update end to end (python -m pure_reasoner.train.update's run and train.update_eval): on the
+decoupling recipe's
+smoke run, under ZeRO-1 and ZeRO-2, only the knowledge experts' and routers' parameters change."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train.update import run_config
+from pure_reasoner.train.update_eval import main as update_eval_main
+from pure_reasoner.train.world_update import UPDATE_FILE, UpdateConfig
+from tests.train.helpers import RECIPE_RUN, run_in_process
+
+UPDATE = UpdateConfig(seed=1, new_people=6, changed_facts=4)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("knowledge_update") / "base"
+    run_in_process(run_dir, base=RECIPE_RUN)
+    return run_dir
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_update_changes_only_knowledge_parameters(base_run, tmp_path, zero_stage):
+    from pure_reasoner.train.loop import run
+
+    out = tmp_path / "update"
+    cfg, resolved = run_config(base_run, out, UPDATE, "knowledge", 4, [f"deepspeed.zero_stage={zero_stage}"])
+    assert (cfg.train.trainable, cfg.data.generator, cfg.train.init_from) == \
+        ("knowledge", "pure_reasoner.train.world_update:update_corpus", str(base_run / "export"))
+    run(cfg, out, resolved)
+    before = load_file(base_run / "export" / "model.safetensors")
+    after = load_file(out / "export" / "model.safetensors")
+    names = {n for n, _ in PureReasonerLM(cfg.model).named_parameters()}
+    # The oracle: the layer's attribute names, read off the parameter names; the exports' own tensors compared.
+    knowledge = {n for n in names if ".ffn.router." in n or ".ffn.experts." in n}
+    changed = {n for n in names if not torch.equal(before[n], after[n])}
+    assert knowledge and changed <= knowledge, sorted(changed - knowledge)
+    assert any(".experts." in n for n in changed) and any(".router." in n for n in changed)
+    assert json.loads((out / "export" / UPDATE_FILE).read_text()) == {"seed": 1, "new_people": 6, "changed_facts": 4}
+    if zero_stage == 1:
+        report_path = tmp_path / "report.json"
+        assert update_eval_main(["--before", str(base_run / "export"), "--after", str(out / "export"),
+                                 "--max-examples", "4", "--json", str(report_path)]) == 0
+        report = json.loads(report_path.read_text())
+        assert {"new_people", "changed", "closed_book", "open_book"} <= set(report["splits"])
+        assert report["splits"]["changed"]["after"]["n"] == 4
+        assert set(report["targets"]) == {"new_vs_pretrained>=0.9", "retained>=0.9", "reading_within_ci"}
+
+
+def test_run_config_refuses_what_is_not_a_trained_run(tmp_path, base_run):
+    with pytest.raises(ValueError, match="no config.yaml"):
+        run_config(tmp_path, tmp_path / "out", UPDATE, "knowledge", 4)
+    with pytest.raises(ValueError, match="--set"):
+        run_config(base_run, tmp_path / "out", UPDATE, "knowledge", 4, ["train.no_such_key=1"])
+    with pytest.raises(ValueError, match="changed_facts=99 exceeds the world's"):
+        run_config(base_run, tmp_path / "out", UpdateConfig(changed_facts=99), "knowledge", 4)
+    assert not (tmp_path / "out").exists()

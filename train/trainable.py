@@ -1,0 +1,50 @@
+"""Which parameters a run trains (``train.trainable``): all of them, or only the knowledge path.
+
+``knowledge`` leaves trainable only each MoE layer's knowledge experts and router (its projections; the routing
+controllers are buffers and keep steering as in any run): attention, embeddings, norms, the head and every
+reasoning expert (and its gate) stay as they were. That is the knowledge update: new facts are written where
+facts live, and what reads and reasons is untouched by construction. A model without MoE layers (the dense
+baseline) has no knowledge path: it fine-tunes ``all``.
+"""
+
+from __future__ import annotations
+
+from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train.config import TRAINABLE
+
+
+def knowledge_parameter_names(model: PureReasonerLM) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the knowledge experts' and routers' parameters."""
+    moe = {id(layer) for layer in model.moe_layers()}
+    names = set()
+    for prefix, module in model.named_modules():
+        if id(module) in moe:
+            for part in (module.router, module.experts):
+                sub = "router" if part is module.router else "experts"
+                names |= {f"{prefix}.{sub}.{name}" for name, _ in part.named_parameters()}
+    return names
+
+
+def set_trainable(model: PureReasonerLM, mode: str) -> list[str]:
+    """Set ``requires_grad`` for ``mode`` (before the optimizer or DeepSpeed engine sees the parameters).
+
+    Returns:
+        The names of the frozen parameters ([] for ``all``).
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``knowledge`` on a model without MoE layers.
+    """
+    if mode not in TRAINABLE:
+        raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {mode!r}")
+    if mode == "all":
+        return []
+    if not model.moe_layers():
+        raise ValueError("train.trainable=knowledge needs MoE layers (knowledge experts); this model has none: "
+                         "fine-tune a dense model with train.trainable=all")
+    keep = knowledge_parameter_names(model)
+    frozen = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+        if name not in keep:
+            frozen.append(name)
+    return frozen

@@ -1,0 +1,116 @@
+"""Update a trained model's knowledge:
+``python -m pure_reasoner.train.update BASE_RUN [options] [--set KEY=VALUE ...]``.
+
+Starts from ``BASE_RUN/export`` (``train.init_from``) and trains on a knowledge update of the world the base run was
+trained on (``train.world_update``: new people and changed facts), then scores the update
+(``train.update_eval``: new facts, changed facts, retention, open-book reading; before vs after) and writes it to
+``OUT/update_eval.json``. The run is the base run's config (model, sequence length, objective, optimizer, seed) with:
+    data        ``pure_reasoner.train.world_update:update_corpus`` of the base world and ``--seed / --new-people /
+                --changed-facts``; no context on any row (every new fact must be memorised), no fresh drills;
+    train       ``init_from=BASE_RUN/export``, ``trainable=--trainable`` (``knowledge``: only knowledge experts
+                and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
+                ``max_steps=--steps``, one checkpoint at the end, no first-look table;
+    ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
+The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``; same command, same directory: it resumes).
+Multi-process: ``deepspeed --no_local_rank --num_gpus N --module train.update ...``. docs/knowledge_update.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from pure_reasoner.train.config import TRAINABLE, UPDATE_GENERATOR, Config  # noqa: E402
+from pure_reasoner.train.world_update import UpdateConfig, build_update, update_kwargs  # noqa: E402
+
+REPORT = "update_eval.json"
+
+
+def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, steps: int,
+                  overrides: Sequence[str] = ()) -> tuple[Config, str]:
+    """The typed Config of the update run and its resolved YAML (module docstring). Raises ValueError on a bad
+    base run (no config.yaml, export or world.json) or override."""
+    from pure_reasoner.train.export import EXPORT, load_run_config
+    from pure_reasoner.train.world.generator import build_world, load_world_config
+
+    base = load_run_config(base_run)
+    export = base_run / EXPORT
+    if not (export / "world.json").is_file():
+        raise ValueError(f"{export} has no world.json: the base run did not train on the built-in knowledge world")
+    world = load_world_config(export / "world.json")
+    build_update(build_world(world), update)  # a bad update fails here, before anything is written
+    node = OmegaConf.structured(base)
+    changes = {
+        "name": out.name,
+        "data.source": "generator", "data.generator": UPDATE_GENERATOR,
+        "data.generator_kwargs": update_kwargs(world, update),
+        "data.in_context_fraction": 0.0, "data.fresh_drills": 0, "data.max_chars": None, "data.path": None,
+        "data.files": [],
+        "train.init_from": str(export), "train.trainable": trainable, "train.max_steps": steps,
+        "train.warmup_steps": min(base.train.warmup_steps, steps // 10), "train.ckpt_every": steps,
+        "train.first_look": 0,
+    }
+    for key, value in changes.items():
+        OmegaConf.update(node, key, value, merge=False)
+    try:
+        node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:  # omegaconf's own error types: an unknown key or a value of the wrong type
+        raise ValueError(f"--set {list(overrides)}: {err}") from err
+    return OmegaConf.to_object(node), OmegaConf.to_yaml(node, resolve=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.train.update", description=__doc__.split("\n")[0])
+    parser.add_argument("base_run", type=Path, help="the trained run (its config.yaml and export/)")
+    parser.add_argument("--out", type=Path, default=None, help="the update's run directory "
+                                                                "(default: BASE_RUN-update-s<seed>)")
+    parser.add_argument("--seed", type=int, default=UpdateConfig.seed, help="which new people and changed facts")
+    parser.add_argument("--new-people", type=int, default=UpdateConfig.new_people)
+    parser.add_argument("--changed-facts", type=int, default=UpdateConfig.changed_facts)
+    parser.add_argument("--trainable", choices=TRAINABLE, default="knowledge",
+                        help="knowledge: only knowledge experts and routers (pure reasoner); all: everything (dense)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the update")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
+    parser.add_argument("--no-eval", action="store_true", help="train only; score later with train.update_eval")
+    parser.add_argument("--max-examples", type=int, default=None, help="questions per split in the evaluation")
+    args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error(f"--steps must be > 0, got {args.steps}")
+    out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}")
+    try:
+        update = UpdateConfig(args.seed, args.new_people, args.changed_facts)
+        cfg, resolved = run_config(args.base_run, out, update, args.trainable, args.steps, args.set)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pure_reasoner.train.loop import run
+    from pure_reasoner.train.update_eval import evaluate_update, render
+
+    try:
+        summary = run(cfg, out, resolved)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.wall_s:.1f} s -> {out}")
+    if args.no_eval or int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    from pure_reasoner.train.export import EXPORT
+
+    report = evaluate_update(args.base_run / EXPORT, out / EXPORT, max_examples=args.max_examples)
+    (out / REPORT).write_text(json.dumps(report, indent=2))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
