@@ -1,5 +1,5 @@
 """The table a training run on the built-in knowledge world ends with: closed- and open-book accuracy with the
-knowledge experts on and off, on a few hundred of the world's questions (seconds), so that the first run shows
+knowledge experts on and off, on a few hundred of the world's questions, so that the first run shows
 what the architecture is for. ``python -m pure_reasoner.train.evaluation`` gives the full report (every split,
 ablation, faithfulness, knowledge bits, routing).
 """
