@@ -137,7 +137,7 @@ def _ranks_of(proc: subprocess.Popen, ranks: int) -> list[int]:
     import psutil
 
     def runs_train(cmdline: list[str]) -> bool:
-        return "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["train"]
+        return "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["pure_reasoner.train"]
 
     try:
         return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if runs_train(p.cmdline())]

@@ -5,7 +5,7 @@ ops) and compiles each with Triton's bundled ptxas. This test runs it in a subpr
 TRITON_INTERPRET (this process decorated the kernels for the interpreter) and checks:
 - every kernel and autotune candidate we keep builds with no register spill and within the architecture's
   shared memory: sm_90 in fp32 (IEEE and TF32), fp16 and bf16; sm_80 in bf16 and fp32 IEEE (CI time).
-  Every launchable @triton.jit kernel of kernels/triton_*.py is compiled. About 40 + 20 s on 2 idle cores.
+  Every launchable @triton.jit kernel of the Triton modules is compiled. About 40 + 20 s on 2 idle cores.
 - in the PTX, what the review asked for: no acquire-release atomics, no SwiGLU backward (sigmoid:
   ``ex2``) in the up projection's backward, TF32 tensor-core dots only when asked, the expert-id assert
   only in debug builds.
@@ -23,7 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOMIC = re.compile(r"(?:^|\s)(atom|red)\.global\.([a-z_]+\.[a-z_]+)\.")  # red.global.gpu.relaxed.add...
-KERNEL_MODULES = ["triton_up", "triton_down", "triton_wgrad", "triton_routing", "triton_schedule"]
+KERNEL_MODULES = [f"pure_reasoner.kernels.{name}" for name in (
+    "expert_mlp.triton_up", "expert_mlp.triton_down", "expert_mlp.triton_wgrad", "routing.triton_routing",
+    "triton_schedule")]
 
 
 def _run_aot(tmp: Path, *args: str) -> list[dict]:
@@ -47,10 +49,10 @@ def sm90(tmp_path_factory):
 
 
 def _jit_kernels() -> set[str]:
-    """Names of the launchable kernels (``_*_kernel``) defined in kernels/triton_*.py."""
+    """Names of the launchable kernels (``_*_kernel``) defined in the Triton modules."""
     names = set()
     for name in KERNEL_MODULES:
-        module = importlib.import_module(f"kernels.{name}")
+        module = importlib.import_module(name)
         names |= {attr for attr in vars(module) if attr.startswith("_") and attr.endswith("_kernel")}
     return names
 

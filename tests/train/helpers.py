@@ -92,7 +92,7 @@ def train_ranks(launcher: subprocess.Popen) -> list:
     import psutil
 
     def runs_train(cmdline: list[str]) -> bool:
-        return "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["train"]
+        return "-m" in cmdline and cmdline[cmdline.index("-m") + 1 :][:1] == ["pure_reasoner.train"]
 
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if runs_train(p.cmdline())]
 
