@@ -4,7 +4,13 @@ Importing this package never imports triton.
 """
 
 from pure_reasoner.moe.config import KnowledgeConfig, ModelConfig, MoEConfig
-from pure_reasoner.moe.interventions import mean_ablation, record_knowledge_means
+from pure_reasoner.moe.interventions import (
+    gradient_routing,
+    knowledge_mean,
+    mean_ablation,
+    reasoning_off,
+    record_knowledge_means,
+)
 from pure_reasoner.moe.layer import MoEStats, PureReasonerMoE
 from pure_reasoner.moe.model import LMOutput, PureReasonerLM
 from pure_reasoner.moe.presets import PRESET_NAMES, preset
@@ -19,8 +25,11 @@ __all__ = [
     "ModelConfig",
     "PureReasonerLM",
     "PureReasonerMoE",
+    "gradient_routing",
+    "knowledge_mean",
     "mean_ablation",
     "preset",
+    "reasoning_off",
     "record_knowledge_means",
     "record_knowledge_trace",
 ]

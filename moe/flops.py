@@ -11,7 +11,8 @@ Conventions (stated once, used everywhere):
   when tied. Attention adds the PaLM term (Chowdhery et al. 2022, App. B) for context length S: ``4 L H Q S``
   forward, twice that backward. A full training pass: ``6 N + 12 L H Q S``; inference ``2 N + 4 L H Q S``.
 - Passes that skip part of the layer pay only for what runs: ``knowledge_off`` runs neither router nor
-  experts; ``knowledge_mean`` runs both forward only (the ablation detaches the knowledge path).
+  experts; ``knowledge_mean`` (``moe.interventions.knowledge_mean``) runs both forward only (the ablation detaches the
+  knowledge path).
 
 CLI: ``python -m pure_reasoner.moe.flops --preset NAME [--seq-len S] [--json]``.
 """

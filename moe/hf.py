@@ -80,11 +80,12 @@ class PureReasonerForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, knowledge_off: bool | None = None, reasoning_off: bool = False,
+                labels: torch.Tensor | None = None, knowledge_off: bool | None = None,
                 **_unused) -> CausalLMOutputWithPast:
         """Args: input_ids [B, S]; attention_mask [B, S] or None: ones, then only zeros (right padding, which a
         causal model can ignore; left padding raises ValueError); labels [B, S] (-100 = ignore; shifted here, as
-        transformers' causal LMs do); knowledge_off (default ``config.knowledge_off``), reasoning_off: ablations.
+        transformers' causal LMs do); knowledge_off (default ``config.knowledge_off``): the knowledge experts are off.
+        Research interventions (``moe.interventions``) apply to this model as to the one it wraps.
 
         Returns: logits [B, S, V]; loss (cross-entropy + router aux losses) when labels are given.
         """
@@ -92,7 +93,7 @@ class PureReasonerForCausalLM(PreTrainedModel, GenerationMixin):
             _check_right_padded(attention_mask)
         knowledge_off = self.config.knowledge_off if knowledge_off is None else knowledge_off
         targets_BS = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
-        out = self.model(input_ids, targets_BS, knowledge_off=knowledge_off, reasoning_off=reasoning_off)
+        out = self.model(input_ids, targets_BS, knowledge_off=knowledge_off)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits_BSV)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from pure_reasoner.moe.config import MoEConfig
 from pure_reasoner.moe.experts import GroupedExperts, SwiGLU, overflow_rows, saved_row_bound
-from pure_reasoner.moe.router import KnowledgeRouter, consult_loss, expert_load, masked_mean, spread_rows
+from pure_reasoner.moe.router import KnowledgeRouter, expert_load, spread_rows
 
 
 class MoEStats(NamedTuple):
@@ -35,6 +35,8 @@ class MoEStats(NamedTuple):
         router did not run. Concatenate it over ranks so every rank applies the same update.
     overflow_rows: 0-d, routed slots past the knowledge path's saved-activation bound (recomputed in the
         backward, not dropped; ``moe.experts.saved_row_bound``); None when the router did not run.
+    consult_logit_T: [T] fp32 consult logits with gradient (mechanism ``gate``; None otherwise or when the router
+        did not run): what a supervised consult loss trains (``train.objectives.consult_supervision``).
     """
 
     aux_loss: torch.Tensor
@@ -46,6 +48,7 @@ class MoEStats(NamedTuple):
     num_slots: int
     router_inputs_ND: torch.Tensor | None = None
     overflow_rows: torch.Tensor | None = None
+    consult_logit_T: torch.Tensor | None = None
 
     @property
     def consult_rate(self) -> torch.Tensor:
@@ -83,33 +86,13 @@ class PureReasonerMoE(nn.Module):
                 nn.init.normal_(param, std=out_std if is_out else std)
         self.router.reset_controller()
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        knowledge_off: bool = False,
-        reasoning_off: bool = False,
-        knowledge_mean: bool | torch.Tensor = False,
-        reasoning_frozen: torch.Tensor | None = None,
-        consult_target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MoEStats]:
-        """Apply the layer.
+    def forward(self, x: torch.Tensor, knowledge_off: bool = False) -> tuple[torch.Tensor, MoEStats]:
+        """Apply the layer. Research interventions (reasoning off, mean ablations, gradient routing) are applied
+        from outside by ``moe.interventions``.
 
         Args:
             x: [..., D] tokens (e.g. [B, S, D]).
-            knowledge_off: ablation; no token consults (the router does not run).
-            reasoning_off: ablation; the reasoning expert's output is zero.
-            knowledge_mean: mean ablation; routing is unchanged, but every consulting token receives the mean of
-                the knowledge path's outputs over this call's consulting tokens instead of its own: what the
-                experts add that does not depend on the token (a constant "key") survives it, what they store
-                about particular tokens (facts about a person) does not. A bool mask of x's shape without D
-                restricts it to the masked tokens (the mean is over the consulting masked tokens; the others keep
-                their own output), e.g. the positions that predict an answer: a key specific to such positions
-                survives that too. The knowledge path sends no gradient under this ablation.
-            reasoning_frozen: None or [...] bool (x's shape without D): where True, the reasoning expert's
-                output is detached, so no gradient reaches the reasoning expert (or, through it, the layers
-                below) from that token; the forward value is unchanged (knowledge gradient routing).
-            consult_target: None or [...] bool: which tokens should consult; with ``consult_loss_coef`` the
-                router's consult loss against it joins ``aux_loss`` (supervised consult).
+            knowledge_off: no token consults (the router and the knowledge experts do not run).
 
         Returns:
             y: same shape as x; stats: MoEStats of this call.
@@ -117,30 +100,14 @@ class PureReasonerMoE(nn.Module):
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"x must have last dim d_model={self.cfg.d_model}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, x.shape[-1])
-        y_TD = torch.zeros_like(x_TD) if reasoning_off else self._reasoning(x_TD)
-        mean_mask = knowledge_mean if isinstance(knowledge_mean, torch.Tensor) else None
-        for name, mask in (("reasoning_frozen", reasoning_frozen), ("consult_target", consult_target),
-                           ("knowledge_mean", mean_mask)):
-            if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
-                raise ValueError(f"{name} must be bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} "
-                                 f"{tuple(mask.shape)}")
-        if reasoning_frozen is not None and not reasoning_off:
-            y_TD = torch.where(reasoning_frozen.reshape(-1, 1), y_TD.detach(), y_TD)
+        y_TD = self._reasoning(x_TD)
         if knowledge_off:
             return y_TD.view_as(x), self._idle_stats(x_TD)
         routing = self.router(x_TD)
         knowledge_TD = self.experts(x_TD, routing.expert_ids_TK, routing.gates_TK)
-        if mean_mask is not None or knowledge_mean:
-            consulted_T = (routing.expert_ids_TK >= 0).any(1)
-            replaced_T = consulted_T if mean_mask is None else consulted_T & mean_mask.reshape(-1)
-            knowledge_TD = knowledge_TD.detach()
-            mean_D = masked_mean(knowledge_TD, replaced_T)
-            knowledge_TD = torch.where(replaced_T.unsqueeze(1), mean_D, knowledge_TD)
         y_TD = y_TD + knowledge_TD
         kcfg = self.cfg.knowledge
         aux_loss = kcfg.balance_loss_coef * routing.balance_loss + kcfg.z_loss_coef * routing.z_loss
-        if consult_target is not None:
-            aux_loss = aux_loss + kcfg.consult_loss_coef * consult_loss(routing, consult_target.reshape(-1))
         stats = MoEStats(
             aux_loss=aux_loss,
             balance_loss=routing.balance_loss,
@@ -154,6 +121,7 @@ class PureReasonerMoE(nn.Module):
                 routing.expert_ids_TK,
                 saved_row_bound(routing.expert_ids_TK.numel(), kcfg.saved_row_share, kcfg.saved_rows_min),
             ),
+            consult_logit_T=routing.consult_logit_T,
         )
         return y_TD.view_as(x), stats
 

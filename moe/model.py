@@ -87,13 +87,13 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         self.ffn = PureReasonerMoE(cfg.moe_config()) if self.is_moe else SwiGLU(cfg.d_model, cfg.dense_width)
 
-    def forward(self, x_BSD, cos_SQ, sin_SQ, ablations: dict[str, bool | torch.Tensor], mask_B1SS=None,
-                **token_masks):
+    def forward(self, x_BSD, cos_SQ, sin_SQ, mask_B1SS=None, knowledge_off: bool = False):
+        """x_BSD [B, S, D] -> (x_BSD, the FFN's MoEStats or None for a dense block)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SQ, sin_SQ, mask_B1SS)
         h_BSD = self.ffn_norm(x_BSD)
         if not self.is_moe:
             return x_BSD + self.ffn(h_BSD), None
-        y_BSD, stats = self.ffn(h_BSD, **ablations, **token_masks)
+        y_BSD, stats = self.ffn(h_BSD, knowledge_off=knowledge_off)
         return x_BSD + y_BSD, stats
 
 
@@ -136,23 +136,15 @@ class PureReasonerLM(nn.Module):
         targets_BS: torch.Tensor | None = None,
         *,
         knowledge_off: bool = False,
-        reasoning_off: bool = False,
-        knowledge_mean: bool | torch.Tensor = False,
-        reasoning_frozen_BS: torch.Tensor | None = None,
-        consult_target_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
     ) -> LMOutput:
-        """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); ablation switches (knowledge_off,
-        reasoning_off, knowledge_mean (a bool or a [B, S] bool mask): see ``PureReasonerMoE.forward``; the last
-        only when set; its mean is over the consulting tokens of this call, so a token's output depends on the
-        rest of the batch: ``moe.interventions.mean_ablation`` applies a fixed constant instead);
-        reasoning_frozen_BS [B, S] bool or None: tokens whose gradient must not reach the MoE layers' reasoning
-        experts (``PureReasonerMoE.forward``'s ``reasoning_frozen``; knowledge gradient routing);
-        consult_target_BS [B, S] bool or None: which tokens should consult (supervised consult, its loss weighted
-        by ``knowledge.consult_loss_coef`` in ``aux_loss``);
-        doc_ids_BS [B, S] integer or None: the document each token belongs to (non-decreasing along S) for packed
-        sequences: a token attends only to earlier tokens of its own document, so it sees what it would see at the
-        start of a sequence of its own (RoPE depends on relative positions only), as in eval and generation.
+        """Args: idx_BS [B, S] token ids; targets_BS [B, S] (-100 = ignore); knowledge_off: no MoE layer consults
+        its knowledge experts (``PureReasonerMoE.forward``); doc_ids_BS [B, S] integer or None: the document each
+        token belongs to (non-decreasing along S) for packed sequences: a token attends only to earlier tokens of its
+        own document, so it sees what it would see at the start of a sequence of its own (RoPE depends on relative
+        positions only), as in eval and generation. Research interventions (reasoning off, mean ablations, gradient
+        routing) are applied from outside by ``moe.interventions``; consult supervision is a training objective
+        (``train.objectives.consult_supervision``) on the stats' consult logits.
 
         Returns: LMOutput (logits [B, S, V]).
         """
@@ -171,15 +163,8 @@ class PureReasonerLM(nn.Module):
         x_BSD = self.embed(idx_BS)
         cos_SQ, sin_SQ = self.rope_cos[:seq], self.rope_sin[:seq]
         all_stats = []
-        masks = {"reasoning_frozen": reasoning_frozen_BS, "consult_target": consult_target_BS}
-        token_masks = {k: v for k, v in masks.items() if v is not None}
-        ablations = {"knowledge_off": knowledge_off, "reasoning_off": reasoning_off}
-        if not isinstance(knowledge_mean, bool | torch.Tensor):
-            raise ValueError(f"knowledge_mean must be a bool or a [B, S] bool tensor, got {knowledge_mean!r}")
-        if isinstance(knowledge_mean, torch.Tensor) or knowledge_mean:  # only then: baseline FFNs do not take it
-            ablations["knowledge_mean"] = knowledge_mean
         for block in self.blocks:
-            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, ablations, mask_B1SS, **token_masks)
+            x_BSD, stats = block(x_BSD, cos_SQ, sin_SQ, mask_B1SS, knowledge_off)
             if stats is not None:
                 all_stats.append(stats)
         x_BSD = self.norm(x_BSD)
@@ -207,7 +192,6 @@ class PureReasonerLM(nn.Module):
         greedy: bool = False,
         generator: torch.Generator | None = None,
         knowledge_off: bool = False,
-        reasoning_off: bool = False,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` tokens; greedy (argmax) or sampled with temperature and top-k.
 
@@ -219,7 +203,7 @@ class PureReasonerLM(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         for _ in range(max_new_tokens):
             context_BS = idx_BS[:, -self.cfg.max_seq_len :]
-            logits_BV = self(context_BS, knowledge_off=knowledge_off, reasoning_off=reasoning_off).logits_BSV[:, -1]
+            logits_BV = self(context_BS, knowledge_off=knowledge_off).logits_BSV[:, -1]
             if greedy:
                 next_B1 = logits_BV.argmax(-1, keepdim=True)
             else:

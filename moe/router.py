@@ -234,9 +234,3 @@ def expert_load(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     load_E1.scatter_add_(0, torch.where(ids_S < 0, num_experts, ids_S), torch.ones_like(ids_S, dtype=torch.float32))
     return load_E1[:num_experts]
 
-
-def consult_loss(routing: Routing, consult_target_T: torch.Tensor) -> torch.Tensor:
-    """0-d mean BCE of the consult logits against [T] bool targets (supervised consult; ``gate`` only)."""
-    if routing.consult_logit_T is None:
-        raise ValueError("consult targets need mechanism 'gate' (a consult logit to train)")
-    return F.binary_cross_entropy_with_logits(routing.consult_logit_T, consult_target_T.float())

@@ -6,7 +6,8 @@ Shape legend: T tokens, D model dim, E experts.
 ``y = c0 * moe(x) + c1 * mlp(x)`` with ``(c0, c1) = softmax(Linear(x))``. Its experts and its residual
 MLP are our SwiGLU of ``expert_width``. The wrapper returns ``(y, MoEStats)`` like PureReasonerMoE so
 the model, the logging and the FLOPs accountant treat it the same way. Its ablations zero one of the two
-terms: ``knowledge_off`` drops ``c0 * moe(x)`` (the routed experts), ``reasoning_off`` drops ``c1 * mlp(x)``.
+terms: ``knowledge_off`` drops ``c0 * moe(x)`` (the routed experts); ``moe.interventions.reasoning_off`` zeroes
+``mlp(x)``, which it finds as ``reasoning``, so ``c1 * mlp(x)`` drops out.
 
 Exported models (``train.export``) carry ``FFN_FILE`` beside ``config.json``; ``load_pretrained`` rebuilds them.
 """
@@ -57,16 +58,12 @@ class DeepSpeedResidualFFN(nn.Module):
             else:
                 nn.init.normal_(param, std=0.02)
 
-    def forward(self, x: torch.Tensor, knowledge_off: bool = False, reasoning_off: bool = False,
-                knowledge_mean: bool | torch.Tensor = False):
-        """x: [..., D] -> (y [..., D], MoEStats); an ablation zeroes one of DeepSpeed's two terms."""
-        if knowledge_mean is not False:
-            raise ValueError("the knowledge_mean ablation is the pure reasoner's (PureReasonerMoE); "
-                             "DeepSpeed's residual MoE has no consult decision to keep")
+    def forward(self, x: torch.Tensor, knowledge_off: bool = False):
+        """x: [..., D] -> (y [..., D], MoEStats); ``knowledge_off`` drops the routed experts' term."""
         x_TD = x.reshape(-1, x.shape[-1])
         num_tokens = x_TD.shape[0]
-        if knowledge_off or reasoning_off:
-            return self._ablated(x_TD, knowledge_off, reasoning_off).view_as(x), self._idle_stats(num_tokens)
+        if knowledge_off:
+            return self._knowledge_off(x_TD).view_as(x), self._idle_stats(num_tokens)
         y_TD, l_aux, counts_E = self.moe(x_TD)
         zero = l_aux.new_zeros(())
         stats = MoEStats(
@@ -85,16 +82,16 @@ class DeepSpeedResidualFFN(nn.Module):
         """The routed experts (what ``knowledge_off`` removes), as PureReasonerMoE names them."""
         return self.moe.deepspeed_moe.experts
 
+    @property
+    def reasoning(self) -> nn.Module:
+        """The residual MLP (what ``moe.interventions.reasoning_off`` zeroes), as PureReasonerMoE names it."""
+        return self.moe.mlp
+
     @torch.no_grad()
-    def _ablated(self, x_TD: torch.Tensor, knowledge_off: bool, reasoning_off: bool) -> torch.Tensor:
-        """``MoE.forward``'s mix ``c0 * moe(x) + c1 * mlp(x)`` without the switched-off term (eval only)."""
+    def _knowledge_off(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """``MoE.forward``'s mix ``c0 * moe(x) + c1 * mlp(x)`` without the routed experts' term (eval only)."""
         coef_T2 = F.softmax(self.moe.coefficient(x_TD), dim=-1)
-        y_TD = torch.zeros_like(x_TD)
-        if not knowledge_off:
-            y_TD = y_TD + self.moe.deepspeed_moe(x_TD, None) * coef_T2[:, 0:1]
-        if not reasoning_off:
-            y_TD = y_TD + self.moe.mlp(x_TD) * coef_T2[:, 1:]
-        return y_TD
+        return torch.zeros_like(x_TD) + self.moe.mlp(x_TD) * coef_T2[:, 1:]
 
     def _idle_stats(self, num_tokens: int) -> MoEStats:
         zero = torch.zeros(())

@@ -11,6 +11,7 @@ import os
 import shutil
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pure_reasoner.kernels import engines
-from pure_reasoner.moe import MoEStats, flops
+from pure_reasoner.moe import MoEStats, flops, interventions
 from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
 from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.config import UPDATE_GENERATOR, WORLD_GENERATOR, Config, current_generator
@@ -62,8 +63,9 @@ class TrainData:
 
     def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
-        closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS with
-        ``objective.route_knowledge`` and as consult_target_BS with ``model.knowledge.consult_loss_coef`` (with
+        closed-book tokens (``data.closed_book_tokens``; drills have none) as reasoning_frozen_BS (the mask of
+        ``moe.interventions.gradient_routing``) with ``objective.route_knowledge`` and as consult_target_BS (the
+        targets of ``objectives.consult_supervision``) with ``model.knowledge.consult_loss_coef`` (with
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
         ``data.recall_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows); with
@@ -368,10 +370,15 @@ def _one_step(
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
         anchor_BS = batch.pop("anchor_BS", None)
+        frozen_BS, consult_BS = batch.pop("reasoning_frozen_BS", None), batch.pop("consult_target_BS", None)
         if cfg.objective.kind == "distill":
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
         else:
-            out = engine(**batch)
+            with nullcontext() if frozen_BS is None else interventions.gradient_routing(engine.module, frozen_BS):
+                out = engine(**batch)
+            if consult_BS is not None:
+                consult = objectives.consult_supervision(out.stats, consult_BS, cfg.model.knowledge.consult_loss_coef)
+                out = out._replace(loss=out.loss + consult, aux_loss=out.aux_loss + consult)
         if anchor_BS is not None:
             anchor = distill.anchor_loss(out.logits_BSV, teacher, batch["idx_BS"], anchor_BS, cfg.objective,
                                          batch.get("doc_ids_BS"))

@@ -23,6 +23,7 @@ forward KL) puts its mass on one of the teacher's modes instead of spreading it 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -116,16 +117,51 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
                 read_BS: torch.Tensor, objective: ObjectiveConfig, doc_ids_BS: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
-    ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: the ``knowledge_mean`` ablation at the
-    ``forget_BS`` tokens), scored by ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
+    the ``forget_BS`` tokens), scored by ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    from pure_reasoner.moe import interventions
+
     off = objective.forget_ablation == "knowledge_off"
-    ablation = {"knowledge_off": True} if off else {"knowledge_mean": forget_BS}
-    if doc_ids_BS is not None:  # the ordinary pass's document mask (data.doc_mask)
-        ablation["doc_ids_BS"] = doc_ids_BS
-    logits_BSV = model(idx_BS, **ablation).logits_BSV
+    with contextlib.nullcontext() if off else interventions.knowledge_mean(model, forget_BS):
+        # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
+        logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
     loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
                                  objective.read_weight)
     return loss
+
+
+def consult_loss(consult_logit_T: torch.Tensor | None, consult_target_T: torch.Tensor) -> torch.Tensor:
+    """0-d mean BCE of one layer's [T] consult logits against [T] bool targets (supervised consult).
+
+    Raises ValueError when there is no consult logit (the router's mechanism is not ``gate``)."""
+    if consult_logit_T is None:
+        raise ValueError("consult targets need mechanism 'gate' (a consult logit to train)")
+    return F.binary_cross_entropy_with_logits(consult_logit_T, consult_target_T.float())
+
+
+def consult_supervision(stats: Sequence[MoEStats], consult_target_BS: torch.Tensor, coef: float) -> torch.Tensor:
+    """Supervised consult: ``coef`` * the sum over MoE layers of ``consult_loss`` of each layer's consult logits
+    (``MoEStats.consult_logit_T``) against ``consult_target_BS`` (the tokens that should consult). Layers whose
+    router did not run (``knowledge_off``) add nothing.
+
+    Args:
+        stats: the MoE layers' stats of one forward (``LMOutput.stats``).
+        consult_target_BS: bool, one entry per token of that forward (x's shape without D).
+        coef: the weight, ``model.knowledge.consult_loss_coef``.
+
+    Returns:
+        0-d fp32 loss, with gradient to the routers' consult gates.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=consult_target_BS.device)
+    for layer_stats in stats:
+        if layer_stats.router_inputs_ND is None:  # the router did not run
+            continue
+        target_T = consult_target_BS.reshape(-1)
+        if consult_target_BS.dtype != torch.bool or target_T.numel() != layer_stats.num_tokens:
+            raise ValueError(f"consult_target_BS must be bool with one entry per token ({layer_stats.num_tokens}), "
+                             f"got {consult_target_BS.dtype} {tuple(consult_target_BS.shape)}")
+        total = total + coef * consult_loss(layer_stats.consult_logit_T, target_T)
+    return total
 
 
 def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_len: int,

@@ -1,11 +1,13 @@
-"""Supervised consult: consult targets train the gate's consult logit by BCE (knowledge.consult_loss_coef)."""
+"""Supervised consult: consult targets train the gate's consult logit by BCE (knowledge.consult_loss_coef), a
+training objective (train.objectives.consult_supervision) on the consult logits the layers' stats expose."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
-from pure_reasoner.moe.router import KnowledgeRouter, consult_loss
+from pure_reasoner.moe.router import KnowledgeRouter
+from pure_reasoner.train.objectives import consult_loss, consult_supervision
 
 
 def test_consult_loss_is_bce_of_the_consult_logit():
@@ -14,7 +16,7 @@ def test_consult_loss_is_bce_of_the_consult_logit():
     x_TD = torch.randn(32, 16)
     target_T = torch.rand(32) < 0.3
     routing = router(x_TD)
-    loss = consult_loss(routing, target_T)
+    loss = consult_loss(routing.consult_logit_T, target_T)
     w_D, b = router.consult_proj.weight[0].detach(), float(router.consult_proj.bias)
     logit_T = x_TD @ w_D + b
     expected = -(target_T * F.logsigmoid(logit_T) + ~target_T * F.logsigmoid(-logit_T)).mean()
@@ -28,10 +30,10 @@ def test_consult_targets_need_the_gate():
         KnowledgeConfig(mechanism="null", consult_loss_coef=1.0)
     router = KnowledgeRouter(16, KnowledgeConfig(num_experts=4, expert_width=8, mechanism="null"))
     with pytest.raises(ValueError, match="gate"):
-        consult_loss(router(torch.randn(8, 16)), torch.zeros(8, dtype=torch.bool))
+        consult_loss(router(torch.randn(8, 16)).consult_logit_T, torch.zeros(8, dtype=torch.bool))
     layer = PureReasonerMoE(MoEConfig(d_model=16, reasoning_width=16, knowledge=router.cfg))
     with pytest.raises(ValueError, match="gate"):
-        layer(torch.randn(8, 16), consult_target=torch.zeros(8, dtype=torch.bool))
+        consult_supervision([layer(torch.randn(8, 16))[1]], torch.zeros(8, dtype=torch.bool), 1.0)
 
 
 def test_supervised_gate_learns_which_tokens_consult():
@@ -44,9 +46,9 @@ def test_supervised_gate_learns_which_tokens_consult():
     for _ in range(200):
         x_TD = torch.randn(256, 16)
         target_T = x_TD[:, 0] > 0.5
-        _, stats = layer(x_TD, consult_target=target_T)
+        _, stats = layer(x_TD)
         opt.zero_grad()
-        stats.aux_loss.backward()
+        (stats.aux_loss + consult_supervision([stats], target_T, kcfg.consult_loss_coef)).backward()
         opt.step()
         layer.update_controller(stats)
     layer.eval()
@@ -57,4 +59,4 @@ def test_supervised_gate_learns_which_tokens_consult():
     agreement = (consulted_T == target_T).float().mean()
     assert agreement > 0.9, float(agreement)
     with pytest.raises(ValueError, match="consult_target"):
-        layer(x_TD, consult_target=target_T[:10])
+        consult_supervision([layer(x_TD)[1]], target_T[:10], kcfg.consult_loss_coef)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pure_reasoner.moe import flops
+from pure_reasoner.moe import flops, knowledge_mean
 from tests.moe.flop_count import CPU_ATTENTION, CPU_ATTENTION_BWD, SEQ, counted, exact_rate, small_model
 
 BATCH = 3
@@ -83,7 +83,8 @@ def test_knowledge_mean_pass_runs_router_and_experts_forward_only(mechanism):
     result = {}
 
     def forget_pass():
-        out = result.setdefault("out", model(idx_BS, knowledge_mean=mask_BS))
+        with knowledge_mean(model, mask_BS):
+            out = result.setdefault("out", model(idx_BS))
         F.cross_entropy(out.logits_BSV.flatten(0, 1), targets_BS.flatten()).backward()
 
     counts = counted(forget_pass)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
 from pure_reasoner.moe import KnowledgeConfig, MoEConfig, PureReasonerMoE
 from pure_reasoner.moe.experts import SwiGLU
+from pure_reasoner.moe.interventions import knowledge_mean, reasoning_off
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -43,7 +44,8 @@ def test_one_expert_always_consulted_equals_dense_swiglu():
         dense.w2.weight.copy_(layer.experts.w2_EFD[0].T)
     x_TD = torch.randn(37, 32, requires_grad=True)
     x_dense = x_TD.detach().clone().requires_grad_()
-    y_TD, _ = layer(x_TD, reasoning_off=True)
+    with reasoning_off(layer):
+        y_TD, _ = layer(x_TD)
     y_dense = dense(x_dense)
     torch.testing.assert_close(y_TD, y_dense, **FP32)
     grad = torch.randn_like(y_TD)
@@ -225,14 +227,17 @@ def test_knowledge_mean_gives_every_consulting_token_the_mean(mechanism):
     assert 0 < int(consulted_T.sum()) < 40
     knowledge_TD = layer(x_TD)[0] - layer.reasoning(x_TD)
     mean_D = knowledge_TD[consulted_T].mean(0)
-    y_TD, stats = layer(x_TD, knowledge_mean=True)
+    with knowledge_mean(layer):
+        y_TD, stats = layer(x_TD)
     expected_TD = layer.reasoning(x_TD) + torch.where(consulted_T.unsqueeze(1), mean_D, 0.0)
     torch.testing.assert_close(y_TD, expected_TD, **FP32)
     assert int(stats.consulting_tokens) == int(consulted_T.sum())
     assert not torch.allclose(y_TD, layer(x_TD)[0])  # the per-token knowledge is gone
     # one consulting token: its own output is the mean, so the ablation changes nothing
     one_TD = x_TD[consulted_T][:1]
-    torch.testing.assert_close(layer(one_TD, knowledge_mean=True)[0], layer(one_TD)[0], **FP32)
+    with knowledge_mean(layer):
+        one_mean_TD = layer(one_TD)[0]
+    torch.testing.assert_close(one_mean_TD, layer(one_TD)[0], **FP32)
 
 
 def test_knowledge_mean_on_masked_tokens_only_and_without_gradient():
@@ -246,13 +251,14 @@ def test_knowledge_mean_on_masked_tokens_only_and_without_gradient():
     expected_TD = layer.reasoning(x_TD) + torch.where(replaced_T.unsqueeze(1), knowledge_TD[replaced_T].mean(0),
                                                       knowledge_TD)
     x_TD.requires_grad_(True)
-    y_TD, _ = layer(x_TD, knowledge_mean=mask_T)
+    with knowledge_mean(layer, mask_T):
+        y_TD, _ = layer(x_TD)
     torch.testing.assert_close(y_TD, expected_TD, **FP32)
     y_TD.square().sum().backward()
     assert all(p.grad is None for p in layer.experts.parameters())  # the ablated knowledge path is not trained
     assert all(p.grad is not None for p in layer.reasoning.parameters())
-    with pytest.raises(ValueError, match="knowledge_mean must be bool"):
-        layer(x_TD, knowledge_mean=mask_T[:10])
+    with pytest.raises(ValueError, match="knowledge_mean's mask_BS must be bool"), knowledge_mean(layer, mask_T[:10]):
+        layer(x_TD)
 
 
 def test_rate_feedback_is_bounded():

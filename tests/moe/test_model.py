@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, reasoning_off
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -48,14 +48,16 @@ def test_ablation_switches():
     idx_BS = torch.randint(0, 64, (2, 16))
     full = model(idx_BS)
     no_knowledge = model(idx_BS, knowledge_off=True)
-    no_reasoning = model(idx_BS, reasoning_off=True)
+    with reasoning_off(model):
+        no_reasoning = model(idx_BS)
     assert all(float(s.expert_load_E.sum()) == 0 for s in no_knowledge.stats)
     assert sum(float(s.expert_load_E.sum()) for s in full.stats) > 0
     assert not torch.allclose(full.logits_BSV, no_knowledge.logits_BSV)
     assert not torch.allclose(full.logits_BSV, no_reasoning.logits_BSV)
-    both = model(idx_BS, knowledge_off=True, reasoning_off=True)
-    for layer in model.moe_layers():  # with both off each MoE layer adds exactly zero
-        assert layer(torch.randn(3, 32), knowledge_off=True, reasoning_off=True)[0].abs().max() == 0
+    with reasoning_off(model):
+        both = model(idx_BS, knowledge_off=True)
+        for layer in model.moe_layers():  # with both off each MoE layer adds exactly zero
+            assert layer(torch.randn(3, 32), knowledge_off=True)[0].abs().max() == 0
     assert both.logits_BSV.shape == full.logits_BSV.shape
 
 

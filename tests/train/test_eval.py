@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, knowledge_mean
 from pure_reasoner.moe.checkpoint import save_pretrained
 from pure_reasoner.train.evaluation import mean_reference as er
 from pure_reasoner.train.evaluation import scores as em
@@ -320,8 +320,9 @@ def test_knowledge_mean_ablation_is_asked_for_by_name(tmp_path):
     assert json.loads((tmp_path / "again.json").read_text())["splits"] == report["splits"]
     (tmp_path / "bad.means.safetensors").write_text("not tensors")
     assert main([*args, "--mean-reference", str(tmp_path / "bad.means.safetensors")]) == 2
-    with pytest.raises(ValueError, match="knowledge_mean must be a bool"):
-        model(torch.zeros(1, 4, dtype=torch.long), knowledge_mean="answer positions")
+    with pytest.raises(ValueError, match="knowledge_mean's mask_BS must be None or a bool tensor"):
+        with knowledge_mean(model, "answer positions"):
+            pass
     with pytest.raises(SystemExit):  # answer_mean scores given continuations; it cannot generate
         main(["--checkpoint", str(tmp_path / "ckpt"), "--ablations", "answer_mean", "--generate", "answer_mean"])
 

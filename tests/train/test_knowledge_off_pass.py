@@ -1,10 +1,12 @@
 """Knowledge-off forgetting (objective.forget_weight / read_weight): the masks a micro-batch carries, the
 parameters the knowledge-off pass trains, config errors and a run end to end."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, flops
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, flops, knowledge_mean
 from pure_reasoner.train import data
 from pure_reasoner.train.config import ObjectiveConfig
 from pure_reasoner.train.dist import DistInfo
@@ -45,8 +47,10 @@ def test_the_knowledge_off_pass_trains_the_always_on_path_only(ablation):
     model = PureReasonerLM(cfg)
     idx_BS, targets_BS = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     forget_BS = torch.rand(3, 16) < 0.3
-    off = {"knowledge_off": True} if ablation == "knowledge_off" else {"knowledge_mean": forget_BS}
-    loss, _ = knowledge_off_loss(model(idx_BS, **off).logits_BSV, targets_BS, forget_BS, ~forget_BS, 1.0, 1.0)
+    off = ablation == "knowledge_off"
+    with nullcontext() if off else knowledge_mean(model, forget_BS):
+        logits_BSV = model(idx_BS, knowledge_off=off).logits_BSV
+    loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, ~forget_BS, 1.0, 1.0)
     loss.backward()
     for layer in model.moe_layers():
         assert all(p.grad is None for p in layer.experts.parameters())

@@ -1,10 +1,12 @@
 """Knowledge gradient routing (objective.route_knowledge): which tokens are closed-book, and that their gradient
 never reaches a reasoning expert while the forward pass is unchanged."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from pure_reasoner.moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE
+from pure_reasoner.moe import KnowledgeConfig, ModelConfig, MoEConfig, PureReasonerLM, PureReasonerMoE, gradient_routing
 from pure_reasoner.train import data
 from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.loop import prepare_data
@@ -51,7 +53,8 @@ def test_layer_frozen_tokens_send_no_gradient_to_the_reasoning_expert():
     def run(frozen):
         layer.zero_grad()
         x = x_BSD.clone().requires_grad_()
-        y, _ = layer(x, reasoning_frozen=frozen) if frozen is not None else layer(x)
+        with gradient_routing(layer, frozen) if frozen is not None else nullcontext():
+            y, _ = layer(x)
         (y * g_BSD).sum().backward()
         return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
@@ -74,10 +77,10 @@ def test_layer_frozen_tokens_send_no_gradient_to_the_reasoning_expert():
     torch.testing.assert_close(gx_frozen[~frozen_BS], gx_full[~frozen_BS], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gx_frozen[frozen_BS] + gx_reasoning[frozen_BS], gx_full[frozen_BS],
                                rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="reasoning_frozen"):
-        layer(x_BSD, reasoning_frozen=frozen_BS[:, :4])
-    with pytest.raises(ValueError, match="reasoning_frozen"):
-        layer(x_BSD, reasoning_frozen=frozen_BS.float())
+    with pytest.raises(ValueError, match="frozen_BS"), gradient_routing(layer, frozen_BS[:, :4]):
+        layer(x_BSD)
+    with pytest.raises(ValueError, match="frozen_BS"), gradient_routing(layer, frozen_BS.float()):
+        layer(x_BSD)
 
 
 def test_model_all_frozen_trains_no_reasoning_expert():
@@ -86,7 +89,8 @@ def test_model_all_frozen_trains_no_reasoning_expert():
     model = PureReasonerLM(cfg)
     idx_BS = torch.randint(0, 64, (2, 17))
     frozen_BS = torch.ones(2, 17, dtype=torch.bool)
-    out = model(idx_BS, idx_BS, reasoning_frozen_BS=frozen_BS)
+    with gradient_routing(model, frozen_BS):
+        out = model(idx_BS, idx_BS)
     out.loss.backward()
     torch.testing.assert_close(out.logits_BSV, model(idx_BS).logits_BSV, rtol=0, atol=0)
     for name, param in model.named_parameters():

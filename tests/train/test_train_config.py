@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.moe import PureReasonerLM, reasoning_off
 from pure_reasoner.train.baselines import DeepSpeedResidualFFN
 from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.config import MODEL_PRESETS
@@ -66,8 +66,9 @@ def test_residual_moe_ablations_split_its_two_terms(dist_info):
     full, _ = ffn(x_TD)
     torch.testing.assert_close(ffn(x_TD)[0], full, rtol=0, atol=0)  # deterministic (no sampled 2nd expert)
     no_knowledge, stats = ffn(x_TD, knowledge_off=True)
-    no_reasoning, _ = ffn(x_TD, reasoning_off=True)
-    both, _ = ffn(x_TD, knowledge_off=True, reasoning_off=True)
+    with reasoning_off(lm):
+        no_reasoning, _ = ffn(x_TD)
+        both, _ = ffn(x_TD, knowledge_off=True)
     # DeepSpeed's y = c0 * moe(x) + c1 * mlp(x): each ablation removes one term, both remove everything
     torch.testing.assert_close(no_knowledge + no_reasoning, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(no_knowledge, full, atol=1e-3) and not torch.allclose(no_reasoning, full, atol=1e-3)

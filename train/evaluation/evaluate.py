@@ -29,6 +29,7 @@ import math
 import random
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from pure_reasoner.moe import PureReasonerLM
 from pure_reasoner.moe.checkpoint import FFN_FILE, load_pretrained
-from pure_reasoner.moe.interventions import mean_ablation
+from pure_reasoner.moe.interventions import mean_ablation, reasoning_off
 from pure_reasoner.moe.model import LMOutput
 from pure_reasoner.train.evaluation import mean_reference as er
 from pure_reasoner.train.evaluation import scores as em
@@ -47,12 +48,11 @@ from pure_reasoner.train.world.generator import SPLITS, World, build_world, load
 from pure_reasoner.train.world.splits import CLOSED_BOOK_SPLITS, split_examples
 from pure_reasoner.train.world.text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
 
-# Model-call switches of each ablation. The mean ablations are hooks instead (``ablated_forward``):
-# knowledge_mean: every consulting token gets the reference's per-layer constant ``knowledge_LD``;
-# answer_mean: only the positions that predict a scored continuation (multiple choice only, no generation) get
-# ``answer_LD``, the rest keep their own outputs.
-ABLATIONS = {"base": {}, "knowledge_off": {"knowledge_off": True}, "reasoning_off": {"reasoning_off": True},
-             "knowledge_mean": {}, "answer_mean": {}}
+# The ablations: knowledge_off is the model's own switch; reasoning_off, knowledge_mean and answer_mean are
+# ``moe.interventions`` applied around the call (``ablated_forward``): knowledge_mean: every consulting token gets
+# the reference's per-layer constant ``knowledge_LD``; answer_mean: only the positions that predict a scored
+# continuation (multiple choice only, no generation) get ``answer_LD``, the rest keep their own outputs.
+ABLATIONS = ("base", "knowledge_off", "reasoning_off", "knowledge_mean", "answer_mean")
 MEAN_ABLATIONS = ("knowledge_mean", "answer_mean")
 # What --ablations runs unless told: the mean ablations (the pure reasoner's layer only) are asked for by name.
 DEFAULT_ABLATIONS = ("base", "knowledge_off", "reasoning_off")
@@ -74,7 +74,10 @@ def ablated_forward(model: PureReasonerLM, idx_BS: torch.Tensor, ablation: str, 
     """
     device = _device(model)
     if ablation not in MEAN_ABLATIONS:
-        return model(idx_BS.to(device), **ABLATIONS[ablation])
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        with reasoning_off(model) if ablation == "reasoning_off" else nullcontext():
+            return model(idx_BS.to(device), knowledge_off=ablation == "knowledge_off")
     if reference is None:
         raise ValueError(f"ablation {ablation!r} needs the reference means (mean_reference.reference_means)")
     if ablation == "answer_mean" and answer_BS is None:

@@ -8,7 +8,7 @@ has no plugin entry point for third-party models, so the stock ``lm_eval`` comma
 when a task YAML is passed by path, e.g. ``--tasks train/evaluation/lm_eval_tasks/pr_closed_book.yaml``: loading it
 imports ``train/evaluation/lm_eval_tasks/world_tasks.py``, which registers the model before the model is built.)
 
-model_args: ``checkpoint`` (required), ``ablation`` (a ``train.evaluation.evaluate.ABLATIONS`` key), ``mean_reference``
+model_args: ``checkpoint`` (required), ``ablation`` (one of ``train.evaluation.evaluate.ABLATIONS``), ``mean_reference``
 (the mean ablations' stored constants, a ``.means.safetensors`` file that ``python -m pure_reasoner.train.evaluation
 --json`` writes; needed by ``knowledge_mean`` and ``answer_mean``), ``world_dir`` (read by the tasks, see
 ``world_tasks.py``); ``batch_size`` and ``device`` come from the harness's flags. Scoring and
