@@ -79,6 +79,10 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
         # the graph, so only our own layer on one expert-parallel rank is held to a single graph.
         model = engine.module
         fullgraph = cfg.ffn == "pure_reasoner" and cfg.train.ep_size == 1
+        # moe.interventions (gradient routing, the recall_mean forget pass) are forward hooks on submodules that
+        # come and go per micro-batch; by default Dynamo does not guard on submodule hooks, so a compiled forward
+        # would run without them. Guarding on them makes it recompile when they change instead.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         model.forward = torch.compile(model.forward, backend="inductor", fullgraph=fullgraph)
     return engine, scheduler
 
