@@ -120,7 +120,10 @@ def test_training_batch_routes_closed_book_gradient_away_from_reasoning(tmp_path
     outputs = []
     for layer in model.moe_layers():
         layer.reasoning.register_forward_hook(lambda module, args, y_TD: outputs.append(y_TD) or y_TD.retain_grad())
-    model(**batch).loss.backward()
+    frozen_BS = batch.pop("reasoning_frozen_BS", None)  # the loop applies it as gradient routing
+    assert (frozen_BS is not None) == route
+    with gradient_routing(model, frozen_BS) if route else nullcontext():
+        model(**batch).loss.backward()
     assert len(outputs) == cfg.model.n_layers
     for y_TD in outputs:
         closed_grad = y_TD.grad[closed_T].abs().amax()
