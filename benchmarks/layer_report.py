@@ -1,4 +1,4 @@
-"""Reporting for ``benchmarks.layer``: tables, measured vs roofline speedups, the issue's targets, a plot.
+"""Reporting for ``benchmarks.layer``: tables, measured vs roofline speedups, the CPU targets, a plot.
 
 Records are the dicts ``benchmarks.layer`` writes to JSON (one per case, provider, rate and mode).
 """
@@ -59,7 +59,7 @@ def _target(name: str, case: str, value: float, threshold: float, met: bool, det
 
 
 def check_targets(records: Sequence[dict], memory_checks: dict) -> list[dict]:
-    """The issue's CPU targets (fwd+bwd), each with its number and met / missed."""
+    """The CPU targets (fwd+bwd), each with its number and met / missed."""
     out = []
     for case in ("default", "large-batch"):
         for r in _ours(records, case):

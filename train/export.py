@@ -85,7 +85,7 @@ def _with_frozen_from_source(model: PureReasonerLM, state: dict, cfg: Config) ->
 
 
 def _copy_run_files(run_dir: Path, out: Path) -> None:
-    # the tokenizer, the world train.eval asks about, and a knowledge update's new facts (train.world_update)
+    # the tokenizer, the world train.evaluation asks about, and a knowledge update's new facts (train.world_update)
     for name in ("tokenizer.json", "world.json", "update.json"):
         if (run_dir / name).exists():
             tmp = out / f".{name}.tmp"

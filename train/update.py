@@ -12,7 +12,8 @@ trained on (``train.world_update``: new people and changed facts), then scores t
                 ``max_steps=--steps``, one checkpoint at the end, no first-look table;
     ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
 The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``; same command, same directory: it resumes).
-Multi-process: ``deepspeed --no_local_rank --num_gpus N --module train.update ...``. docs/knowledge_update.md.
+Multi-process: ``deepspeed --no_local_rank --num_gpus N --module pure_reasoner.train.update ...``.
+docs/knowledge_update.md.
 """
 
 from __future__ import annotations

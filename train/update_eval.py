@@ -1,8 +1,8 @@
 """Evaluate a knowledge update: ``python -m pure_reasoner.train.update_eval --before DIR --after DIR [--json OUT]``.
 
 Both exports answer the same questions (``train.world_update.update_splits`` of the update in ``--after``, or
-``--update DIR``: its ``world.json`` + ``update.json``), scored as ``train.eval`` scores a split: the choice with the
-highest log-likelihood, knowledge on. The report compares the two:
+``--update DIR``: its ``world.json`` + ``update.json``), scored as ``train.evaluation`` scores a split: the choice
+with the highest log-likelihood, knowledge on. The report compares the two:
     new:       held-out new people's facts (one- and two-hop); ``vs_pretrained`` = their chance-adjusted accuracy
                after the update over the model's before it on the base world's held-out facts (``closed_book``,
                ``closed_book_two_hop``): new facts learned as well as pretraining facts gives 1.
@@ -104,7 +104,8 @@ def _targets(report: dict) -> dict:
 
 def choices_made(directory: str | Path, examples: dict[str, list[dict]], batch_size: int = 16,
                  device: str = "cpu") -> dict[str, list[str]]:
-    """The export's chosen answer per example (``train.eval.evaluate_split``, knowledge on), split -> answers."""
+    """The export's chosen answer per example (``train.evaluation.evaluate.evaluate_split``, knowledge on),
+    split -> answers."""
     from pure_reasoner.train.evaluation.evaluate import evaluate_split, load
 
     model, codec = load(directory, device)

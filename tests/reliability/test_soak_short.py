@@ -1,7 +1,7 @@
 """The fault soak, short: 2 SIGKILLs of one of two expert-parallel ranks (one during a checkpoint write) of
 a run with the decoupling recipe's features, the same command relaunched; nothing corrupt selected, every
 relaunch resumes from the latest checkpoint, at most one interval lost per kill, the loss curve and final
-weights bitwise unchanged. The long version is ``python scripts/soak.py --kills 10`` (README, Reliability)."""
+weights bitwise unchanged. The long version is ``python scripts/soak.py --kills 10`` (docs/reliability.md)."""
 
 from __future__ import annotations
 

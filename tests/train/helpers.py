@@ -70,7 +70,7 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def launch(run_dir: Path, *overrides: str, base: tuple[str, ...] = SMALL_RUN) -> subprocess.Popen:
-    """``deepspeed --no_local_rank --num_gpus 2 --module pure_reasoner.train ...``: the README's multi-process
+    """``deepspeed --no_local_rank --num_gpus 2 --module pure_reasoner.train ...``: docs/training.md's multi-process
     command."""
     from pure_reasoner.train.dist import _free_port
 
