@@ -135,6 +135,8 @@ def test_labels_loss_and_padding(exported):
     left[1, :3] = 0
     with pytest.raises(ValueError, match="left padding"):
         hf(ids, attention_mask=left)
+    with pytest.raises(ValueError, match="moe.interventions.reasoning_off"):
+        hf(ids, reasoning_off=True)
 
 
 def test_tokenizer_encodes_as_train_eval(tmp_path):
