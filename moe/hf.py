@@ -89,8 +89,8 @@ class PureReasonerForCausalLM(PreTrainedModel, GenerationMixin):
 
         Returns: logits [B, S, V]; loss (cross-entropy + router aux losses) when labels are given.
         """
-        if "reasoning_off" in _unused:  # a former argument: say where it went rather than ignore it
-            raise ValueError("reasoning_off is not a forward argument: use `with moe.interventions.reasoning_off(model)`")
+        if "reasoning_off" in _unused:  # an intervention, not an argument: say so rather than ignore it
+            raise ValueError("reasoning_off is not an argument: use `with moe.interventions.reasoning_off(model)`")
         if attention_mask is not None:
             _check_right_padded(attention_mask)
         knowledge_off = self.config.knowledge_off if knowledge_off is None else knowledge_off

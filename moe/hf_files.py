@@ -9,9 +9,9 @@ stacks read:
     tokenizer.json              a ``tokenizers`` file (written here as byte ids when the run had none)
     tokenizer_config.json       PreTrainedTokenizerFast with the tokenizer's special tokens
     configuration_pure_reasoner.py, modeling_pure_reasoner.py
-                                two-line files that import ``moe.hf``: the ``trust_remote_code=True`` route
+                                two-line files importing ``pure_reasoner.moe.hf``: the remote-code route
 
-``moe.hf`` holds the transformers classes; importing it registers them with the auto classes (the route
+``pure_reasoner.moe.hf`` holds the transformers classes; importing it registers them with the auto classes (the route
 without remote code). See docs/huggingface.md.
 """
 
@@ -30,10 +30,10 @@ TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 _REMOTE_CODE = {
-    CONFIG_MODULE: '"""PureReasonerConfig from the installed pure-reasoner package (``moe.hf``)."""\n\n'
-                   "from moe.hf import PureReasonerConfig  # noqa: F401\n",
-    MODELING_MODULE: '"""PureReasonerForCausalLM from the installed pure-reasoner package (``moe.hf``)."""\n\n'
-                     "from moe.hf import PureReasonerForCausalLM  # noqa: F401\n",
+    CONFIG_MODULE: '"""PureReasonerConfig from the installed pure-reasoner package."""\n\n'
+                   "from pure_reasoner.moe.hf import PureReasonerConfig  # noqa: F401\n",
+    MODELING_MODULE: '"""PureReasonerForCausalLM from the installed pure-reasoner package."""\n\n'
+                     "from pure_reasoner.moe.hf import PureReasonerForCausalLM  # noqa: F401\n",
 }
 
 

@@ -84,15 +84,17 @@ def test_remote_code_route_in_a_fresh_process(exported, tmp_path):
     code = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "assert 'moe' not in sys.modules\n"
+        "assert 'pure_reasoner.moe' not in sys.modules\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)\n"
         f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
         "with torch.no_grad():\n"
         f"    torch.save(m(ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
         "print(type(m).__module__, type(m).__name__)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # As a user's process: the installed package only (no repository folders on the path, run elsewhere).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "PureReasonerForCausalLM" in done.stdout
     with torch.no_grad():
