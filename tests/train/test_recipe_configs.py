@@ -1,0 +1,44 @@
+"""Each science recipe's experiment config composes to the config its recorded protocol runs trained with.
+
+``results/runs.json`` keeps the exact command of every protocol run (overrides given on the command line);
+``experiment=<recipe>`` must give the same typed Config, so that rerunning a recipe by name reruns what the
+results report.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.train.helpers import compose_config
+
+RUNS = Path(__file__).resolve().parents[2] / "results" / "runs.json"
+RECIPES = ("recall_docmask", "dense_docmask", "relocate_docmask")
+
+
+def _recorded_overrides(recipe: str, seed: int) -> list[str]:
+    """The overrides of ``python -m pure_reasoner.train ...`` as the protocol recorded them for one seed."""
+    entry = json.loads(RUNS.read_text())[f"{recipe}_seed{seed}"]
+    train_cmd = shlex.split(entry["commands"][0])
+    assert train_cmd[:3] == ["python", "-m", "pure_reasoner.train"], train_cmd
+    return train_cmd[3:]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_config_is_what_its_runs_trained(recipe):
+    recorded = _recorded_overrides(recipe, seed=1)
+    protocol_set = [o for o in recorded if o.split("=")[0].lstrip("+") in
+                    ("name", "train.seed", "data.generator_kwargs.seed", "data.generator_kwargs.eval_examples")]
+    assert len(protocol_set) == 4, recorded
+    assert compose_config(f"experiment={recipe}", *protocol_set) == compose_config(*recorded)
+
+
+def test_recipes_differ_from_their_base():
+    """The comparison above can fail: the recipe differs from the plain decoupling experiment it builds on."""
+    overrides = ("name=x", "train.seed=1")
+    assert compose_config("experiment=recall_docmask", *overrides) != compose_config("experiment=decoupling", *overrides)
+    assert (compose_config("experiment=relocate_docmask", *overrides).train.init_from
+            == "runs/recall_docmask-seed1/export")
