@@ -163,6 +163,6 @@ def test_invalid_shares_raise():
 def test_recipe_with_counterfactual_drills_end_to_end(tmp_path):
     summary = run_in_process(tmp_path / "run", "data.counterfactual_drills=0.5", base=RECIPE_RUN)
     rows = metrics(tmp_path / "run")
-    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
-    assert summary.steps == 12
+    assert len(rows) == 12 and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert summary.steps == 12 and summary.final_loss == pytest.approx(rows[-1]["loss"])
     assert "counterfactual_drills: 0.5" in (tmp_path / "run" / "config.yaml").read_text()
