@@ -68,6 +68,11 @@ class DataConfig:
         (``train.world.drills``) instead of corpus sequences; ``generator_kwargs.drill_questions`` sets their QA
         lines per drill (default 1). With ``source=world``: drills of the world's generator (its manifest's
         ``generator``), else of its ``drills.jsonl``.
+    counterfactual_drills: share (in [0, 1]) of the fresh drills that are counterfactual drills
+        (``train.world.counterfactual``): a known person's biography with values other than the memorised ones in
+        context, the questions asking those values (the answers follow the context). 0 (the default) leaves every
+        drill fresh and the batches exactly as without the option; above 0 needs ``fresh_drills`` and a world
+        generator (not a ``drills.jsonl``).
     doc_mask: each token attends only to its own document of the packed sequence (documents end at ``EOD``;
         ``PureReasonerLM.forward``'s ``doc_ids_BS``), so training sees every row as eval and generation do: from
         its own start. Off, a token also attends to the unrelated rows packed before it, and what it has seen
@@ -85,6 +90,7 @@ class DataConfig:
     max_chars: int | None = None
     in_context_fraction: float | None = None
     fresh_drills: int = 0
+    counterfactual_drills: float = 0.0
     doc_mask: bool = False
 
     def __post_init__(self) -> None:
@@ -97,6 +103,11 @@ class DataConfig:
             f"and data.in_context_fraction set, got source={self.source!r}, generator={self.generator!r}, "
             f"in_context_fraction={self.in_context_fraction}",
         )
+        _require(0.0 <= self.counterfactual_drills <= 1.0,
+                 f"data.counterfactual_drills must be in [0, 1], got {self.counterfactual_drills}")
+        _require(not self.counterfactual_drills or self.fresh_drills > 0,
+                 f"data.counterfactual_drills={self.counterfactual_drills} is a share of the fresh drills: it needs "
+                 f"data.fresh_drills > 0, got {self.fresh_drills}")
         _require(self.source != "world" or bool(self.path),
                  "data.source=world needs data.path=DIR (a world directory, docs/world_schema.md)")
         _require(self.source != "world" or not self.generator_kwargs,

@@ -67,18 +67,20 @@ def test_rows_not_yet_logged_at_a_checkpoint_survive_a_crash(tmp_path, monkeypat
     assert read_curve(tmp_path) == read_curve(ref_dir)
 
 
-@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
-def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_info, ablation):
-    # Knowledge in context, fresh drills, consult targets, gradient routing, the knowledge-off forget pass
-    # (recall_mean runs router and experts in it too); on two expert-parallel ranks:
+@pytest.mark.parametrize(("ablation", "extra"), [("knowledge_off", ()), ("recall_mean", ()),
+                                                 ("knowledge_off", ("data.counterfactual_drills=0.5",))],
+                         ids=["knowledge_off", "recall_mean", "counterfactual_drills"])
+def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_info, ablation, extra):
+    # Knowledge in context, fresh drills (optionally counterfactual ones), consult targets, gradient routing, the
+    # knowledge-off forget pass (recall_mean runs router and experts in it too); on two expert-parallel ranks:
     # tests/reliability/test_soak_short.py.
-    forget = f"objective.forget_ablation={ablation}"
-    ref = run_in_process(tmp_path / "uninterrupted", forget, base=RECIPE_RUN)
+    forget = (f"objective.forget_ablation={ablation}", *extra)
+    ref = run_in_process(tmp_path / "uninterrupted", *forget, base=RECIPE_RUN)
     with monkeypatch.context() as patch:
         crash_at_step(patch, 10)  # after the checkpoint of step 8
         with pytest.raises(Crash):
-            run_in_process(tmp_path / "crashed", forget, base=RECIPE_RUN)
-    resumed = run_in_process(tmp_path / "crashed", forget, base=RECIPE_RUN)
+            run_in_process(tmp_path / "crashed", *forget, base=RECIPE_RUN)
+    resumed = run_in_process(tmp_path / "crashed", *forget, base=RECIPE_RUN)
     assert resumed.resumed_from == "step_00000008"
     assert resumed.losses == ref.losses[8:]
     assert read_curve(tmp_path / "crashed") == read_curve(tmp_path / "uninterrupted")  # every column but wall time

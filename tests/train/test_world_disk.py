@@ -179,6 +179,10 @@ def test_drills_file_feeds_fresh_drills(world_dir, tmp_path):
     assert not torch.equal(drill_a, drill_b)
     text = tok.decode(drill_a.tolist(), skip_special_tokens=False)
     assert "Q: " in text and (a["targets_BS"][-1] == -100).any()  # the context carries no loss
+    counterfactual = compose_config(*OBJECTIVES[:4], "data.counterfactual_drills=0.5", "data=world_dir",
+                                    f"data.path={bare}")
+    with pytest.raises(ValueError, match=r"counterfactual_drills=0.5 needs the known people of world .*generator"):
+        prepare_data(counterfactual, tmp_path / "r", CPU)
     (bare / "drills.jsonl").write_text(json.dumps({"text": "Q: x?\nA: y."}) + "\n")
     with pytest.raises(ValueError, match=r"drills.jsonl:1: field 'context' is missing or empty"):
         prepare_data(cfg, tmp_path / "r3", CPU)

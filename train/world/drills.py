@@ -6,7 +6,8 @@ on it, then QA lines about them) instead of corpus sequences. The people are dra
 micro-step), so no two micro-batches share a drill, a resumed run reads exactly what the first run would have,
 and 1 rank with grad_accum=2 reads what 2 ranks with grad_accum=1 read (the key is the global micro-batch index).
 A name may recur in a later batch (the world's name pool is finite) but with other facts, so memorising a
-drill person never pays: only reading does.
+drill person never pays: only reading does. ``data.counterfactual_drills`` makes a share of them about known people
+with changed values instead (``train.world.counterfactual``).
 
 A world on disk (``data.source=world``) without a generator supplies its drills as ``drills.jsonl`` instead
 (``FileDrills``): rows packed once, read in a seeded order, micro-batch ``key`` taking the ``count`` sequences at
@@ -19,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from pure_reasoner.train.data import EOD, PackedSequences, encode_units, pack_units, read_windows, tokenize_in_context
+from pure_reasoner.train.world.counterfactual import with_counterfactuals
 from pure_reasoner.train.world.generator import World, drill_rows
 
 
@@ -30,10 +32,13 @@ class FreshDrills:
         tok: the training tokenizer.
         seq_len: S.
         questions: QA lines per drill (``drill_rows(questions=)``).
+        counterfactual: share of the drills that are counterfactual drills about known people
+            (``train.world.counterfactual.with_counterfactuals``); 0 leaves every drill fresh.
     """
 
-    def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1):
+    def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1, counterfactual: float = 0.0):
         self.world, self.tok, self.seq_len, self.questions = world, tok, seq_len, questions
+        self.counterfactual = counterfactual
         self.eod = tok.token_to_id(EOD)
         for key in range(8):  # a drill too long for a sequence fails here (mostly), before training starts
             self.batch(-1 - key, 1)
@@ -44,7 +49,9 @@ class FreshDrills:
         units: list[tuple[list[int], list[bool]]] = []
         chunk = 0
         while True:
-            rows = drill_rows(self.world, f"{key}.{chunk}", count, stream="fresh", questions=self.questions)
+            step = f"{key}.{chunk}"
+            rows = drill_rows(self.world, step, count, stream="fresh", questions=self.questions)
+            rows = with_counterfactuals(self.world, rows, step, self.counterfactual, "fresh", self.questions)
             units += encode_units({k: [r[k] for r in rows] for k in ("text", "context")}, self.tok, self.eod)
             try:
                 stream, mask = pack_units(units, self.seq_len, self.eod)

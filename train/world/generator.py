@@ -24,7 +24,8 @@ Training data (``pretraining_corpus``, usable as
     recall:  [start, end] of the spans that hold a fact's value (``world_text.RECALLED_TYPES``): on rows without
              a context, what must be recalled from memory (``objective.consult_targets=recall``).
 The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``); for drills that are new in every
-batch, ``data.fresh_drills`` (``train.world.drills``) adds ``drill_rows(world, key, count)`` to each micro-batch.
+batch, ``data.fresh_drills`` (``train.world.drills``) adds ``drill_rows(world, key, count)`` to each micro-batch,
+a ``data.counterfactual_drills`` share of them about known people with changed values (``train.world.counterfactual``).
 Lengths at the default size: a row with its context is at most ~830 bytes (~400 tokens with a 512-token
 byte-level BPE trained on the corpus; drills and open-book prompts ~300), so a training sequence must hold that
 much for a context to stay with its text.

@@ -102,13 +102,19 @@ def open_book(world: World, rng: random.Random, split: str, index: int, subject:
                         subject.name, attribute)
 
 
+def changed_value(world: World, attribute: str, memorised: str, rng: random.Random) -> str:
+    """A value of ``attribute`` drawn uniformly from those other than ``memorised`` (a counterfactual's)."""
+    stated = memorised
+    while stated == memorised:
+        stated = world.random_value(attribute, rng)
+    return stated
+
+
 def counterfactual(world: World, rng: random.Random, index: int, person: Person, distractors: list[Person]) -> dict:
     """The context gives ``person`` a new value for one attribute; gold is the context's value."""
     attribute = rng.choice(ATTRIBUTES)
     memorised = world.values(person)[attribute]
-    stated = memorised
-    while stated == memorised:
-        stated = world.random_value(attribute, rng)
+    stated = changed_value(world, attribute, memorised, rng)
     context = context_for(world, rng, [person, *distractors], override={attribute: stated})
     options, gold_index = choices_for(world, attribute, stated, rng, include=(memorised,))
     return make_example("counterfactual", index, context, wt.question(attribute, person.name), options, gold_index,
