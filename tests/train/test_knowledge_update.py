@@ -52,6 +52,7 @@ def test_update_changes_only_knowledge_parameters(base_run, tmp_path, zero_stage
         assert update_eval_main(["--before", str(base_run / "export"), "--after", str(out / "export"),
                                  "--max-examples", "4", "--json", str(report_path)]) == 0
         report = json.loads(report_path.read_text())
+        assert report["update"] == {"seed": 1, "new_people": 6, "changed_facts": 4, "replay": 0.0}
         assert {"new_people", "changed", "closed_book", "open_book"} <= set(report["splits"])
         assert report["splits"]["changed"]["after"]["n"] == 4
         assert set(report["targets"]) == {"new_vs_pretrained>=0.9", "retained>=0.9", "reading_within_ci"}
