@@ -7,11 +7,13 @@ trained on (``train.world_update``: new people and changed facts), then scores t
 ``OUT/update_eval.json``. The run is the base run's config (model, sequence length, objective, optimizer, seed) with:
     data        ``pure_reasoner.train.world_update:update_corpus`` of the base world and ``--seed / --new-people /
                 --changed-facts``; no context on any row (every new fact must be memorised), no fresh drills;
+    replay      ``--replay R``: round(R x its rows) rows of the base world's pretraining corpus mixed in (default 0);
     train       ``init_from=BASE_RUN/export``, ``trainable=--trainable`` (``knowledge``: only knowledge experts
                 and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
                 ``max_steps=--steps``, one checkpoint at the end, no first-look table;
     ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
-The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``; same command, same directory: it resumes).
+The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay; same command, same
+directory: it resumes).
 Multi-process: ``deepspeed --no_local_rank --num_gpus N --module pure_reasoner.train.update ...``.
 docs/knowledge_update.md.
 """
@@ -74,10 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pure_reasoner.train.update", description=__doc__.split("\n")[0])
     parser.add_argument("base_run", type=Path, help="the trained run (its config.yaml and export/)")
     parser.add_argument("--out", type=Path, default=None, help="the update's run directory "
-                                                                "(default: BASE_RUN-update-s<seed>)")
+                                                                "(default: BASE_RUN-update-s<seed>[-replay<R>])")
     parser.add_argument("--seed", type=int, default=UpdateConfig.seed, help="which new people and changed facts")
     parser.add_argument("--new-people", type=int, default=UpdateConfig.new_people)
     parser.add_argument("--changed-facts", type=int, default=UpdateConfig.changed_facts)
+    parser.add_argument("--replay", type=float, default=UpdateConfig.replay,
+                        help="replayed pretraining rows per row of the update (rehearsal of old facts; 0: none)")
     parser.add_argument("--trainable", choices=TRAINABLE, default="knowledge",
                         help="knowledge: only knowledge experts and routers (pure reasoner); all: everything (dense)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the update")
@@ -87,9 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be > 0, got {args.steps}")
-    out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}")
+    out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}"
+                                              + (f"-replay{args.replay:g}" if args.replay else ""))
     try:
-        update = UpdateConfig(args.seed, args.new_people, args.changed_facts)
+        update = UpdateConfig(seed=args.seed, new_people=args.new_people, changed_facts=args.changed_facts,
+                              replay=args.replay)
         cfg, resolved = run_config(args.base_run, out, update, args.trainable, args.steps, args.set)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ with the highest log-likelihood, knowledge on. The report compares the two:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -120,8 +121,7 @@ def evaluate_update(before: str | Path, after: str | Path, update: WorldUpdate |
     examples = {s: exs[:max_examples] for s, exs in update_splits(update).items()}
     report = compare(examples, choices_made(before, examples, batch_size, device),
                      choices_made(after, examples, batch_size, device))
-    return {"before": str(before), "after": str(after), "update": {"seed": update.cfg.seed,
-            "new_people": update.cfg.new_people, "changed_facts": update.cfg.changed_facts}, **report}
+    return {"before": str(before), "after": str(after), "update": dataclasses.asdict(update.cfg), **report}
 
 
 def _cell(r: dict) -> str:

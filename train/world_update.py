@@ -9,6 +9,9 @@ An update is a deterministic function of (the trained world's WorldConfig, ``Upd
     changed facts:  for ``changed_facts`` held-out known people (biographies trained, QA never), one attribute
                     (of ``world_text.ATTRIBUTES``) gets a new value, different from the old one. The update restates
                     each changed fact ``bios_per_person`` times (one biography sentence per restatement, paraphrased).
+    replay:         ``round(replay * R)`` rows of the base world's own pretraining corpus (R: the update's own rows),
+                    shuffled in with them (rehearsal of the old facts; none by default). Never a row about a person
+                    with a changed fact (it would state the old value) or about a new person.
 
 ``update_corpus`` (``data.generator=pure_reasoner.train.world_update:update_corpus``,
 ``train.config.UPDATE_GENERATOR``) gives the rows in ``train.world.pretraining_corpus``'s schema (text, context, kind,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from pure_reasoner.train.world.generator import (
     WorldConfig,
     _known_rows,
     build_world,
+    pretraining_rows,
     world_config,
 )
 from pure_reasoner.train.world.splits import choices_for, context_for, drill_rows, make_example, split_examples
@@ -53,13 +58,18 @@ RESTATEMENTS_PER_ROW = 8  # changed facts per restatement row (short rows pack l
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """What an update teaches: ``new_people`` new people and ``changed_facts`` changed facts, drawn with ``seed``."""
+    """What an update teaches: ``new_people`` new people and ``changed_facts`` changed facts, drawn with ``seed``;
+    ``replay``: replayed pretraining rows per row of the update (0: none)."""
 
     seed: int = 1
     new_people: int = 40
     changed_facts: int = 20
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.replay, bool) or not isinstance(self.replay, int | float) or \
+                not math.isfinite(self.replay) or self.replay < 0:
+            raise ValueError(f"update.replay must be a finite number >= 0, got {self.replay!r}")
         if self.new_people < 0 or self.changed_facts < 0:
             raise ValueError(f"update.new_people / changed_facts must be >= 0, got {self.new_people} / "
                              f"{self.changed_facts}")
@@ -152,14 +162,39 @@ def restatement_rows(update: WorldUpdate, rng: random.Random) -> list[wt.Builder
     return out
 
 
+def replay_rows(update: WorldUpdate, count: int, *, in_context_fraction: float = 0.0, epoch: int = 0) -> list[dict]:
+    """``count`` rows of the base world's pretraining corpus (``pretraining_rows`` without reading drills:
+    biographies, QA lines, comparisons and bridge facts as pretraining writes them, recall marks included), drawn
+    with the update's seed: passes over the pool in a seeded order, the last one cut short.
+
+    The pool leaves out every row with a span about a person whose fact the update changes (it would state the old
+    value) or about a new person. Raises ValueError when ``count`` > 0 and the pool is empty.
+    """
+    if count <= 0:
+        return []
+    excluded = update.changed_names | {p.name for p in update.new_people}
+    pool = [row for row in pretraining_rows(update.world, in_context_fraction=in_context_fraction, num_drills=0,
+                                            epoch=epoch)
+            if not any(span["entity"] in excluded for span in row["spans"])]
+    if not pool:
+        raise ValueError(f"update.replay={update.cfg.replay}: no pretraining row is left to replay")
+    rng = random.Random(f"{update.world.cfg.seed}:update-replay:{update.cfg.seed}:{epoch}")
+    out: list[dict] = []
+    while len(out) < count:
+        out += rng.sample(pool, min(len(pool), count - len(out)))
+    return out
+
+
 def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_drills: int = 0,
                 drill_questions: int = 1, epoch: int = 0) -> list[dict]:
-    """The update's training rows, shuffled (``pretraining_corpus``'s schema; kinds bio / qa / comparison / drill).
+    """The update's training rows, shuffled (``pretraining_corpus``'s schema; kinds bio / qa / comparison / drill,
+    and ``world`` among the replayed rows).
 
     New people: biographies, QA lines and comparisons exactly as pretraining writes them for known people (a share
     ``in_context_fraction`` with their facts as context). Changed facts: restatement rows (kind ``bio``, never a
     context). ``num_drills`` reading drills about people in neither the world nor the update (none by default:
-    the update teaches facts; drills would also train reading).
+    the update teaches facts; drills would also train reading). Replay: ``round(update.cfg.replay * R)`` rows of
+    ``replay_rows`` (R: the rows above; a share ``in_context_fraction`` with a context, as pretraining has them).
     """
     if not 0.0 <= in_context_fraction <= 1.0:
         raise ValueError(f"in_context_fraction must be in [0, 1], got {in_context_fraction}")
@@ -178,6 +213,8 @@ def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_dr
     # Drill people must be neither known, unseen nor new: the world's exclusion list, with the new people added.
     guard = dataclasses.replace(update.world, unseen=update.world.unseen + update.new_people)
     rows += drill_rows(guard, f"update:{key}:{epoch}", num_drills, stream="update", questions=drill_questions)
+    rows += replay_rows(update, round(update.cfg.replay * len(rows)), in_context_fraction=in_context_fraction,
+                        epoch=epoch)
     random.Random(f"{seed}:update-order:{key}:{epoch}").shuffle(rows)
     return rows
 
@@ -191,7 +228,7 @@ def update_corpus(world: dict | None = None, *, update: dict | UpdateConfig | No
     Args:
         world, overrides: the base world as ``pretraining_corpus`` takes it (a dict of WorldConfig fields plus
             ``preset``, and/or the fields as keyword arguments).
-        update: ``UpdateConfig`` fields (seed, new_people, changed_facts) or an UpdateConfig.
+        update: ``UpdateConfig`` fields (seed, new_people, changed_facts, replay) or an UpdateConfig.
         in_context_fraction, num_drills, drill_questions, epoch: see ``update_rows``.
         context_column: False merges each context into its text (for pipelines without loss masking).
     """

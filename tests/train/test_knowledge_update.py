@@ -1,6 +1,7 @@
 """A knowledge update end to end (python -m pure_reasoner.train.update's run and train.update_eval): on the
 decoupling recipe's
-smoke run, under ZeRO-1 and ZeRO-2, only the knowledge experts' and routers' parameters change."""
+smoke run, under ZeRO-1 and ZeRO-2, only the knowledge experts' and routers' parameters change; with replay, the
+run trains on the update's rows plus as many replayed ones and records the replay."""
 
 import json
 
@@ -9,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train.export import load_run_config
+from pure_reasoner.train.update import main as update_main
 from pure_reasoner.train.update import run_config
 from pure_reasoner.train.update_eval import main as update_eval_main
-from pure_reasoner.train.world_update import UPDATE_FILE, UpdateConfig
+from pure_reasoner.train.world.generator import build_world, load_world_config
+from pure_reasoner.train.world_update import UPDATE_FILE, UpdateConfig, build_update, update_rows
 from tests.train.helpers import RECIPE_RUN, run_in_process
 
 UPDATE = UpdateConfig(seed=1, new_people=6, changed_facts=4)
@@ -41,12 +45,14 @@ def test_update_changes_only_knowledge_parameters(base_run, tmp_path, zero_stage
     changed = {n for n in names if not torch.equal(before[n], after[n])}
     assert knowledge and changed <= knowledge, sorted(changed - knowledge)
     assert any(".experts." in n for n in changed) and any(".router." in n for n in changed)
-    assert json.loads((out / "export" / UPDATE_FILE).read_text()) == {"seed": 1, "new_people": 6, "changed_facts": 4}
+    assert json.loads((out / "export" / UPDATE_FILE).read_text()) == \
+        {"seed": 1, "new_people": 6, "changed_facts": 4, "replay": 0.0}
     if zero_stage == 1:
         report_path = tmp_path / "report.json"
         assert update_eval_main(["--before", str(base_run / "export"), "--after", str(out / "export"),
                                  "--max-examples", "4", "--json", str(report_path)]) == 0
         report = json.loads(report_path.read_text())
+        assert report["update"] == {"seed": 1, "new_people": 6, "changed_facts": 4, "replay": 0.0}
         assert {"new_people", "changed", "closed_book", "open_book"} <= set(report["splits"])
         assert report["splits"]["changed"]["after"]["n"] == 4
         assert set(report["targets"]) == {"new_vs_pretrained>=0.9", "retained>=0.9", "reading_within_ci"}
@@ -60,3 +66,24 @@ def test_run_config_refuses_what_is_not_a_trained_run(tmp_path, base_run):
     with pytest.raises(ValueError, match="changed_facts=99 exceeds the world's"):
         run_config(base_run, tmp_path / "out", UpdateConfig(changed_facts=99), "knowledge", 4)
     assert not (tmp_path / "out").exists()
+
+
+def test_update_with_replay_runs_and_records_it(base_run, tmp_path):
+    from pure_reasoner.train.data import load_documents
+
+    out = tmp_path / "update-replay"
+    assert update_main([str(base_run), "--out", str(out), "--seed", "1", "--new-people", "6", "--changed-facts", "4",
+                        "--replay", "1", "--steps", "2", "--no-eval"]) == 0
+    recorded = {"seed": 1, "new_people": 6, "changed_facts": 4, "replay": 1.0}
+    assert json.loads((out / "export" / UPDATE_FILE).read_text()) == recorded
+    cfg = load_run_config(out)
+    assert cfg.data.generator_kwargs["update"] == recorded
+    own = update_rows(build_update(build_world(load_world_config(base_run / "export" / "world.json")), UPDATE))
+    assert len(load_documents(cfg.data, recall=True)) == 2 * len(own)
+
+
+def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert update_main([str(base_run), "--out", str(out), "--replay", "-1", "--steps", "2"]) == 2
+    assert "update.replay must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,10 +2,13 @@
 changed, rows that state (and mark for recall) exactly the update's facts, and questions about them."""
 
 import dataclasses
+import hashlib
+import json
+from collections import Counter
 
 import pytest
 
-from pure_reasoner.train.world.generator import build_world, world_config
+from pure_reasoner.train.world.generator import build_world, pretraining_corpus, world_config
 from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP
 from pure_reasoner.train.world_update import (
     CHANGED_SPLIT,
@@ -114,6 +117,10 @@ def test_corpus_kwargs_and_update_files_round_trip(tmp_path):
     ({"new_people": -1}, "must be >= 0"),
     ({"new_people": 0, "changed_facts": 0}, "needs new_people > 0 or changed_facts > 0"),
     ({"people": 3, "changed_facts": 2}, "unexpected keyword"),
+    ({"replay": -0.5}, r"replay must be a finite number >= 0, got -0.5"),
+    ({"replay": float("nan")}, r"replay must be a finite number >= 0, got nan"),
+    ({"replay": float("inf")}, r"replay must be a finite number >= 0, got inf"),
+    ({"replay": "1"}, r"replay must be a finite number >= 0, got '1'"),
 ])
 def test_bad_updates_name_the_value(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -124,3 +131,86 @@ def test_an_update_of_changed_facts_only():
     update = build_update(WORLD, UpdateConfig(seed=1, new_people=0, changed_facts=2))
     assert update.new_world is None and "new_people" not in update_splits(update)
     assert all(r["kind"] == "bio" for r in update_rows(update))
+
+
+def _digest(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True)
+
+
+@pytest.mark.parametrize("kwargs, count, digest", [
+    ({}, 30, "0c65b5e583939b10d67d802ed57946bb42b6cb3db8636db6c0b99a4d2e63ab76"),
+    ({"in_context_fraction": 0.5, "num_drills": 2, "epoch": 1}, 32,
+     "461edef4708491b334f4c73d94547ab71e12ac161736baca84452fe9c18f3e2d"),
+])
+def test_no_replay_is_the_corpus_the_measured_updates_trained_on(kwargs, count, digest):
+    # The digests are of the rows written before replay existed (same world, update and arguments).
+    rows = update_rows(build_update(WORLD, dataclasses.replace(CFG, replay=0.0)), **kwargs)
+    assert (len(rows), _digest(rows)) == (count, digest)
+
+
+# The eligible pool, worked out from the text: pretraining rows without drills that name no changed or new person.
+PRETRAINING = pretraining_corpus(WORLD.cfg, num_drills=0).to_list()
+
+
+def _eligible(update) -> list[dict]:
+    names = update.changed_names | {p.name for p in update.new_people}
+    return [r for r in PRETRAINING if not any(n in r["context"] + r["text"] for n in names)]
+
+
+@pytest.mark.parametrize("replay", [0.5, 1.0, 2.5, 7.0])
+def test_replay_adds_rows_of_the_pretraining_corpus_about_unchanged_people(replay):
+    update = build_update(WORLD, dataclasses.replace(CFG, replay=replay))
+    own = update_rows(build_update(WORLD, CFG))
+    rows = update_rows(update)
+    assert len(rows) == len(own) + round(replay * len(own))
+    extra = Counter(map(_key, rows)) - Counter(map(_key, own))  # the update's own rows are all there, unchanged
+    assert sum(extra.values()) == round(replay * len(own))
+    eligible = Counter(map(_key, _eligible(update)))  # a row can be in the corpus twice (a repeated comparison)
+    assert set(extra) <= set(eligible)  # recall marks and spans as pretraining has them
+    passes = sum(extra.values()) // eligible.total()  # whole passes over the pool: every eligible row, evenly
+    assert all(passes * n <= extra[k] <= (passes + 1) * n for k, n in eligible.items())
+    assert update_rows(update) == rows  # deterministic
+    other = update_rows(build_update(WORLD, dataclasses.replace(CFG, seed=4, replay=replay)))
+    assert Counter(map(_key, other)) - Counter(map(_key, update_rows(build_update(WORLD, dataclasses.replace(
+        CFG, seed=4))))) != extra  # another seed, another draw
+
+
+def test_replay_never_restates_a_changed_value_or_names_a_new_person():
+    update = build_update(WORLD, dataclasses.replace(CFG, replay=7.0))
+    own = Counter(map(_key, update_rows(build_update(WORLD, CFG))))
+    replayed = [json.loads(k) for k in Counter(map(_key, update_rows(update))) - own]
+    changed_in_corpus = [r for r in PRETRAINING if any(c.person.name in r["text"] for c in update.changed)]
+    assert changed_in_corpus  # the pool really had rows stating the old values
+    for row in replayed:
+        full = row["context"] + row["text"]
+        assert not any(c.person.name in full for c in update.changed)
+        assert not any(p.name in full for p in update.new_people)
+
+
+def test_replay_rows_get_contexts_as_pretraining_writes_them():
+    update = build_update(WORLD, dataclasses.replace(CFG, replay=7.0))
+    own = Counter(map(_key, update_rows(build_update(WORLD, CFG), in_context_fraction=0.5)))
+    replayed = Counter(map(_key, update_rows(update, in_context_fraction=0.5))) - own
+    oracle = {_key(r) for r in pretraining_corpus(WORLD.cfg, num_drills=0, in_context_fraction=0.5).to_list()}
+    assert set(replayed) <= oracle and any(json.loads(k)["context"] for k in replayed)
+
+
+def test_eval_splits_do_not_depend_on_replay():
+    assert update_splits(build_update(WORLD, CFG)) == update_splits(build_update(WORLD, dataclasses.replace(
+        CFG, replay=2.0)))
+
+
+def test_replay_goes_through_the_corpus_kwargs_and_update_files(tmp_path):
+    cfg = dataclasses.replace(CFG, replay=1.5)
+    kwargs = update_kwargs(WORLD.cfg, cfg)
+    assert kwargs["update"]["replay"] == 1.5
+    rows = update_corpus(**kwargs).to_list()
+    assert sorted(map(_key, rows)) == sorted(map(_key, update_rows(build_update(WORLD, cfg))))
+    save_update_files(kwargs, tmp_path)
+    assert load_update(tmp_path).cfg == cfg
+    (tmp_path / "update.json").write_text(json.dumps({"seed": 3, "new_people": 8, "changed_facts": 5}))
+    assert load_update(tmp_path).cfg == CFG  # an update written before replay existed: none

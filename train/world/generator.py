@@ -55,7 +55,7 @@ from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP, Builder
 from pure_reasoner.train.world.types import MAJORS, WORLD_PRESETS, Person, World, WorldConfig, world_config
 
 __all__ = ["SPLITS", "Person", "World", "WorldConfig", "build_world", "drill_rows", "eval_splits",
-           "pretraining_corpus", "reading_drills", "world_config"]
+           "pretraining_corpus", "pretraining_rows", "reading_drills", "world_config"]
 _ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr",
            "pl", "st", "tr", "sh", "th")
 _NUCLEI = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "ia")
@@ -154,6 +154,29 @@ def _world_rows(world: World, rng: random.Random, facts_per_row: int = 8) -> lis
     return out
 
 
+def pretraining_rows(world: World, *, in_context_fraction: float = 0.0, num_drills: int | None = None,
+                     drill_questions: int = 1, epoch: int = 0) -> list[dict]:
+    """The rows of ``pretraining_corpus(world, ...)`` as a list of dicts (columns text, context, kind, spans,
+    recall), shuffled; the arguments as there."""
+    if not 0.0 <= in_context_fraction <= 1.0:
+        raise ValueError(f"in_context_fraction must be in [0, 1], got {in_context_fraction}")
+    if num_drills is not None and num_drills < 0:
+        raise ValueError(f"num_drills must be >= 0, got {num_drills}")
+    cfg = world.cfg
+    rng = random.Random(f"{cfg.seed}:corpus")
+    context_rng = random.Random(f"{cfg.seed}:context:{epoch}")
+    rows = []
+    for kind, text, people in _known_rows(world, rng):
+        supplied = context_rng.random() < in_context_fraction
+        context = context_for(world, context_rng, people, ("country", "headquarters")) if supplied else None
+        rows.append(wt.training_row(kind, text, context))
+    rows += [wt.training_row("world", text) for text in _world_rows(world, rng)]
+    rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus",
+                       questions=drill_questions)
+    random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)
+    return rows
+
+
 def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_context_fraction: float = 0.0,
                        num_drills: int | None = None, drill_questions: int = 1, epoch: int = 0,
                        context_column: bool = True, **overrides) -> datasets.Dataset:
@@ -170,23 +193,8 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
             new value so drills are never repeated.
         context_column: False merges each context into its text (for pipelines without loss masking).
     """
-    if not 0.0 <= in_context_fraction <= 1.0:
-        raise ValueError(f"in_context_fraction must be in [0, 1], got {in_context_fraction}")
-    if num_drills is not None and num_drills < 0:
-        raise ValueError(f"num_drills must be >= 0, got {num_drills}")
-    world = _resolve(world, overrides)
-    cfg = world.cfg
-    rng = random.Random(f"{cfg.seed}:corpus")
-    context_rng = random.Random(f"{cfg.seed}:context:{epoch}")
-    rows = []
-    for kind, text, people in _known_rows(world, rng):
-        supplied = context_rng.random() < in_context_fraction
-        context = context_for(world, context_rng, people, ("country", "headquarters")) if supplied else None
-        rows.append(wt.training_row(kind, text, context))
-    rows += [wt.training_row("world", text) for text in _world_rows(world, rng)]
-    rows += drill_rows(world, epoch, cfg.num_people if num_drills is None else num_drills, stream="corpus",
-                       questions=drill_questions)
-    random.Random(f"{cfg.seed}:order:{epoch}").shuffle(rows)
+    rows = pretraining_rows(_resolve(world, overrides), in_context_fraction=in_context_fraction,
+                            num_drills=num_drills, drill_questions=drill_questions, epoch=epoch)
     if not context_column:
         rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"]}
                 for r in rows]
