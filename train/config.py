@@ -300,6 +300,19 @@ class ObjectiveConfig:
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
         closed-book recall where the teacher had it while the forget pass moves the facts into the experts
         (relocation) or while new facts are learned (knowledge update).
+    relocate_at: in-run relocation (``train.relocation``): None (off) or the step at which the run turns into a
+        relocation run. Steps ``0 .. relocate_at - 1`` train exactly as the same config without the relocation
+        weights (``anchor_weight``, ``forget_weight``, ``read_weight``, all three off) and ``train.max_steps=
+        relocate_at`` would: the warmup-cosine schedule ends at ``relocate_at``. There the run checkpoints, rank 0
+        exports that model to ``<run dir>/relocation_teacher`` (the others wait), every rank loads it as the frozen
+        ``teacher``, and from then on the relocation weights apply, with the learning rate restarted: a linear
+        warmup from 0 to ``relocate_lr`` over ``relocate_warmup_steps``, then a cosine to ``train.min_lr_ratio``
+        times it at ``train.max_steps``. The optimizer's moments carry over. Needs ``kind=lm``, one of the three
+        weights > 0, no ``teacher`` (the run's own model is the teacher), ``ffn=pure_reasoner``,
+        ``0 < relocate_at < train.max_steps`` and ``train.warmup_steps <= relocate_at``. A run resumed past
+        ``relocate_at`` reloads the teacher from ``relocation_teacher``.
+    relocate_lr: the restarted schedule's peak learning rate (None: ``train.lr``).
+    relocate_warmup_steps: its warmup steps (None: ``train.warmup_steps``); at most ``max_steps - relocate_at``.
     """
 
     kind: str = "lm"
@@ -314,6 +327,14 @@ class ObjectiveConfig:
     read_weight: float = 0.0
     forget_ablation: str = "knowledge_off"
     anchor_weight: float = 0.0
+    relocate_at: int | None = None
+    relocate_lr: float | None = None
+    relocate_warmup_steps: int | None = None
+
+    @property
+    def relocates(self) -> bool:
+        """Whether the run turns into a relocation run at ``relocate_at`` (in-run relocation)."""
+        return self.relocate_at is not None
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -326,9 +347,9 @@ class ObjectiveConfig:
                      f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
-        _require(self.anchor_weight == 0 or (self.kind == "lm" and bool(self.teacher)),
-                 f"objective.anchor_weight={self.anchor_weight} needs objective.kind=lm and objective.teacher=DIR, "
-                 f"got kind={self.kind!r}, teacher={self.teacher!r}")
+        _require(self.anchor_weight == 0 or (self.kind == "lm" and (bool(self.teacher) or self.relocates)),
+                 f"objective.anchor_weight={self.anchor_weight} needs objective.kind=lm and objective.teacher=DIR "
+                 f"(or objective.relocate_at), got kind={self.kind!r}, teacher={self.teacher!r}")
         _require(self.forget_ablation in FORGET_ABLATIONS,
                  f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
         for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight"):
@@ -338,6 +359,24 @@ class ObjectiveConfig:
                  f"objective.route_knowledge needs objective.kind=lm, got {self.kind!r}")
         _require(not self.knowledge_off_pass or self.kind == "lm",
                  f"objective.forget_weight / read_weight need objective.kind=lm, got {self.kind!r}")
+        if not self.relocates:
+            _require(self.relocate_lr is None and self.relocate_warmup_steps is None,
+                     f"objective.relocate_lr={self.relocate_lr} / relocate_warmup_steps={self.relocate_warmup_steps} "
+                     "shape the schedule restarted at objective.relocate_at: set objective.relocate_at=STEP")
+            return
+        _require(self.kind == "lm", f"objective.relocate_at={self.relocate_at} needs objective.kind=lm, "
+                 f"got {self.kind!r}")
+        _require(self.knowledge_off_pass or self.anchor_weight > 0,
+                 f"objective.relocate_at={self.relocate_at} needs a relocation weight > 0 (objective.anchor_weight, "
+                 f"forget_weight or read_weight), got anchor_weight={self.anchor_weight}, "
+                 f"forget_weight={self.forget_weight}, read_weight={self.read_weight}")
+        _require(self.teacher is None,
+                 f"objective.relocate_at={self.relocate_at}: the teacher is the run's own model at that step; unset "
+                 f"objective.teacher={self.teacher!r}")
+        _require(self.relocate_lr is None or self.relocate_lr > 0,
+                 f"objective.relocate_lr must be > 0, got {self.relocate_lr}")
+        _require(self.relocate_warmup_steps is None or self.relocate_warmup_steps >= 0,
+                 f"objective.relocate_warmup_steps must be >= 0, got {self.relocate_warmup_steps}")
 
 
 @dataclass
@@ -410,12 +449,40 @@ class Config:
             not self.objective.route_knowledge or self.model.reasoning_width is not None,
             "objective.route_knowledge needs a reasoning expert, got model.reasoning_width=None",
         )
+        if self.objective.relocates:
+            self._check_relocation()
         _require(
             self.data.fresh_drills < self.train.micro_batch_size,
             f"data.fresh_drills={self.data.fresh_drills} must be below train.micro_batch_size="
             f"{self.train.micro_batch_size} (at least one corpus sequence per micro-batch)",
         )
 
+    def _check_relocation(self) -> None:
+        """``objective.relocate_at`` against the schedule and the model (``ObjectiveConfig`` checks the rest)."""
+        obj, t = self.objective, self.train
+        _require(0 < obj.relocate_at < t.max_steps,
+                 f"objective.relocate_at must be in (0, train.max_steps={t.max_steps}), got {obj.relocate_at}")
+        _require(t.warmup_steps <= obj.relocate_at,
+                 f"objective.relocate_at={obj.relocate_at} ends the first schedule: it must be >= "
+                 f"train.warmup_steps={t.warmup_steps}")
+        warmup = self.relocate_warmup_steps
+        _require(warmup <= t.max_steps - obj.relocate_at,
+                 f"objective.relocate_warmup_steps={warmup} exceeds the {t.max_steps - obj.relocate_at} steps after "
+                 f"objective.relocate_at={obj.relocate_at}")
+        _require(self.ffn == "pure_reasoner",
+                 f"objective.relocate_at={obj.relocate_at} exports the model as its teacher: it needs "
+                 f"ffn=pure_reasoner, got {self.ffn!r}")
+
+    @property
+    def relocate_lr(self) -> float:
+        """The restarted schedule's peak learning rate (``objective.relocate_lr``, else ``train.lr``)."""
+        return self.train.lr if self.objective.relocate_lr is None else self.objective.relocate_lr
+
+    @property
+    def relocate_warmup_steps(self) -> int:
+        """The restarted schedule's warmup (``objective.relocate_warmup_steps``, else ``train.warmup_steps``)."""
+        warmup = self.objective.relocate_warmup_steps
+        return self.train.warmup_steps if warmup is None else warmup
 
     @property
     def uses_closed_book_tokens(self) -> bool:

@@ -21,12 +21,13 @@ from pure_reasoner.train.objectives import distillation_loss, drop_context, reve
 
 
 def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None:
-    """The frozen teacher for ``objective.kind=distill`` or ``objective.anchor_weight`` (None otherwise). Rank 0
-    puts the teacher's tokenizer in the run directory when it has none yet, so the student reads its token ids.
+    """The frozen teacher ``objective.teacher`` for ``objective.kind=distill`` or ``objective.anchor_weight`` (None
+    otherwise, and with ``objective.relocate_at``: that run loads its own export at that step, ``train.relocation``).
+    Rank 0 puts the teacher's tokenizer in the run directory when it has none yet, so the student reads its token ids.
 
     Raises ValueError naming the teacher when it cannot be loaded or its vocabulary differs from the student's.
     """
-    if cfg.objective.kind != "distill" and cfg.objective.anchor_weight == 0:
+    if (cfg.objective.kind != "distill" and cfg.objective.anchor_weight == 0) or cfg.objective.relocates:
         return None
     src = Path(cfg.objective.teacher)
     teacher = load_pretrained(src).eval().requires_grad_(False)

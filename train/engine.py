@@ -11,7 +11,9 @@ from pure_reasoner.train.config import Config
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed's JSON config for ``cfg``: AdamW (torch's), linear warmup then cosine, ZeRO 1/2, fp32 or bf16."""
+    """DeepSpeed's JSON config for ``cfg``: AdamW (torch's), linear warmup then cosine, ZeRO 1/2, fp32 or bf16.
+
+    The cosine ends at ``train.max_steps``, or at ``objective.relocate_at``, where ``restart_schedule`` takes over."""
     t = cfg.train
     return {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
@@ -31,7 +33,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
-                "total_num_steps": t.max_steps,
+                "total_num_steps": t.max_steps if cfg.objective.relocate_at is None else cfg.objective.relocate_at,
                 "warmup_num_steps": max(t.warmup_steps, 1),
                 "warmup_type": "linear",
                 "warmup_min_ratio": 0.0,
@@ -85,6 +87,39 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         model.forward = torch.compile(model.forward, backend="inductor", fullgraph=fullgraph)
     return engine, scheduler
+
+
+def restart_schedule(engine, cfg: Config, iteration: int = -1) -> None:
+    """Replace ``engine``'s learning-rate schedule by the relocation phase's (``objective.relocate_at``): DeepSpeed's
+    WarmupCosineLR again, linear warmup from 0 to ``cfg.relocate_lr`` over ``cfg.relocate_warmup_steps``, then cosine
+    to ``train.min_lr_ratio`` times it at ``train.max_steps``, counted from ``relocate_at``.
+
+    iteration: -1 at the switch: the schedule starts, and the switch's step runs at its iteration 0 (lr 0), as the
+        first step of a fresh run does. A run resumed past the switch passes the iteration its checkpoint restored
+        (the engine's schedule's ``last_batch_iteration``); the optimizer's learning rate was restored with it.
+    """
+    from deepspeed.runtime.lr_schedules import WARMUP_LINEAR_RATE, WarmupCosineLR
+
+    old = engine.lr_scheduler
+    groups = old.optimizer.param_groups
+    saved_lrs = [g["lr"] for g in groups]
+    for g in groups:  # WarmupCosineLR takes its peak from the groups' lr when it is built
+        g["lr"] = cfg.relocate_lr
+    schedule = WarmupCosineLR(
+        old.optimizer,
+        total_num_steps=cfg.train.max_steps - cfg.objective.relocate_at,
+        warmup_num_steps=max(cfg.relocate_warmup_steps, 1),
+        warmup_type=WARMUP_LINEAR_RATE,
+        warmup_min_ratio=0.0,
+        cos_min_ratio=cfg.train.min_lr_ratio,
+        last_batch_iteration=iteration,
+    )
+    if iteration == -1:
+        schedule.step()  # iteration 0: lr 0, like the skipped first iteration of ``train.loop.run``
+    else:
+        for g, lr in zip(groups, saved_lrs, strict=True):
+            g["lr"] = lr
+    engine.lr_scheduler = schedule
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:

@@ -25,7 +25,14 @@ from pure_reasoner.train.config import Config
 from pure_reasoner.train.dist import DistInfo, barrier
 
 EXPORT = "export"
-EXPORT_TMP = f".{EXPORT}.tmp"  # where the end-of-training export is written before it is renamed to EXPORT
+
+
+def tmp_name(name: str) -> str:
+    """Where an export to ``run_dir/name`` is written before it is renamed into place."""
+    return f".{name}.tmp"
+
+
+EXPORT_TMP = tmp_name(EXPORT)  # where the end-of-training export is written before it is renamed to EXPORT
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -93,8 +100,9 @@ def _copy_run_files(run_dir: Path, out: Path) -> None:
             os.replace(tmp, out / name)
 
 
-def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> None:
-    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export``; the others wait.
+def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo, name: str = EXPORT) -> None:
+    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export`` (``run_dir/name``); the
+    others wait. In-run relocation (``train.relocation``) exports its teacher the same way.
 
     The residual_moe baseline (``ffn=deepspeed_residual``, one expert-parallel rank, fp32) is exported from the
     engine's module, whose fp32 weights are the trained ones (DeepSpeed keeps MoE experts outside the
@@ -102,7 +110,7 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> No
     if info.rank == 0:
         # Written aside and renamed into place, so ``export/`` exists only complete: a run killed while
         # exporting has none, and the same command (which trains no further) exports again.
-        tmp = run_dir / EXPORT_TMP
+        tmp = run_dir / tmp_name(name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # from the start: it marks an export under way (scripts/soak.py kills in one)
         if cfg.ffn == "deepspeed_residual":
@@ -111,8 +119,8 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo) -> No
             _copy_run_files(run_dir, save_residual_pretrained(engine.module, tmp))
         else:
             export_checkpoint(run_dir, out_dir=tmp)
-        shutil.rmtree(run_dir / EXPORT, ignore_errors=True)
-        os.rename(tmp, run_dir / EXPORT)
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.rename(tmp, run_dir / name)
     barrier()
 
 

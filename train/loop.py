@@ -29,6 +29,7 @@ from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_dis
 from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
+from pure_reasoner.train.relocation import Relocation
 from pure_reasoner.train.trainable import set_trainable
 from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
@@ -325,6 +326,9 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
+    relocation = Relocation(cfg, run_dir)
+    if relocation.resumes_past(start_step):
+        teacher = relocation.resume(engine, info)
     # Read by every rank before the barrier below, so all agree even once rank 0 starts writing it.
     exported = (run_dir / EXPORT).is_dir()
     if resumed is None:
@@ -344,7 +348,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
     try:
-        losses, steps = _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher)
+        losses, steps = _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher,
+                                     relocation)
     finally:
         if logger is not None:
             logger.close()
@@ -447,25 +452,32 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     )
 
 
-def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher=None):
-    """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint."""
+def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher=None,
+                 relocation: Relocation | None = None):
+    """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint; at
+    ``objective.relocate_at`` the relocation phase starts (``train.relocation``)."""
     t, model = cfg.train, engine.module
+    relocation = relocation or Relocation(cfg, run_dir)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
     losses, steps, window = [], [], []
     history = max(t.collapse_window, 1)
     for step in range(start_step, t.max_steps):
+        if step == relocation.at:
+            teacher = relocation.switch(engine, info)
+        phase_cfg = relocation.config(step)  # cfg, or its phase before / from relocate_at
         tick, lr = time.perf_counter(), engine.get_lr()[0]
-        acc = _one_step(cfg, engine, train_data, info, run_dir, step, teacher)
+        acc = _one_step(phase_cfg, engine, train_data, info, run_dir, step, teacher)
         if engine.was_step_applied() and model.moe_layers():
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
-        last = _metrics(cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)
+        last = _metrics(phase_cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)
         losses.append(last.loss)
         steps.append(last)
         window.append(last)
         done = step + 1
+        checkpoint = done % t.ckpt_every == 0 or done == t.max_steps or relocation.checkpoints_after(done)
         # Also before each checkpoint: a resume from it logs only later steps, so a row still in the window
         # when a crash follows the checkpoint would be missing from metrics.csv for good.
-        if logger is not None and (done % t.log_every == 0 or done % t.ckpt_every == 0 or done == t.max_steps):
+        if logger is not None and (done % t.log_every == 0 or checkpoint):
             for m in window:
                 logger.log(m)
             window = []
@@ -490,7 +502,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
                 last.tokens_per_s,
                 100 * last.mfu,
             )
-        if done % t.ckpt_every == 0 or done == t.max_steps:
+        if checkpoint:
             samples = done * t.micro_batch_size * t.grad_accum * info.world_size
             state = {"step": done, "samples": samples, "identity": _identity(cfg, info.world_size)}
             ds_checkpoint.save(engine, run_dir, state, info, t.keep_checkpoints)

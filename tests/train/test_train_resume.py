@@ -87,6 +87,40 @@ def test_resume_is_exact_with_the_decoupling_recipe(tmp_path, monkeypatch, dist_
     assert differing_tensors(tmp_path / "crashed" / "export", tmp_path / "uninterrupted" / "export") == []
 
 
+RELOCATING = ("objective.relocate_at=6", "objective.anchor_weight=1", "objective.relocate_lr=1e-3",
+              "objective.relocate_warmup_steps=2")
+
+
+@pytest.fixture(scope="module")
+def relocating(tmp_path_factory, dist_info):
+    run_dir = tmp_path_factory.mktemp("relocating")
+    return run_dir, run_in_process(run_dir, *RELOCATING, base=RECIPE_RUN)
+
+
+@pytest.mark.parametrize(("crash", "resumed_from"), [(5, 4), (7, 6), (10, 8)],
+                         ids=["before_the_switch", "at_the_switch", "after_the_switch"])
+def test_resume_is_exact_with_in_run_relocation(tmp_path, monkeypatch, relocating, crash, resumed_from):
+    # The switch at step 6 (objective.relocate_at) checkpoints step 6 and exports it as the teacher. Resumed from
+    # step 4 the run switches when it gets there; from step 6 it switches again (the same teacher); from step 8
+    # it reloads the teacher from relocation_teacher/ (not the live model, which has trained on) and the
+    # restarted schedule where the checkpoint left it.
+    ref_dir, ref = relocating
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, crash)
+        with pytest.raises(Crash):
+            run_in_process(tmp_path, *RELOCATING, base=RECIPE_RUN)
+    teacher = tmp_path / "relocation_teacher" / "model.safetensors"
+    written = teacher.stat().st_mtime_ns if crash > 6 else None
+    resumed = run_in_process(tmp_path, *RELOCATING, base=RECIPE_RUN)
+    assert resumed.resumed_from == f"step_{resumed_from:08d}"
+    assert resumed.losses == ref.losses[resumed_from:]
+    assert read_curve(tmp_path) == read_curve(ref_dir)  # every column but wall time, the lr included
+    assert differing_tensors(tmp_path / "export", ref_dir / "export") == []
+    assert differing_tensors(tmp_path / "relocation_teacher", ref_dir / "relocation_teacher") == []
+    if resumed_from > 6:
+        assert teacher.stat().st_mtime_ns == written  # loaded, not exported again
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, uninterrupted):
     _, ref = uninterrupted
     real = train_ds_checkpoint.save_file
