@@ -11,21 +11,9 @@ from pure_reasoner.train.config import WORLD_GENERATOR, DataConfig
 from pure_reasoner.train.objectives import IGNORE_INDEX
 from pure_reasoner.train.world.counterfactual import counterfactual_drill, with_counterfactuals
 from pure_reasoner.train.world.drills import FreshDrills
-from pure_reasoner.train.world.generator import build_world, drill_rows, pretraining_corpus, world_config
+from pure_reasoner.train.world.generator import build_world, drill_rows, world_config
 from pure_reasoner.train.world.text import ATTRIBUTES, QUESTIONS
 from tests.train.helpers import RECIPE_RUN, metrics, run_in_process
-
-
-@pytest.fixture(scope="module")
-def world():
-    return build_world(world_config("tiny", seed=3))
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    docs = pretraining_corpus(world, in_context_fraction=0.5, num_drills=8, drill_questions=4)
-    merged = docs.map(lambda r: {"text": r["context"] + r["text"]}, remove_columns=docs.column_names)
-    return data.train_tokenizer(merged, "bpe", 384)
 
 
 def _asked(world, qa_text: str) -> list[tuple[str, str, str]]:

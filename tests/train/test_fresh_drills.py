@@ -9,21 +9,9 @@ from pure_reasoner.train.dist import DistInfo
 from pure_reasoner.train.loop import TrainData
 from pure_reasoner.train.objectives import IGNORE_INDEX
 from pure_reasoner.train.world.drills import FreshDrills
-from pure_reasoner.train.world.generator import build_world, drill_rows, pretraining_corpus, world_config
+from pure_reasoner.train.world.generator import drill_rows
 from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP
 from tests.train.helpers import compose_config, metrics, run_in_process
-
-
-@pytest.fixture(scope="module")
-def world():
-    return build_world(world_config("tiny", seed=3))
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    docs = pretraining_corpus(world, in_context_fraction=0.5, num_drills=8, drill_questions=4)
-    merged = docs.map(lambda r: {"text": r["context"] + r["text"]}, remove_columns=docs.column_names)
-    return data.train_tokenizer(merged, "bpe", 384)
 
 
 def test_multi_question_drill_rows(world):

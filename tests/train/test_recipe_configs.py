@@ -16,7 +16,7 @@ import pytest
 from tests.train.helpers import compose_config
 
 RUNS = Path(__file__).resolve().parents[2] / "results" / "runs.json"
-RECIPES = ("recall_docmask", "dense_docmask", "relocate_docmask")
+RECIPES = ("recall_docmask", "dense_docmask", "relocate_docmask", "relocate_cf")
 
 
 def _recorded_overrides(recipe: str, seed: int) -> list[str]:
@@ -39,6 +39,7 @@ def test_recipe_config_is_what_its_runs_trained(recipe):
 def test_recipes_differ_from_their_base():
     """The comparison above can fail: the recipe differs from the plain decoupling experiment it builds on."""
     overrides = ("name=x", "train.seed=1")
-    assert compose_config("experiment=recall_docmask", *overrides) != compose_config("experiment=decoupling", *overrides)
+    recipe, base = (compose_config(f"experiment={name}", *overrides) for name in ("recall_docmask", "decoupling"))
+    assert recipe != base
     assert (compose_config("experiment=relocate_docmask", *overrides).train.init_from
             == "runs/recall_docmask-seed1/export")
