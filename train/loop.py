@@ -452,12 +452,11 @@ def _metrics(cfg: Config, engine, info: DistInfo, step: int, acc: StepStats, lr:
     )
 
 
-def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher=None,
-                 relocation: Relocation | None = None):
+def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logger, teacher,
+                 relocation: Relocation):
     """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint; at
     ``objective.relocate_at`` the relocation phase starts (``train.relocation``)."""
     t, model = cfg.train, engine.module
-    relocation = relocation or Relocation(cfg, run_dir)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
     losses, steps, window = [], [], []
     history = max(t.collapse_window, 1)
