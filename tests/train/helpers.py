@@ -15,17 +15,24 @@ from pure_reasoner.train.config import Config, register_configs
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def on_plain_base(overrides: tuple[str, ...]) -> list[str]:
+    """``overrides`` with ``experiment=plain`` in front unless they select an experiment themselves: the tests
+    of options compose them on the library's base config, not on the first run the bare command runs."""
+    selects = any(o.lstrip("+~").split("=")[0] == "experiment" for o in overrides)
+    return list(overrides) if selects else ["experiment=plain", *overrides]
+
+
 def compose_config(*overrides: str) -> Config:
-    """The typed Config that ``python -m pure_reasoner.train <overrides>`` would run."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+    """The typed Config that ``python -m pure_reasoner.train <overrides>`` would run, on the plain base unless the
+    overrides select an experiment (``on_plain_base``)."""
+    return OmegaConf.to_object(compose_raw(*overrides))
 
 
 def compose_raw(*overrides: str):
+    """``compose_config``'s config before it is made typed."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=on_plain_base(overrides))
 
 
 SHORT = (

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from pure_reasoner.moe import PureReasonerLM, reasoning_off
 from pure_reasoner.train.baselines import DeepSpeedResidualFFN
 from pure_reasoner.train.build_model import build_model
-from pure_reasoner.train.config import MODEL_PRESETS
+from pure_reasoner.train.config import MODEL_PRESETS, register_configs
 from tests.train.helpers import CONF, compose_config, compose_raw, run_in_process
 
 
@@ -109,6 +111,17 @@ def test_every_option_composes(group):
     for option in _options(group):
         cfg = compose_config(f"{group}={option}", *needs.get(f"{group}={option}", []))
         assert cfg.model.vocab_size > 0
+
+
+def test_bare_command_runs_the_first_run():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        bare = OmegaConf.to_object(compose("config", overrides=[]))
+    first_run = compose_config("experiment=first_run")
+    assert bare == first_run and bare.name == "first_run" and bare.objective.relocates
+    assert bare.train.first_look > 0  # it ends with the knowledge on / off table
+    plain = compose_config("experiment=plain")
+    assert plain.name == "default" and plain.objective.relocate_at is None and plain.model.d_model != bare.model.d_model
 
 
 def test_deepspeed_options_combine():
