@@ -14,7 +14,14 @@ from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM, know
 from pure_reasoner.moe.checkpoint import save_pretrained
 from pure_reasoner.train.evaluation import mean_reference as er
 from pure_reasoner.train.evaluation import scores as em
-from pure_reasoner.train.evaluation.evaluate import Codec, consult_map, greedy_generate, main, score_continuations
+from pure_reasoner.train.evaluation.evaluate import (
+    Codec,
+    consult_map,
+    greedy_generate,
+    knowledge_bits,
+    main,
+    score_continuations,
+)
 from pure_reasoner.train.objectives import in_context_tokens, lm_loss, shift_targets
 from pure_reasoner.train.world.generator import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
 from pure_reasoner.train.world.splits import reference_pairs, split_examples
@@ -242,6 +249,21 @@ def test_smoke_train_then_eval(tmp_path):
         r = report["routing"][group]
         assert 0 <= r["answer_rate"] <= 1 and 0 <= r["other_rate"] <= 1 and len(r["per_layer"]) == 2
         assert r["answer_tokens"] > 0 and r["other_tokens"] > r["answer_tokens"]
+
+
+def test_knowledge_bits_under_the_mean_ablation():
+    """Bits with every consulting token's knowledge output replaced by a mean: zero means must give exactly what the
+    model's own knowledge-off switch gives (another code path), the recorded means something else."""
+    torch.manual_seed(0)
+    model, codec, world = _tiny_model(), Codec(), build_world(world_config("tiny", seed=2))
+    recorded = er.reference_means(model, codec, world, count=8)
+    zero = recorded._replace(knowledge_LD=torch.zeros_like(recorded.knowledge_LD))
+    bits = {name: knowledge_bits(model, codec, world, 6, ablation=ablation, reference=reference)["raw_bits"]
+            for name, ablation, reference in (("base", "base", None), ("off", "knowledge_off", None),
+                                              ("zero", "knowledge_mean", zero),
+                                              ("mean", "knowledge_mean", recorded))}
+    assert bits["zero"] == pytest.approx(bits["off"], abs=1e-6)
+    assert abs(bits["mean"] - bits["off"]) > 1e-3 and abs(bits["base"] - bits["off"]) > 1e-3
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

@@ -257,7 +257,7 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
 
 
 def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people: int, batch_size: int = 16,
-                   ablation: str = "base") -> dict:
+                   ablation: str = "base", reference: er.MeanReference | None = None) -> dict:
     """Bits about the known people's attribute values held by the model (``eval_metrics.knowledge_bits``),
     estimated on a uniform sample of people and scaled to all of them.
 
@@ -267,7 +267,8 @@ def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people
     ``eval_metrics.bits_lower_bound`` of the per-attribute bits (a per-attribute fallback to the uniform
     code); ``raw_bits`` their plain sum. ``fano_bits``: ``eval_metrics.fano_bits`` of the accuracy of the
     model's most likely value in the set, per listed attribute (birth dates, with no listed set, count 0),
-    a bound that confident errors cannot drive negative. ``ablation``: run the model under it (``ABLATIONS``)."""
+    a bound that confident errors cannot drive negative. ``ablation``: run the model under it (``ABLATIONS``;
+    ``reference``: the mean ablations' constants)."""
     people = random.Random(f"{world.cfg.seed}:bits").sample(world.people, min(max_people, len(world.people)))
     scale = len(world.people) / len(people)
     per_attribute = {}
@@ -278,11 +279,13 @@ def knowledge_bits(model: PureReasonerLM, codec: Codec, world: World, max_people
         golds = [world.values(p)[attribute] for p in people]
         if space is None:
             pairs = [(prefix.format(name=p.name), continuation(g)) for p, g in zip(people, golds, strict=True)]
-            logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation)
+            logprobs, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation,
+                                                 reference=reference)
             fano = picked = None
         else:
             pairs = [(prefix.format(name=p.name), continuation(v)) for p in people for v in space]
-            flat, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation)
+            flat, _, _ = score_continuations(model, codec, pairs, batch_size=batch_size, ablation=ablation,
+                                             reference=reference)
             rows = [flat[i * len(space) : (i + 1) * len(space)] for i in range(len(people))]
             logprobs = em.normalized_logprobs(rows, [space.index(g) for g in golds])
             picked = em.accuracy([max(range(len(space)), key=row.__getitem__) == space.index(g)
@@ -408,6 +411,10 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World | WorldDir, split
         # what the model still knows with its knowledge experts off: the difference is what needs them
         report["knowledge_bits_knowledge_off"] = knowledge_bits(model, codec, generated, bits_people, batch_size,
                                                                 ablation="knowledge_off")
+    if bits_people and "knowledge_mean" in ablations and model.moe_layers():
+        # the experts' output replaced by its mean: what survives needs the experts, but not per person
+        report["knowledge_bits_knowledge_mean"] = knowledge_bits(model, codec, generated, bits_people, batch_size,
+                                                                 ablation="knowledge_mean", reference=reference)
     groups = {"closed_book": [s for s in splits if s in CLOSED_BOOK_SPLITS and s != "comparison"],
               "open_book": [s for s in splits if s in ("open_book", "open_book_two_hop")]}
     # target_rate: the consult rate the router is held at in training, what the overall rate is measured against
