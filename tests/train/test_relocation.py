@@ -120,3 +120,24 @@ def test_run_switches_to_relocation_at_relocate_at(tmp_path, monkeypatch, dist_i
     expected = [_restarted_lr(k, 12 - RELOCATE_AT, min_ratio) for k in range(12 - RELOCATE_AT)]
     assert [r["lr"] for r in rows[RELOCATE_AT:]] == pytest.approx(expected, rel=1e-12, abs=0)
     assert differing_tensors(tmp_path / "relocating" / "export", teacher) != []  # relocation trained on
+
+
+TINY_RECIPE = (
+    "model=tiny", "model.max_seq_len=512", "data.seq_len=512", "data.generator_kwargs.preset=tiny",
+    "data.generator_kwargs.num_people=24", "train.first_look=4", "train.micro_batch_size=4", "train.max_steps=6",
+    "train.warmup_steps=2", "objective.relocate_at=4", "objective.relocate_warmup_steps=1", "train.ckpt_every=3",
+    "train.log_every=2", "train.progress=false", "train.threads=1", "name=tiny",
+)
+
+
+@pytest.mark.parametrize("recipe", ["first_run", "capacity"])
+def test_in_run_relocation_recipes_run_end_to_end(recipe, tmp_path, dist_info):
+    """The recipes that relocate in their own run, on the tiny model and world: both phases run and export."""
+    overrides = [*TINY_RECIPE] + (["data.fresh_drills=1"] if recipe == "first_run" else [])
+    run_in_process(tmp_path / recipe, *overrides, base=(f"experiment={recipe}",))
+    rows = metrics(tmp_path / recipe)
+    assert [r["step"] for r in rows][-1] == 6
+    assert all(r["knowledge_off"] == 0 for r in rows if r["step"] <= 4)
+    assert all(r["knowledge_off"] > 0 for r in rows if r["step"] > 4)  # the forget pass runs after relocate_at
+    assert (tmp_path / recipe / RELOCATION_TEACHER / "model.safetensors").is_file()
+    assert (tmp_path / recipe / "export" / "model.safetensors").is_file()
