@@ -4,6 +4,7 @@ choice first measured while the machine was busy."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -11,7 +12,9 @@ import torch
 from pure_reasoner.kernels import engines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pure_reasoner.kernels.measure_engines", description=__doc__)
+    parser.parse_args(argv)
     key = engines.machine_key(torch.get_num_threads())
     choice = engines.load_or_measure(engines.default_cache_path(), key, fresh=True)
     print(key)

@@ -2,12 +2,18 @@
 measures again on another machine or torch build or after a corrupt cache; every engine computes the same."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pure_reasoner.kernels import engines
 from pure_reasoner.kernels.expert_mlp.torch_mlp import grouped_matmul_wgrad_with, grouped_matmul_with
+
+ROOT = Path(__file__).resolve().parents[2]
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -169,3 +175,16 @@ def test_real_measurement_is_consistent(tmp_path):
         measured = choice.gflops[shape_class]
         assert set(measured) == set(engines.available(shape_class))
         assert measured[getattr(choice, shape_class)] == max(measured.values())  # ties: rounded to 0.1
+
+
+def test_measure_engines_help_prints_usage_without_measuring(tmp_path):
+    """``measure_engines --help`` prints its usage and exits 0; it neither measures nor writes the cache."""
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, engines.ENV_CACHE_DIR: str(cache_dir), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pure_reasoner.kernels.measure_engines", "--help"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:"), proc.stdout
+    assert "measure_engines" in proc.stdout
+    assert not cache_dir.exists() and not (tmp_path / "xdg").exists(), "--help wrote a cache"
