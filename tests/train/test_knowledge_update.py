@@ -68,6 +68,21 @@ def test_run_config_refuses_what_is_not_a_trained_run(tmp_path, base_run):
     assert not (tmp_path / "out").exists()
 
 
+def test_run_config_of_a_base_trained_with_counterfactual_drills(base_run, tmp_path):
+    """The update has no drills, so a base run's counterfactual share of them must not carry over (it would fail
+    validation: a share of zero fresh drills)."""
+    import shutil
+
+    base = tmp_path / "base_cf"
+    shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (base / "config.yaml").read_text()
+    assert "counterfactual_drills: 0.0" in text
+    (base / "config.yaml").write_text(text.replace("counterfactual_drills: 0.0", "counterfactual_drills: 0.5"))
+    assert load_run_config(base).data.counterfactual_drills == 0.5
+    cfg, _ = run_config(base, tmp_path / "out", UPDATE, "knowledge", 4)
+    assert (cfg.data.fresh_drills, cfg.data.counterfactual_drills) == (0, 0.0)
+
+
 def test_update_with_replay_runs_and_records_it(base_run, tmp_path):
     from pure_reasoner.train.data import load_documents
 
