@@ -65,7 +65,7 @@ def _down_scatter_fwd_kernel(
                                                                  D, stride_we, BLOCK_M, BLOCK_N, GROUP_M, P)
     if expert >= num_experts:
         return
-    acc = rows_times_weight(h_ptr, w2_ptr + w_base, rows, row_mask, cols, F, D, False, DOT_PRECISION, BLOCK_M,
+    acc = rows_times_weight(h_ptr, w2_ptr, w_base, rows, row_mask, cols, F, D, False, DOT_PRECISION, BLOCK_M,
                             BLOCK_N, BLOCK_K)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
     store_by_row_or_token(y_ptr, acc * gate[:, None], rows, slots // num_slots_per_token, row_mask, cols, D, PER_ROW)
@@ -98,7 +98,7 @@ def _down_scatter_bwd_kernel(
         tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
         return
     # u = dy[tokens] @ w2[e]ᵀ: [BLOCK_M rows, BLOCK_N of F], w2[e]ᵀ read straight from the [E, F, D] layout.
-    u = rows_times_weight(dy_ptr, w2_ptr + w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
+    u = rows_times_weight(dy_ptr, w2_ptr, w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
@@ -121,7 +121,7 @@ def _down_swiglu_bwd_kernel(
                                                                      GROUP_M, P)
     if expert >= num_experts:
         return
-    u = rows_times_weight(dy_ptr, w2_ptr + w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
+    u = rows_times_weight(dy_ptr, w2_ptr, w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Five [S, F] tiles share one int32 offset tile from the block's first row (BLOCK_M * F < 2^31): five
     # 64-bit pointer tiles live at once spill the registers.

@@ -41,27 +41,30 @@ def row_tile(ptr, rows, row_mask, kk, K):
 
 
 @triton.jit
-def weight_tile(w_ptr, kk, cols, K, N, TRANSPOSED: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] tile (rows ``kk`` of K, columns ``cols`` of N) of one expert's [K, N] weight
-    operand, stored [K, N] or, ``TRANSPOSED``, [N, K] (read straight from that layout); zero outside."""
+def weight_tile_offsets(w_base, kk, cols, K, N, TRANSPOSED: tl.constexpr):
+    """(int64 offsets, mask) of the [BLOCK_K, BLOCK_N] tile (rows ``kk`` of K, columns ``cols`` of N) of one
+    expert's [K, N] weight operand at element ``w_base``, stored [K, N] or, ``TRANSPOSED``, [N, K] (read
+    straight from that layout). Returned rather than loaded so that two weights of one layout (w1, w3) load
+    through one offset tile: an offset tile per weight makes the up-projection's fp32 tiles spill."""
     if TRANSPOSED:
         offs = cols[None, :] * K + kk[:, None]
     else:
         offs = kk[:, None] * N + cols[None, :]
-    return tl.load(w_ptr + offs, mask=(kk < K)[:, None] & (cols < N)[None, :], other=0.0)
+    return w_base + offs, (kk < K)[:, None] & (cols < N)[None, :]
 
 
 @triton.jit
-def rows_times_weight(a_ptr, w_ptr, a_rows, row_mask, cols, K, N, W_TRANSPOSED: tl.constexpr,
+def rows_times_weight(a_ptr, w_ptr, w_base, a_rows, row_mask, cols, K, N, W_TRANSPOSED: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """a[a_rows] @ w for one tile: [BLOCK_M, BLOCK_N] in fp32, the reduction over K in BLOCK_K steps.
-    a: row-major [·, K]; w: one expert's weight (``weight_tile``)."""
+    a: row-major [·, K]; w: one expert's weight at element ``w_base`` of ``w_ptr`` (``weight_tile_offsets``)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = row_tile(a_ptr, a_rows, row_mask, kk, K)
-        acc += tl.dot(a, weight_tile(w_ptr, kk, cols, K, N, W_TRANSPOSED), input_precision=DOT_PRECISION)
+        w_offs, w_mask = weight_tile_offsets(w_base, kk, cols, K, N, W_TRANSPOSED)
+        acc += tl.dot(a, tl.load(w_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     return acc
 
 

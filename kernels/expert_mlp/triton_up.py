@@ -32,7 +32,7 @@ from pure_reasoner.kernels.expert_mlp.triton_tiles import (
     out_tile,
     row_tile,
     store_by_row_or_token,
-    weight_tile,
+    weight_tile_offsets,
 )
 from pure_reasoner.kernels.expert_mlp.triton_wgrad import grouped_wgrad
 from pure_reasoner.kernels.routing.metadata import check_sorted_rows
@@ -77,8 +77,9 @@ def _gather_swiglu_fwd_kernel(
     for k0 in range(0, D, BLOCK_K):  # the two GEMMs share each x tile
         kk = k0 + tl.arange(0, BLOCK_K)
         x = row_tile(x_ptr, tokens, row_mask, kk, D)
-        acc1 += tl.dot(x, weight_tile(w1_ptr + w_base, kk, cols, D, F, False), input_precision=DOT_PRECISION)
-        acc3 += tl.dot(x, weight_tile(w3_ptr + w_base, kk, cols, D, F, False), input_precision=DOT_PRECISION)
+        w_offs, w_mask = weight_tile_offsets(w_base, kk, cols, D, F, False)
+        acc1 += tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc3 += tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     h = acc1 * tl.sigmoid(acc1) * acc3
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=out_mask)
     if SAVE_PREACT:
@@ -103,10 +104,11 @@ def _gather_swiglu_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):  # one sum over both GEMMs, da1 @ w1ᵀ then da3 @ w3ᵀ per F block
         kk = k0 + tl.arange(0, BLOCK_K)
+        w_offs, w_mask = weight_tile_offsets(w_base, kk, cols, F, D, True)
         da1 = row_tile(da1_ptr, rows, row_mask, kk, F)
-        acc += tl.dot(da1, weight_tile(w1_ptr + w_base, kk, cols, F, D, True), input_precision=DOT_PRECISION)
+        acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
         da3 = row_tile(da3_ptr, rows, row_mask, kk, F)
-        acc += tl.dot(da3, weight_tile(w3_ptr + w_base, kk, cols, F, D, True), input_precision=DOT_PRECISION)
+        acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     # The slots are read after the loop (and only when scattering by token): no registers held through it.
     tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
     store_by_row_or_token(dx_ptr, acc, rows, tokens, row_mask, cols, D, PER_ROW)
