@@ -231,19 +231,7 @@ def mlp_backward(
     return dx_TD, dgates_S.view(gates_TK.shape), dw1_EDF, dw3_EDF, dw2_EFD
 
 
-@torch.library.custom_op("pure_reasoner::torch_knowledge_mlp", mutates_args=())
-def _mlp_op(
-    x_TD: torch.Tensor,
-    expert_ids_TK: torch.Tensor,
-    gates_TK: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w3_EDF: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    compact: bool,
-    max_rows: int,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mlp_forward(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD, compact, max_rows, deterministic)
+_mlp_op = torch.library.custom_op("pure_reasoner::torch_knowledge_mlp", mlp_forward, mutates_args=())
 
 
 @_mlp_op.register_fake
@@ -262,24 +250,7 @@ def _(x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD, compact, max_rows, 
     )
 
 
-@torch.library.custom_op("pure_reasoner::torch_knowledge_mlp_bwd", mutates_args=())
-def _mlp_bwd_op(
-    dy_TD: torch.Tensor,
-    x_TD: torch.Tensor,
-    gates_TK: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w3_EDF: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    a1_HF: torch.Tensor,
-    a3_HF: torch.Tensor,
-    slot_R: torch.Tensor,
-    offsets_E: torch.Tensor,
-    compact: bool,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mlp_backward(
-        dy_TD, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_HF, a3_HF, slot_R, offsets_E, compact, deterministic
-    )
+_mlp_bwd_op = torch.library.custom_op("pure_reasoner::torch_knowledge_mlp_bwd", mlp_backward, mutates_args=())
 
 
 @_mlp_bwd_op.register_fake

@@ -31,13 +31,19 @@ import triton.language as tl
 
 from pure_reasoner.kernels.backends import check_triton
 from pure_reasoner.kernels.expert_mlp.combine import combine_rows
+from pure_reasoner.kernels.expert_mlp.triton_tiles import (
+    expert_tile,
+    out_tile,
+    rows_times_weight,
+    store_by_row_or_token,
+)
 from pure_reasoner.kernels.expert_mlp.triton_up import swiglu_grads
 from pure_reasoner.kernels.expert_mlp.triton_wgrad import grouped_wgrad
+from pure_reasoner.kernels.routing.metadata import check_sorted_rows
 from pure_reasoner.kernels.triton_schedule import (
     ROW_GEMM_TILES,
     SWIGLU_BWD_TILES,
     dot_precision,
-    grouped_tile,
     launch,
     padded,
     pinned_config,
@@ -55,43 +61,14 @@ def _down_scatter_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles D (the output), BLOCK_K tiles F (the reduction). PER_ROW: y is [S, D] by sorted row.
-    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, D, BLOCK_M, BLOCK_N,
-                                                   GROUP_M, P)
+    expert, rows, row_mask, _, cols, slots, w_base = expert_tile(offsets_ptr, slot_order_ptr, num_experts, num_slots,
+                                                                 D, stride_we, BLOCK_M, BLOCK_N, GROUP_M, P)
     if expert >= num_experts:
         return
-    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    w_base = expert.to(tl.int64) * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(h_ptr + rows[:, None] * F + kk[None, :], mask=row_mask[:, None] & (kk < F)[None, :], other=0.0)
-        w_offs = w_base + kk[:, None] * D + cols[None, :]
-        w = tl.load(w2_ptr + w_offs, mask=(kk < F)[:, None] & (cols < D)[None, :], other=0.0)
-        acc += tl.dot(h, w, input_precision=DOT_PRECISION)
+    acc = rows_times_weight(h_ptr, w2_ptr, w_base, rows, row_mask, cols, F, D, False, DOT_PRECISION, BLOCK_M,
+                            BLOCK_N, BLOCK_K)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-    out_mask = row_mask[:, None] & (cols < D)[None, :]
-    if PER_ROW:
-        tl.store(y_ptr + rows[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask)
-    else:
-        tokens = slots // num_slots_per_token
-        # Only the sum matters, read after the kernel: no ordering between programs is needed.
-        tl.atomic_add(y_ptr + tokens[:, None] * D + cols[None, :], acc * gate[:, None], mask=out_mask, sem="relaxed")
-
-
-@triton.jit
-def _dy_w2t_tile(dy_ptr, w2_ptr, tokens, row_mask, cols, w_base, D, F, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """u = dy[tokens] @ w2[e]ᵀ for one tile: [BLOCK_M rows, BLOCK_N of F] in fp32 (BLOCK_K tiles D)."""
-    u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        dy_mask = row_mask[:, None] & (kk < D)[None, :]
-        dy = tl.load(dy_ptr + tokens[:, None] * D + kk[None, :], mask=dy_mask, other=0.0)
-        # w2[e]ᵀ tile [BLOCK_K of D, BLOCK_N of F], read straight from the [E, F, D] layout.
-        w_mask = (kk < D)[:, None] & (cols < F)[None, :]
-        w = tl.load(w2_ptr + w_base + cols[None, :] * D + kk[:, None], mask=w_mask, other=0.0)
-        u += tl.dot(dy, w, input_precision=DOT_PRECISION)
-    return u
+    store_by_row_or_token(y_ptr, acc * gate[:, None], rows, slots // num_slots_per_token, row_mask, cols, D, PER_ROW)
 
 
 @triton.jit
@@ -113,17 +90,16 @@ def _down_scatter_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_N tiles F (the output dh), BLOCK_K tiles D (the reduction). PER_ROW: dgates is [F blocks, S].
-    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
-                                                       GROUP_M, P)
-    out = rows[:, None] * F + cols[None, :]
-    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    expert, rows, row_mask, pid_n, cols, slots, w_base = expert_tile(offsets_ptr, slot_order_ptr, num_experts,
+                                                                     num_slots, F, stride_we, BLOCK_M, BLOCK_N,
+                                                                     GROUP_M, P)
+    out, out_mask = out_tile(rows, row_mask, cols, F)
     if expert >= num_experts:
         tl.store(dh_ptr + out, tl.zeros((BLOCK_M, BLOCK_N), dtype=dh_ptr.dtype.element_ty), mask=out_mask)
         return
-    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    w_base = expert.to(tl.int64) * stride_we
-    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K)
+    # u = dy[tokens] @ w2[e]ᵀ: [BLOCK_M rows, BLOCK_N of F], w2[e]ᵀ read straight from the [E, F, D] layout.
+    u = rows_times_weight(dy_ptr, w2_ptr, w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
+                          DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     h = tl.load(h_ptr + out, mask=out_mask, other=0.0).to(tl.float32)
     _gate_grad(u, h, slots, row_mask, pid_n, dgates_ptr, num_slots, PER_ROW)
     gate = tl.load(gates_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
@@ -140,14 +116,13 @@ def _down_swiglu_bwd_kernel(
 ):  # fmt: skip
     # As _down_scatter_bwd_kernel, but h = silu(a1) * a3 is recomputed (and written, for dw2) and the
     # epilogue writes da1, da3 instead of dh. Idle rows are left unwritten: nothing reads them.
-    expert, rows, row_mask, pid_n, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
-                                                       GROUP_M, P)
+    expert, rows, row_mask, pid_n, cols, slots, w_base = expert_tile(offsets_ptr, slot_order_ptr, num_experts,
+                                                                     num_slots, F, stride_we, BLOCK_M, BLOCK_N,
+                                                                     GROUP_M, P)
     if expert >= num_experts:
         return
-    slots = tl.load(slot_order_ptr + rows, mask=row_mask, other=0)
-    w_base = expert.to(tl.int64) * stride_we
-    u = _dy_w2t_tile(dy_ptr, w2_ptr, slots // num_slots_per_token, row_mask, cols, w_base, D, F, DOT_PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K)
+    u = rows_times_weight(dy_ptr, w2_ptr, w_base, slots // num_slots_per_token, row_mask, cols, D, F, True,
+                          DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Five [S, F] tiles share one int32 offset tile from the block's first row (BLOCK_M * F < 2^31): five
     # 64-bit pointer tiles live at once spill the registers.
     first = tl.min(rows, axis=0) * F
@@ -167,8 +142,7 @@ def _down_swiglu_bwd_kernel(
 
 def _check(h_SF: torch.Tensor, gates_TK: torch.Tensor, slot_order_S, offsets_E, w2_EFD: torch.Tensor) -> None:
     check_triton(h_SF, w2_EFD)
-    if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
-        raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
+    check_sorted_rows(slot_order_S, offsets_E)
     if gates_TK.numel() != h_SF.shape[0] or w2_EFD.shape[1] != h_SF.shape[1] or w2_EFD.dtype != h_SF.dtype:
         raise ValueError(
             f"h {tuple(h_SF.shape)} {h_SF.dtype}, gates {tuple(gates_TK.shape)} and w2 {tuple(w2_EFD.shape)} "
@@ -288,48 +262,32 @@ def down_swiglu_bwd(
     return _down_bwd(dy_TD, None, a1_SF, a3_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic, tf32)
 
 
-@torch.library.custom_op("pure_reasoner::triton_down_scatter", mutates_args=())
-def _down_scatter_op(
-    h_SF: torch.Tensor,
-    gates_TK: torch.Tensor,
-    slot_order_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    w2_EFD: torch.Tensor,
-) -> torch.Tensor:
-    return down_scatter_fwd(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
+_down_scatter_op = torch.library.custom_op("pure_reasoner::triton_down_scatter", down_scatter_fwd, mutates_args=())
 
 
 @_down_scatter_op.register_fake
-def _(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD):
+def _(h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic=False, tf32=False):
     return h_SF.new_empty(gates_TK.shape[0], w2_EFD.shape[2])
 
 
-@torch.library.custom_op("pure_reasoner::triton_down_scatter_bwd", mutates_args=())
-def _down_scatter_bwd_op(
-    dy_TD: torch.Tensor,
-    h_SF: torch.Tensor,
-    gates_TK: torch.Tensor,
-    slot_order_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    w2_EFD: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return down_scatter_bwd(dy_TD, h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
+_down_scatter_bwd_op = torch.library.custom_op("pure_reasoner::triton_down_scatter_bwd", down_scatter_bwd,
+                                               mutates_args=())
 
 
 @_down_scatter_bwd_op.register_fake
-def _(dy_TD, h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD):
+def _(dy_TD, h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD, deterministic=False, tf32=False):
     # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides.
     return h_SF.new_empty(h_SF.shape), gates_TK.new_empty(gates_TK.shape), w2_EFD.new_empty(w2_EFD.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, ctx.deterministic, ctx.tf32 = inputs
+    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx, dy_TD):
-    h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD = ctx.saved_tensors
-    dh_SF, dgates_TK, dw2_EFD = _down_scatter_bwd_op(dy_TD, h_SF, gates_TK, slot_order_S, offsets_E, w2_EFD)
-    return dh_SF, dgates_TK, None, None, dw2_EFD
+    dh_SF, dgates_TK, dw2_EFD = _down_scatter_bwd_op(dy_TD, *ctx.saved_tensors, ctx.deterministic, ctx.tf32)
+    return dh_SF, dgates_TK, None, None, dw2_EFD, None, None
 
 
 _down_scatter_op.register_autograd(_backward, setup_context=_setup_context)

@@ -3,9 +3,6 @@
 Shapes: T tokens, K slots per token, S = T*K slots, H <= S rows kept for the backward, D model dim,
 F expert width, E experts.
 
-The typed parameter lists of the custom ops here, their fakes and the torch path's ops repeat each other
-on purpose: ``torch.library`` needs each op's schema spelled out in its own signature.
-
 The forward and the backward are one ``torch.library`` custom op each (with fake, shape-only
 implementations), built from the launchers of ``kernels.expert_mlp.triton_up`` and ``kernels.expert_mlp.triton_down``,
 so ``torch.compile`` sees opaque nodes and nothing reads a routed count back to the host. What the backward

@@ -27,11 +27,18 @@ import triton.language as tl
 
 from pure_reasoner.kernels.backends import check_triton
 from pure_reasoner.kernels.expert_mlp.combine import combine_rows
+from pure_reasoner.kernels.expert_mlp.triton_tiles import (
+    expert_tile,
+    out_tile,
+    row_tile,
+    store_by_row_or_token,
+    weight_tile_offsets,
+)
 from pure_reasoner.kernels.expert_mlp.triton_wgrad import grouped_wgrad
+from pure_reasoner.kernels.routing.metadata import check_sorted_rows
 from pure_reasoner.kernels.triton_schedule import (
     ROW_GEMM_TILES,
     dot_precision,
-    grouped_tile,
     launch,
     padded,
     row_blocks,
@@ -54,10 +61,9 @@ def _gather_swiglu_fwd_kernel(
     SAVE_PREACT: tl.constexpr, P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, F, BLOCK_M, BLOCK_N,
-                                                   GROUP_M, P)
-    out = rows[:, None] * F + cols[None, :]
-    out_mask = row_mask[:, None] & (cols < F)[None, :]
+    expert, rows, row_mask, _, cols, slots, w_base = expert_tile(offsets_ptr, slot_order_ptr, num_experts, num_slots,
+                                                                 F, stride_we, BLOCK_M, BLOCK_N, GROUP_M, P)
+    out, out_mask = out_tile(rows, row_mask, cols, F)
     if expert >= num_experts:
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=h_ptr.dtype.element_ty)
         tl.store(h_ptr + out, zeros, mask=out_mask)
@@ -65,15 +71,13 @@ def _gather_swiglu_fwd_kernel(
             tl.store(a1_ptr + out, zeros, mask=out_mask)
             tl.store(a3_ptr + out, zeros, mask=out_mask)
         return
-    tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
-    w_base = expert.to(tl.int64) * stride_we
+    tokens = slots // num_slots_per_token
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(0, D, BLOCK_K):  # the two GEMMs share each x tile
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + tokens[:, None] * D + kk[None, :], mask=row_mask[:, None] & (kk < D)[None, :], other=0.0)
-        w_offs = w_base + kk[:, None] * F + cols[None, :]
-        w_mask = (kk < D)[:, None] & (cols < F)[None, :]
+        x = row_tile(x_ptr, tokens, row_mask, kk, D)
+        w_offs, w_mask = weight_tile_offsets(w_base, kk, cols, D, F, False)
         acc1 += tl.dot(x, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
         acc3 += tl.dot(x, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
     h = acc1 * tl.sigmoid(acc1) * acc3
@@ -93,30 +97,21 @@ def _gather_swiglu_bwd_kernel(
 ):  # fmt: skip
     # Here BLOCK_N tiles D (the output dx) and BLOCK_K tiles F (the reduction). PER_ROW: dx is [S, D] by
     # sorted row, combined afterwards (no atomics).
-    expert, rows, row_mask, _, cols = grouped_tile(offsets_ptr, num_experts, num_slots, D, BLOCK_M, BLOCK_N,
-                                                   GROUP_M, P)
+    expert, rows, row_mask, _, cols, _, w_base = expert_tile(offsets_ptr, slot_order_ptr, num_experts, num_slots, D,
+                                                             stride_we, BLOCK_M, BLOCK_N, GROUP_M, P)
     if expert >= num_experts:
         return
-    w_base = expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    for k0 in range(0, F, BLOCK_K):  # one sum over both GEMMs, da1 @ w1ᵀ then da3 @ w3ᵀ per F block
         kk = k0 + tl.arange(0, BLOCK_K)
-        offs = rows[:, None] * F + kk[None, :]
-        mask = row_mask[:, None] & (kk < F)[None, :]
-        # w[e]ᵀ tile [BLOCK_K of F, BLOCK_N of D], read straight from the [E, D, F] layout.
-        w_offs = w_base + cols[None, :] * F + kk[:, None]
-        w_mask = (kk < F)[:, None] & (cols < D)[None, :]
-        da1 = tl.load(da1_ptr + offs, mask=mask, other=0.0)
+        w_offs, w_mask = weight_tile_offsets(w_base, kk, cols, F, D, True)
+        da1 = row_tile(da1_ptr, rows, row_mask, kk, F)
         acc += tl.dot(da1, tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
-        da3 = tl.load(da3_ptr + offs, mask=mask, other=0.0)
+        da3 = row_tile(da3_ptr, rows, row_mask, kk, F)
         acc += tl.dot(da3, tl.load(w3_ptr + w_offs, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
-    out_mask = row_mask[:, None] & (cols < D)[None, :]
-    if PER_ROW:
-        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], acc, mask=out_mask)
-    else:
-        tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
-        # Only the sum matters, read after the kernel: no ordering between programs is needed.
-        tl.atomic_add(dx_ptr + tokens[:, None] * D + cols[None, :], acc, mask=out_mask, sem="relaxed")
+    # The slots are read after the loop (and only when scattering by token): no registers held through it.
+    tokens = tl.load(slot_order_ptr + rows, mask=row_mask, other=0) // num_slots_per_token
+    store_by_row_or_token(dx_ptr, acc, rows, tokens, row_mask, cols, D, PER_ROW)
 
 
 @triton.jit
@@ -133,8 +128,7 @@ def _swiglu_grads_kernel(dh_ptr, a1_ptr, a3_ptr, da1_ptr, da3_ptr, num_elements,
 
 def _check(x_TD: torch.Tensor, slot_order_S: torch.Tensor, offsets_E: torch.Tensor, *weights: torch.Tensor) -> None:
     check_triton(x_TD, *weights)
-    if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
-        raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
+    check_sorted_rows(slot_order_S, offsets_E)
     for w in weights:
         if w.shape != weights[0].shape or w.dtype != x_TD.dtype:
             raise ValueError(f"w1/w3 must share shape and x's dtype, got {tuple(w.shape)} {w.dtype}")
@@ -239,21 +233,12 @@ def gather_swiglu_bwd(
     return dx_out.to(x_TD.dtype), dw1_EDF, dw3_EDF
 
 
-@torch.library.custom_op("pure_reasoner::triton_gather_swiglu", mutates_args=())
-def _gather_swiglu_op(
-    x_TD: torch.Tensor,
-    slot_order_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w3_EDF: torch.Tensor,
-    num_slots_per_token: int,
-    save_preact: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gather_swiglu_fwd(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save_preact)
+_gather_swiglu_op = torch.library.custom_op("pure_reasoner::triton_gather_swiglu", gather_swiglu_fwd, mutates_args=())
 
 
 @_gather_swiglu_op.register_fake
-def _(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save_preact):
+def _(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, save_preact, deterministic=False,
+      tf32=False):
     num_slots, width = slot_order_S.shape[0], w1_EDF.shape[2]
     saved = num_slots if save_preact else 0
     return x_TD.new_empty(num_slots, width), x_TD.new_empty(saved, width), x_TD.new_empty(saved, width)
@@ -270,32 +255,36 @@ def _gather_swiglu_bwd_op(
     a1_SF: torch.Tensor,
     a3_SF: torch.Tensor,
     num_slots_per_token: int,
+    deterministic: bool = False,
+    tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gather_swiglu_fwd``'s backward from dh: the SwiGLU's backward, then ``gather_swiglu_bwd``."""
     check_triton(dh_SF, a1_SF, a3_SF)
     da1_SF, da3_SF = swiglu_grads_rows(dh_SF, a1_SF, a3_SF)
-    return gather_swiglu_bwd(da1_SF, da3_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token)
+    return gather_swiglu_bwd(da1_SF, da3_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token,
+                             deterministic, tf32)
 
 
 @_gather_swiglu_bwd_op.register_fake
-def _(dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, num_slots_per_token):
+def _(dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, num_slots_per_token, deterministic=False,
+      tf32=False):
     # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides.
     return x_TD.new_empty(x_TD.shape), w1_EDF.new_empty(w1_EDF.shape), w3_EDF.new_empty(w3_EDF.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, _ = inputs
+    x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, num_slots_per_token, _, deterministic, tf32 = inputs
     _, a1_SF, a3_SF = output
     ctx.mark_non_differentiable(a1_SF, a3_SF)  # saved pre-activations, not results
     ctx.save_for_backward(x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF)
-    ctx.num_slots_per_token = num_slots_per_token
+    ctx.num_slots_per_token, ctx.deterministic, ctx.tf32 = num_slots_per_token, deterministic, tf32
 
 
 def _backward(ctx, dh_SF, _da1, _da3):
-    x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF = ctx.saved_tensors
     dx_TD, dw1_EDF, dw3_EDF = _gather_swiglu_bwd_op(
-        dh_SF, x_TD, slot_order_S, offsets_E, w1_EDF, w3_EDF, a1_SF, a3_SF, ctx.num_slots_per_token
+        dh_SF, *ctx.saved_tensors, ctx.num_slots_per_token, ctx.deterministic, ctx.tf32
     )
-    return dx_TD, None, None, dw1_EDF, dw3_EDF, None, None
+    return dx_TD, None, None, dw1_EDF, dw3_EDF, None, None, None, None
 
 
 _gather_swiglu_op.register_autograd(_backward, setup_context=_setup_context)

@@ -44,6 +44,12 @@ def check_ids(expert_ids_TK: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
 
 
+def check_sorted_rows(slot_order_S: torch.Tensor, offsets_E: torch.Tensor) -> None:
+    """ValueError unless the sorted-row metadata has ``RoutingMeta``'s dtypes (the Triton kernels read it raw)."""
+    if slot_order_S.dtype != torch.int64 or offsets_E.dtype != torch.int32:
+        raise ValueError(f"slot_order_S must be int64 and offsets_E int32, got {slot_order_S.dtype}, {offsets_E.dtype}")
+
+
 def routing_metadata(expert_ids_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
     """Sort slots by expert; count and offset each group. No host sync.
 
