@@ -4,6 +4,7 @@ smoke run, under ZeRO-1 and ZeRO-2, only the knowledge experts' and routers' par
 run trains on the update's rows plus as many replayed ones and records the replay."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -71,8 +72,6 @@ def test_run_config_refuses_what_is_not_a_trained_run(tmp_path, base_run):
 def test_run_config_of_a_base_trained_with_counterfactual_drills(base_run, tmp_path):
     """The update has no drills, so a base run's counterfactual share of them must not carry over (it would fail
     validation: a share of zero fresh drills)."""
-    import shutil
-
     base = tmp_path / "base_cf"
     shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints"))
     text = (base / "config.yaml").read_text()
