@@ -26,6 +26,7 @@ ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
+ANCHOR_ROWS = ("all", "marked")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
 _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
@@ -300,6 +301,9 @@ class ObjectiveConfig:
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
         closed-book recall where the teacher had it while the forget pass moves the facts into the experts
         (relocation) or while new facts are learned (knowledge update).
+    anchor_rows: which rows' recall tokens the anchor reads: ``all`` or ``marked`` (only the rows whose ``anchor``
+        field is True, from a generator that writes one: ``train.world_update``'s update corpus marks its replayed
+        rows, so the old facts are held at the base model's while the new values are learned freely).
     relocate_at: in-run relocation (``train.relocation``): None (off) or the step at which the run turns into a
         relocation run. Steps ``0 .. relocate_at - 1`` train exactly as the same config without the relocation
         weights (``anchor_weight``, ``forget_weight``, ``read_weight``, all three off) and ``train.max_steps=
@@ -327,6 +331,7 @@ class ObjectiveConfig:
     read_weight: float = 0.0
     forget_ablation: str = "knowledge_off"
     anchor_weight: float = 0.0
+    anchor_rows: str = "all"
     relocate_at: int | None = None
     relocate_lr: float | None = None
     relocate_warmup_steps: int | None = None
@@ -335,6 +340,11 @@ class ObjectiveConfig:
     def relocates(self) -> bool:
         """Whether the run turns into a relocation run at ``relocate_at`` (in-run relocation)."""
         return self.relocate_at is not None
+
+    @property
+    def anchors_marked_rows(self) -> bool:
+        """Whether the anchor reads only the recall tokens of rows marked for it (``anchor_rows=marked``)."""
+        return self.anchor_weight > 0 and self.anchor_rows == "marked"
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -350,6 +360,11 @@ class ObjectiveConfig:
         _require(self.anchor_weight == 0 or (self.kind == "lm" and (bool(self.teacher) or self.relocates)),
                  f"objective.anchor_weight={self.anchor_weight} needs objective.kind=lm and objective.teacher=DIR "
                  f"(or objective.relocate_at), got kind={self.kind!r}, teacher={self.teacher!r}")
+        _require(self.anchor_rows in ANCHOR_ROWS,
+                 f"objective.anchor_rows must be one of {ANCHOR_ROWS}, got {self.anchor_rows!r}")
+        _require(self.anchor_rows == "all" or self.anchor_weight > 0,
+                 f"objective.anchor_rows={self.anchor_rows!r} chooses the anchor's rows: it needs "
+                 f"objective.anchor_weight > 0, got {self.anchor_weight}")
         _require(self.forget_ablation in FORGET_ABLATIONS,
                  f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
         for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight"):
@@ -444,6 +459,11 @@ class Config:
             f"objective.consult_targets=recall / route_tokens=recall / forget_weight need data.generator="
             f"{WORLD_GENERATOR} or data.source=world (their rows mark fact values), "
             f"got source={self.data.source!r}, generator={self.data.generator!r}",
+        )
+        _require(
+            not self.objective.anchors_marked_rows or self.data.source == "generator",
+            f"objective.anchor_rows=marked reads the rows' anchor marks: it needs data.source=generator (a generator "
+            f"whose rows carry them, e.g. {UPDATE_GENERATOR}), got source={self.data.source!r}",
         )
         _require(
             not self.objective.route_knowledge or self.model.reasoning_width is not None,

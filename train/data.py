@@ -123,7 +123,7 @@ def _import(path: str) -> Callable:
         raise ValueError(f"data.generator={path!r} cannot be imported: {err}") from err
 
 
-def _generated(cfg: DataConfig, cache_dir: str, recall: bool) -> datasets.Dataset:
+def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = False) -> datasets.Dataset:
     fn = _import(cfg.generator)
     in_context = cfg.in_context_fraction is not None
     kwargs = {**cfg.generator_kwargs, **({"in_context_fraction": cfg.in_context_fraction} if in_context else {})}
@@ -144,6 +144,12 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool) -> datasets.Datase
                     raise ValueError(f"data.generator={cfg.generator!r} item {i} has no 'recall' spans (needed by "
                                      f"objective.consult_targets=recall): {item!r:.80}")
                 row["recall"] = spans
+            if anchor:
+                marked = item.get("anchor") if isinstance(item, dict) else None
+                if not isinstance(marked, bool):
+                    raise ValueError(f"data.generator={cfg.generator!r} item {i} has no bool 'anchor' field (needed "
+                                     f"by objective.anchor_rows=marked): {item!r:.80}")
+                row["anchor"] = marked
             yield row
 
     # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
@@ -155,12 +161,15 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool) -> datasets.Datase
         raise
 
 
-def load_documents(cfg: DataConfig, recall: bool = False) -> datasets.Dataset:
+def load_documents(cfg: DataConfig, recall: bool = False, anchor: bool = False) -> datasets.Dataset:
     """The corpus as a Dataset with a ``text`` column, one document per row (plus ``context`` with
     ``in_context_fraction`` or a world on disk and, with ``recall`` (a generator's or a world's rows only), the rows'
-    ``recall`` spans over ``context + text``). Raises ValueError on bad input."""
+    ``recall`` spans over ``context + text``; with ``anchor`` (a generator's rows only) their bool ``anchor`` marks).
+    Raises ValueError on bad input."""
     if recall and cfg.source not in ("generator", "world"):
         raise ValueError(f"recall spans come from a generator's or a world's rows, got data.source={cfg.source!r}")
+    if anchor and cfg.source != "generator":
+        raise ValueError(f"anchor marks come from a generator's rows, got data.source={cfg.source!r}")
     if cfg.source == "world":
         from pure_reasoner.train.world.disk import corpus_dataset
 
@@ -179,7 +188,7 @@ def load_documents(cfg: DataConfig, recall: bool = False) -> datasets.Dataset:
         paths = shakespeare_files() if cfg.source == "shakespeare" else []
     with tempfile.TemporaryDirectory(prefix="pure-reasoner-data-") as cache_dir:
         if cfg.source == "generator":
-            ds = _generated(cfg, cache_dir, recall)
+            ds = _generated(cfg, cache_dir, recall, anchor)
         else:
             by_format: dict[str, list[Path]] = {}
             for p in paths:
@@ -310,9 +319,10 @@ def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod:
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
 
 
-def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, marked_only: bool = False) -> torch.Tensor:
     """[L] bool over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: True on every token whose
-    characters overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``).
+    characters overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``);
+    with ``marked_only``, of the rows whose ``anchor`` is True only.
 
     The rows are encoded again, with character offsets, into units of flags built and packed like the ids
     (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout; padding and EOD
@@ -326,8 +336,10 @@ def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch
         for start in range(0, len(docs), 256):
             rows = docs[start : start + 256]
             contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
-            for context, text, context_str, spans in zip(contexts, texts, rows["context"], rows["recall"],
-                                                         strict=True):
+            marks = rows["anchor"] if marked_only else [True] * len(texts)
+            for context, text, context_str, spans, marked in zip(contexts, texts, rows["context"], rows["recall"],
+                                                                 marks, strict=True):
+                spans = spans if marked else []
                 text_flags = overlaps(text.offsets, spans, shift=len(context_str)) + [0]  # + EOD
                 yield in_context_tokens(overlaps(context.offsets, spans), text_flags)
 
@@ -368,20 +380,22 @@ class PackedSequences:
         closed: [L] bool or None (``closed_book_tokens``); ``closed(positions)`` reads it like ``batch``.
         recall: [L] bool or None, the tokens to recall from memory (``recall_tokens & closed``);
             ``recall(positions)`` reads it at the targets.
+        anchor: [L] bool or None, the recall tokens of rows marked for the anchor (``recall_tokens(...,
+            marked_only=True) & closed``); ``anchor(positions)`` reads it at the targets.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
                  loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None,
-                 recall: torch.Tensor | None = None):
+                 recall: torch.Tensor | None = None, anchor: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         if loss_mask is not None and loss_mask.shape != stream.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
-        for name, mask in (("closed", closed), ("recall", recall)):
+        for name, mask in (("closed", closed), ("recall", recall), ("anchor", anchor)):
             if mask is not None and mask.shape != stream.shape:
                 raise ValueError(f"{name} shape {tuple(mask.shape)} != stream shape {tuple(stream.shape)}")
         self.stream, self.seq_len, self.seed, self.loss_mask, self.closed_L = stream, seq_len, seed, loss_mask, closed
-        self.recall_L = recall
+        self.recall_L, self.anchor_L = recall, anchor
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -410,9 +424,16 @@ class PackedSequences:
     def recall(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``recall`` at the *targets* of ``batch(positions)``: True where the next token is (part
         of) a fact's value to recall."""
-        if self.recall_L is None:
-            raise ValueError("these sequences were packed without a recall mask")
-        return self.recall_L[self._offsets(positions)[:, 1:]]
+        return self._at_targets(self.recall_L, "recall", positions)
+
+    def anchor(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: ``anchor`` at the *targets* of ``batch(positions)`` (as ``recall``)."""
+        return self._at_targets(self.anchor_L, "anchor", positions)
+
+    def _at_targets(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor) -> torch.Tensor:
+        if mask_L is None:
+            raise ValueError(f"these sequences were packed without {'an' if name[0] in 'aeiou' else 'a'} {name} mask")
+        return mask_L[self._offsets(positions)[:, 1:]]
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""

@@ -70,13 +70,15 @@ class TrainData:
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
         ``data.recall_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows); with
-        ``objective.anchor_weight`` those recall tokens as anchor_BS."""
+        ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
+        marked for it) as anchor_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
         recall_BS = self.packed.recall(positions) if cfg.uses_recall_tokens else None
+        anchor_BS = self.packed.anchor(positions) if cfg.objective.anchors_marked_rows else recall_BS
         frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
         consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
         if self.drills is not None:
@@ -88,6 +90,7 @@ class TrainData:
                 frozen_BS, consult_BS = torch.cat([frozen_BS, none_BS]), torch.cat([consult_BS, none_BS])
                 closed_BS = torch.cat([closed_BS, none_BS])
                 recall_BS = None if recall_BS is None else torch.cat([recall_BS, none_BS])
+                anchor_BS = None if anchor_BS is None else torch.cat([anchor_BS, none_BS])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
         if cfg.data.doc_mask:
             batch["doc_ids_BS"] = data.doc_ids(idx_BS, self.eod_id)
@@ -95,7 +98,7 @@ class TrainData:
             batch["read_BS"] = ~closed_BS
             batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
         if cfg.objective.anchor_weight > 0:
-            batch["anchor_BS"] = recall_BS
+            batch["anchor_BS"] = anchor_BS
         if cfg.objective.route_knowledge:
             batch["reasoning_frozen_BS"] = frozen_BS
         if cfg.model.knowledge.consult_loss_coef > 0:
@@ -107,7 +110,8 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     """Load, tokenize and pack the corpus. Rank 0 trains (or reuses) and saves the tokenizer first."""
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
-        docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens)
+        marked = cfg.objective.anchors_marked_rows
+        docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked)
         if data.num_chars(docs) == 0:
             raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():
@@ -122,14 +126,16 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             stream, loss_mask = data.tokenize(docs, tok), None
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
-        closed = recall = None
+        closed = recall = anchor = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
         if cfg.uses_recall_tokens:
             recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed  # values in closed-book rows
+        if marked:
+            anchor = data.recall_tokens(docs, tok, cfg.data.seq_len, marked_only=True) & closed
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
-            closed=closed, recall=recall,
+            closed=closed, recall=recall, anchor=anchor,
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,15 @@ trained on (``train.world_update``: new people and changed facts), then scores t
     data        ``pure_reasoner.train.world_update:update_corpus`` of the base world and ``--seed / --new-people /
                 --changed-facts``; no context on any row (every new fact must be memorised), no fresh drills;
     replay      ``--replay R``: round(R x its rows) rows of the base world's pretraining corpus mixed in (default 0);
+                ``--anchor-replayed`` anchors only those rows, to the base model itself (``objective.anchor_rows=
+                marked``, ``objective.teacher=BASE_RUN/export``, ``anchor_weight`` the base's or 1): the old facts
+                held where they are rehearsed, the new values free to move;
     train       ``init_from=BASE_RUN/export``, ``trainable=--trainable`` (``knowledge``: only knowledge experts
                 and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
                 ``max_steps=--steps``, one checkpoint at the end, no first-look table;
     ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
-The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay; same command, same
-directory: it resumes).
+The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay, then
+``-anchor-replayed`` with that; same command, same directory: it resumes).
 Multi-process: ``deepspeed --no_local_rank --num_gpus N --module pure_reasoner.train.update ...``.
 docs/knowledge_update.md.
 """
@@ -40,7 +43,7 @@ REPORT = "update_eval.json"
 
 
 def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, steps: int,
-                  overrides: Sequence[str] = ()) -> tuple[Config, str]:
+               overrides: Sequence[str] = (), anchor_replayed: bool = False) -> tuple[Config, str]:
     """The typed Config of the update run and its resolved YAML (module docstring). Raises ValueError on a bad
     base run (no config.yaml, export or world.json) or override."""
     from pure_reasoner.train.export import EXPORT, load_run_config
@@ -64,6 +67,11 @@ def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, 
         "train.warmup_steps": min(base.train.warmup_steps, steps // 10), "train.ckpt_every": steps,
         "train.first_look": 0,
     }
+    if anchor_replayed:
+        if not update.replay:
+            raise ValueError("--anchor-replayed anchors the replayed rows: it needs --replay R > 0")
+        changes |= {"objective.anchor_rows": "marked", "objective.teacher": str(export),
+                    "objective.anchor_weight": base.objective.anchor_weight or 1.0}
     for key, value in changes.items():
         OmegaConf.update(node, key, value, merge=False)
     try:
@@ -83,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--changed-facts", type=int, default=UpdateConfig.changed_facts)
     parser.add_argument("--replay", type=float, default=UpdateConfig.replay,
                         help="replayed pretraining rows per row of the update (rehearsal of old facts; 0: none)")
+    parser.add_argument("--anchor-replayed", action="store_true",
+                        help="anchor only the replayed rows, to the base model (needs --replay)")
     parser.add_argument("--trainable", choices=TRAINABLE, default="knowledge",
                         help="knowledge: only knowledge experts and routers (pure reasoner); all: everything (dense)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the update")
@@ -93,11 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps <= 0:
         parser.error(f"--steps must be > 0, got {args.steps}")
     out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}"
-                                              + (f"-replay{args.replay:g}" if args.replay else ""))
+                                              + (f"-replay{args.replay:g}" if args.replay else "")
+                                              + ("-anchor-replayed" if args.anchor_replayed else ""))
     try:
         update = UpdateConfig(seed=args.seed, new_people=args.new_people, changed_facts=args.changed_facts,
                               replay=args.replay)
-        cfg, resolved = run_config(args.base_run, out, update, args.trainable, args.steps, args.set)
+        cfg, resolved = run_config(args.base_run, out, update, args.trainable, args.steps, args.set,
+                                   args.anchor_replayed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

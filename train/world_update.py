@@ -16,9 +16,10 @@ An update is a deterministic function of (the trained world's WorldConfig, ``Upd
 ``update_corpus`` (``data.generator=pure_reasoner.train.world_update:update_corpus``,
 ``train.config.UPDATE_GENERATOR``) gives the rows in ``train.world.pretraining_corpus``'s schema (text, context, kind,
 spans, recall): so the recall objectives (consult targets, the anchor, the forget pass) see the new values marked as
-pretraining facts are. Its kwargs are the base world's (a preset and WorldConfig fields, as ``pretraining_corpus``
-takes them) plus ``update``: a dict of ``UpdateConfig`` fields. ``update_splits`` gives the questions
-``train.update_eval`` scores.
+pretraining facts are. A column ``anchor`` marks the replayed rows: ``objective.anchor_rows=marked`` anchors only
+those to the base model (old facts kept where they are rehearsed) and leaves the new values free to move. Its
+kwargs are the base world's (a preset and WorldConfig fields, as ``pretraining_corpus`` takes them) plus
+``update``: a dict of ``UpdateConfig`` fields. ``update_splits`` gives the questions ``train.update_eval`` scores.
 """
 
 from __future__ import annotations
@@ -186,9 +187,10 @@ def replay_rows(update: WorldUpdate, count: int, *, in_context_fraction: float =
 
 
 def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_drills: int = 0,
-                drill_questions: int = 1, epoch: int = 0) -> list[dict]:
+                drill_questions: int = 1, epoch: int = 0, anchor_column: bool = False) -> list[dict]:
     """The update's training rows, shuffled (``pretraining_corpus``'s schema; kinds bio / qa / comparison / drill,
-    and ``world`` among the replayed rows).
+    and ``world`` among the replayed rows; with ``anchor_column`` also ``anchor``: True on the replayed rows only,
+    the rows ``objective.anchor_rows=marked`` anchors to the base model).
 
     New people: biographies, QA lines and comparisons exactly as pretraining writes them for known people (a share
     ``in_context_fraction`` with their facts as context). Changed facts: restatement rows (kind ``bio``, never a
@@ -213,8 +215,11 @@ def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_dr
     # Drill people must be neither known, unseen nor new: the world's exclusion list, with the new people added.
     guard = dataclasses.replace(update.world, unseen=update.world.unseen + update.new_people)
     rows += drill_rows(guard, f"update:{key}:{epoch}", num_drills, stream="update", questions=drill_questions)
-    rows += replay_rows(update, round(update.cfg.replay * len(rows)), in_context_fraction=in_context_fraction,
-                        epoch=epoch)
+    replayed = replay_rows(update, round(update.cfg.replay * len(rows)), in_context_fraction=in_context_fraction,
+                           epoch=epoch)
+    if anchor_column:
+        rows, replayed = [{**r, "anchor": False} for r in rows], [{**r, "anchor": True} for r in replayed]
+    rows += replayed
     random.Random(f"{seed}:update-order:{key}:{epoch}").shuffle(rows)
     return rows
 
@@ -231,12 +236,13 @@ def update_corpus(world: dict | None = None, *, update: dict | UpdateConfig | No
         update: ``UpdateConfig`` fields (seed, new_people, changed_facts, replay) or an UpdateConfig.
         in_context_fraction, num_drills, drill_questions, epoch: see ``update_rows``.
         context_column: False merges each context into its text (for pipelines without loss masking).
+    The rows carry ``update_rows``'s ``anchor`` column.
     """
     rows = update_rows(_resolve(world, update, overrides), in_context_fraction=in_context_fraction,
-                       num_drills=num_drills, drill_questions=drill_questions, epoch=epoch)
+                       num_drills=num_drills, drill_questions=drill_questions, epoch=epoch, anchor_column=True)
     if not context_column:
-        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"]}
-                for r in rows]
+        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"],
+                 "anchor": r["anchor"]} for r in rows]
     return datasets.Dataset.from_list(rows)
 
 

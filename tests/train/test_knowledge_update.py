@@ -1,7 +1,7 @@
 """A knowledge update end to end (python -m pure_reasoner.train.update's run and train.update_eval): on the
 decoupling recipe's
 smoke run, under ZeRO-1 and ZeRO-2, only the knowledge experts' and routers' parameters change; with replay, the
-run trains on the update's rows plus as many replayed ones and records the replay."""
+run trains on the update's rows plus as many replayed ones and records the replay, and can anchor only those."""
 
 import json
 import shutil
@@ -94,6 +94,20 @@ def test_update_with_replay_runs_and_records_it(base_run, tmp_path):
     assert cfg.data.generator_kwargs["update"] == recorded
     own = update_rows(build_update(build_world(load_world_config(base_run / "export" / "world.json")), UPDATE))
     assert len(load_documents(cfg.data, recall=True)) == 2 * len(own)
+
+
+def test_update_anchored_on_the_replayed_rows_runs(base_run, tmp_path, capsys):
+    args = [str(base_run), "--seed", "1", "--new-people", "6", "--changed-facts", "4", "--steps", "2", "--no-eval",
+            "--anchor-replayed"]
+    assert update_main([*args, "--out", str(tmp_path / "no-replay")]) == 2
+    assert "--anchor-replayed anchors the replayed rows: it needs --replay R > 0" in capsys.readouterr().err
+    assert not (tmp_path / "no-replay").exists()
+    out = tmp_path / "update-anchor-replayed"
+    assert update_main([*args, "--replay", "1", "--out", str(out)]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.objective.anchor_rows, cfg.objective.teacher) == ("marked", str(base_run / "export"))
+    assert cfg.objective.anchor_weight == (load_run_config(base_run).objective.anchor_weight or 1.0)
+    assert (out / "export" / "model.safetensors").is_file()
 
 
 def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
