@@ -51,12 +51,18 @@ def _gate_name(module: torch.nn.Module) -> str:
 
 
 def expert_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w1_EDF, w3_EDF, w2_EFD): views of a transformers experts module's ``gate_up_proj`` and ``down_proj``."""
+    """(w1_EDF, w3_EDF, w2_EFD): views of a transformers experts module's ``gate_up_proj`` and ``down_proj``.
+
+    The gate and up halves are one ``split`` (not two slices), so autograd joins their gradients with one ``cat``
+    instead of zero-filling ``gate_up_proj`` twice; ``knowledge_mlp``'s torch path returns each weight gradient in
+    the view's layout (``torch_mlp.wgrad_like``), so no transpose is copied either."""
     width = module.down_proj.shape[-1 if not module.is_transposed else -2]
     gate_up, down = module.gate_up_proj, module.down_proj
     if module.is_transposed:  # [E, D, 2F], [E, F, D]
-        return gate_up[:, :, :width], gate_up[:, :, width:], down
-    return gate_up[:, :width].transpose(1, 2), gate_up[:, width:].transpose(1, 2), down.transpose(1, 2)
+        gate_ED, up_ED = gate_up.split(width, dim=2)
+        return gate_ED, up_ED, down
+    gate_EF, up_EF = gate_up.split(width, dim=1)  # [E, F, D] each
+    return gate_EF.transpose(1, 2), up_EF.transpose(1, 2), down.transpose(1, 2)
 
 
 def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

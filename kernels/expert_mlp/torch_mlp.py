@@ -106,6 +106,28 @@ def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torc
     return grouped_matmul_wgrad_with(engine, a_RI, b_RO, offsets_E)
 
 
+def _transposed(w_EIO: torch.Tensor) -> bool:
+    """Whether ``w`` is laid out as a transposed view: unit stride along I, not along O."""
+    return w_EIO.stride(1) == 1 and w_EIO.stride(2) != 1
+
+
+def wgrad_like(w_EIO: torch.Tensor, a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``grouped_matmul_wgrad(a, b)``, [E, I, O], in ``w``'s layout: for a transposed view of an [E, O, I] tensor
+    (a transformers experts module's ``down_proj`` or gate/up halves) the product is computed as [E, O, I] and
+    returned transposed, so autograd hands the stored tensor a contiguous gradient instead of copying one."""
+    if _transposed(w_EIO):
+        return grouped_matmul_wgrad(b_RO, a_RI, offsets_E).transpose(1, 2)
+    return grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
+
+
+def _empty_wgrad_like(w_EIO: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped and laid out as ``wgrad_like`` returns for ``w`` (for the fake kernel)."""
+    num_experts, rows, cols = w_EIO.shape
+    if _transposed(w_EIO):
+        return w_EIO.new_empty(num_experts, cols, rows).transpose(1, 2)
+    return w_EIO.new_empty(num_experts, rows, cols)
+
+
 def _valid_rows(num_rows: int, offsets_E: torch.Tensor) -> torch.Tensor:
     """[R, 1] bool: sorted row r is routed (masked mode), computed on the device."""
     return (torch.arange(num_rows, device=offsets_E.device) < offsets_E[-1]).unsqueeze(1)
@@ -214,13 +236,13 @@ def mlp_backward(
     if valid_R1 is not None:
         u_RF = torch.where(valid_R1, u_RF, 0.0)
     dgate_R = (u_RF * h_RF).sum(1)
-    dw2_EFD = grouped_matmul_wgrad(h_RF, dy_RD * gate_R1, offsets_E)
+    dw2_EFD = wgrad_like(w2_EFD, h_RF, dy_RD * gate_R1, offsets_E)
     dh_RF = u_RF * gate_R1
     da3_RF = dh_RF * silu_RF
     da1_RF = torch.ops.aten.silu_backward(dh_RF * a3_RF, a1_RF)
     x_RD = x_TD.index_select(0, token_R)
-    dw1_EDF = grouped_matmul_wgrad(x_RD, da1_RF, offsets_E)
-    dw3_EDF = grouped_matmul_wgrad(x_RD, da3_RF, offsets_E)
+    dw1_EDF = wgrad_like(w1_EDF, x_RD, da1_RF, offsets_E)
+    dw3_EDF = wgrad_like(w3_EDF, x_RD, da3_RF, offsets_E)
     dx_RD = grouped_matmul(da1_RF, w1_EDF.transpose(1, 2), offsets_E)
     dx_RD += grouped_matmul(da3_RF, w3_EDF.transpose(1, 2), offsets_E)
     if valid_R1 is not None:
@@ -255,7 +277,7 @@ _mlp_bwd_op = torch.library.custom_op("pure_reasoner::torch_knowledge_mlp_bwd", 
 
 @_mlp_bwd_op.register_fake
 def _(dy_TD, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, a1_HF, a3_HF, slot_R, offsets_E, compact, deterministic):
-    return tuple(torch.empty_like(t) for t in (x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD))
+    return (torch.empty_like(x_TD), torch.empty_like(gates_TK), *map(_empty_wgrad_like, (w1_EDF, w3_EDF, w2_EFD)))
 
 
 def _setup_context(ctx, inputs, output):

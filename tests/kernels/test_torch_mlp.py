@@ -84,17 +84,41 @@ def test_masked_path_never_reads_values(max_rows, deterministic):
     assert y_TD.device.type == "meta" and [g.shape for g in grads] == [t.shape for t in (x_TD, gates_TK, w1, w3, w2)]
 
 
+def _as_views(weights):
+    """The weights as transformers stores them: gate and up halves of one [E, 2F, D] tensor, down as [E, D, F]."""
+    w1, w3, w2 = (w.detach() for w in weights)
+    gate_EF, up_EF = torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], 1).split(w1.shape[2], dim=1)
+    return [gate_EF.transpose(1, 2), up_EF.transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)]
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "transformers-views"])
 @pytest.mark.parametrize("compact,max_rows", [(True, 18), (False, 18), (False, 4)],
                          ids=["compact", "masked", "masked-bound-below-S"])
-def test_opcheck(compact, max_rows):
-    """Schema, fake kernels (a data-dependent row count when compact), autograd, AOT dispatch."""
+def test_opcheck(compact, max_rows, views):
+    """Schema, fake kernels (a data-dependent row count when compact; weight gradients laid out as the weights),
+    autograd, AOT dispatch."""
     x_TD, ids_TK, gates_TK, weights = _inputs(9, 16, 32, 4, 2, 0.3, torch.float32)
+    weights = [w.requires_grad_() for w in _as_views(weights)] if views else weights
     ops = torch.ops.pure_reasoner
     torch.library.opcheck(ops.torch_knowledge_mlp.default, (x_TD, ids_TK, gates_TK, *weights, compact, max_rows, True))
     y_TD, *saved = ops.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, compact, max_rows, False)
     plain = [t.detach() for t in (x_TD, gates_TK, *weights)]
     bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact, True)
     torch.library.opcheck(ops.torch_knowledge_mlp_bwd.default, bwd_args)
+
+
+def test_weight_gradients_of_transposed_views_come_back_in_their_layout():
+    x_TD, ids_TK, gates_TK, weights = _inputs(40, 16, 32, 4, 2, 0.2, torch.float64)
+    views = [w.requires_grad_() for w in _as_views(weights)]
+    knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *views).sum().backward()
+    knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights).sum().backward()
+    for view, weight in zip(views, weights, strict=True):
+        torch.testing.assert_close(view.grad, weight.grad, **TOLERANCE[torch.float64])
+    with torch.no_grad():
+        y_TD, *saved = mlp_forward(x_TD, ids_TK, gates_TK, *views, True, 80, False)
+        grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, *views, *saved, True, False)
+    for view, grad in zip(views, grads[2:], strict=True):  # unit stride along D (or F), as the views have it
+        assert view.stride(1) == grad.stride(1) == 1 and grad.transpose(1, 2).is_contiguous()
 
 
 def test_compiles_without_graph_breaks():
