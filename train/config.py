@@ -250,13 +250,29 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The DeepSpeed engine: ZeRO stage (1 or 2) and precision (``fp32`` or ``bf16`` with fp32 master weights)."""
+    """The DeepSpeed engine: ZeRO stage (1 or 2) and precision (``fp32`` or ``bf16`` with fp32 master weights).
+
+    overlap_comm, reduce_bucket_size, allgather_bucket_size, contiguous_gradients: ZeRO's gradient communication,
+    passed to ``zero_optimization`` as they are (DeepSpeed's defaults): with ``overlap_comm`` and ZeRO-2 the
+    gradients are reduce-scattered in buckets of ``reduce_bucket_size`` elements while the backward runs; the
+    bucket sizes set how many collectives a step issues (fewer, larger ones as they grow).
+    """
 
     zero_stage: int = 1
     precision: str = "fp32"
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (1, 2), f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage}")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, key)
+            _require(not isinstance(value, bool) and isinstance(value, int) and value > 0,
+                     f"deepspeed.{key} must be an int > 0 (elements), got {value!r}")
+        _require(self.allgather_bucket_size % 2 == 0,  # DeepSpeed's ZeRO 1/2 align partitions to 2 elements
+                 f"deepspeed.allgather_bucket_size must be even, got {self.allgather_bucket_size}")
         _require(
             self.precision in PRECISIONS, f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}"
         )

@@ -11,10 +11,11 @@ from pure_reasoner.train.config import Config
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed's JSON config for ``cfg``: AdamW (torch's), linear warmup then cosine, ZeRO 1/2, fp32 or bf16.
+    """DeepSpeed's JSON config for ``cfg``: AdamW (torch's), linear warmup then cosine, ZeRO 1/2 (with
+    ``deepspeed``'s communication settings), fp32 or bf16.
 
     The cosine ends at ``train.max_steps``, or at ``objective.relocate_at``, where ``restart_schedule`` takes over."""
-    t = cfg.train
+    t, ds = cfg.train, cfg.deepspeed
     return {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -40,8 +41,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                 "cos_min_ratio": t.min_lr_ratio,
             },
         },
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "overlap_comm": ds.overlap_comm,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
+            "contiguous_gradients": ds.contiguous_gradients,
+        },
+        "bf16": {"enabled": ds.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }

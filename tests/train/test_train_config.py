@@ -129,6 +129,19 @@ def test_deepspeed_options_combine():
     assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (2, "bf16")
 
 
+def test_zero_communication_settings_reach_the_engine(dist_info):
+    """DeepSpeed's own accessors read back what ``deepspeed.*`` set (its defaults otherwise)."""
+    from pure_reasoner.moe import PureReasonerLM
+    from pure_reasoner.train.engine import build_engine
+
+    cfg = compose_config("experiment=smoke", "deepspeed=zero2", "deepspeed.overlap_comm=true",
+                         "deepspeed.reduce_bucket_size=123456", "deepspeed.allgather_bucket_size=654322",
+                         "deepspeed.contiguous_gradients=false")
+    engine, _ = build_engine(cfg, PureReasonerLM(cfg.model), 1)
+    assert (engine.zero_optimization_stage(), engine.zero_overlap_comm(), engine.zero_reduce_bucket_size(),
+            engine.zero_allgather_bucket_size(), engine.zero_contiguous_gradients()) == (2, True, 123456, 654322, False)
+
+
 def test_override_path_and_experiment_deltas():
     cfg = compose_config("experiment=smoke", "model.knowledge.consult_rate=0.05")
     assert cfg.model.knowledge.consult_rate == 0.05
@@ -158,6 +171,8 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(override, match):
         ("data.seq_len=-5", "data.seq_len must be > 0, got -5"),
         ("data.seq_len=4096", "exceeds model.max_seq_len"),
         ("deepspeed.zero_stage=3", "zero_stage must be 1 or 2, got 3"),
+        ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size must be an int > 0 \\(elements\\), got 0"),
+        ("deepspeed.allgather_bucket_size=1001", "deepspeed.allgather_bucket_size must be even, got 1001"),
         ("model.knowledge.consult_rate=1.5", "consult_rate must be in"),
         ("train.ep_size=3", "not divisible by train.ep_size=3"),
         ("data=files", "data.files must list at least one file"),

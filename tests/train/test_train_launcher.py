@@ -1,5 +1,6 @@
-"""Multi-process through the real ``deepspeed`` launcher on CPU (gloo): data and expert parallelism track
-one rank, and a rank killed with SIGKILL resumes from the last complete checkpoint, bit for bit."""
+"""Multi-process through the real ``deepspeed`` launcher on CPU (gloo): data and expert parallelism (and ZeRO-2
+with overlapped, bucketed gradient reduction) track one rank, and a rank killed with SIGKILL resumes from the last
+complete checkpoint, bit for bit."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ def expert_parallel(tmp_path_factory):
     return run_dir, finish(launch(run_dir, *EXPERT_PARALLEL))
 
 
-@pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size):
+# ZeRO-2 reduce-scattering its gradients in small buckets while the backward runs: many collectives per step.
+OVERLAPPED = ("deepspeed=zero2", "deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=20000")
+
+
+@pytest.mark.parametrize("ep_size, zero", [(1, ()), (2, ()), (1, OVERLAPPED)], ids=["dp", "ep", "zero2-overlap"])
+def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size, zero):
     if ep_size == 2:
         run_dir, out = expert_parallel
     else:
-        run_dir, out = tmp_path, finish(launch(tmp_path, "train.micro_batch_size=4"))
+        run_dir, out = tmp_path, finish(launch(tmp_path, "train.micro_batch_size=4", *zero))
     assert out.count("done: 12 steps") == 2
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in one_rank]
