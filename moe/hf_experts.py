@@ -16,7 +16,8 @@ Shape legend: T tokens, D model dim, F expert width, E experts, K top-k slots.
 The experts' weights stay where transformers keeps them: ``gate_up_proj`` [E, 2F, D] (``[E, D, 2F]`` when the
 class is ``is_transposed``) holding gate then up, and ``down_proj`` [E, D, F] (``[E, F, D]``). ``knowledge_mlp``
 takes ``w1_EDF, w3_EDF, w2_EFD``: here strided views of those, no copies (the torch path reads views as they are;
-the Triton launcher makes them contiguous). Gradients flow back into ``gate_up_proj`` and ``down_proj``.
+the Triton launcher makes them contiguous); the torch path runs gate and up as one GEMM on ``gate_up_proj`` whole.
+Gradients flow back into ``gate_up_proj`` and ``down_proj``.
 """
 
 from __future__ import annotations
@@ -50,19 +51,18 @@ def _gate_name(module: torch.nn.Module) -> str:
     return getattr(getattr(type(module), "_apply_gate", None), "__name__", "")
 
 
-def expert_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w1_EDF, w3_EDF, w2_EFD): views of a transformers experts module's ``gate_up_proj`` and ``down_proj``.
+def expert_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w13_ED2F, w1_EDF, w3_EDF, w2_EFD): views of a transformers experts module's ``gate_up_proj`` (whole, then
+    its gate and up halves) and ``down_proj``.
 
-    The gate and up halves are one ``split`` (not two slices), so autograd joins their gradients with one ``cat``
-    instead of zero-filling ``gate_up_proj`` twice; ``knowledge_mlp``'s torch path returns each weight gradient in
-    the view's layout (``torch_mlp.wgrad_like``), so no transpose is copied either."""
+    The torch path computes with ``w13_ED2F`` (one fused up-projection GEMM; the gradient goes to it, in
+    ``gate_up_proj``'s own layout: ``torch_mlp.wgrad_like``); the Triton path reads the halves, one ``split`` (not
+    two slices), so autograd joins their gradients with one ``cat``."""
     width = module.down_proj.shape[-1 if not module.is_transposed else -2]
     gate_up, down = module.gate_up_proj, module.down_proj
     if module.is_transposed:  # [E, D, 2F], [E, F, D]
-        gate_ED, up_ED = gate_up.split(width, dim=2)
-        return gate_ED, up_ED, down
-    gate_EF, up_EF = gate_up.split(width, dim=1)  # [E, F, D] each
-    return gate_EF.transpose(1, 2), up_EF.transpose(1, 2), down.transpose(1, 2)
+        return gate_up, *gate_up.split(width, dim=2), down
+    return gate_up.transpose(1, 2), *(h.transpose(1, 2) for h in gate_up.split(width, dim=1)), down.transpose(1, 2)
 
 
 def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -79,13 +79,14 @@ def experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_
         [T, D] in hidden_states' dtype.
     """
     _check_supported(module)
-    w1_EDF, w3_EDF, w2_EFD = expert_weights(module)
+    w13_ED2F, w1_EDF, w3_EDF, w2_EFD = expert_weights(module)
     if impl is None:
         impl = "triton" if hidden_states.device.type == "cuda" else "torch"
     ids_TK = torch.where(top_k_index < module.num_experts, top_k_index, NOT_CONSULTED)
     # As transformers' grouped_mm does: the experts' dtype wins (autocast can hand over fp32 activations).
     x_TD = hidden_states.to(w1_EDF.dtype)
-    y_TD = knowledge_mlp(x_TD, ids_TK, top_k_weights, w1_EDF, w3_EDF, w2_EFD, impl=impl)
+    y_TD = knowledge_mlp(x_TD, ids_TK, top_k_weights, w1_EDF, w3_EDF, w2_EFD, impl=impl,
+                         w13_ED2F=w13_ED2F if impl == "torch" else None)
     return y_TD.to(hidden_states.dtype)
 
 

@@ -59,6 +59,7 @@ def knowledge_mlp(
     max_rows: int | None = None,
     deterministic: bool = False,
     tf32: bool = False,
+    w13_ED2F: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over each token's consulted experts of gate * SwiGLU expert(x).
 
@@ -75,6 +76,8 @@ def knowledge_mlp(
         deterministic: sum each token's slots in slot order, k = 0..K-1 (no atomics, no scatter-add), so
             the result does not depend on how the routing orders the rows. ``reference`` always does.
         tf32: ``triton`` only: fp32 dots on tensor cores in TF32 (for training); off, exact IEEE fp32.
+        w13_ED2F: [E, D, 2F] whose two halves (along the last dim) are w1_EDF and w3_EDF: ``torch`` then runs the
+            up-projections as one fused GEMM and puts their gradient on it; the other implementations read the halves.
 
     Returns:
         y_TD: [T, D].
@@ -86,7 +89,7 @@ def knowledge_mlp(
         raise ValueError(f"max_rows must be None or an int >= 0, got {max_rows!r}")
     args = (x_TD, expert_ids_TK, gates_TK, w1_EDF, w3_EDF, w2_EFD)
     if impl == "torch":
-        return knowledge_mlp_torch(*args, max_rows=max_rows, deterministic=deterministic)
+        return knowledge_mlp_torch(*args, max_rows=max_rows, deterministic=deterministic, w13_ED2F=w13_ED2F)
     if impl == "reference":
         return knowledge_mlp_reference(*args)
     if impl == "triton":

@@ -81,7 +81,9 @@ def test_masked_path_never_reads_values(max_rows, deterministic):
     y_TD, *saved = mlp_forward(x_TD, ids_TK.to("meta"), gates_TK, w1, w3, w2, False, max_rows, deterministic)
     assert saved[0].shape == (max_rows, 32)
     grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, w1, w3, w2, *saved, False, deterministic)
-    assert y_TD.device.type == "meta" and [g.shape for g in grads] == [t.shape for t in (x_TD, gates_TK, w1, w3, w2)]
+    assert y_TD.device.type == "meta"
+    assert [g.shape for g in grads[:5]] == [t.shape for t in (x_TD, gates_TK, w1, w3, w2)]
+    assert grads[5].numel() == 0  # no fused gate/up weight
 
 
 def _as_views(weights):
@@ -91,20 +93,60 @@ def _as_views(weights):
     return [gate_EF.transpose(1, 2), up_EF.transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)]
 
 
-@pytest.mark.parametrize("views", [False, True], ids=["contiguous", "transformers-views"])
+@pytest.mark.parametrize("layout", ["contiguous", "transformers-views", "fused"])
 @pytest.mark.parametrize("compact,max_rows", [(True, 18), (False, 18), (False, 4)],
                          ids=["compact", "masked", "masked-bound-below-S"])
-def test_opcheck(compact, max_rows, views):
-    """Schema, fake kernels (a data-dependent row count when compact; weight gradients laid out as the weights),
-    autograd, AOT dispatch."""
+def test_opcheck(compact, max_rows, layout):
+    """Schema, fake kernels (a data-dependent row count when compact; weight gradients laid out as the weights;
+    the fused gate/up weight), autograd, AOT dispatch."""
     x_TD, ids_TK, gates_TK, weights = _inputs(9, 16, 32, 4, 2, 0.3, torch.float32)
-    weights = [w.requires_grad_() for w in _as_views(weights)] if views else weights
+    w13 = None
+    if layout == "transformers-views":
+        weights = [w.requires_grad_() for w in _as_views(weights)]
+    elif layout == "fused":
+        _, w13, w1, w3, w2 = _fused(weights)
+        weights = [w1, w3, w2]
     ops = torch.ops.pure_reasoner
-    torch.library.opcheck(ops.torch_knowledge_mlp.default, (x_TD, ids_TK, gates_TK, *weights, compact, max_rows, True))
-    y_TD, *saved = ops.torch_knowledge_mlp(x_TD, ids_TK, gates_TK, *weights, compact, max_rows, False)
+    args = (x_TD, ids_TK, gates_TK, *weights, compact, max_rows)
+    torch.library.opcheck(ops.torch_knowledge_mlp.default, (*args, True, w13))
+    y_TD, *saved = ops.torch_knowledge_mlp(*args, False, w13)
     plain = [t.detach() for t in (x_TD, gates_TK, *weights)]
-    bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact, True)
+    bwd_args = (torch.randn_like(y_TD), *plain, *(t.detach() for t in saved), compact, True,
+                None if w13 is None else w13.detach())
     torch.library.opcheck(ops.torch_knowledge_mlp_bwd.default, bwd_args)
+
+
+def _fused(weights):
+    """(gate_up [E, 2F, D] leaf, w13_ED2F view, w1 and w3 its halves, w2) as transformers stores SwiGLU experts."""
+    w1, w3, w2 = (w.detach() for w in weights)
+    gate_up = torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], 1).requires_grad_()
+    w13 = gate_up.transpose(1, 2)
+    return gate_up, w13, w13[:, :, : w1.shape[2]], w13[:, :, w1.shape[2] :], w2.clone().requires_grad_()
+
+
+@pytest.mark.parametrize("compact,max_rows", [(True, None), (False, None), (False, 7)],
+                         ids=["compact", "masked", "masked-recompute"])
+def test_fused_gate_up_matches_reference(compact, max_rows):
+    x_TD, ids_TK, gates_TK, weights = _inputs(45, 24, 40, 7, 2, 0.3, torch.float64)
+    gate_up, w13, w1, w3, w2 = _fused(weights)
+    x2_TD, gates2_TK = (t.detach().clone().requires_grad_() for t in (x_TD, gates_TK))
+    y_TD = knowledge_mlp_torch(x2_TD, ids_TK, gates2_TK, w1, w3, w2, compact=compact, max_rows=max_rows, w13_ED2F=w13)
+    ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, *weights)
+    torch.testing.assert_close(y_TD, ref, **TOLERANCE[torch.float64])
+    dy_TD = torch.randn_like(ref)
+    (y_TD * dy_TD).sum().backward()
+    (ref * dy_TD).sum().backward()
+    want_gate_up = torch.cat([weights[0].grad.transpose(1, 2), weights[1].grad.transpose(1, 2)], 1)
+    for got, want in ((x2_TD.grad, x_TD.grad), (gates2_TK.grad, gates_TK.grad), (gate_up.grad, want_gate_up),
+                      (w2.grad, weights[2].grad)):
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+    assert gate_up.grad.is_contiguous()  # handed over in the stored layout
+
+
+def test_fused_gate_up_must_be_twice_as_wide():
+    x_TD, ids_TK, gates_TK, weights = _inputs(8, 16, 32, 4, 2, 0.0, torch.float32)
+    with pytest.raises(ValueError, match=r"w13_ED2F must have shape \(4, 16, 64\)"):
+        knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, w13_ED2F=weights[0])
 
 
 def test_weight_gradients_of_transposed_views_come_back_in_their_layout():
@@ -117,7 +159,7 @@ def test_weight_gradients_of_transposed_views_come_back_in_their_layout():
     with torch.no_grad():
         y_TD, *saved = mlp_forward(x_TD, ids_TK, gates_TK, *views, True, 80, False)
         grads = mlp_backward(torch.ones_like(y_TD), x_TD, gates_TK, *views, *saved, True, False)
-    for view, grad in zip(views, grads[2:], strict=True):  # unit stride along D (or F), as the views have it
+    for view, grad in zip(views, grads[2:5], strict=True):  # unit stride along D (or F), as the views have it
         assert view.stride(1) == grad.stride(1) == 1 and grad.transpose(1, 2).is_contiguous()
 
 
