@@ -2,7 +2,7 @@
 
 ``results/runs.json`` keeps the exact command of every protocol run (overrides given on the command line);
 ``experiment=<recipe>`` must give the same typed Config, so that rerunning a recipe by name reruns what the
-results report.
+results report. And every recipe's config trains end to end at a toy size (the relocations from toy phase-one runs).
 """
 
 from __future__ import annotations
@@ -45,3 +45,39 @@ def test_recipes_differ_from_their_base():
     assert recipe != base
     assert (compose_config("experiment=relocate_docmask", *overrides).train.init_from
             == "runs/recall_docmask-seed1/export")
+
+
+# Each recipe's own config, run end to end at a toy size: 2 steps on a 24-person world. The relocation recipes and
+# the equal-tokens control start from the phase-one runs' exports, as under the protocol.
+TOY = ("train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
+       "train.threads=1", "data.generator_kwargs.num_people=24", "data.generator_kwargs.num_unseen=12")
+
+
+@pytest.fixture(scope="module")
+def phase_one(tmp_path_factory) -> dict[str, Path]:
+    from tests.train.helpers import run_in_process
+
+    root = tmp_path_factory.mktemp("recipes")
+    runs = {}
+    for recipe in ("recall_docmask", "dense_docmask"):
+        run_in_process(root / recipe, f"experiment={recipe}", *TOY, base=())
+        runs[recipe] = root / recipe / "export"
+    return runs
+
+
+@pytest.mark.parametrize("recipe, start", [
+    ("relocate_docmask", "recall_docmask"), ("relocate_cf", "recall_docmask"),
+    ("relocate_cf_noanchor", "recall_docmask"), ("dense_cont_cf", "dense_docmask"), ("capacity", None),
+])
+def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
+    from tests.train.helpers import run_in_process
+
+    overrides = [f"experiment={recipe}", *TOY]
+    if start is not None:
+        overrides.append(f"train.init_from={phase_one[start]}")
+        if compose_config(f"experiment={recipe}").objective.teacher:
+            overrides.append(f"objective.teacher={phase_one[start]}")
+    if recipe == "capacity":  # in-run relocation: the switch must fall inside the 2 steps
+        overrides += ["objective.relocate_at=1", "objective.relocate_warmup_steps=0"]
+    summary = run_in_process(tmp_path / recipe, *overrides, base=())
+    assert summary.steps == 2 and (tmp_path / recipe / "export" / "model.safetensors").is_file()
