@@ -139,18 +139,17 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = Fal
             if in_context:
                 row["context"] = (item.get("context") if isinstance(item, dict) else "") or ""
             if recall:
-                spans = item.get("recall") if isinstance(item, dict) else None
-                if not isinstance(spans, list):
-                    raise ValueError(f"data.generator={cfg.generator!r} item {i} has no 'recall' spans (needed by "
-                                     f"objective.consult_targets=recall): {item!r:.80}")
-                row["recall"] = spans
+                row["recall"] = required(item, i, "recall", list, "'recall' spans", "objective.consult_targets=recall")
             if anchor:
-                marked = item.get("anchor") if isinstance(item, dict) else None
-                if not isinstance(marked, bool):
-                    raise ValueError(f"data.generator={cfg.generator!r} item {i} has no bool 'anchor' field (needed "
-                                     f"by objective.anchor_rows=marked): {item!r:.80}")
-                row["anchor"] = marked
+                row["anchor"] = required(item, i, "anchor", bool, "bool 'anchor' field", "objective.anchor_rows=marked")
             yield row
+
+    def required(item, i: int, key: str, kind: type, what: str, needed_by: str):
+        value = item.get(key) if isinstance(item, dict) else None
+        if not isinstance(value, kind):
+            raise ValueError(f"data.generator={cfg.generator!r} item {i} has no {what} (needed by {needed_by}): "
+                             f"{item!r:.80}")
+        return value
 
     # A private cache: datasets fingerprints a generator by name, so a shared cache could serve stale rows.
     try:
