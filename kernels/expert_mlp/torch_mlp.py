@@ -325,8 +325,17 @@ def _setup_context(ctx, inputs, output):
     ctx.compact, ctx.deterministic, ctx.fused = compact, deterministic, bool(fused) and fused[0] is not None
     # Compact mode with nothing routed (a row count known on the host; symbolic under torch.compile, where
     # this shortcut is skipped): every gradient is zero, so return none at all. Autograd then leaves the
-    # experts' .grad untouched instead of writing 3 x [E, D, F] zeros.
-    ctx.nothing_routed = compact and isinstance(a1_HF.shape[0], int) and a1_HF.shape[0] == 0
+    # experts' .grad untouched instead of writing 3 x [E, D, F] zeros. Not in a group of several ranks: there
+    # every rank must produce the same set of gradients (ZeRO reduces the gradients that exist, bucket by
+    # bucket), so a rank that routed nothing while another routed rows returns zeros.
+    ctx.nothing_routed = (compact and isinstance(a1_HF.shape[0], int) and a1_HF.shape[0] == 0
+                          and not _several_ranks())
+
+
+def _several_ranks() -> bool:
+    """Whether this process is one of several ranks of an initialised process group (data or expert parallel)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _backward(ctx, dy_TD, *_saved_grads):

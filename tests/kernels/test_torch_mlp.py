@@ -206,6 +206,28 @@ def test_nothing_routed_leaves_expert_grads_untouched():
     torch.testing.assert_close(x_TD.grad, torch.ones_like(x_TD))
 
 
+def _idle_rank(rank: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        idle = 1.0 if rank == 0 else 0.0  # rank 0 routes nothing, rank 1 routes every slot
+        x_TD, ids_TK, gates_TK, weights = _inputs(16, 16, 32, 4, 2, idle, torch.float32)
+        knowledge_mlp_torch(x_TD, ids_TK, gates_TK, *weights, compact=True).sum().backward()
+        results[rank] = [None if w.grad is None else float(w.grad.abs().sum()) for w in weights]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_nothing_routed_still_gives_zero_grads_among_several_ranks(tmp_path):
+    """ZeRO reduces the gradients that exist: a rank that routed nothing must still produce every one (zeros), or
+    its collectives would not match those of a rank that routed rows."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_idle_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0] == [0.0, 0.0, 0.0]  # zeros, not None
+    assert all(g is not None and g > 0 for g in results[1])
+
+
 # Saved-row bound of the masked path relative to the routed rows R: each regime names the edge it targets.
 BOUNDS = [
     pytest.param(lambda routed: routed + 3, id="under-bound"),
