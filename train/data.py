@@ -318,32 +318,37 @@ def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod:
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
 
 
-def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, marked_only: bool = False) -> torch.Tensor:
-    """[L] bool over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: True on every token whose
-    characters overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``);
-    with ``marked_only``, of the rows whose ``anchor`` is True only.
+def recall_token_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+    """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: 1 on every token whose characters
+    overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``), 2 on those of
+    rows whose ``anchor`` mark is True (rows without that column are unmarked), 0 elsewhere.
 
     The rows are encoded again, with character offsets, into units of flags built and packed like the ids
     (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout; padding and EOD
-    are False).
+    are 0).
     """
 
-    def overlaps(offsets: Iterable[tuple[int, int]], spans: list[list[int]], shift: int = 0) -> list[int]:
-        return [int(any(a + shift < end and begin < b + shift for begin, end in spans)) for a, b in offsets]
+    def overlaps(offsets: Iterable[tuple[int, int]], spans: list[list[int]], code: int, shift: int = 0) -> list[int]:
+        return [code * int(any(a + shift < end and begin < b + shift for begin, end in spans)) for a, b in offsets]
 
     def units() -> Iterator[tuple[list[int], list[bool]]]:
         for start in range(0, len(docs), 256):
             rows = docs[start : start + 256]
             contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
-            marks = rows["anchor"] if marked_only else [True] * len(texts)
+            marks = rows["anchor"] if "anchor" in rows else [False] * len(texts)
             for context, text, context_str, spans, marked in zip(contexts, texts, rows["context"], rows["recall"],
                                                                  marks, strict=True):
-                spans = spans if marked else []
-                text_flags = overlaps(text.offsets, spans, shift=len(context_str)) + [0]  # + EOD
-                yield in_context_tokens(overlaps(context.offsets, spans), text_flags)
+                code = 2 if marked else 1
+                text_flags = overlaps(text.offsets, spans, code, shift=len(context_str)) + [0]  # + EOD
+                yield in_context_tokens(overlaps(context.offsets, spans, code), text_flags)
 
-    flags, _ = pack_units(units(), seq_len, eod=0)
-    return flags.bool()
+    codes, _ = pack_units(units(), seq_len, eod=0)
+    return codes
+
+
+def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+    """[L] bool: the tokens of ``recall_token_codes`` inside a recall span, marked row or not."""
+    return recall_token_codes(docs, tok, seq_len) > 0
 
 
 def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) -> torch.Tensor:
@@ -379,8 +384,8 @@ class PackedSequences:
         closed: [L] bool or None (``closed_book_tokens``); ``closed(positions)`` reads it like ``batch``.
         recall: [L] bool or None, the tokens to recall from memory (``recall_tokens & closed``);
             ``recall(positions)`` reads it at the targets.
-        anchor: [L] bool or None, the recall tokens of rows marked for the anchor (``recall_tokens(...,
-            marked_only=True) & closed``); ``anchor(positions)`` reads it at the targets.
+        anchor: [L] bool or None, the recall tokens of rows marked for the anchor (``recall_token_codes == 2 &
+            closed``); ``anchor(positions)`` reads it at the targets.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
@@ -431,7 +436,7 @@ class PackedSequences:
 
     def _at_targets(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor) -> torch.Tensor:
         if mask_L is None:
-            raise ValueError(f"these sequences were packed without {'an' if name[0] in 'aeiou' else 'a'} {name} mask")
+            raise ValueError(f"these sequences were packed without the {name} mask")
         return mask_L[self._offsets(positions)[:, 1:]]
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,10 +129,10 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         closed = recall = anchor = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
-        if cfg.uses_recall_tokens:
-            recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed  # values in closed-book rows
-        if marked:
-            anchor = data.recall_tokens(docs, tok, cfg.data.seq_len, marked_only=True) & closed
+        if cfg.uses_recall_tokens:  # values in closed-book rows (and those of rows marked for the anchor)
+            codes = data.recall_token_codes(docs, tok, cfg.data.seq_len)
+            recall = (codes > 0) & closed
+            anchor = (codes == 2) & closed if marked else None
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
             closed=closed, recall=recall, anchor=anchor,

@@ -46,8 +46,12 @@ def test_recall_tokens_of_marked_rows_only():
         "context": ["", "", ""], "recall": [[[16, 20], [34, 38]], [[13, 17]], [[12, 16]]],
         "anchor": [False, True, True]})
     stream, _ = data.tokenize_in_context(rows, tok, 32)
+    codes = data.recall_token_codes(rows, tok, 32)
     assert tok.decode(stream[data.recall_tokens(rows, tok, 32)].tolist()) == "OslomathRomeLima"
-    assert tok.decode(stream[data.recall_tokens(rows, tok, 32, marked_only=True)].tolist()) == "RomeLima"
+    assert tok.decode(stream[codes == 2].tolist()) == "RomeLima" and tok.decode(stream[codes == 1].tolist()) == \
+        "Oslomath"
+    unmarked = rows.remove_columns("anchor")  # without the column every row is unmarked
+    assert torch.equal(data.recall_token_codes(unmarked, tok, 32), (codes > 0).long())
 
 
 def _train_data(cfg, marks) -> TrainData:
@@ -57,7 +61,7 @@ def _train_data(cfg, marks) -> TrainData:
     stream, mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
     closed = data.closed_book_tokens(stream, mask, tok.token_to_id(data.EOD))
     recall = data.recall_tokens(docs, tok, cfg.data.seq_len) & closed
-    anchor = data.recall_tokens(docs, tok, cfg.data.seq_len, marked_only=True) & closed
+    anchor = (data.recall_token_codes(docs, tok, cfg.data.seq_len) == 2) & closed
     return TrainData(data.PackedSequences(stream, cfg.data.seq_len, 0, loss_mask=mask, closed=closed, recall=recall,
                                           anchor=anchor), None)
 
