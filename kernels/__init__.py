@@ -18,3 +18,8 @@ from pure_reasoner.kernels.routing.metadata import NOT_CONSULTED, RoutingMeta, r
 
 __all__ = ["IMPLS", "NOT_CONSULTED", "Linear", "RoutingMeta", "dense_matmul_engines", "knowledge_mlp", "linear",
            "routing_metadata"]
+
+from pure_reasoner.toplevel import defer_to_installed
+
+# Imported as a bare top-level name from the repository root: the installed package of that name wins.
+defer_to_installed(__name__, __file__)
