@@ -41,16 +41,20 @@ def test_megablocks_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_torch_and_reference_never_load_the_triton_kernels():
-    """Only impl='triton' loads kernels.triton_*. (Calling any torch.library custom op makes torch import
-    torch._dynamo, which imports the ``triton`` package itself if installed; that is torch's doing.)"""
+    """Only impl='triton' loads our Triton modules (``*.triton_*``). (Calling any torch.library custom op makes
+    torch import torch._dynamo, which imports the ``triton`` package itself if installed; that is torch's doing.)
+    The last lines check that the filter sees such a module once one is imported."""
     code = (
-        "import sys, torch, kernels\n"
+        "import sys, torch\n"
+        "from pure_reasoner import kernels\n"
         "x = torch.randn(4, 16); w = torch.randn(2, 16, 16)\n"
         "ids = torch.tensor([[0, 1], [1, -1], [-1, -1], [0, 0]])\n"
         "for impl in ('torch', 'reference'):\n"
         "    kernels.knowledge_mlp(x, ids, torch.rand(4, 2), w, w, w, impl=impl)\n"
-        "loaded = [m for m in sys.modules if m.startswith('kernels.triton')]\n"
-        "assert not loaded, loaded\n"
+        "def ours(): return [m for m in sys.modules if m.startswith('pure_reasoner.kernels.') and '.triton_' in m]\n"
+        "assert not ours(), ours()\n"
+        "import pure_reasoner.kernels.expert_mlp.triton_mlp\n"
+        "assert 'pure_reasoner.kernels.expert_mlp.triton_mlp' in ours(), ours()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
