@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
+CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, "recall_keys")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
 ANCHOR_ROWS = ("all", "marked")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
@@ -300,7 +301,10 @@ class ObjectiveConfig:
     consult_targets: with ``model.knowledge.consult_loss_coef``, which tokens the consult gate is taught to
         consult on: ``rows`` (every token of a row stated without its facts in context) or ``recall`` (the
         tokens of such rows whose next token is part of a fact's value, ``train.data.recall_tokens``: only
-        where recall from memory is needed; world generator only).
+        where recall from memory is needed; world generator only) or ``recall_keys`` (those recall tokens and
+        also the tokens of those rows that name what a fact is about, ``train.data.key_tokens``: a person's name,
+        a bridge fact's city or company, where Physics of LMs 3.1 finds attributes stored; world generator as
+        ``data.source=generator`` only).
     forget_weight, read_weight: knowledge-off forgetting (``train.objectives.knowledge_off_loss``; with ``lm``,
         ``data.in_context_fraction``, the world generator and MoE layers): when either is > 0, every micro-batch
         also runs the model with its knowledge experts off, and adds ``forget_weight`` * KL(p || uniform) at the
@@ -368,9 +372,9 @@ class ObjectiveConfig:
         return self.forget_weight > 0 or self.read_weight > 0
 
     def __post_init__(self) -> None:
-        for key in ("route_tokens", "consult_targets"):
-            _require(getattr(self, key) in KNOWLEDGE_TOKENS,
-                     f"objective.{key} must be one of {KNOWLEDGE_TOKENS}, got {getattr(self, key)!r}")
+        for key, allowed in (("route_tokens", KNOWLEDGE_TOKENS), ("consult_targets", CONSULT_TARGETS)):
+            value = getattr(self, key)
+            _require(value in allowed, f"objective.{key} must be one of {allowed}, got {value!r}")
         _require(self.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}, got {self.kind!r}")
         _require(self.kind != "distill" or bool(self.teacher), "objective.kind=distill needs objective.teacher=DIR")
         _require(self.anchor_weight == 0 or (self.kind == "lm" and (bool(self.teacher) or self.relocates)),
@@ -477,6 +481,11 @@ class Config:
             f"got source={self.data.source!r}, generator={self.data.generator!r}",
         )
         _require(
+            not self.consults_key_tokens or self.data.source == "generator",
+            f"objective.consult_targets=recall_keys reads the rows' key spans: it needs data.source=generator (the "
+            f"world generator), got source={self.data.source!r}",
+        )
+        _require(
             not self.objective.anchors_marked_rows or self.data.source == "generator",
             f"objective.anchor_rows=marked reads the rows' anchor marks: it needs data.source=generator (a generator "
             f"whose rows carry them, e.g. {UPDATE_GENERATOR}), got source={self.data.source!r}",
@@ -536,8 +545,15 @@ class Config:
 
     @property
     def consults_recall_tokens(self) -> bool:
-        """Whether the consult targets are the recall tokens of closed-book rows."""
-        return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets == "recall"
+        """Whether the consult targets are the recall tokens of closed-book rows (with ``recall_keys``, among
+        others)."""
+        targets = self.objective.consult_targets
+        return self.model.knowledge.consult_loss_coef > 0 and targets in ("recall", "recall_keys")
+
+    @property
+    def consults_key_tokens(self) -> bool:
+        """Whether the consult targets include the key tokens (names) of closed-book rows (``recall_keys``)."""
+        return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets == "recall_keys"
 
     @property
     def uses_recall_tokens(self) -> bool:

@@ -123,7 +123,8 @@ def _import(path: str) -> Callable:
         raise ValueError(f"data.generator={path!r} cannot be imported: {err}") from err
 
 
-def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = False) -> datasets.Dataset:
+def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = False,
+               keys: bool = False) -> datasets.Dataset:
     fn = _import(cfg.generator)
     in_context = cfg.in_context_fraction is not None
     kwargs = {**cfg.generator_kwargs, **({"in_context_fraction": cfg.in_context_fraction} if in_context else {})}
@@ -142,6 +143,8 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = Fal
                 row["recall"] = required(item, i, "recall", list, "'recall' spans", "objective.consult_targets=recall")
             if anchor:
                 row["anchor"] = required(item, i, "anchor", bool, "bool 'anchor' field", "objective.anchor_rows=marked")
+            if keys:
+                row["keys"] = required(item, i, "keys", list, "'keys' spans", "objective.consult_targets=recall_keys")
             yield row
 
     def required(item, i: int, key: str, kind: type, what: str, needed_by: str):
@@ -160,15 +163,17 @@ def _generated(cfg: DataConfig, cache_dir: str, recall: bool, anchor: bool = Fal
         raise
 
 
-def load_documents(cfg: DataConfig, recall: bool = False, anchor: bool = False) -> datasets.Dataset:
+def load_documents(cfg: DataConfig, recall: bool = False, anchor: bool = False,
+                   keys: bool = False) -> datasets.Dataset:
     """The corpus as a Dataset with a ``text`` column, one document per row (plus ``context`` with
     ``in_context_fraction`` or a world on disk and, with ``recall`` (a generator's or a world's rows only), the rows'
-    ``recall`` spans over ``context + text``; with ``anchor`` (a generator's rows only) their bool ``anchor`` marks).
-    Raises ValueError on bad input."""
+    ``recall`` spans over ``context + text``; with ``anchor`` (a generator's rows only) their bool ``anchor`` marks;
+    with ``keys`` (a generator's rows only) their ``keys`` spans). Raises ValueError on bad input."""
     if recall and cfg.source not in ("generator", "world"):
         raise ValueError(f"recall spans come from a generator's or a world's rows, got data.source={cfg.source!r}")
-    if anchor and cfg.source != "generator":
-        raise ValueError(f"anchor marks come from a generator's rows, got data.source={cfg.source!r}")
+    for wanted, what in ((anchor, "anchor marks"), (keys, "key spans")):
+        if wanted and cfg.source != "generator":
+            raise ValueError(f"{what} come from a generator's rows, got data.source={cfg.source!r}")
     if cfg.source == "world":
         from pure_reasoner.train.world.disk import corpus_dataset
 
@@ -187,7 +192,7 @@ def load_documents(cfg: DataConfig, recall: bool = False, anchor: bool = False) 
         paths = shakespeare_files() if cfg.source == "shakespeare" else []
     with tempfile.TemporaryDirectory(prefix="pure-reasoner-data-") as cache_dir:
         if cfg.source == "generator":
-            ds = _generated(cfg, cache_dir, recall, anchor)
+            ds = _generated(cfg, cache_dir, recall, anchor, keys)
         else:
             by_format: dict[str, list[Path]] = {}
             for p in paths:
@@ -318,10 +323,11 @@ def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod:
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
 
 
-def recall_token_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
-    """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: 1 on every token whose characters
-    overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``), 2 on those of
-    rows whose ``anchor`` mark is True (rows without that column are unmarked), 0 elsewhere.
+def _span_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, column: str,
+                codes: Callable[[dict], Iterable[int]]) -> torch.Tensor:
+    """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: on every token whose characters
+    overlap one of its row's ``column`` spans (indexed into ``context + text``) that row's code from ``codes(rows)``
+    (a batch of rows as ``docs[a:b]`` gives them -> one code per row), 0 elsewhere.
 
     The rows are encoded again, with character offsets, into units of flags built and packed like the ids
     (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout; padding and EOD
@@ -335,20 +341,35 @@ def recall_token_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> 
         for start in range(0, len(docs), 256):
             rows = docs[start : start + 256]
             contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
-            marks = rows["anchor"] if "anchor" in rows else [False] * len(texts)
-            for context, text, context_str, spans, marked in zip(contexts, texts, rows["context"], rows["recall"],
-                                                                 marks, strict=True):
-                code = 2 if marked else 1
+            for context, text, context_str, spans, code in zip(contexts, texts, rows["context"], rows[column],
+                                                               codes(rows), strict=True):
                 text_flags = overlaps(text.offsets, spans, code, shift=len(context_str)) + [0]  # + EOD
                 yield in_context_tokens(overlaps(context.offsets, spans, code), text_flags)
 
-    codes, _ = pack_units(units(), seq_len, eod=0)
-    return codes
+    flags, _ = pack_units(units(), seq_len, eod=0)
+    return flags
+
+
+def recall_token_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+    """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: 1 on every token whose characters
+    overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``), 2 on those of
+    rows whose ``anchor`` mark is True (rows without that column are unmarked), 0 elsewhere (``_span_codes``)."""
+
+    def codes(rows: dict) -> list[int]:
+        return [2 if marked else 1 for marked in rows["anchor"]] if "anchor" in rows else [1] * len(rows["text"])
+
+    return _span_codes(docs, tok, seq_len, "recall", codes)
 
 
 def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
     """[L] bool: the tokens of ``recall_token_codes`` inside a recall span, marked row or not."""
     return recall_token_codes(docs, tok, seq_len) > 0
+
+
+def key_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
+    """[L] bool over the same stream: True on every token whose characters overlap one of its row's ``keys`` spans
+    (the names of what facts are about; indexed into ``context + text``)."""
+    return _span_codes(docs, tok, seq_len, "keys", lambda rows: [1] * len(rows["text"])) > 0
 
 
 def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) -> torch.Tensor:
@@ -386,20 +407,23 @@ class PackedSequences:
             ``recall(positions)`` reads it at the targets.
         anchor: [L] bool or None, the recall tokens of rows marked for the anchor (``recall_token_codes == 2 &
             closed``); ``anchor(positions)`` reads it at the targets.
+        keys: [L] bool or None, the tokens of the names facts are about (``key_tokens & closed``);
+            ``keys(positions)`` reads it at the input tokens, like ``closed``.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
                  loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None,
-                 recall: torch.Tensor | None = None, anchor: torch.Tensor | None = None):
+                 recall: torch.Tensor | None = None, anchor: torch.Tensor | None = None,
+                 keys: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         if loss_mask is not None and loss_mask.shape != stream.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
-        for name, mask in (("closed", closed), ("recall", recall), ("anchor", anchor)):
+        for name, mask in (("closed", closed), ("recall", recall), ("anchor", anchor), ("keys", keys)):
             if mask is not None and mask.shape != stream.shape:
                 raise ValueError(f"{name} shape {tuple(mask.shape)} != stream shape {tuple(stream.shape)}")
         self.stream, self.seq_len, self.seed, self.loss_mask, self.closed_L = stream, seq_len, seed, loss_mask, closed
-        self.recall_L, self.anchor_L = recall, anchor
+        self.recall_L, self.anchor_L, self.keys_L = recall, anchor, keys
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -421,9 +445,12 @@ class PackedSequences:
 
     def closed(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``closed`` at the input tokens of the sequences ``batch(positions)`` returns."""
-        if self.closed_L is None:
-            raise ValueError("these sequences were packed without a closed-book mask")
-        return self.closed_L[self._offsets(positions)[:, :-1]]
+        return self._at_inputs(self.closed_L, "closed-book", positions)
+
+    def keys(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: ``keys`` at the input tokens of ``batch(positions)``: True where the token itself is (part
+        of) a name that facts are keyed on."""
+        return self._at_inputs(self.keys_L, "keys", positions)
 
     def recall(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``recall`` at the *targets* of ``batch(positions)``: True where the next token is (part
@@ -438,6 +465,11 @@ class PackedSequences:
         if mask_L is None:
             raise ValueError(f"these sequences were packed without the {name} mask")
         return mask_L[self._offsets(positions)[:, 1:]]
+
+    def _at_inputs(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor) -> torch.Tensor:
+        if mask_L is None:
+            raise ValueError(f"these sequences were packed without the {name} mask")
+        return mask_L[self._offsets(positions)[:, :-1]]
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""

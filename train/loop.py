@@ -68,7 +68,8 @@ class TrainData:
         ``moe.interventions.gradient_routing``) with ``objective.route_knowledge`` and as consult_target_BS (the
         targets of ``objectives.consult_supervision``) with ``model.knowledge.consult_loss_coef`` (with
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
-        ``data.recall_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
+        ``data.recall_tokens``; with ``consult_targets=recall_keys`` those and the closed-book tokens of names,
+        ``data.key_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows); with
         ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
         marked for it) as anchor_BS."""
@@ -81,6 +82,8 @@ class TrainData:
         anchor_BS = self.packed.anchor(positions) if cfg.objective.anchors_marked_rows else recall_BS
         frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
         consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
+        if cfg.consults_key_tokens:
+            consult_BS = consult_BS | self.packed.keys(positions)
         if self.drills is not None:
             key = (step * info.world_size + info.rank) * t.grad_accum + micro  # global micro-batch index
             drill_idx, drill_targets = self.drills.batch(key, fresh)
@@ -111,7 +114,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
         marked = cfg.objective.anchors_marked_rows
-        docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked)
+        docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked, keys=cfg.consults_key_tokens)
         if data.num_chars(docs) == 0:
             raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():
@@ -126,16 +129,18 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             stream, loss_mask = data.tokenize(docs, tok), None
         else:
             stream, loss_mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
-        closed = recall = anchor = None
+        closed = recall = anchor = keys = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
         if cfg.uses_recall_tokens:  # values in closed-book rows (and those of rows marked for the anchor)
             codes = data.recall_token_codes(docs, tok, cfg.data.seq_len)
             recall = (codes > 0) & closed
             anchor = (codes == 2) & closed if marked else None
+        if cfg.consults_key_tokens:  # names in closed-book rows
+            keys = data.key_tokens(docs, tok, cfg.data.seq_len) & closed
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
-            closed=closed, recall=recall, anchor=anchor,
+            closed=closed, recall=recall, anchor=anchor, keys=keys,
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)

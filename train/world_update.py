@@ -241,8 +241,7 @@ def update_corpus(world: dict | None = None, *, update: dict | UpdateConfig | No
     rows = update_rows(_resolve(world, update, overrides), in_context_fraction=in_context_fraction,
                        num_drills=num_drills, drill_questions=drill_questions, epoch=epoch, anchor_column=True)
     if not context_column:
-        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"],
-                 "anchor": r["anchor"]} for r in rows]
+        rows = [{**{k: v for k, v in r.items() if k != "context"}, "text": r["context"] + r["text"]} for r in rows]
     return datasets.Dataset.from_list(rows)
 
 

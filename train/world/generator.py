@@ -23,6 +23,8 @@ Training data (``pretraining_corpus``, usable as
     spans:   facts in ``context + text``: list of {start, end, type, entity} (see ``train.world.text``).
     recall:  [start, end] of the spans that hold a fact's value (``world_text.RECALLED_TYPES``): on rows without
              a context, what must be recalled from memory (``objective.consult_targets=recall``).
+    keys:    [start, end] of the spans that name what a fact is about (``world_text.KEY_TYPES``: people, the
+             cities and companies of bridge facts): where facts are keyed (``objective.consult_targets=recall_keys``).
 The corpus holds ``num_drills`` reading drills (fresh people per ``epoch``); for drills that are new in every
 batch, ``data.fresh_drills`` (``train.world.drills``) adds ``drill_rows(world, key, count)`` to each micro-batch,
 a ``data.counterfactual_drills`` share of them about known people with changed values (``train.world.counterfactual``).
@@ -196,8 +198,7 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
     rows = pretraining_rows(_resolve(world, overrides), in_context_fraction=in_context_fraction,
                             num_drills=num_drills, drill_questions=drill_questions, epoch=epoch)
     if not context_column:
-        rows = [{"text": r["context"] + r["text"], "kind": r["kind"], "spans": r["spans"], "recall": r["recall"]}
-                for r in rows]
+        rows = [{**{k: v for k, v in r.items() if k != "context"}, "text": r["context"] + r["text"]} for r in rows]
     return datasets.Dataset.from_list(rows)
 
 

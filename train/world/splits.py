@@ -195,7 +195,7 @@ def drill_rows(world: World, step: int | str, count: int, stream: str = "drill",
             # The drill's spans already index into prompt + continuation == context + text.
             text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
             rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"],
-                         "recall": wt.recall_spans(drill["spans"])})
+                         "recall": wt.recall_spans(drill["spans"]), "keys": wt.key_spans(drill["spans"])})
         return rows
     group = world.cfg.num_distractors + 1
     pairs_available = group * len(ATTRIBUTES + TWO_HOP)

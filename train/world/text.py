@@ -23,6 +23,9 @@ TWO_HOP = ("birth_country", "employer_city")
 # Span types whose text is the value of a stored fact: what closed-book recall must produce (names and the
 # subjects of bridge facts are what a fact is *about*, not what is recalled).
 RECALLED_TYPES = (*ATTRIBUTES, "country", "headquarters", "answer")
+# Span types whose text names what a stored fact is about (a person, a bridge fact's city or company): where the
+# fact is keyed (Physics of LMs 3.1 finds a person's attributes stored at the name's tokens).
+KEY_TYPES = ("name", "city", "company")
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -155,16 +158,23 @@ def lines(pieces: Sequence[Builder]) -> Builder:
 
 
 def training_row(kind: str, text: Builder, context: Builder | None = None) -> dict:
-    """A corpus row {text, context, kind, spans, recall}; the spans index into ``context + text``, ``recall``
-    lists the [start, end] of the spans of ``RECALLED_TYPES`` (``train.data.recall_tokens`` reads it)."""
+    """A corpus row {text, context, kind, spans, recall, keys}; the spans index into ``context + text``, ``recall``
+    lists the [start, end] of the spans of ``RECALLED_TYPES`` (``train.data.recall_tokens`` reads it), ``keys``
+    those of ``KEY_TYPES`` (``train.data.key_tokens``)."""
     context = context or Builder()
     spans = Builder().extend(context).extend(text).spans
-    return {"text": text.text, "context": context.text, "kind": kind, "spans": spans, "recall": recall_spans(spans)}
+    return {"text": text.text, "context": context.text, "kind": kind, "spans": spans, "recall": recall_spans(spans),
+            "keys": key_spans(spans)}
 
 
 def recall_spans(spans: Sequence[dict]) -> list[list[int]]:
     """[start, end] of each span whose type is in ``RECALLED_TYPES``."""
     return [[s["start"], s["end"]] for s in spans if s["type"] in RECALLED_TYPES]
+
+
+def key_spans(spans: Sequence[dict]) -> list[list[int]]:
+    """[start, end] of each span whose type is in ``KEY_TYPES``."""
+    return [[s["start"], s["end"]] for s in spans if s["type"] in KEY_TYPES]
 
 
 def qa_prompt(q: Builder) -> Builder:
