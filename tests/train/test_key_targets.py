@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pure_reasoner.train import data
-from pure_reasoner.train.config import DataConfig, ObjectiveConfig
+from pure_reasoner.train.config import ObjectiveConfig
 from pure_reasoner.train.dist import DistInfo
 from pure_reasoner.train.loop import TrainData
 from pure_reasoner.train.world.drills import FreshDrills
@@ -99,9 +99,4 @@ def test_key_targets_config_errors():
     with pytest.raises(ValueError, match="recall_keys reads the rows' key spans"):
         compose_config("data.source=world", "data.path=/nonexistent", "model.knowledge.consult_loss_coef=0.1",
                        "objective.consult_targets=recall_keys")
-    with pytest.raises(ValueError, match="key spans come from a generator"):
-        data.load_documents(DataConfig(), keys=True)
-    gen = DataConfig(source="generator", generator="tests.train.test_recall_targets:_rows_without_recall",
-                     in_context_fraction=0.5)
-    with pytest.raises(ValueError, match="no 'keys' spans"):
-        data.load_documents(gen, keys=True)
+    # a source or generator rows without key spans: tests/train/test_recall_targets.py

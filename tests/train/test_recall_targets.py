@@ -101,12 +101,16 @@ def test_recall_targets_config_errors():
         compose_config("data.source=generator", "data.generator=tests.train.test_recall_targets:_rows_without_recall",
                        "data.in_context_fraction=0.5", "model.knowledge.consult_loss_coef=0.1",
                        "objective.consult_targets=recall")
-    with pytest.raises(ValueError, match="recall spans"):
-        data.load_documents(DataConfig(), recall=True)
+
+
+@pytest.mark.parametrize("column", ["recall", "keys"])
+def test_span_columns_need_a_generator_whose_rows_carry_them(column):
+    with pytest.raises(ValueError, match=f"{'key' if column == 'keys' else column} spans come from a generator"):
+        data.load_documents(DataConfig(), **{column: True})
     gen = DataConfig(source="generator", generator="tests.train.test_recall_targets:_rows_without_recall",
                      in_context_fraction=0.5)
-    with pytest.raises(ValueError, match="no 'recall' spans"):
-        data.load_documents(gen, recall=True)
+    with pytest.raises(ValueError, match=f"no '{column}' spans"):
+        data.load_documents(gen, **{column: True})
 
 
 def _rows_without_recall(in_context_fraction: float = 0.0):
