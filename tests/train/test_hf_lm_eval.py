@@ -31,7 +31,10 @@ def test_stock_hf_model_scores_like_train_eval(tmp_path):
     export = save_pretrained(model, tmp_path / "export", hf=True)  # no tokenizer.json: byte ids, as Codec()
     save_world_config(cfg, export)
     path = os.pathsep.join([str(ROOT), *sys.path[1:]])  # this interpreter's packages (accelerate may be a user's)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
+    # Not an earlier in-process run's rendezvous (MASTER_PORT of a store still listening here): a process of its own.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = {**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
            "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
