@@ -19,7 +19,7 @@ import importlib.util
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -323,42 +323,61 @@ def pack_units(units: Iterable[tuple[list[int], list[bool]]], seq_len: int, eod:
     return torch.tensor(ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
 
 
-def _span_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, column: str,
-                codes: Callable[[dict], Iterable[int]]) -> torch.Tensor:
-    """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: on every token whose characters
-    overlap one of its row's ``column`` spans (indexed into ``context + text``) that row's code from ``codes(rows)``
-    (a batch of rows as ``docs[a:b]`` gives them -> one code per row), 0 elsewhere.
+def _recall_codes(rows: dict) -> list[int]:
+    """Per row of a batch: 2 if its ``anchor`` mark is True, else 1 (rows without that column are unmarked)."""
+    return [2 if marked else 1 for marked in rows["anchor"]] if "anchor" in rows else [1] * len(rows["text"])
 
-    The rows are encoded again, with character offsets, into units of flags built and packed like the ids
-    (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout; padding and EOD
-    are 0).
+
+# Span columns of the rows and each one's code per row (``span_codes``).
+SPAN_CODES: dict[str, Callable[[dict], list[int]]] = {
+    "recall": _recall_codes,
+    "keys": lambda rows: [1] * len(rows["text"]),
+}
+
+
+def span_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, columns: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per span column (of ``SPAN_CODES``), [L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)``
+    packs: on every token whose characters overlap one of its row's spans of that column (indexed into
+    ``context + text``) that row's code, 0 elsewhere.
+
+    The rows are encoded once more, with character offsets, into units of their tokens' indices, built and packed
+    like the ids (``in_context_tokens`` + ``pack_units``: same lengths and loss masks, so the same layout); each
+    column's flags are gathered through those indices (padding and EOD are 0).
     """
+    unknown = set(columns) - set(SPAN_CODES)
+    if unknown:
+        raise ValueError(f"span columns must be among {sorted(SPAN_CODES)}, got {sorted(unknown)}")
+    flat: dict[str, list[int]] = {name: [] for name in columns}
 
     def overlaps(offsets: Iterable[tuple[int, int]], spans: list[list[int]], code: int, shift: int = 0) -> list[int]:
         return [code * int(any(a + shift < end and begin < b + shift for begin, end in spans)) for a, b in offsets]
 
     def units() -> Iterator[tuple[list[int], list[bool]]]:
+        seen = 0
         for start in range(0, len(docs), 256):
             rows = docs[start : start + 256]
             contexts, texts = tok.encode_batch(rows["context"]), tok.encode_batch(rows["text"])
-            for context, text, context_str, spans, code in zip(contexts, texts, rows["context"], rows[column],
-                                                               codes(rows), strict=True):
-                text_flags = overlaps(text.offsets, spans, code, shift=len(context_str)) + [0]  # + EOD
-                yield in_context_tokens(overlaps(context.offsets, spans, code), text_flags)
+            codes = {name: SPAN_CODES[name](rows) for name in columns}
+            for i, (context, text, context_str) in enumerate(zip(contexts, texts, rows["context"], strict=True)):
+                for name in columns:
+                    spans, code = rows[name][i], codes[name][i]
+                    flat[name] += (overlaps(context.offsets, spans, code)
+                                   + overlaps(text.offsets, spans, code, shift=len(context_str)) + [0])  # + EOD
+                size_c, size = len(context.ids), len(context.ids) + len(text.ids) + 1
+                yield in_context_tokens(range(seen, seen + size_c), range(seen + size_c, seen + size))
+                seen += size
 
-    flags, _ = pack_units(units(), seq_len, eod=0)
-    return flags
+    where_L, _ = pack_units(units(), seq_len, eod=-1)
+    pad_L = where_L < 0
+    return {name: torch.tensor(values, dtype=torch.int64)[where_L.clamp(min=0)].masked_fill(pad_L, 0)
+            for name, values in flat.items()}
 
 
 def recall_token_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
     """[L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)`` packs: 1 on every token whose characters
     overlap one of its row's ``recall`` spans (the values of facts; indexed into ``context + text``), 2 on those of
-    rows whose ``anchor`` mark is True (rows without that column are unmarked), 0 elsewhere (``_span_codes``)."""
-
-    def codes(rows: dict) -> list[int]:
-        return [2 if marked else 1 for marked in rows["anchor"]] if "anchor" in rows else [1] * len(rows["text"])
-
-    return _span_codes(docs, tok, seq_len, "recall", codes)
+    rows whose ``anchor`` mark is True (rows without that column are unmarked), 0 elsewhere (``span_codes``)."""
+    return span_codes(docs, tok, seq_len, ["recall"])["recall"]
 
 
 def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
@@ -369,7 +388,7 @@ def recall_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch
 def key_tokens(docs: datasets.Dataset, tok: Tokenizer, seq_len: int) -> torch.Tensor:
     """[L] bool over the same stream: True on every token whose characters overlap one of its row's ``keys`` spans
     (the names of what facts are about; indexed into ``context + text``)."""
-    return _span_codes(docs, tok, seq_len, "keys", lambda rows: [1] * len(rows["text"])) > 0
+    return span_codes(docs, tok, seq_len, ["keys"])["keys"] > 0
 
 
 def closed_book_tokens(stream: torch.Tensor, loss_mask: torch.Tensor, eod: int) -> torch.Tensor:
@@ -445,31 +464,28 @@ class PackedSequences:
 
     def closed(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``closed`` at the input tokens of the sequences ``batch(positions)`` returns."""
-        return self._at_inputs(self.closed_L, "closed-book", positions)
+        return self._mask_at(self.closed_L, "closed-book", positions, targets=False)
 
     def keys(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``keys`` at the input tokens of ``batch(positions)``: True where the token itself is (part
         of) a name that facts are keyed on."""
-        return self._at_inputs(self.keys_L, "keys", positions)
+        return self._mask_at(self.keys_L, "keys", positions, targets=False)
 
     def recall(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``recall`` at the *targets* of ``batch(positions)``: True where the next token is (part
         of) a fact's value to recall."""
-        return self._at_targets(self.recall_L, "recall", positions)
+        return self._mask_at(self.recall_L, "recall", positions, targets=True)
 
     def anchor(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``anchor`` at the *targets* of ``batch(positions)`` (as ``recall``)."""
-        return self._at_targets(self.anchor_L, "anchor", positions)
+        return self._mask_at(self.anchor_L, "anchor", positions, targets=True)
 
-    def _at_targets(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor) -> torch.Tensor:
+    def _mask_at(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor, targets: bool) -> torch.Tensor:
+        """[B, S] ``mask_L`` at the target tokens of ``batch(positions)`` (``targets``) or at its input tokens."""
         if mask_L is None:
             raise ValueError(f"these sequences were packed without the {name} mask")
-        return mask_L[self._offsets(positions)[:, 1:]]
-
-    def _at_inputs(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor) -> torch.Tensor:
-        if mask_L is None:
-            raise ValueError(f"these sequences were packed without the {name} mask")
-        return mask_L[self._offsets(positions)[:, :-1]]
+        offsets_BS1 = self._offsets(positions)
+        return mask_L[offsets_BS1[:, 1:] if targets else offsets_BS1[:, :-1]]
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences at global read positions [B] -> (idx_BS, targets_BS)."""

@@ -132,12 +132,14 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         closed = recall = anchor = keys = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
-        if cfg.uses_recall_tokens:  # values in closed-book rows (and those of rows marked for the anchor)
-            codes = data.recall_token_codes(docs, tok, cfg.data.seq_len)
-            recall = (codes > 0) & closed
-            anchor = (codes == 2) & closed if marked else None
-        if cfg.consults_key_tokens:  # names in closed-book rows
-            keys = data.key_tokens(docs, tok, cfg.data.seq_len) & closed
+        columns = [name for name, used in (("recall", cfg.uses_recall_tokens), ("keys", cfg.consults_key_tokens))
+                   if used]
+        codes = data.span_codes(docs, tok, cfg.data.seq_len, columns) if columns else {}
+        if "recall" in codes:  # values in closed-book rows (and those of rows marked for the anchor)
+            recall = (codes["recall"] > 0) & closed
+            anchor = (codes["recall"] == 2) & closed if marked else None
+        if "keys" in codes:  # names in closed-book rows
+            keys = (codes["keys"] > 0) & closed
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
             closed=closed, recall=recall, anchor=anchor, keys=keys,

@@ -47,6 +47,19 @@ def test_key_tokens_on_a_world_stream_spell_the_names():
     assert tok.decode(stream[keys].tolist()).replace(" ", "") == "".join(names).replace(" ", "")
 
 
+def test_one_pass_gives_each_column_as_alone():
+    """``span_codes`` encodes the rows once for recall codes and keys together: each column as when asked alone
+    (whose values the tests above check against the text), and a column it does not know is an error."""
+    docs = pretraining_corpus(preset="tiny", in_context_fraction=0.5, num_drills=4)
+    tok = data.train_tokenizer(docs, "bpe", 384)
+    both = data.span_codes(docs, tok, 512, ["recall", "keys"])
+    assert torch.equal(both["recall"], data.recall_token_codes(docs, tok, 512))
+    assert torch.equal(both["keys"] > 0, data.key_tokens(docs, tok, 512))
+    assert both["recall"].any() and both["keys"].any() and not torch.equal(both["recall"] > 0, both["keys"] > 0)
+    with pytest.raises(ValueError, match="span columns must be among"):
+        data.span_codes(docs, tok, 512, ["names"])
+
+
 def test_key_spans_name_subjects_never_values():
     world = build_world(corpus_world_config(preset="tiny"))
     docs = pretraining_corpus(world, in_context_fraction=0.5, num_drills=4)
