@@ -24,10 +24,10 @@ from pure_reasoner.moe import PureReasonerLM, preset
 from pure_reasoner.moe.checkpoint import CONFIG, WEIGHTS, load_pretrained, save_pretrained
 from pure_reasoner.train.config import to_config
 from pure_reasoner.train.evaluation.evaluate import load_codec
+from pure_reasoner.train.protocol import RANK_VARIABLES
 from tests.train.helpers import compose_raw, run_in_process
 
 REPO = Path(__file__).resolve().parents[2]
-DIST_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Boom:
@@ -251,7 +251,7 @@ def test_nan_input_is_confined_to_its_token():
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python *args`` on this checkout (also from another working directory), outside this process's
     one-rank group (``dist_info`` set its rendezvous variables here; a child must pick its own port)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=180, cwd=cwd, env=env)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pure_reasoner.train.dist import _free_port
+from pure_reasoner.train.protocol import RANK_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 RANK = """
@@ -30,8 +31,8 @@ except Exception as err:
 
 def test_survivor_exits_after_the_timeout():
     port = str(_free_port())
-    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    base = {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    base |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK],

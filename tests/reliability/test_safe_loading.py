@@ -13,6 +13,7 @@ import torch
 
 from pure_reasoner.train import ds_checkpoint as checkpoint
 from pure_reasoner.train.export import export_checkpoint
+from pure_reasoner.train.protocol import RANK_VARIABLES
 from tests.train.helpers import run_in_process
 
 SHORT = ("train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2", "train.export=false")
@@ -122,8 +123,8 @@ def test_cli_full_disk_exits_nonzero(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     # Not the in-process tests' one-rank group: RANK/MASTER_PORT set by init_distributed must not leak in.
-    dist_keys = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_keys} | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env |= {"PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [

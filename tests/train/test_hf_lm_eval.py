@@ -13,6 +13,7 @@ import pytest
 from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
 from pure_reasoner.moe.checkpoint import save_pretrained
 from pure_reasoner.train.evaluation.evaluate import Codec
+from pure_reasoner.train.protocol import RANK_VARIABLES
 from pure_reasoner.train.world.generator import build_world, save_world_config, world_config
 from tests.train.lm_eval_check import assert_lm_eval_matches_train_eval
 
@@ -32,8 +33,7 @@ def test_stock_hf_model_scores_like_train_eval(tmp_path):
     save_world_config(cfg, export)
     path = os.pathsep.join([str(ROOT), *sys.path[1:]])  # this interpreter's packages (accelerate may be a user's)
     # Not an earlier in-process run's rendezvous (MASTER_PORT of a store still listening here): a process of its own.
-    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     env = {**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
            "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "TOKENIZERS_PARALLELISM": "false"}
