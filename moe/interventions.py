@@ -96,7 +96,7 @@ def _hooks(modules: list[nn.Module], hook_for) -> Iterator[None]:
             handle.remove()
 
 
-def _expert_hooks(layers: list[PureReasonerMoE], hook_for):
+def expert_hooks(layers: list[PureReasonerMoE], hook_for):
     """``hook_for(i)`` as a forward hook on layer i's knowledge experts for the ``with`` block."""
     return _hooks([layer.experts for layer in layers], hook_for)
 
@@ -162,7 +162,7 @@ def knowledge_mean(model: nn.Module, mask_BS: torch.Tensor | None = None) -> Ite
 
         return replaced
 
-    with _expert_hooks(layers, hook):
+    with expert_hooks(layers, hook):
         yield state
 
 
@@ -216,7 +216,7 @@ def record_knowledge_means(model: nn.Module, mask_BS: torch.Tensor | None = None
 
         return recorded
 
-    with _expert_hooks(layers, hook):
+    with expert_hooks(layers, hook):
         yield record
 
 
@@ -263,7 +263,7 @@ def mean_ablation(model: nn.Module, means_LD: torch.Tensor, mask_BS: torch.Tenso
 
         return replaced
 
-    with _expert_hooks(layers, hook):
+    with expert_hooks(layers, hook):
         yield state
 
 

@@ -38,7 +38,7 @@ def current_generator(path: str | None) -> str | None:
     return WORLD_GENERATOR if path == _FORMER_WORLD_GENERATOR else path
 # a knowledge update's rows (``train.world_update``)
 UPDATE_GENERATOR = "pure_reasoner.train.world_update:update_corpus"
-TRAINABLE = ("all", "knowledge")
+TRAINABLE = ("all", "knowledge", "experts")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -176,7 +176,9 @@ class TrainConfig:
     trainable: ``all`` (every parameter) or ``knowledge`` (only the MoE layers' knowledge experts and routers; the
         rest is frozen before the engine is built, ``train.trainable``): a knowledge update of a trained pure
         reasoner (``python -m pure_reasoner.train.update``, docs/knowledge_update.md). Needs MoE layers and
-        ffn=pure_reasoner; the export takes the frozen parameters from ``init_from`` bit for bit.
+        ffn=pure_reasoner; the export takes the frozen parameters from ``init_from`` bit for bit. ``experts``: only
+        the knowledge experts' weights (routers frozen too, their consult and balance controllers included), as
+        the slot-selected update trains them (``python -m pure_reasoner.train.update --slots N``).
     """
 
     max_steps: int = 200
@@ -447,10 +449,10 @@ class Config:
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
         )
         _require(
-            self.train.trainable != "knowledge"
+            self.train.trainable not in ("knowledge", "experts")
             or (self.ffn == "pure_reasoner" and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
-            f"train.trainable=knowledge trains only knowledge experts and routers: it needs ffn=pure_reasoner and MoE "
-            f"layers, got ffn={self.ffn!r} and {sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE "
+            f"train.trainable={self.train.trainable} trains only the knowledge path: it needs ffn=pure_reasoner and "
+            f"MoE layers, got ffn={self.ffn!r} and {sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE "
             f"layers (fine-tune a dense model with train.trainable=all)",
         )
         if self.ffn == "deepspeed_residual":

@@ -30,6 +30,7 @@ from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
 from pure_reasoner.train.relocation import Relocation
+from pure_reasoner.train.slots import mask_gradients
 from pure_reasoner.train.trainable import set_trainable
 from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
@@ -310,8 +311,12 @@ def _choose_gemm_engines(override: str, rank: int) -> engines.EngineChoice:
     return choice
 
 
-def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
-    """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank."""
+def run(cfg: Config, run_dir: Path, resolved_config: str, grad_masks: dict[str, torch.Tensor] | None = None) -> Summary:
+    """Train ``cfg`` in ``run_dir`` (resuming from its latest checkpoint). Returns a Summary on every rank.
+
+    ``grad_masks``: ``{parameter name: mask}`` (``train.slots.mask_gradients``): only those parameters train, their
+    gradients multiplied by the masks (the slot-selected knowledge update); every rank passes the same.
+    """
     start_time = time.perf_counter()
     info = init_distributed(cfg.train.collective_timeout_s)
     threads = set_threads(info, cfg.train.threads)
@@ -336,6 +341,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str) -> Summary:
     if source is not None:  # a resume below overwrites these weights with the run's own
         init_from.init_weights(model, source)
     set_trainable(model, cfg.train.trainable)  # before the engine: only trainable parameters reach the optimizer
+    if grad_masks is not None:
+        mask_gradients(model, grad_masks)
     engine, scheduler = build_engine(cfg, model, info.world_size)
     log.info("engine ready after %.1f s", time.perf_counter() - start_time)
     start_step, resumed = _resume(engine, cfg, run_dir, info)
@@ -479,7 +486,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         phase_cfg = relocation.config(step)  # cfg, or its phase before / from relocate_at
         tick, lr = time.perf_counter(), engine.get_lr()[0]
         acc = _one_step(phase_cfg, engine, train_data, info, run_dir, step, teacher)
-        if engine.was_step_applied() and model.moe_layers():
+        if engine.was_step_applied() and model.moe_layers() and t.trainable != "experts":  # experts: routing frozen
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(phase_cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)
         losses.append(last.loss)

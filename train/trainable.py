@@ -1,5 +1,10 @@
 """Which parameters a run trains (``train.trainable``): all of them, or only the knowledge path.
 
+``experts`` narrows ``knowledge`` to the knowledge experts' weights (routers frozen too, and the loop leaves their
+consult and balance controllers alone): the slot-selected update
+(``python -m pure_reasoner.train.update --slots N``, ``train.slots``) trains only chosen units of them, and a
+router that kept learning would move the old facts' routing.
+
 ``knowledge`` leaves trainable only each MoE layer's knowledge experts and router (its projections; the routing
 controllers are buffers and keep steering as in any run): attention, embeddings, norms, the head and every
 reasoning expert (and its gate) stay as they were. That is the knowledge update: new facts are written where
@@ -13,14 +18,15 @@ from pure_reasoner.moe import PureReasonerLM
 from pure_reasoner.train.config import TRAINABLE
 
 
-def knowledge_parameter_names(model: PureReasonerLM) -> set[str]:
-    """Names (as in ``model.named_parameters()``) of the knowledge experts' and routers' parameters."""
+def knowledge_parameter_names(model: PureReasonerLM, routers: bool = True) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the knowledge experts' and (with ``routers``) routers'
+    parameters."""
     moe = {id(layer) for layer in model.moe_layers()}
     names = set()
     for prefix, module in model.named_modules():
         if id(module) in moe:
-            for part in (module.router, module.experts):
-                sub = "router" if part is module.router else "experts"
+            parts = {"experts": module.experts, **({"router": module.router} if routers else {})}
+            for sub, part in parts.items():
                 names |= {f"{prefix}.{sub}.{name}" for name, _ in part.named_parameters()}
     return names
 
@@ -32,16 +38,16 @@ def set_trainable(model: PureReasonerLM, mode: str) -> list[str]:
         The names of the frozen parameters ([] for ``all``).
 
     Raises:
-        ValueError: an unknown ``mode``, or ``knowledge`` on a model without MoE layers.
+        ValueError: an unknown ``mode``, or ``knowledge`` / ``experts`` on a model without MoE layers.
     """
     if mode not in TRAINABLE:
         raise ValueError(f"train.trainable must be one of {TRAINABLE}, got {mode!r}")
     if mode == "all":
         return []
     if not model.moe_layers():
-        raise ValueError("train.trainable=knowledge needs MoE layers (knowledge experts); this model has none: "
+        raise ValueError(f"train.trainable={mode} needs MoE layers (knowledge experts); this model has none: "
                          "fine-tune a dense model with train.trainable=all")
-    keep = knowledge_parameter_names(model)
+    keep = knowledge_parameter_names(model, routers=mode == "knowledge")
     frozen = []
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)

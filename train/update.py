@@ -14,9 +14,13 @@ trained on (``train.world_update``: new people and changed facts), then scores t
     train       ``init_from=BASE_RUN/export``, ``trainable=--trainable`` (``knowledge``: only knowledge experts
                 and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
                 ``max_steps=--steps``, one checkpoint at the end, no first-look table;
+    slots       ``--slots N``: only the N expert units per MoE layer that the update's rows use most against the
+                base world's pretraining rows (``train.slots``: TF-IDF, as Sparse Memory Finetuning picks memory
+                slots) train; routers and every other unit stay bit for bit (``trainable=experts``, weight decay 0);
+                the choice is written to ``OUT/slots.json``;
     ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
 The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay, then
-``-anchor-replayed`` with that; same command, same directory: it resumes).
+``-anchor-replayed`` with that, ``-slots<N>`` with slots; same command, same directory: it resumes).
 Multi-process: ``deepspeed --no_local_rank --num_gpus N --module pure_reasoner.train.update ...``.
 docs/knowledge_update.md.
 """
@@ -40,12 +44,15 @@ from pure_reasoner.train.config import TRAINABLE, UPDATE_GENERATOR, Config  # no
 from pure_reasoner.train.world_update import UpdateConfig, build_update, update_kwargs  # noqa: E402
 
 REPORT = "update_eval.json"
+SLOTS = "slots.json"
+BACKGROUND_ROWS_PER_ROW = 2  # pretraining rows scored per update row when choosing slots
 
 
 def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, steps: int,
-               overrides: Sequence[str] = (), anchor_replayed: bool = False) -> tuple[Config, str]:
+               overrides: Sequence[str] = (), anchor_replayed: bool = False, slots: int = 0) -> tuple[Config, str]:
     """The typed Config of the update run and its resolved YAML (module docstring). Raises ValueError on a bad
-    base run (no config.yaml, export or world.json) or override."""
+    base run (no config.yaml, export or world.json) or override, or slots with ``trainable`` other than
+    ``knowledge`` or with expert parallelism."""
     from pure_reasoner.train.export import EXPORT, load_run_config
     from pure_reasoner.train.world.generator import build_world, load_world_config
 
@@ -72,6 +79,13 @@ def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, 
             raise ValueError("--anchor-replayed anchors the replayed rows: it needs --replay R > 0")
         changes |= {"objective.anchor_rows": "marked", "objective.teacher": str(export),
                     "objective.anchor_weight": base.objective.anchor_weight or 1.0}
+    if slots:
+        if trainable != "knowledge":
+            raise ValueError(f"--slots trains chosen units of the knowledge experts: it needs --trainable knowledge, "
+                             f"got {trainable}")
+        if base.train.ep_size != 1:
+            raise ValueError(f"--slots needs train.ep_size=1 (every rank holds every expert), got {base.train.ep_size}")
+        changes |= {"train.trainable": "experts", "train.weight_decay": 0.0}
     for key, value in changes.items():
         OmegaConf.update(node, key, value, merge=False)
     try:
@@ -79,6 +93,28 @@ def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, 
     except Exception as err:  # omegaconf's own error types: an unknown key or a value of the wrong type
         raise ValueError(f"--set {list(overrides)}: {err}") from err
     return OmegaConf.to_object(node), OmegaConf.to_yaml(node, resolve=True)
+
+
+def choose_slots(export: Path, update: UpdateConfig, seq_len: int, per_layer: int) -> tuple[list, dict]:
+    """The units ``--slots`` trains: scored on the base model over the update's own rows (no replay) against
+    ``BACKGROUND_ROWS_PER_ROW`` x as many rows of the base world's pretraining corpus (``replay_rows``: none about a
+    new or changed person). Returns (per layer [E, F] bool, ``{parameter name: gradient mask}``)."""
+    from pure_reasoner.train.evaluation.evaluate import load
+    from pure_reasoner.train.slots import parameter_masks, select_slots, slot_scores, unit_usage
+    from pure_reasoner.train.world.generator import build_world, load_world_config
+    from pure_reasoner.train.world_update import replay_rows, update_rows
+
+    model, codec = load(export)
+    built = build_update(build_world(load_world_config(export / "world.json")), update)
+    own = [row for row in update_rows(built, anchor_column=True) if not row["anchor"]]
+    background = replay_rows(built, BACKGROUND_ROWS_PER_ROW * len(own))
+
+    def encode(rows: list[dict]) -> list[list[int]]:
+        return [codec.encode((row.get("context") or "") + row["text"])[:seq_len] for row in rows]
+
+    usage = zip(unit_usage(model, encode(own)), unit_usage(model, encode(background)), strict=True)
+    selected = select_slots([slot_scores(u_EF, b_EF) for u_EF, b_EF in usage], per_layer)
+    return selected, parameter_masks(model, selected)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,20 +132,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trainable", choices=TRAINABLE, default="knowledge",
                         help="knowledge: only knowledge experts and routers (pure reasoner); all: everything (dense)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the update")
+    parser.add_argument("--slots", type=int, default=0, metavar="N",
+                        help="train only the N expert units per MoE layer the update uses most against the "
+                             "pretraining rows (0: every knowledge parameter)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
     parser.add_argument("--no-eval", action="store_true", help="train only; score later with train.update_eval")
     parser.add_argument("--max-examples", type=int, default=None, help="questions per split in the evaluation")
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be > 0, got {args.steps}")
+    if args.slots < 0:
+        parser.error(f"--slots must be >= 0, got {args.slots}")
     out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}"
                                               + (f"-replay{args.replay:g}" if args.replay else "")
-                                              + ("-anchor-replayed" if args.anchor_replayed else ""))
+                                              + ("-anchor-replayed" if args.anchor_replayed else "")
+                                              + (f"-slots{args.slots}" if args.slots else ""))
     try:
         update = UpdateConfig(seed=args.seed, new_people=args.new_people, changed_facts=args.changed_facts,
                               replay=args.replay)
         cfg, resolved = run_config(args.base_run, out, update, args.trainable, args.steps, args.set,
-                                   args.anchor_replayed)
+                                   args.anchor_replayed, args.slots)
+        selected, masks = (choose_slots(Path(cfg.train.init_from), update, cfg.data.seq_len, args.slots)
+                           if args.slots else (None, None))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -117,10 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pure_reasoner.train.update_eval import evaluate_update, render
 
     try:
-        summary = run(cfg, out, resolved)
+        summary = run(cfg, out, resolved, grad_masks=masks)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if selected is not None and int(os.environ.get("RANK", "0")) == 0:
+        from pure_reasoner.moe.checkpoint import write_text
+        from pure_reasoner.train.slots import selection_summary
+
+        record = {"per_layer": args.slots, "background_rows_per_row": BACKGROUND_ROWS_PER_ROW,
+                  **selection_summary(selected)}
+        write_text(out / SLOTS, json.dumps(record, indent=1))
     print(f"done: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.wall_s:.1f} s -> {out}")
     if args.no_eval or int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -115,3 +115,39 @@ def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
     assert update_main([str(base_run), "--out", str(out), "--replay", "-1", "--steps", "2"]) == 2
     assert "update.replay must be a finite number >= 0, got -1.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_slot_update_moves_only_the_chosen_units(base_run, tmp_path, zero_stage):
+    out = tmp_path / "update-slots"
+    assert update_main([str(base_run), "--out", str(out), "--seed", "1", "--new-people", "6", "--changed-facts", "4",
+                        "--slots", "5", "--steps", "3", "--no-eval", "--set", f"deepspeed.zero_stage={zero_stage}"]) == 0
+    cfg = load_run_config(out)
+    assert (cfg.train.trainable, cfg.train.weight_decay) == ("experts", 0.0)
+    record = json.loads((out / "slots.json").read_text())
+    before = load_file(base_run / "export" / "model.safetensors")
+    after = load_file(out / "export" / "model.safetensors")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # The oracle: the parameter names (only expert weights) and the recorded units, read against the exports.
+    assert changed and all(".ffn.experts.w" in n for n in changed), sorted(changed)
+    moe_blocks = sorted({n.split(".ffn.")[0] for n in before if ".ffn.experts." in n},
+                        key=lambda p: int(p.split(".")[-1]))
+    assert len(record["layers"]) == len(moe_blocks)
+    for block, layer in zip(moe_blocks, record["layers"], strict=True):
+        assert layer["units"] == 5
+        w1 = f"{block}.ffn.experts.w1_EDF"
+        moved_EF = (before[w1] != after[w1]).any(1) | (before[f"{block}.ffn.experts.w3_EDF"]
+                                                       != after[f"{block}.ffn.experts.w3_EDF"]).any(1)
+        moved_EF |= (before[f"{block}.ffn.experts.w2_EFD"] != after[f"{block}.ffn.experts.w2_EFD"]).any(2)
+        assert sorted(moved_EF.nonzero().tolist()) == sorted(layer["chosen"]), block
+
+
+def test_slot_update_refuses_what_it_cannot_do(base_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    small = ["--new-people", "6", "--changed-facts", "4", "--steps", "2"]
+    assert update_main([str(base_run), "--out", str(out), "--slots", "4", "--trainable", "all", *small]) == 2
+    assert "--slots trains chosen units of the knowledge experts: it needs --trainable knowledge" in \
+        capsys.readouterr().err
+    assert update_main([str(base_run), "--out", str(out), "--slots", "100000", *small]) == 2
+    assert "slots per layer must be in 1.." in capsys.readouterr().err
+    assert not out.exists()

@@ -28,6 +28,14 @@ def test_knowledge_leaves_only_experts_and_routers_trainable():
     assert all(p.requires_grad for p in PureReasonerLM(TINY).parameters())
 
 
+def test_experts_leaves_only_the_expert_weights_trainable():
+    model = PureReasonerLM(TINY)
+    frozen = set_trainable(model, "experts")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".ffn.experts." in n}
+    assert set(frozen) == {n for n, _ in model.named_parameters()} - trainable
+
+
 def test_knowledge_on_a_dense_model_or_an_unknown_mode_is_refused():
     dense = ModelConfig(**{**TINY.__dict__, "dense_first_layers": 3, "dense_width": 64})
     with pytest.raises(ValueError, match="trainable=knowledge needs MoE layers"):
@@ -43,6 +51,6 @@ def test_config_checks_trainable():
     with pytest.raises(ValueError, match="set train.init_from"):
         compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge")
     with pytest.raises(ValueError, match="train.trainable must be one of"):
-        compose_config("train.trainable=experts")
+        compose_config("train.trainable=heads")
     cfg = compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge", "train.init_from=somewhere")
     assert cfg.train.trainable == "knowledge"
