@@ -121,7 +121,8 @@ def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
 def test_slot_update_moves_only_the_chosen_units(base_run, tmp_path, zero_stage):
     out = tmp_path / "update-slots"
     assert update_main([str(base_run), "--out", str(out), "--seed", "1", "--new-people", "6", "--changed-facts", "4",
-                        "--slots", "5", "--steps", "3", "--no-eval", "--set", f"deepspeed.zero_stage={zero_stage}"]) == 0
+                        "--slots", "5", "--steps", "3", "--no-eval",
+                        "--set", f"deepspeed.zero_stage={zero_stage}"]) == 0
     cfg = load_run_config(out)
     assert (cfg.train.trainable, cfg.train.weight_decay) == ("experts", 0.0)
     record = json.loads((out / "slots.json").read_text())
