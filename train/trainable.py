@@ -2,7 +2,7 @@
 
 ``experts`` narrows ``knowledge`` to the knowledge experts' weights (routers frozen too, and the loop leaves their
 consult and balance controllers alone): the slot-selected update
-(``python -m pure_reasoner.train.update --slots N``, ``train.slots``) trains only chosen units of them, and a
+(``python -m pure_reasoner.train.update --slots N``, module ``train.slots``) trains only chosen units of them, and a
 router that kept learning would move the old facts' routing.
 
 ``knowledge`` leaves trainable only each MoE layer's knowledge experts and router (its projections; the routing

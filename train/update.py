@@ -15,9 +15,9 @@ trained on (``train.world_update``: new people and changed facts), then scores t
                 and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
                 ``max_steps=--steps``, one checkpoint at the end, no first-look table;
     slots       ``--slots N``: only the N expert units per MoE layer that the update's rows use most against the
-                base world's pretraining rows (``train.slots``: TF-IDF, as Sparse Memory Finetuning picks memory
-                slots) train; routers and every other unit stay bit for bit (``trainable=experts``, weight decay 0);
-                the choice is written to ``OUT/slots.json``;
+                base world's pretraining rows (module ``train.slots``: TF-IDF, as Sparse Memory Finetuning picks
+                memory slots) train; routers and every other unit stay bit for bit (``trainable=experts``, weight
+                decay 0); the choice is written to ``OUT/slots.json``;
     ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
 The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay, then
 ``-anchor-replayed`` with that, ``-slots<N>`` with slots; same command, same directory: it resumes).
