@@ -26,7 +26,7 @@ ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
 CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, "recall_keys")
-FORGET_ABLATIONS = ("knowledge_off", "recall_mean")
+FORGET_ABLATIONS = ("knowledge_off", "recall_mean", "both")
 ANCHOR_ROWS = ("all", "marked")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
@@ -317,7 +317,9 @@ class ObjectiveConfig:
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
         at recall tokens (a "key" the always-on path could learn to need) is still there when the pass must not
-        know the value, so only person-specific expert outputs can carry it.
+        know the value, so only person-specific expert outputs can carry it. ``both``: the two passes, the
+        knowledge-off one scored as above and the ``recall_mean`` one by its forget term only (its reading is the
+        ordinary pass's): knowledge off must forget, and a constant key cannot satisfy the forgetting.
     anchor_weight: with ``kind=lm`` and ``teacher``: adds ``anchor_weight`` * KL(model || teacher) at the recall
         tokens of rows without context (as ``consult_targets=recall``), the model run with knowledge on and the
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps

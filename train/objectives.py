@@ -118,16 +118,27 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
                 ) -> torch.Tensor:
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
-    the ``forget_BS`` tokens), scored by ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    the ``forget_BS`` tokens; ``both``: one pass of each, the second without the read term), scored by
+    ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
-    off = objective.forget_ablation == "knowledge_off"
-    with contextlib.nullcontext() if off else interventions.knowledge_mean(model, forget_BS):
-        # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
-        logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
-    loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
-                                 objective.read_weight)
-    return loss
+    total = torch.zeros((), device=idx_BS.device)
+    for ablation, read_weight in _forget_passes(objective):
+        off = ablation == "knowledge_off"
+        with contextlib.nullcontext() if off else interventions.knowledge_mean(model, forget_BS):
+            # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
+            logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
+        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
+                                     read_weight)
+        total = total + loss
+    return total
+
+
+def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float]]:
+    """(ablation, read weight) of each pass ``objective.forget_ablation`` runs."""
+    if objective.forget_ablation == "both":
+        return [("knowledge_off", objective.read_weight), ("recall_mean", 0.0)]
+    return [(objective.forget_ablation, objective.read_weight)]
 
 
 def consult_loss(consult_logit_T: torch.Tensor | None, consult_target_T: torch.Tensor) -> torch.Tensor:
@@ -168,12 +179,12 @@ def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_le
                       stats: Sequence[MoEStats] | None = None) -> float:
     """Training FLOPs per token of ``forget_pass``: ``knowledge_off`` runs no router and no expert
     (``moe.flops.knowledge_off``); ``recall_mean`` runs both forward only (``moe.flops.knowledge_mean``) on the
-    routed rows of ``stats`` (None: the target rate)."""
+    routed rows of ``stats`` (None: the target rate); ``both`` the sum."""
     from pure_reasoner.moe import flops
 
-    if objective.forget_ablation == "knowledge_off":
-        return flops.knowledge_off(model_cfg, seq_len).flops_per_token
-    return flops.knowledge_mean(model_cfg, seq_len, stats).flops_per_token
+    cost = {"knowledge_off": lambda: flops.knowledge_off(model_cfg, seq_len).flops_per_token,
+            "recall_mean": lambda: flops.knowledge_mean(model_cfg, seq_len, stats).flops_per_token}
+    return sum(cost[ablation]() for ablation, _ in _forget_passes(objective))
 
 
 def reverse_kl(

@@ -59,7 +59,7 @@ def test_the_knowledge_off_pass_trains_the_always_on_path_only(ablation):
     assert model.embed.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
+@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean", "both"])
 def test_forget_pass_flops_are_what_the_pass_costs(ablation, monkeypatch):
     """What the loop logs for the forget pass against PyTorch's FLOP counter on the pass the loop runs."""
     model = small_model("gate")
@@ -71,6 +71,24 @@ def test_forget_pass_flops_are_what_the_pass_costs(ablation, monkeypatch):
     stats = model(idx_BS).stats  # the ordinary pass's routing, as the loop passes it
     logged = forget_pass_flops(model.cfg, objective, SEQ, stats)
     assert sum(counts.values()) / idx_BS.numel() == pytest.approx(logged, rel=0.01)
+
+
+def test_both_passes_add_the_knowledge_off_pass_and_an_unread_recall_mean_pass():
+    """The oracle: the two ablations run by hand (knowledge_off; moe.knowledge_mean at the forget tokens) and scored
+    by knowledge_off_loss, the second without its read term."""
+    torch.manual_seed(0)
+    model = small_model("gate").eval()
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.3
+    with torch.no_grad():
+        got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS,
+                          ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both"))
+        off, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
+                                    0.7, 0.5)
+        with knowledge_mean(model, forget_BS):
+            mean, _ = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.0)
+    assert mean > 0 and off > mean
+    torch.testing.assert_close(got, off + mean)
 
 
 def test_knowledge_off_pass_config_errors():
@@ -89,7 +107,7 @@ def test_knowledge_off_pass_config_errors():
                        "data.in_context_fraction=0.5", "objective.forget_weight=1.0")
 
 
-@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
+@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean", "both"])
 def test_forget_run_end_to_end(tmp_path, ablation):
     overrides = ("data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
                  "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "objective.forget_weight=1.0",
