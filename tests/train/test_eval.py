@@ -68,6 +68,16 @@ def test_faithfulness():
     assert em.faithfulness(["x"], ["a"], ["m"])["faithfulness"] is None
 
 
+def test_scores_by_key():
+    keys = ["b", "a", "b", "a", "c"]
+    assert em.by_key(keys, [True, False, False, False, True], metric=em.accuracy) == {"a": 0.0, "b": 0.5, "c": 1.0}
+    out = em.by_key(keys, ["m", "s", "s", "x", "s"], ["s"] * 5, ["m"] * 5, metric=em.faithfulness)
+    assert list(out) == ["a", "b", "c"]
+    assert out["b"]["faithfulness"] == 0.5 and out["a"]["neither"] == 0.5 and out["c"]["n"] == 1
+    with pytest.raises(ValueError, match="5 keys"):
+        em.by_key(keys, [True], metric=em.accuracy)
+
+
 def test_knowledge_bits():
     assert em.knowledge_bits([0.0, 0.0], [4, 1024]) == pytest.approx(12.0)  # certain: all of log2|V|
     assert em.knowledge_bits([-math.log(4), -math.log(8)], [4, 8]) == pytest.approx(0.0)  # uniform: nothing
@@ -226,6 +236,9 @@ def test_smoke_train_then_eval(tmp_path):
             assert (0 <= r["exact_match"] <= 1) if ablation == "base" else r["exact_match"] is None
             assert r["acc_adjusted"] == pytest.approx((r["acc"] - r["chance"]) / (1 - r["chance"]))
             assert r["acc_interval"][0] <= r["acc"] <= r["acc_interval"][1]
+            cells = r["by_attribute"]
+            assert sum(c["n"] for c in cells.values()) == 4
+            assert sum(c["n"] * c["acc"] for c in cells.values()) == pytest.approx(4 * r["acc"])
     assert [(d["closed"], d["open"]) for d in report["decoupling"]] == [
         ("closed_book", "open_book"), ("closed_book_two_hop", "open_book_two_hop")]
     for d in report["decoupling"]:
@@ -234,6 +247,10 @@ def test_smoke_train_then_eval(tmp_path):
     assert report["faithfulness"]["base"]["generation"]["n"] == 4
     faith = report["faithfulness"]["base"]["choice"]
     assert faith["n"] == 4 and faith["follows_context"] + faith["follows_memory"] + faith["neither"] == pytest.approx(1)
+    asked = [ex["attribute"] for ex in split_examples(world, "counterfactual")[:4]]
+    assert {a: c["n"] for a, c in faith["by_attribute"].items()} == {a: asked.count(a) for a in set(asked)}
+    assert sum(c["n"] * c["follows_context"] for c in faith["by_attribute"].values()) == pytest.approx(
+        4 * faith["follows_context"])
     bits = report["knowledge_bits"]
     assert bits["people_scored"] == 8 and 0 <= bits["bits"] <= bits["max_bits"]
     assert bits["bits"] == pytest.approx(em.bits_lower_bound([a["bits"] for a in bits["per_attribute"].values()]))

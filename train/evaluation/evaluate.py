@@ -3,10 +3,11 @@
     python -m pure_reasoner.train.evaluation --checkpoint DIR [--splits ...] [--json PATH]
 
 Per split and ablation (base, knowledge_off, reasoning_off; by name the mean ablations knowledge_mean and
-answer_mean): log-likelihood multiple-choice accuracy, its chance-adjusted value and Wilson interval, and
-exact-match greedy generation (for the ablations in ``--generate``, default base only: each costs about one more
-multiple-choice pass); then the decoupling score, counterfactual faithfulness, knowledge stored in bits per
-knowledge-expert parameter and routing specificity (definitions: ``train.evaluation.scores``).
+answer_mean): log-likelihood multiple-choice accuracy, its chance-adjusted value and Wilson interval, the accuracy
+per attribute asked (``by_attribute``), and exact-match greedy generation (for the ablations in ``--generate``,
+default base only: each costs about one more multiple-choice pass); then the decoupling score, counterfactual
+faithfulness (also per attribute), knowledge stored in bits per knowledge-expert parameter and routing specificity
+(definitions: ``train.evaluation.scores``).
 
 The mean ablations apply one constant per MoE layer, recorded on a fixed reference set of the world
 (``train.evaluation.mean_reference``); with ``--json PATH`` it is written next to the report (``PATH`` with the suffix
@@ -321,6 +322,7 @@ class SplitResult:
     truncated: int
     predictions: list[str]
     generations: list[str] | None
+    by_attribute: dict[str, dict]  # the attribute asked -> {n, acc, acc_adjusted}
 
 
 def evaluate_split(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], ablation: str, *,
@@ -344,9 +346,17 @@ def evaluate_split(model: PureReasonerLM, codec: Codec, examples: Sequence[dict]
         generations = greedy_generate(model, codec, [ex["prompt"] for ex in examples], longest + 2,
                                       ablation=ablation, batch_size=batch_size, reference=reference)
         exact = em.accuracy([g.strip() == ex["answer"] for g, ex in zip(generations, examples, strict=True)])
+    by_attribute = em.by_key([ex["attribute"] for ex in examples], correct, [len(ex["choices"]) for ex in examples],
+                             metric=_accuracy_cell)
     return SplitResult(len(examples), chance, acc, em.chance_adjusted(acc, chance),
                        em.wilson_interval(hits, len(examples)), em.well_above_chance(hits, len(examples), chance),
-                       exact, truncated // max(len(examples[0]["choices"]), 1), predictions, generations)
+                       exact, truncated // max(len(examples[0]["choices"]), 1), predictions, generations,
+                       by_attribute)
+
+
+def _accuracy_cell(correct: list[bool], num_choices: list[int]) -> dict:
+    acc = em.accuracy(correct)
+    return {"n": len(correct), "acc": acc, "acc_adjusted": em.chance_adjusted(acc, em.chance_level(num_choices))}
 
 
 def _decoupling(results: dict, closed: str, opened: str) -> dict:
@@ -396,8 +406,11 @@ def evaluate(model: PureReasonerLM, codec: Codec, world: World | WorldDir, split
     if "counterfactual" in splits:
         exs = examples["counterfactual"]
         stated, memorised = [ex["answer"] for ex in exs], [ex["memorised"] for ex in exs]
+        attributes = [ex["attribute"] for ex in exs]
         report["faithfulness"] = {
-            a: {"choice": em.faithfulness(r.predictions, stated, memorised),
+            a: {"choice": {**em.faithfulness(r.predictions, stated, memorised),
+                           "by_attribute": em.by_key(attributes, r.predictions, stated, memorised,
+                                                     metric=em.faithfulness)},
                 "generation": em.faithfulness([g.strip() for g in r.generations], stated, memorised)
                 if r.generations is not None else None}
             for a, r in results["counterfactual"].items()}
@@ -501,6 +514,10 @@ def reference_path(report_path: str | Path) -> Path:
     return Path(report_path).with_suffix(".means.safetensors")
 
 
+def _fmt_share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def _print_summary(report: dict) -> None:
     for split, by_ablation in report["splits"].items():
         cells = "  ".join(f"{a}: acc {r['acc']:.3f} adj {r['acc_adjusted']:+.3f}"
@@ -509,6 +526,9 @@ def _print_summary(report: dict) -> None:
         print(f"{split:>20}  n={next(iter(by_ablation.values()))['n']:<4} {cells}")
     for d in report["decoupling"]:
         print(f"decoupling {d['closed']} vs {d['open']}: {d['score']} ({d['reason']})")
+    for ablation, f in report.get("faithfulness", {}).items():
+        cells = "  ".join(f"{a} {_fmt_share(c['faithfulness'])}" for a, c in f["choice"]["by_attribute"].items())
+        print(f"faithfulness {ablation}: {_fmt_share(f['choice']['faithfulness'])} ({cells})")
     if report.get("knowledge_bits"):
         kb = report["knowledge_bits"]
         print(f"knowledge: {kb['bits']:.1f} bits of {kb['max_bits']:.1f}; per knowledge-expert param "

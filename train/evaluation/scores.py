@@ -109,6 +109,16 @@ def faithfulness(predictions: Sequence[str], stated: Sequence[str], memorised: S
             "faithfulness": ctx / (ctx + mem) if ctx + mem > 0 else None, "n": n}
 
 
+def by_key(keys: Sequence[str], *columns: Sequence, metric) -> dict[str, object]:
+    """``metric(*columns)`` restricted to each distinct key's rows, keys sorted: a score broken down by the
+    attribute asked (``by_key(attrs, correct, accuracy)``, ``by_key(attrs, preds, stated, memorised,
+    faithfulness)``)."""
+    if any(len(c) != len(keys) for c in columns):
+        raise ValueError(f"{len(keys)} keys for columns of lengths {[len(c) for c in columns]}")
+    rows = {k: [i for i, key in enumerate(keys) if key == k] for k in sorted(set(keys))}
+    return {k: metric(*([c[i] for i in idx] for c in columns)) for k, idx in rows.items()}
+
+
 def knowledge_bits(value_logprobs: Sequence[float], num_values: Sequence[int]) -> float:
     """``sum_i (log2 num_values_i + logprob_i / ln 2)``: bits about uniformly drawn values held by the model.
 
