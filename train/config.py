@@ -19,7 +19,7 @@ from pure_reasoner.moe import ModelConfig, preset
 
 MODEL_PRESETS = ("tiny", "small", "base")
 SOURCES = ("shakespeare", "files", "generator", "world")
-TOKENIZERS = ("bpe", "byte")
+TOKENIZERS = ("bpe", "bpe_numbers", "byte")
 FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
 ON_NONFINITE = ("abort", "skip")
@@ -57,8 +57,9 @@ class DataConfig:
         set, and the recall objectives read its ``recall`` spans).
     path: with ``source=world``, the world directory (``python -m pure_reasoner.train.world --out DIR`` writes the
         built-in one).
-    tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``) or ``byte``
-        (256 byte ids plus an end-of-document id).
+    tokenizer: ``bpe`` (byte-level BPE trained on the corpus to ``model.vocab_size``), ``bpe_numbers`` (the same,
+        with every number of the corpus's ranges one token: ``train.numbers``) or ``byte`` (256 byte ids plus an
+        end-of-document id).
     seq_len: tokens per training sequence (packed across document boundaries).
     max_chars: keep only the first ``max_chars`` characters of the corpus (None: all of it).
     in_context_fraction: None (plain LM on the ``text`` column) or the knowledge-in-context objective for a

@@ -26,9 +26,10 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pure_reasoner.train.config import DataConfig
+from pure_reasoner.train.numbers import number_tokens, without_numbers
 from pure_reasoner.train.objectives import IGNORE_INDEX, in_context_tokens
 
 EOD = "<|endoftext|>"
@@ -226,7 +227,9 @@ def _truncate(ds: datasets.Dataset, max_chars: int) -> datasets.Dataset:
 def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Tokenizer:
     """A byte-level BPE trained on ``docs`` to ``vocab_size`` ids, or the plain byte tokenizer (257 ids).
 
-    Either way the last special id is the end-of-document token ``EOD``.
+    ``bpe_numbers``: every number of the corpus's ranges is one token (``train.numbers``) and BPE, trained on the
+    text without its numbers, fills the other ids. Either way the last special id is the end-of-document token
+    ``EOD``.
     """
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < len(byte_alphabet) + 1:
@@ -240,13 +243,21 @@ def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Token
         tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    if kind == "bpe":
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOD], initial_alphabet=byte_alphabet, show_progress=False
-        )
+    columns = [c for c in ("text", "context") if c in docs.column_names]  # the contexts are read in training too
+    numbers = number_tokens(t for batch in docs.iter(batch_size=256) for c in columns for t in batch[c] if t) \
+        if kind == "bpe_numbers" else []
+    if len(numbers) > vocab_size // 2:
+        raise ValueError(f"data.tokenizer=bpe_numbers: the corpus's number ranges need {len(numbers)} tokens, more "
+                         f"than half of model.vocab_size={vocab_size}")
+    if kind != "byte":
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(numbers), special_tokens=[EOD],
+                                      initial_alphabet=byte_alphabet, show_progress=False)
+        strip = without_numbers if numbers else None
         tok.train_from_iterator(
-            (batch["text"] for batch in docs.iter(batch_size=64)), trainer=trainer, length=len(docs)
+            ([strip(t) for t in batch["text"]] if strip else batch["text"] for batch in docs.iter(batch_size=64)),
+            trainer=trainer, length=len(docs),
         )
+    tok.add_tokens([AddedToken(n, normalized=False) for n in numbers])
     tok.add_special_tokens([EOD])
     return tok
 
