@@ -252,11 +252,10 @@ def train_tokenizer(docs: datasets.Dataset, kind: str, vocab_size: int) -> Token
     if kind != "byte":
         trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(numbers), special_tokens=[EOD],
                                       initial_alphabet=byte_alphabet, show_progress=False)
-        strip = without_numbers if numbers else None
-        tok.train_from_iterator(
-            ([strip(t) for t in batch["text"]] if strip else batch["text"] for batch in docs.iter(batch_size=64)),
-            trainer=trainer, length=len(docs),
-        )
+        texts = (batch["text"] for batch in docs.iter(batch_size=64))
+        if numbers:  # the merges go to words: the numbers are tokens already
+            texts = ([without_numbers(t) for t in batch] for batch in texts)
+        tok.train_from_iterator(texts, trainer=trainer, length=len(docs))
     tok.add_tokens([AddedToken(n, normalized=False) for n in numbers])
     tok.add_special_tokens([EOD])
     return tok

@@ -514,10 +514,6 @@ def reference_path(report_path: str | Path) -> Path:
     return Path(report_path).with_suffix(".means.safetensors")
 
 
-def _fmt_share(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
 def _print_summary(report: dict) -> None:
     for split, by_ablation in report["splits"].items():
         cells = "  ".join(f"{a}: acc {r['acc']:.3f} adj {r['acc_adjusted']:+.3f}"
@@ -527,8 +523,8 @@ def _print_summary(report: dict) -> None:
     for d in report["decoupling"]:
         print(f"decoupling {d['closed']} vs {d['open']}: {d['score']} ({d['reason']})")
     for ablation, f in report.get("faithfulness", {}).items():
-        cells = "  ".join(f"{a} {_fmt_share(c['faithfulness'])}" for a, c in f["choice"]["by_attribute"].items())
-        print(f"faithfulness {ablation}: {_fmt_share(f['choice']['faithfulness'])} ({cells})")
+        cells = "  ".join(f"{a} {em.fmt(c['faithfulness'], '.2f')}" for a, c in f["choice"]["by_attribute"].items())
+        print(f"faithfulness {ablation}: {em.fmt(f['choice']['faithfulness'], '.2f')} ({cells})")
     if report.get("knowledge_bits"):
         kb = report["knowledge_bits"]
         print(f"knowledge: {kb['bits']:.1f} bits of {kb['max_bits']:.1f}; per knowledge-expert param "

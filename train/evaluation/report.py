@@ -28,6 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pure_reasoner.train.evaluation import scores as em  # noqa: E402
+
 EVAL_DIR, RUNS, NOTES = "eval", "runs.json", "notes.md"
 
 
@@ -74,16 +76,13 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
     }
 
 
-def _fmt(x, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
-
 
 def _faith(f: dict | None) -> str:
     """'faithfulness (context / memory / neither)' of a train.evaluation.evaluate faithfulness record."""
     if not f:
         return "—"
-    return (f"{_fmt(f.get('faithfulness'), '.2f')} ({_fmt(f.get('follows_context'), '.2f')} / "
-            f"{_fmt(f.get('follows_memory'), '.2f')} / {_fmt(f.get('neither'), '.2f')})")
+    return (f"{em.fmt(f.get('faithfulness'), '.2f')} ({em.fmt(f.get('follows_context'), '.2f')} / "
+            f"{em.fmt(f.get('follows_memory'), '.2f')} / {em.fmt(f.get('neither'), '.2f')})")
 
 
 def markdown(models: list[dict], notes: str = "") -> str:
@@ -95,7 +94,7 @@ def markdown(models: list[dict], notes: str = "") -> str:
              "| model | ablation | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
     for m in models:
         for a in ablations:
-            cells = [_fmt(m["splits"].get(s, {}).get(a, {}).get("acc_adjusted"), "+.3f") for s in splits]
+            cells = [em.fmt(m["splits"].get(s, {}).get(a, {}).get("acc_adjusted"), "+.3f") for s in splits]
             lines.append(f"| {m['model']} | {a} | " + " | ".join(cells) + " |")
     lines += ["", "### Headline numbers per model", "",
               "| model | train FLOPs/token | active / total params | decoupling (closed vs open) | "
@@ -106,13 +105,14 @@ def markdown(models: list[dict], notes: str = "") -> str:
         f = m["flops"] or {}
         dec = "; ".join(f"{d['score'] if d['score'] is None else format(d['score'], '+.2f')} ({d['reason']})"
                         for d in m["decoupling"]) or "—"
-        ratios = ", ".join(_fmt((m["routing"].get(g) or {}).get("ratio"), ".2f") for g in ("closed_book", "open_book"))
-        params = (f"{_fmt(f.get('active_params'), ',.0f')} / {_fmt(f.get('total_params'), ',.0f')}" if f else "—")
-        lines.append(f"| {m['model']} | {_fmt(f.get('flops_per_token'), ',.0f')} | {params} | {dec} | "
-                     f"{_faith(m['faithfulness'].get('base'))} | {_fmt(m['bits_per_knowledge_param'], '.4f')} | "
-                     f"{_fmt(m['bits_per_param'], '.4f')} | {_fmt(m.get('fano_bits'), '.0f')} / "
-                     f"{_fmt(m.get('fano_bits_knowledge_off'), '.0f')} | {ratios} | "
-                     f"{_fmt(m['run'].get('wall_s'), '.0f')} |")
+        ratios = ", ".join(em.fmt((m["routing"].get(g) or {}).get("ratio"), ".2f")
+                           for g in ("closed_book", "open_book"))
+        params = (f"{em.fmt(f.get('active_params'), ',.0f')} / {em.fmt(f.get('total_params'), ',.0f')}" if f else "—")
+        lines.append(f"| {m['model']} | {em.fmt(f.get('flops_per_token'), ',.0f')} | {params} | {dec} | "
+                     f"{_faith(m['faithfulness'].get('base'))} | {em.fmt(m['bits_per_knowledge_param'], '.4f')} | "
+                     f"{em.fmt(m['bits_per_param'], '.4f')} | {em.fmt(m.get('fano_bits'), '.0f')} / "
+                     f"{em.fmt(m.get('fano_bits_knowledge_off'), '.0f')} | {ratios} | "
+                     f"{em.fmt(m['run'].get('wall_s'), '.0f')} |")
     commands = [(m["model"], c) for m in models for c in m["run"].get("commands", [])]
     if commands:
         lines += ["", "### Commands", "", "```bash", *(c for _, c in commands), "```"]

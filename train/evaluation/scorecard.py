@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from pure_reasoner.train.evaluation import scores as em
+
 DEFAULT_TARGETS = Path(__file__).resolve().parents[2] / "conf" / "scorecard" / "science.yaml"
 OPS = (">=", "<=")
 MIN_SEEDS = 3
@@ -231,9 +233,6 @@ def _baseline_mean(members: list[Run] | None, metric: str) -> float | None:
     return None if not values or None in values else statistics.fmean(values)
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
-
 
 def markdown(card: list[dict]) -> str:
     """The scorecard as one markdown table (a row per recipe and target)."""
@@ -244,9 +243,9 @@ def markdown(card: list[dict]) -> str:
         for row in recipe["targets"]:
             metric = row["metric"] + (f" / {row['relative_to']} mean" if row["relative_to"] else "")
             ci = "" if row["ci95"] is None else f" ± {row['ci95']:.3f}"
-            worst = "—" if row["worst_seed"] is None else f"{_fmt(row['worst'])} (seed {row['worst_seed']})"
+            worst = "—" if row["worst_seed"] is None else f"{em.fmt(row['worst'])} (seed {row['worst_seed']})"
             verdict = row["verdict"] + (f" ({row['why']})" if row["why"] else "")
-            lines.append(f"| {label} | {row['target']} | {metric} | {_fmt(row['mean'])}{ci} | {worst} | "
+            lines.append(f"| {label} | {row['target']} | {metric} | {em.fmt(row['mean'])}{ci} | {worst} | "
                          f"{row['op']} {row['threshold']:g} | {verdict} |")
     return "\n".join(lines) + "\n"
 

@@ -109,6 +109,11 @@ def faithfulness(predictions: Sequence[str], stated: Sequence[str], memorised: S
             "faithfulness": ctx / (ctx + mem) if ctx + mem > 0 else None, "n": n}
 
 
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    """A metric for a table or a log line: ``format(x, spec)``, or an em dash where it was not measured."""
+    return "—" if x is None else format(x, spec)
+
+
 def by_key(keys: Sequence[str], *columns: Sequence, metric) -> dict[str, object]:
     """``metric(*columns)`` restricted to each distinct key's rows, keys sorted: a score broken down by the
     attribute asked (``by_key(attrs, correct, accuracy)``, ``by_key(attrs, preds, stated, memorised,
