@@ -38,7 +38,8 @@ def current_generator(path: str | None) -> str | None:
     return WORLD_GENERATOR if path == _FORMER_WORLD_GENERATOR else path
 # a knowledge update's rows (``train.world_update``)
 UPDATE_GENERATOR = "pure_reasoner.train.world_update:update_corpus"
-TRAINABLE = ("all", "knowledge", "experts")
+TRAINABLE = ("all", "knowledge", "experts", "reasoner")
+FROZEN_ROUTING = ("experts", "reasoner")  # train.trainable modes that leave the routing controllers as they start
 
 
 def _require(ok: bool, message: str) -> None:
@@ -179,7 +180,9 @@ class TrainConfig:
         reasoner (``python -m pure_reasoner.train.update``, docs/knowledge_update.md). Needs MoE layers and
         ffn=pure_reasoner; the export takes the frozen parameters from ``init_from`` bit for bit. ``experts``: only
         the knowledge experts' weights (routers frozen too, their consult and balance controllers included), as
-        the slot-selected update trains them (``python -m pure_reasoner.train.update --slots N``).
+        the slot-selected update trains them (``python -m pure_reasoner.train.update --slots N``). ``reasoner``: the
+        complement of ``knowledge`` (knowledge experts, routers and routing controllers frozen, the rest trains), for a
+        reading phase that must not rewrite the facts the experts hold.
     """
 
     max_steps: int = 200
@@ -452,11 +455,12 @@ class Config:
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
         )
         _require(
-            self.train.trainable not in ("knowledge", "experts")
+            self.train.trainable == "all"
             or (self.ffn == "pure_reasoner" and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
-            f"train.trainable={self.train.trainable} trains only the knowledge path: it needs ffn=pure_reasoner and "
-            f"MoE layers, got ffn={self.ffn!r} and {sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE "
-            f"layers (fine-tune a dense model with train.trainable=all)",
+            f"train.trainable={self.train.trainable} splits the knowledge path from the rest: it needs "
+            f"ffn=pure_reasoner and MoE layers, got ffn={self.ffn!r} and "
+            f"{sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE layers "
+            f"(fine-tune a dense model with train.trainable=all)",
         )
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")

@@ -24,7 +24,7 @@ from pure_reasoner.kernels import engines
 from pure_reasoner.moe import MoEStats, flops, interventions
 from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
 from pure_reasoner.train.build_model import build_model
-from pure_reasoner.train.config import UPDATE_GENERATOR, WORLD_GENERATOR, Config, current_generator
+from pure_reasoner.train.config import FROZEN_ROUTING, UPDATE_GENERATOR, WORLD_GENERATOR, Config, current_generator
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
 from pure_reasoner.train.engine import build_engine, compute_dtype
 from pure_reasoner.train.guards import collapse_warnings
@@ -486,7 +486,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
         phase_cfg = relocation.config(step)  # cfg, or its phase before / from relocate_at
         tick, lr = time.perf_counter(), engine.get_lr()[0]
         acc = _one_step(phase_cfg, engine, train_data, info, run_dir, step, teacher)
-        if engine.was_step_applied() and model.moe_layers() and t.trainable != "experts":  # experts: routing frozen
+        if engine.was_step_applied() and model.moe_layers() and t.trainable not in FROZEN_ROUTING:
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(phase_cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)
         losses.append(last.loss)

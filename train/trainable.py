@@ -10,6 +10,11 @@ controllers are buffers and keep steering as in any run): attention, embeddings,
 reasoning expert (and its gate) stay as they were. That is the knowledge update: new facts are written where
 facts live, and what reads and reasons is untouched by construction. A model without MoE layers (the dense
 baseline) has no knowledge path: it fine-tunes ``all``.
+
+``reasoner`` is the complement of ``knowledge``: the knowledge experts and routers are frozen (their consult and
+balance controllers too, so routing stays the starting model's) and everything else trains. A phase that
+teaches reading (drills whose people are not the world's) then cannot write those people into the experts over
+the world's facts.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ def set_trainable(model: PureReasonerLM, mode: str) -> list[str]:
     if not model.moe_layers():
         raise ValueError(f"train.trainable={mode} needs MoE layers (knowledge experts); this model has none: "
                          "fine-tune a dense model with train.trainable=all")
-    keep = knowledge_parameter_names(model, routers=mode == "knowledge")
+    knowledge = knowledge_parameter_names(model, routers=mode != "experts")
     frozen = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name in keep)
-        if name not in keep:
+        train = (name in knowledge) != (mode == "reasoner")
+        param.requires_grad_(train)
+        if not train:
             frozen.append(name)
     return frozen

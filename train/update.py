@@ -40,7 +40,7 @@ from pathlib import Path  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from pure_reasoner.train.config import TRAINABLE, UPDATE_GENERATOR, Config  # noqa: E402
+from pure_reasoner.train.config import UPDATE_GENERATOR, Config  # noqa: E402
 from pure_reasoner.train.world_update import UpdateConfig, build_update, update_kwargs  # noqa: E402
 
 REPORT = "update_eval.json"
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replayed pretraining rows per row of the update (rehearsal of old facts; 0: none)")
     parser.add_argument("--anchor-replayed", action="store_true",
                         help="anchor only the replayed rows, to the base model (needs --replay)")
-    parser.add_argument("--trainable", choices=TRAINABLE, default="knowledge",
+    parser.add_argument("--trainable", choices=("knowledge", "experts", "all"), default="knowledge",
                         help="knowledge: only knowledge experts and routers (pure reasoner); all: everything (dense)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the update")
     parser.add_argument("--slots", type=int, default=0, metavar="N",

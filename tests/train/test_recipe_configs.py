@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.train.helpers import compose_config
 
@@ -72,6 +73,7 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release400", "recall_keys_docmask"), ("relocate_keys_cf_release_allcf", "recall_keys_docmask"),
     ("relocate_keys_cf_release_read", "recall_keys_docmask"),
     ("relocate_keys_cf_release_read_anchored", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_read_reasoner", "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
 ])
 def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
@@ -86,3 +88,14 @@ def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
         overrides += ["objective.relocate_at=1", "objective.relocate_warmup_steps=0"]
     summary = run_in_process(tmp_path / recipe, *overrides, base=())
     assert summary.steps == 2 and (tmp_path / recipe / "export" / "model.safetensors").is_file()
+    if compose_config(f"experiment={recipe}").train.trainable == "reasoner":
+        _assert_only_the_reasoner_moved(phase_one[start], tmp_path / recipe / "export")
+
+
+def _assert_only_the_reasoner_moved(before: Path, after: Path) -> None:
+    from pure_reasoner.moe.checkpoint import load_pretrained
+
+    old, new = (load_pretrained(path).state_dict() for path in (before, after))
+    knowledge = {n for n in old if ".ffn.experts." in n or ".ffn.router." in n}
+    assert knowledge and all(torch.equal(old[n], new[n]) for n in knowledge)
+    assert not all(torch.equal(old[n], new[n]) for n in old.keys() - knowledge)

@@ -48,9 +48,24 @@ def test_config_checks_trainable():
     with pytest.raises(ValueError, match="trainable=knowledge.*MoE layers"):
         compose_config("experiment=decoupling", "name=x", "model=tiny_dense", "train.trainable=knowledge",
                        "train.init_from=somewhere")
+    with pytest.raises(ValueError, match="trainable=reasoner splits the knowledge path.*MoE layers"):
+        compose_config("experiment=decoupling", "name=x", "model=tiny_dense", "train.trainable=reasoner",
+                       "train.init_from=somewhere")
     with pytest.raises(ValueError, match="set train.init_from"):
         compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge")
     with pytest.raises(ValueError, match="train.trainable must be one of"):
         compose_config("train.trainable=heads")
     cfg = compose_config("experiment=decoupling", "name=x", "train.trainable=knowledge", "train.init_from=somewhere")
     assert cfg.train.trainable == "knowledge"
+
+
+def test_reasoner_freezes_exactly_what_knowledge_trains():
+    model = PureReasonerLM(TINY)
+    frozen = set_trainable(model, "reasoner")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(frozen) == {n for n, _ in model.named_parameters() if _knowledge_by_name(n)}
+    assert trainable == {n for n, _ in model.named_parameters()} - set(frozen)
+    assert any("reasoning" in n for n in trainable) and any("attn" in n for n in trainable)
+    with pytest.raises(ValueError, match="trainable=reasoner needs MoE layers"):
+        set_trainable(PureReasonerLM(ModelConfig(**{**TINY.__dict__, "dense_first_layers": 3, "dense_width": 64})),
+                      "reasoner")
