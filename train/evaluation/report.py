@@ -76,7 +76,6 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
     }
 
 
-
 def _faith(f: dict | None) -> str:
     """'faithfulness (context / memory / neither)' of a train.evaluation.evaluate faithfulness record."""
     if not f:

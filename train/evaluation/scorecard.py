@@ -233,7 +233,6 @@ def _baseline_mean(members: list[Run] | None, metric: str) -> float | None:
     return None if not values or None in values else statistics.fmean(values)
 
 
-
 def markdown(card: list[dict]) -> str:
     """The scorecard as one markdown table (a row per recipe and target)."""
     lines = ["| recipe (seeds) | target | metric | mean ± 95% CI (t, n-1 df) | worst seed | threshold | verdict |",
