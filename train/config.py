@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from pure_reasoner.kernels.engines import OVERRIDES as GEMM_ENGINES
 from pure_reasoner.moe import ModelConfig, preset
+from pure_reasoner.train.world.text import attribute_weights
 
 MODEL_PRESETS = ("tiny", "small", "base")
 SOURCES = ("shakespeare", "files", "generator", "world")
@@ -77,6 +78,11 @@ class DataConfig:
         context, the questions asking those values (the answers follow the context). 0 (the default) leaves every
         drill fresh and the batches exactly as without the option; above 0 needs ``fresh_drills`` and a world
         generator (not a ``drills.jsonl``).
+    drill_attribute_weights: attribute -> weight (``train.world.text.attribute_weights``; an attribute not named
+        weighs 1) of what the fresh drills ask: a drill's questions, and a counterfactual drill's changed
+        attributes, are drawn in proportion to them instead of uniformly (e.g. ``{birth_date: 20}`` asks dates
+        most). Empty (the default) leaves the drills exactly as without the option; set, it needs ``fresh_drills``
+        and a world generator (not a ``drills.jsonl``).
     doc_mask: each token attends only to its own document of the packed sequence (documents end at ``EOD``;
         ``PureReasonerLM.forward``'s ``doc_ids_BS``), so training sees every row as eval and generation do: from
         its own start. Off, a token also attends to the unrelated rows packed before it, and what it has seen
@@ -95,6 +101,7 @@ class DataConfig:
     in_context_fraction: float | None = None
     fresh_drills: int = 0
     counterfactual_drills: float = 0.0
+    drill_attribute_weights: dict[str, float] = field(default_factory=dict)
     doc_mask: bool = False
 
     def __post_init__(self) -> None:
@@ -112,6 +119,10 @@ class DataConfig:
         _require(not self.counterfactual_drills or self.fresh_drills > 0,
                  f"data.counterfactual_drills={self.counterfactual_drills} is a share of the fresh drills: it needs "
                  f"data.fresh_drills > 0, got {self.fresh_drills}")
+        attribute_weights(dict(self.drill_attribute_weights))  # names and values, or a ValueError naming them
+        _require(not self.drill_attribute_weights or self.fresh_drills > 0,
+                 f"data.drill_attribute_weights={dict(self.drill_attribute_weights)} weigh what the fresh drills ask: "
+                 f"they need data.fresh_drills > 0, got {self.fresh_drills}")
         _require(self.source != "world" or bool(self.path),
                  "data.source=world needs data.path=DIR (a world directory, docs/world_schema.md)")
         _require(self.source != "world" or not self.generator_kwargs,

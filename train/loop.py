@@ -163,19 +163,22 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
 
 def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
     """Fresh reading drills: of the world generator, or of a world on disk (its generator, else its drills file)."""
-    counterfactual = cfg.data.counterfactual_drills
+    counterfactual, weights = cfg.data.counterfactual_drills, dict(cfg.data.drill_attribute_weights)
     if cfg.data.source != "world":
         world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
         return FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1),
-                           counterfactual)
+                           counterfactual, weights)
     from pure_reasoner.train.world.disk import DRILLS, MANIFEST, load_world
 
     disk = load_world(cfg.data.path)
     if disk.generated is not None:
-        return FreshDrills(disk.generated, tok, cfg.data.seq_len, disk.drill_questions, counterfactual)
+        return FreshDrills(disk.generated, tok, cfg.data.seq_len, disk.drill_questions, counterfactual, weights)
     if counterfactual:
         raise ValueError(f"data.counterfactual_drills={counterfactual} needs the known people of world {disk.path}: "
                          f"a 'generator' in its {MANIFEST} ({DRILLS} rows cannot be made counterfactual)")
+    if weights:
+        raise ValueError(f"data.drill_attribute_weights={weights} needs a 'generator' in the {MANIFEST} of world "
+                         f"{disk.path}: its {DRILLS} rows are fixed")
     if not (disk.path / DRILLS).is_file():
         raise ValueError(f"data.fresh_drills={cfg.data.fresh_drills} needs drill material in world {disk.path}: a "
                          f"{DRILLS} file (rows with a context) or a 'generator' in its {MANIFEST}")

@@ -23,20 +23,23 @@ from __future__ import annotations
 import random
 
 from pure_reasoner.train.world import text as wt
-from pure_reasoner.train.world.splits import changed_value, context_for
-from pure_reasoner.train.world.text import ATTRIBUTES
+from pure_reasoner.train.world.splits import changed_value, context_for, weighted_sample
+from pure_reasoner.train.world.text import ATTRIBUTES, attribute_weights
 from pure_reasoner.train.world.types import Person, World
 
 
 def counterfactual_drill(world: World, rng: random.Random, person: Person, distractors: list[Person],
-                         questions: int = 1) -> dict:
+                         questions: int = 1, weights: dict[str, float] | None = None) -> dict:
     """One training row {text, context, kind=drill, spans, recall}: ``person``'s biography with
     ``min(questions, len(ATTRIBUTES) - 1)`` attributes changed (plus ``distractors``' biographies) as context, one
-    QA line per changed attribute as text."""
+    QA line per changed attribute as text. ``weights`` (checked, ``splits.attribute_weights``): the attributes
+    changed are drawn in proportion to them, without replacement; None: uniformly."""
     if questions < 1:
         raise ValueError(f"drill questions must be >= 1, got {questions}")
     memorised = world.values(person)
-    changed = rng.sample(ATTRIBUTES, min(questions, len(ATTRIBUTES) - 1))
+    k = min(questions, len(ATTRIBUTES) - 1)
+    changed = (rng.sample(ATTRIBUTES, k) if weights is None
+               else weighted_sample(rng, list(ATTRIBUTES), weights.__getitem__, k))
     override = {a: changed_value(world, a, memorised[a], rng) for a in changed}
     context = context_for(world, rng, [person, *distractors], override=override)
     text = wt.lines([wt.qa_line(wt.question(a, person.name), override[a], person.name) for a in changed])
@@ -44,9 +47,10 @@ def counterfactual_drill(world: World, rng: random.Random, person: Person, distr
 
 
 def with_counterfactuals(world: World, rows: list[dict], step: int | str, share: float, stream: str = "drill",
-                         questions: int = 1) -> list[dict]:
-    """``rows`` (``drill_rows(world, step, len(rows), stream, questions)``) with each replaced, with probability
-    ``share``, by a counterfactual drill; the rows kept are unchanged, and ``share=0`` returns ``rows`` itself.
+                         questions: int = 1, weights: dict[str, float] | None = None) -> list[dict]:
+    """``rows`` (``drill_rows(world, step, len(rows), stream, questions, weights)``) with each replaced, with
+    probability ``share``, by a counterfactual drill (its changed attributes drawn by ``weights``); the rows kept are
+    unchanged, and ``share=0`` returns ``rows`` itself.
 
     Deterministic in (seed, stream, step), like the drills. Drill i's distractors are the fresh people
     ``drill_rows`` drew for it besides its subject, so a call's fresh names stay distinct.
@@ -55,6 +59,7 @@ def with_counterfactuals(world: World, rows: list[dict], step: int | str, share:
         raise ValueError(f"counterfactual drill share must be in [0, 1], got {share}")
     if share == 0.0:
         return rows
+    weights = attribute_weights(weights)
     group = world.cfg.num_distractors + 1
     fresh = world.fresh_people(f"{stream}:{step}", len(rows) * group)
     rng = random.Random(f"{world.cfg.seed}:{stream}:{step}:counterfactual")
@@ -62,6 +67,6 @@ def with_counterfactuals(world: World, rows: list[dict], step: int | str, share:
     for i, row in enumerate(rows):
         if rng.random() < share:
             distractors = fresh[i * group + 1 : (i + 1) * group]
-            row = counterfactual_drill(world, rng, rng.choice(world.people), distractors, questions)
+            row = counterfactual_drill(world, rng, rng.choice(world.people), distractors, questions, weights)
         out.append(row)
     return out

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from pure_reasoner.train.data import EOD, PackedSequences, encode_units, pack_units, read_windows, tokenize_in_context
 from pure_reasoner.train.world.counterfactual import with_counterfactuals
 from pure_reasoner.train.world.generator import World, drill_rows
+from pure_reasoner.train.world.text import attribute_weights
 
 
 class FreshDrills:
@@ -34,11 +35,14 @@ class FreshDrills:
         questions: QA lines per drill (``drill_rows(questions=)``).
         counterfactual: share of the drills that are counterfactual drills about known people
             (``train.world.counterfactual.with_counterfactuals``); 0 leaves every drill fresh.
+        weights: attribute -> weight of the attributes the drills ask (``drill_rows(weights=)``; a counterfactual
+            drill changes attributes drawn by them too); None: uniform.
     """
 
-    def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1, counterfactual: float = 0.0):
+    def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1, counterfactual: float = 0.0,
+                 weights: dict[str, float] | None = None):
         self.world, self.tok, self.seq_len, self.questions = world, tok, seq_len, questions
-        self.counterfactual = counterfactual
+        self.counterfactual, self.weights = counterfactual, attribute_weights(weights)
         self.eod = tok.token_to_id(EOD)
         for key in range(8):  # a drill too long for a sequence fails here (mostly), before training starts
             self.batch(-1 - key, 1)
@@ -50,8 +54,9 @@ class FreshDrills:
         chunk = 0
         while True:
             step = f"{key}.{chunk}"
-            rows = drill_rows(self.world, step, count, stream="fresh", questions=self.questions)
-            rows = with_counterfactuals(self.world, rows, step, self.counterfactual, "fresh", self.questions)
+            rows = drill_rows(self.world, step, count, "fresh", self.questions, self.weights)
+            rows = with_counterfactuals(self.world, rows, step, self.counterfactual, "fresh", self.questions,
+                                        self.weights)
             units += encode_units({k: [r[k] for r in rows] for k in ("text", "context")}, self.tok, self.eod)
             try:
                 stream, mask = pack_units(units, self.seq_len, self.eod)

@@ -20,7 +20,7 @@ import random
 import datasets
 
 from pure_reasoner.train.world import text as wt
-from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP, Builder
+from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP, Builder, attribute_weights
 from pure_reasoner.train.world.types import Person, World
 
 SPLITS = ("closed_book", "closed_book_two_hop", "comparison", "open_book", "open_book_two_hop", "counterfactual")
@@ -159,13 +159,23 @@ def eval_splits(world: World, splits: tuple[str, ...] = SPLITS) -> datasets.Data
     return datasets.DatasetDict({s: datasets.Dataset.from_list(split_examples(world, s)) for s in splits})
 
 
-def reading_drills(world: World, step: int | str, count: int, stream: str = "drill") -> list[dict]:
+def weighted_sample(rng: random.Random, items: list, weight_of, k: int) -> list:
+    """``k`` of ``items`` without replacement, each drawn next with probability proportional to ``weight_of(item)``
+    among those left (Efraimidis-Spirakis keys ``u ** (1 / w)``, largest first)."""
+    keyed = [(rng.random() ** (1.0 / weight_of(item)), i) for i, item in enumerate(items)]
+    return [items[i] for _, i in sorted(keyed, reverse=True)[:k]]
+
+
+def reading_drills(world: World, step: int | str, count: int, stream: str = "drill",
+                   weights: dict[str, float] | None = None) -> list[dict]:
     """``count`` open-book examples about people generated fresh for ``step`` (never in the world).
 
     Deterministic in (seed, stream, step); another step or stream gives other people. Each example has the eval
-    schema (``split`` = ``drill``); ``drill_rows`` turns them into training rows.
+    schema (``split`` = ``drill``); ``drill_rows`` turns them into training rows. ``weights``
+    (``attribute_weights``): the attribute asked is drawn in proportion to them instead of uniformly.
     """
     cfg = world.cfg
+    weights = attribute_weights(weights)
     people = world.fresh_people(f"{stream}:{step}", count * (cfg.num_distractors + 1))
     rng = random.Random(f"{cfg.seed}:{stream}:{step}")
     group = cfg.num_distractors + 1
@@ -173,12 +183,14 @@ def reading_drills(world: World, step: int | str, count: int, stream: str = "dri
     for i in range(count):
         subject, *distractors = people[i * group : (i + 1) * group]
         index = step * count + i if isinstance(step, int) else f"{step}.{i}"
-        out.append(open_book(world, rng, "drill", index, subject, distractors,
-                             rng.choice(ATTRIBUTES + TWO_HOP)))
+        asked = (rng.choice(ATTRIBUTES + TWO_HOP) if weights is None
+                 else rng.choices(ATTRIBUTES + TWO_HOP, weights=list(weights.values()))[0])
+        out.append(open_book(world, rng, "drill", index, subject, distractors, asked))
     return out
 
 
-def drill_rows(world: World, step: int | str, count: int, stream: str = "drill", questions: int = 1) -> list[dict]:
+def drill_rows(world: World, step: int | str, count: int, stream: str = "drill", questions: int = 1,
+               weights: dict[str, float] | None = None) -> list[dict]:
     """Reading drills as training rows {text, context, kind, spans}: context = the biographies (no loss),
     text = the QA lines. Call with the training step to give every batch people never seen before.
 
@@ -186,12 +198,16 @@ def drill_rows(world: World, step: int | str, count: int, stream: str = "drill",
     about the subject; bridge facts only where the question needs them). More asks distinct (person, attribute)
     pairs about everyone in the context (subject and distractors) and states the bridge facts the questions
     need: more loss-bearing reading per context token.
+    weights: attribute -> weight (``attribute_weights``): questions asked in proportion to them (a multi-question
+        drill draws its (person, attribute) pairs without replacement, each next in proportion to its attribute's
+        weight). None: uniform, and the drills exactly as without the option.
     """
     if questions < 1:
         raise ValueError(f"drill questions must be >= 1, got {questions}")
+    weights = attribute_weights(weights)
     if questions == 1:
         rows = []
-        for drill in reading_drills(world, step, count, stream):
+        for drill in reading_drills(world, step, count, stream, weights):
             # The drill's spans already index into prompt + continuation == context + text.
             text = drill["prompt"][len(drill["context"]) :] + wt.continuation(drill["answer"])
             rows.append({"text": text, "context": drill["context"], "kind": "drill", "spans": drill["spans"],
@@ -207,7 +223,9 @@ def drill_rows(world: World, step: int | str, count: int, stream: str = "drill",
     rows = []
     for i in range(count):
         members = people[i * group : (i + 1) * group]
-        asked = rng.sample([(p, a) for p in members for a in ATTRIBUTES + TWO_HOP], questions)
+        pairs = [(p, a) for p in members for a in ATTRIBUTES + TWO_HOP]
+        asked = (rng.sample(pairs, questions) if weights is None
+                 else weighted_sample(rng, pairs, lambda pair: weights[pair[1]], questions))
         bridges = tuple(dict.fromkeys(kind for _, a in asked for kind in BRIDGE_FOR.get(a, ())))
         context = context_for(world, rng, members, bridges)
         text = wt.lines([wt.qa_line(wt.question(a, p.name), world.values(p)[a], p.name) for p, a in asked])

@@ -14,12 +14,14 @@ Formats the model sees (fixed, so closed-book questions are answerable only thro
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
 TWO_HOP = ("birth_country", "employer_city")
+
 # Span types whose text is the value of a stored fact: what closed-book recall must produce (names and the
 # subjects of bridge facts are what a fact is *about*, not what is recalled).
 RECALLED_TYPES = (*ATTRIBUTES, "country", "headquarters", "answer")
@@ -29,6 +31,22 @@ KEY_TYPES = ("name", "city", "company")
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
+
+
+def attribute_weights(weights: dict[str, float] | None) -> dict[str, float] | None:
+    """``weights`` checked: keys among ``ATTRIBUTES + TWO_HOP``, values finite and > 0 (an attribute not named
+    weighs 1). None or {} gives None: questions drawn uniformly, with the random draws of an unweighted drill."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(ATTRIBUTES + TWO_HOP))
+    if unknown:
+        raise ValueError(f"drill attribute weights name unknown attributes {unknown}: choose from "
+                         f"{list(ATTRIBUTES + TWO_HOP)}")
+    for name, w in weights.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+            raise ValueError(f"drill attribute weight {name}={w!r} must be a finite number > 0")
+    return {a: float(weights.get(a, 1.0)) for a in ATTRIBUTES + TWO_HOP}
+
 
 # Value always last in the sentence: ``prefix_of(template)`` is then a clean prompt for the value, which the
 # bits estimator scores (see ``train.evaluation.scores.knowledge_bits``).
