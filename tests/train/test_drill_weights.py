@@ -117,3 +117,13 @@ def test_weights_need_fresh_drills():
     with pytest.raises(ValueError, match=r"drill_attribute_weights=\{'birth_date': 3.0\} .*fresh_drills > 0, got 0"):
         DataConfig(source="generator", generator=WORLD_GENERATOR, in_context_fraction=0.5,
                    drill_attribute_weights={"birth_date": 3.0})
+
+
+def test_a_counterfactual_drill_takes_partial_weights(world):
+    import random
+
+    from pure_reasoner.train.world.counterfactual import counterfactual_drill
+
+    rows = [counterfactual_drill(world, random.Random(i), world.people[i % 5], world.fresh_people(f"p{i}", 1),
+                                 weights={"major": 50.0}) for i in range(40)]
+    assert sum(_attributes_asked(r) == ["major"] for r in rows) > 30  # P = 50 / 54 each

@@ -32,10 +32,11 @@ def counterfactual_drill(world: World, rng: random.Random, person: Person, distr
                          questions: int = 1, weights: dict[str, float] | None = None) -> dict:
     """One training row {text, context, kind=drill, spans, recall}: ``person``'s biography with
     ``min(questions, len(ATTRIBUTES) - 1)`` attributes changed (plus ``distractors``' biographies) as context, one
-    QA line per changed attribute as text. ``weights`` (checked, ``splits.attribute_weights``): the attributes
-    changed are drawn in proportion to them, without replacement; None: uniformly."""
+    QA line per changed attribute as text. ``weights`` (``text.attribute_weights``): the attributes changed are
+    drawn in proportion to them, without replacement; None: uniformly."""
     if questions < 1:
         raise ValueError(f"drill questions must be >= 1, got {questions}")
+    weights = attribute_weights(weights)
     memorised = world.values(person)
     k = min(questions, len(ATTRIBUTES) - 1)
     changed = (rng.sample(ATTRIBUTES, k) if weights is None
