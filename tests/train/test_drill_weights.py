@@ -51,7 +51,6 @@ def test_unset_weights_are_the_unweighted_drills(world, tok):
     for questions in (1, 3):
         rows = drill_rows(world, 2, 5, questions=questions)
         assert drill_rows(world, 2, 5, questions=questions, weights={}) == rows
-        assert drill_rows(world, 2, 5, questions=questions, weights=None) == rows
         assert with_counterfactuals(world, rows, 2, 0.5, questions=questions, weights={}) == with_counterfactuals(
             world, rows, 2, 0.5, questions=questions)
     plain, weighted = FreshDrills(world, tok, 512, questions=3), FreshDrills(world, tok, 512, questions=3, weights={})

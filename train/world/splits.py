@@ -184,7 +184,7 @@ def reading_drills(world: World, step: int | str, count: int, stream: str = "dri
         subject, *distractors = people[i * group : (i + 1) * group]
         index = step * count + i if isinstance(step, int) else f"{step}.{i}"
         asked = (rng.choice(ATTRIBUTES + TWO_HOP) if weights is None
-                 else rng.choices(ATTRIBUTES + TWO_HOP, weights=list(weights.values()))[0])
+                 else rng.choices(ATTRIBUTES + TWO_HOP, weights=[weights[a] for a in ATTRIBUTES + TWO_HOP])[0])
         out.append(open_book(world, rng, "drill", index, subject, distractors, asked))
     return out
 
