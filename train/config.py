@@ -23,6 +23,7 @@ SOURCES = ("shakespeare", "files", "generator", "world")
 TOKENIZERS = ("bpe", "bpe_numbers", "byte")
 FFNS = ("pure_reasoner", "deepspeed_residual")
 PRECISIONS = ("fp32", "bf16")
+COMMUNICATION_DTYPES = ("fp32", "bf16", "fp16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
@@ -83,6 +84,10 @@ class DataConfig:
         attributes, are drawn in proportion to them instead of uniformly (e.g. ``{birth_date: 20}`` asks dates
         most). Empty (the default) leaves the drills exactly as without the option; set, it needs ``fresh_drills``
         and a world generator (not a ``drills.jsonl``).
+    drill_distractors: people besides the asked one in each fresh drill's context (None, the default: the world's
+        ``num_distractors``, as in its eval splits). 0 gives every drill one biography, so one value of each
+        attribute to copy: a copy curriculum before drills that must also pick the right person. Needs
+        ``fresh_drills`` and a world generator (not a ``drills.jsonl``).
     doc_mask: each token attends only to its own document of the packed sequence (documents end at ``EOD``;
         ``PureReasonerLM.forward``'s ``doc_ids_BS``), so training sees every row as eval and generation do: from
         its own start. Off, a token also attends to the unrelated rows packed before it, and what it has seen
@@ -102,6 +107,7 @@ class DataConfig:
     fresh_drills: int = 0
     counterfactual_drills: float = 0.0
     drill_attribute_weights: dict[str, float] = field(default_factory=dict)
+    drill_distractors: int | None = None
     doc_mask: bool = False
 
     def __post_init__(self) -> None:
@@ -123,6 +129,13 @@ class DataConfig:
         _require(not self.drill_attribute_weights or self.fresh_drills > 0,
                  f"data.drill_attribute_weights={dict(self.drill_attribute_weights)} weigh what the fresh drills ask: "
                  f"they need data.fresh_drills > 0, got {self.fresh_drills}")
+        _require(self.drill_distractors is None or (not isinstance(self.drill_distractors, bool)
+                                                    and isinstance(self.drill_distractors, int)
+                                                    and self.drill_distractors >= 0),
+                 f"data.drill_distractors must be null or an int >= 0, got {self.drill_distractors!r}")
+        _require(self.drill_distractors is None or self.fresh_drills > 0,
+                 f"data.drill_distractors={self.drill_distractors} sets who is in the fresh drills' contexts: it "
+                 f"needs data.fresh_drills > 0, got {self.fresh_drills}")
         _require(self.source != "world" or bool(self.path),
                  "data.source=world needs data.path=DIR (a world directory, docs/world_schema.md)")
         _require(self.source != "world" or not self.generator_kwargs,
@@ -273,7 +286,11 @@ class DeepSpeedConfig:
     overlap_comm, reduce_bucket_size, allgather_bucket_size, contiguous_gradients: ZeRO's gradient communication,
     passed to ``zero_optimization`` as they are (DeepSpeed's defaults): with ``overlap_comm`` and ZeRO-2 the
     gradients are reduce-scattered in buckets of ``reduce_bucket_size`` elements while the backward runs; the
-    bucket sizes set how many collectives a step issues (fewer, larger ones as they grow).
+    bucket sizes set how many collectives a step issues (fewer, larger ones as they grow). reduce_scatter: ZeRO-2
+    sends each gradient slice to the rank that owns it (True, DeepSpeed's default) or all-reduces whole buckets
+    (False; not with expert parallelism, where DeepSpeed needs the former).
+    communication_data_type: the dtype gradients are reduced in (None: their own; ``bf16`` / ``fp16`` halve the
+    bytes on the wire at the cost of rounding each rank's gradient before the sum; ``fp32``).
     """
 
     zero_stage: int = 1
@@ -282,6 +299,8 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
     contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    communication_data_type: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (1, 2), f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage}")
@@ -294,6 +313,9 @@ class DeepSpeedConfig:
         _require(
             self.precision in PRECISIONS, f"deepspeed.precision must be one of {PRECISIONS}, got {self.precision!r}"
         )
+        _require(self.communication_data_type in (None, *COMMUNICATION_DTYPES),
+                 f"deepspeed.communication_data_type must be null or one of {COMMUNICATION_DTYPES}, "
+                 f"got {self.communication_data_type!r}")
 
 
 @dataclass
@@ -464,6 +486,11 @@ class Config:
         _require(
             kcfg.num_experts % self.train.ep_size == 0,
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
+        )
+        _require(
+            self.deepspeed.reduce_scatter or self.train.ep_size == 1 or self.deepspeed.zero_stage == 1,
+            f"deepspeed.reduce_scatter=false with train.ep_size={self.train.ep_size}: DeepSpeed's ZeRO-2 reduces "
+            "expert-parallel gradients by reduce-scatter only",
         )
         _require(
             self.train.trainable == "all"

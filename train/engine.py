@@ -47,8 +47,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             "reduce_bucket_size": ds.reduce_bucket_size,
             "allgather_bucket_size": ds.allgather_bucket_size,
             "contiguous_gradients": ds.contiguous_gradients,
+            "reduce_scatter": ds.reduce_scatter,
         },
         "bf16": {"enabled": ds.precision == "bf16"},
+        **({"communication_data_type": ds.communication_data_type} if ds.communication_data_type else {}),
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }

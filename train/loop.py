@@ -164,15 +164,20 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
 def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
     """Fresh reading drills: of the world generator, or of a world on disk (its generator, else its drills file)."""
     counterfactual, weights = cfg.data.counterfactual_drills, dict(cfg.data.drill_attribute_weights)
+    distractors = cfg.data.drill_distractors
     if cfg.data.source != "world":
         world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
         return FreshDrills(world, tok, cfg.data.seq_len, cfg.data.generator_kwargs.get("drill_questions", 1),
-                           counterfactual, weights)
+                           counterfactual, weights, distractors)
     from pure_reasoner.train.world.disk import DRILLS, MANIFEST, load_world
 
     disk = load_world(cfg.data.path)
     if disk.generated is not None:
-        return FreshDrills(disk.generated, tok, cfg.data.seq_len, disk.drill_questions, counterfactual, weights)
+        return FreshDrills(disk.generated, tok, cfg.data.seq_len, disk.drill_questions, counterfactual, weights,
+                           distractors)
+    if distractors is not None:
+        raise ValueError(f"data.drill_distractors={distractors} needs a 'generator' in the {MANIFEST} of world "
+                         f"{disk.path}: its {DRILLS} rows are fixed")
     if counterfactual:
         raise ValueError(f"data.counterfactual_drills={counterfactual} needs the known people of world {disk.path}: "
                          f"a 'generator' in its {MANIFEST} ({DRILLS} rows cannot be made counterfactual)")

@@ -12,6 +12,11 @@ with the highest log-likelihood, knowledge on. The report compares the two:
     reading:   open book, two-hop open book and counterfactual: the accuracy change and whether the accuracy after
                lies in the 95% Wilson interval of the accuracy before (``within_ci``).
     targets:   new ``vs_pretrained`` >= 0.9, ``retained.relative`` >= 0.9, reading ``within_ci`` on every split.
+    stored:    with ``--bits-people N``: the bits about the new people each export holds (``knowledge_bits`` over
+               the update's new people as a world, N of them scored), knowledge on and off, the bits gained, and
+               the parameter elements that differ between the exports. An update that trains only the knowledge
+               experts (``--trainable experts``) stores what it gains in those elements alone: a storage
+               measurement of the experts (docs/science.md, Capacity).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from pure_reasoner.train.evaluation import scores as em
 from pure_reasoner.train.world_update import (
@@ -124,6 +131,45 @@ def evaluate_update(before: str | Path, after: str | Path, update: WorldUpdate |
     return {"before": str(before), "after": str(after), "update": dataclasses.asdict(update.cfg), **report}
 
 
+def changed_elements(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> number of elements that differ between two models of one architecture (names whose
+    elements all agree left out). Raises ValueError when the parameter names or shapes differ."""
+    a, b = dict(before.named_parameters()), dict(after.named_parameters())
+    if a.keys() != b.keys() or any(a[n].shape != b[n].shape for n in a):
+        raise ValueError("the two exports are not one architecture: their parameter names or shapes differ")
+    counts = {n: int((a[n] != b[n]).sum()) for n in a}
+    return {n: c for n, c in counts.items() if c}
+
+
+def stored_bits(before: str | Path, after: str | Path, update: WorldUpdate, people: int, *,
+                batch_size: int = 16, device: str = "cpu") -> dict:
+    """The ``stored`` section of the report (module docstring): ``knowledge_bits`` of both exports over the
+    update's new people (``people`` of them scored), knowledge on and off; ``gained`` = after - before of
+    ``bits`` and ``fano_bits``; ``changed_elements`` and the gains per changed element."""
+    from pure_reasoner.train.evaluation.evaluate import knowledge_bits, load
+
+    world = update.new_world
+    if world is None:
+        raise ValueError("--bits-people needs an update with new people; this one has none")
+    models = {"before": load(before, device), "after": load(after, device)}
+    out: dict = {"people": len(world.people)}
+    for ablation in ("base", "knowledge_off"):
+        for when, (model, codec) in models.items():
+            bits = knowledge_bits(model, codec, world, people, batch_size, ablation)
+            out.setdefault(ablation, {})[when] = {k: bits[k] for k in ("bits", "fano_bits", "max_bits",
+                                                                       "people_scored", "per_attribute")}
+        both = out[ablation]
+        both["gained"] = {k: both["after"][k] - both["before"][k] for k in ("bits", "fano_bits")}
+    changed = changed_elements(models["before"][0], models["after"][0])
+    elements = sum(changed.values())
+    out |= {"changed_elements": elements, "changed_parameters": sorted(changed),
+            "knowledge_expert_params": sum(p.numel() for layer in models["after"][0].moe_layers()
+                                           for p in layer.experts.parameters()),
+            "bits_per_changed_element": em.per_parameter(out["base"]["gained"]["bits"], elements),
+            "fano_bits_per_changed_element": em.per_parameter(out["base"]["gained"]["fano_bits"], elements)}
+    return out
+
+
 def _cell(r: dict) -> str:
     return f"{r['acc']:.2f} [{r['acc_interval'][0]:.2f}, {r['acc_interval'][1]:.2f}]"
 
@@ -150,6 +196,12 @@ def render(report: dict) -> str:
         lines.append(f"reading ({split}): {r['delta']:+.2f}, {'within' if r['within_ci'] else 'OUTSIDE'} the "
                      "95% interval before")
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in report["targets"].items()))
+    if "stored" in report:
+        st, per = report["stored"], report["stored"]["bits_per_changed_element"]
+        lines.append(f"stored about {st['people']} new people: {st['base']['gained']['bits']:+.0f} bits "
+                     f"({st['base']['gained']['fano_bits']:+.0f} Fano), knowledge off "
+                     f"{st['knowledge_off']['gained']['bits']:+.0f}; {st['changed_elements']} elements changed: "
+                     + ("n/a" if per is None else f"{per:.3f} bits per changed element"))
     return "\n".join(lines)
 
 
@@ -162,8 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=None, help="per split (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bits-people", type=int, default=0,
+                        help="also measure the bits stored about the new people, scoring this many (0: off)")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
+    if args.bits_people < 0:
+        parser.error(f"--bits-people must be >= 0, got {args.bits_people}")
     for name in ("max_examples", "batch_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -172,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         update = load_update(args.update or args.after)
         report = evaluate_update(args.before, args.after, update, max_examples=args.max_examples,
                                  batch_size=args.batch_size, device=args.device)
+        if args.bits_people:
+            report["stored"] = stored_bits(args.before, args.after, update, args.bits_people,
+                                           batch_size=args.batch_size, device=args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

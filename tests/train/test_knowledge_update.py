@@ -51,8 +51,16 @@ def test_update_changes_only_knowledge_parameters(base_run, tmp_path, zero_stage
     if zero_stage == 1:
         report_path = tmp_path / "report.json"
         assert update_eval_main(["--before", str(base_run / "export"), "--after", str(out / "export"),
-                                 "--max-examples", "4", "--json", str(report_path)]) == 0
+                                 "--max-examples", "4", "--bits-people", "3", "--json", str(report_path)]) == 0
         report = json.loads(report_path.read_text())
+        stored = report["stored"]
+        # The oracle for the changed elements: the exports' own tensors compared element by element.
+        assert stored["changed_elements"] == sum(int((before[n] != after[n]).sum()) for n in changed)
+        assert set(stored["changed_parameters"]) == changed
+        # Knowledge off runs neither the experts nor the routers, so what it knows of the new people cannot move.
+        assert stored["knowledge_off"]["before"]["bits"] == stored["knowledge_off"]["after"]["bits"]
+        assert stored["knowledge_off"]["gained"] == {"bits": 0.0, "fano_bits": 0.0}
+        assert stored["people"] == UPDATE.new_people and stored["base"]["after"]["people_scored"] == 3
         assert report["update"] == {"seed": 1, "new_people": 6, "changed_facts": 4, "replay": 0.0}
         assert {"new_people", "changed", "closed_book", "open_book"} <= set(report["splits"])
         assert report["splits"]["changed"]["after"]["n"] == 4

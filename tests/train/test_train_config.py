@@ -140,6 +140,21 @@ def test_zero_communication_settings_reach_the_engine(dist_info):
     engine, _ = build_engine(cfg, PureReasonerLM(cfg.model), 1)
     assert (engine.zero_optimization_stage(), engine.zero_overlap_comm(), engine.zero_reduce_bucket_size(),
             engine.zero_allgather_bucket_size(), engine.zero_contiguous_gradients()) == (2, True, 123456, 654322, False)
+    assert engine.zero_reduce_scatter() and engine.communication_data_type == torch.float32  # DeepSpeed's defaults
+    cfg = compose_config("experiment=smoke", "deepspeed=zero2", "deepspeed.reduce_scatter=false",
+                         "deepspeed.communication_data_type=bf16")
+    engine, _ = build_engine(cfg, PureReasonerLM(cfg.model), 1)
+    assert (engine.zero_reduce_scatter(), engine.communication_data_type) == (False, torch.bfloat16)
+    assert engine.optimizer.communication_data_type == torch.bfloat16  # what ZeRO reduces in
+
+
+@pytest.mark.parametrize("override, match", [
+    ("deepspeed.communication_data_type=int8", "communication_data_type"),
+    ("deepspeed.reduce_scatter=false", "reduce_scatter=false with train.ep_size=2"),
+])
+def test_bad_communication_settings_are_refused(override, match):
+    with pytest.raises(ValueError, match=match):
+        compose_config("experiment=smoke", "deepspeed=zero2", "train.ep_size=2", override)
 
 
 def test_override_path_and_experiment_deltas():

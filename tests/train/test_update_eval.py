@@ -70,3 +70,21 @@ def test_no_knowledge_before_gives_no_ratio():
     assert report["new"]["new_people"]["vs_pretrained"] is None
     assert report["retained"]["closed_book"]["relative"] is None and report["retained"]["closed_book"]["kept"] is None
     assert report["targets"]["new_vs_pretrained>=0.9"] is False
+
+
+def test_changed_elements_counts_what_was_set_by_hand():
+    import torch
+
+    from pure_reasoner.train.update_eval import changed_elements
+
+    torch.manual_seed(0)
+    before = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    after = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    after.load_state_dict(before.state_dict())
+    assert changed_elements(before, after) == {}
+    with torch.no_grad():
+        after[0].weight[0, :2] += 1.0  # 2 elements
+        after[1].bias.copy_(before[1].bias + 0.5)  # all 2 elements
+    assert changed_elements(before, after) == {"0.weight": 2, "1.bias": 2}
+    with pytest.raises(ValueError, match="not one architecture"):
+        changed_elements(before, torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)))

@@ -187,6 +187,9 @@ def test_drills_file_feeds_fresh_drills(world_dir, tmp_path):
                               f"data.path={bare}")
     with pytest.raises(ValueError, match=r"drill_attribute_weights=\{'birth_date': 3.0\} needs a 'generator'"):
         prepare_data(weighted, tmp_path / "r", CPU)
+    fewer = compose_config(*OBJECTIVES[:4], "data.drill_distractors=0", "data=world_dir", f"data.path={bare}")
+    with pytest.raises(ValueError, match=r"drill_distractors=0 needs a 'generator'"):
+        prepare_data(fewer, tmp_path / "r", CPU)
     (bare / "drills.jsonl").write_text(json.dumps({"text": "Q: x?\nA: y."}) + "\n")
     with pytest.raises(ValueError, match=r"drills.jsonl:1: field 'context' is missing or empty"):
         prepare_data(cfg, tmp_path / "r3", CPU)

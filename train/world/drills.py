@@ -16,6 +16,8 @@ read positions ``key * count ...``; fresh until the file is used up, then read a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from tokenizers import Tokenizer
 
@@ -37,10 +39,14 @@ class FreshDrills:
             (``train.world.counterfactual.with_counterfactuals``); 0 leaves every drill fresh.
         weights: attribute -> weight of the attributes the drills ask (``drill_rows(weights=)``; a counterfactual
             drill changes attributes drawn by them too); None: uniform.
+        distractors: people besides the asked one in each drill's context (None: the world's
+            ``num_distractors``).
     """
 
     def __init__(self, world: World, tok: Tokenizer, seq_len: int, questions: int = 1, counterfactual: float = 0.0,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, distractors: int | None = None):
+        if distractors is not None:  # the drills read the group size off the world's config
+            world = dataclasses.replace(world, cfg=dataclasses.replace(world.cfg, num_distractors=distractors))
         self.world, self.tok, self.seq_len, self.questions = world, tok, seq_len, questions
         self.counterfactual, self.weights = counterfactual, attribute_weights(weights)
         self.eod = tok.token_to_id(EOD)
