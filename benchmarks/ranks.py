@@ -14,7 +14,10 @@ median global tokens/s over the run's steps after the first ``--skip`` (its ``me
 
 Ratios: ``vs_ideal`` = 2 x unit / two_ranks (how much slower than ideal per-token scaling), ``vs_contended`` =
 2 x contended / two_ranks (what the ranks' communication and synchronisation cost beyond sharing the machine), and
-``vs_one_process`` = one_rank_2_threads / two_ranks. Run it on an otherwise idle machine (the JSON records the load
+``vs_one_process`` = one_rank_2_threads / two_ranks. ``--variant "KEY=VALUE ..."`` (repeatable) adds a 2-rank run
+with those overrides too, in the same invocation, reported as ``variants[<overrides>]`` with its own ``vs_ideal``
+and ``vs_contended`` against the same unit (e.g. ``--variant deepspeed.communication_data_type=bf16``).
+Run it on an otherwise idle machine (the JSON records the load
 average); settings run one after another, except the contended pair.
 """
 
@@ -70,13 +73,15 @@ def run_together(commands: dict[str, list[str]], threads: int, log_dir: Path) ->
         raise RuntimeError(f"training runs failed; see {failed}")
 
 
-def measure(steps: int, grad_accum: int, skip: int, overrides: Sequence[str], root: Path) -> dict:
-    """The four settings at one ``grad_accum``: tokens/s each and the scaling ratios."""
+def measure(steps: int, grad_accum: int, skip: int, overrides: Sequence[str], root: Path,
+            variants: Sequence[str] = ()) -> dict:
+    """The four settings at one ``grad_accum``, then a 2-rank run per variant (space-separated overrides):
+    tokens/s each and the scaling ratios."""
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
 
-    def cmd(name: str, ranks: int = 1, threads: int | None = None) -> dict[str, list[str]]:
-        extra = [*overrides, *([f"train.threads={threads}"] if threads else [])]
+    def cmd(name: str, ranks: int = 1, threads: int | None = None, more: Sequence[str] = ()) -> dict[str, list[str]]:
+        extra = [*overrides, *more, *([f"train.threads={threads}"] if threads else [])]
         name = f"ga{grad_accum}-{name}"
         return {name: train_command(name, root, steps, grad_accum, ranks, extra)}
 
@@ -90,9 +95,14 @@ def measure(steps: int, grad_accum: int, skip: int, overrides: Sequence[str], ro
     unit, two = figure("unit"), figure("two_ranks")
     contended = statistics.mean([figure("contended_a"), figure("contended_b")])
     one_process = figure("one_rank_2_threads")
+    measured = {}
+    for i, variant in enumerate(variants):
+        run_together(cmd(f"variant{i}", ranks=2, more=variant.split()), 1, logs)
+        tokens = figure(f"variant{i}")
+        measured[variant] = {"two_ranks": tokens, "vs_ideal": 2 * unit / tokens, "vs_contended": 2 * contended / tokens}
     return {"grad_accum": grad_accum, "steps": steps, "skip": skip, "unit": unit, "contended": contended,
             "one_rank_2_threads": one_process, "two_ranks": two, "vs_ideal": 2 * unit / two,
-            "vs_contended": 2 * contended / two, "vs_one_process": one_process / two}
+            "vs_contended": 2 * contended / two, "vs_one_process": one_process / two, "variants": measured}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -102,14 +112,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--grad-accum", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", default=None, help="keep the run directories here instead of a temporary folder")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="space-separated overrides of one more 2-rank run (repeatable)")
     parser.add_argument("overrides", nargs="*", help="training overrides after --, e.g. deepspeed=zero2")
     args = parser.parse_args(argv)
     if args.steps <= args.skip:
         raise ValueError(f"--steps {args.steps} must exceed --skip {args.skip}")
+    for variant in args.variant:
+        if not variant.split() or not all("=" in o for o in variant.split()):
+            raise ValueError(f"--variant {variant!r} must be space-separated KEY=VALUE overrides")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ranks-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        records = [measure(args.steps, ga, args.skip, args.overrides, root) for ga in args.grad_accum]
+        records = [measure(args.steps, ga, args.skip, args.overrides, root, args.variant) for ga in args.grad_accum]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -118,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     columns = ("grad_accum", "unit", "contended", "one_rank_2_threads", "two_ranks", "vs_ideal", "vs_contended",
                "vs_one_process")
     print_table(records, columns, title="global tokens/s (median over steps) and scaling ratios")
+    for variant in args.variant:
+        print_table([{"grad_accum": r["grad_accum"], **r["variants"][variant]} for r in records],
+                    ("grad_accum", "two_ranks", "vs_ideal", "vs_contended"), title=f"2 ranks with {variant}")
     if args.json:
         write_json(args.json, records, overrides=list(args.overrides))
 

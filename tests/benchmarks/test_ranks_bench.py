@@ -34,3 +34,25 @@ def test_commands(tmp_path):
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="--steps 5 must exceed --skip 5"):
         ranks.main(["--steps", "5", "--skip", "5"])
+    with pytest.raises(ValueError, match="--variant 'bf16' must be space-separated KEY=VALUE overrides"):
+        ranks.main(["--variant", "bf16"])
+
+
+def test_a_variant_is_one_more_two_rank_run_against_the_same_unit(tmp_path, monkeypatch):
+    """measure() with its runs faked: each run's metrics.csv written with a known rate, the ratios checked by hand."""
+    rates = {"unit": 100.0, "contended_a": 90.0, "contended_b": 110.0, "one_rank_2_threads": 150.0,
+             "two_ranks": 160.0, "variant0": 180.0}
+    started = []
+
+    def fake_run_together(commands, threads, log_dir):
+        for name, cmd in commands.items():
+            started.append((name, cmd))
+            _metrics(tmp_path / name, [1.0] + [rates[name.split("-", 1)[1]]] * 3)
+
+    monkeypatch.setattr(ranks, "run_together", fake_run_together)
+    record = ranks.measure(4, 1, 1, ["x=1"], tmp_path, ["a=2 b=3"])
+    assert record["vs_ideal"] == pytest.approx(200 / 160) and record["vs_contended"] == pytest.approx(200 / 160)
+    assert record["variants"] == {"a=2 b=3": {"two_ranks": 180.0, "vs_ideal": pytest.approx(200 / 180),
+                                              "vs_contended": pytest.approx(200 / 180)}}
+    variant_cmd = dict(started)["ga1-variant0"]
+    assert {"x=1", "a=2", "b=3"} <= set(variant_cmd) and "--num_gpus" in variant_cmd
