@@ -4,7 +4,8 @@
 Starts from ``BASE_RUN/export`` (``train.init_from``) and trains on a knowledge update of the world the base run was
 trained on (``train.world_update``: new people and changed facts), then scores the update
 (``train.update_eval``: new facts, changed facts, retention, open-book reading; before vs after) and writes it to
-``OUT/update_eval.json``. The run is the base run's config (model, sequence length, objective, optimizer, seed) with:
+``OUT/update_eval.json`` (with ``--bits-people N`` also the bits stored about the new people, ``stored``). The run
+is the base run's config (model, sequence length, objective, optimizer, seed) with:
     data        ``pure_reasoner.train.world_update:update_corpus`` of the base world and ``--seed / --new-people /
                 --changed-facts``; no context on any row (every new fact must be memorised), no fresh drills;
     replay      ``--replay R``: round(R x its rows) rows of the base world's pretraining corpus mixed in (default 0);
@@ -41,7 +42,7 @@ from pathlib import Path  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pure_reasoner.train.config import UPDATE_GENERATOR, Config  # noqa: E402
-from pure_reasoner.train.world_update import UpdateConfig, build_update, update_kwargs  # noqa: E402
+from pure_reasoner.train.world_update import UpdateConfig, build_update, load_update, update_kwargs  # noqa: E402
 
 REPORT = "update_eval.json"
 SLOTS = "slots.json"
@@ -138,9 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
     parser.add_argument("--no-eval", action="store_true", help="train only; score later with train.update_eval")
     parser.add_argument("--max-examples", type=int, default=None, help="questions per split in the evaluation")
+    parser.add_argument("--bits-people", type=int, default=0,
+                        help="the evaluation also measures the bits stored about the new people, scoring this many "
+                             "(train.update_eval's 'stored'; 0: off)")
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be > 0, got {args.steps}")
+    if args.bits_people < 0:
+        parser.error(f"--bits-people must be >= 0, got {args.bits_people}")
     if args.slots < 0:
         parser.error(f"--slots must be >= 0, got {args.slots}")
     out = args.out or args.base_run.with_name(f"{args.base_run.name}-update-s{args.seed}"
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from pure_reasoner.train.loop import run
-    from pure_reasoner.train.update_eval import evaluate_update, render
+    from pure_reasoner.train.update_eval import evaluate_update, render, stored_bits
 
     try:
         summary = run(cfg, out, resolved, grad_masks=masks)
@@ -178,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pure_reasoner.train.export import EXPORT
 
     report = evaluate_update(args.base_run / EXPORT, out / EXPORT, max_examples=args.max_examples)
+    if args.bits_people:
+        report["stored"] = stored_bits(args.base_run / EXPORT, out / EXPORT, load_update(out / EXPORT),
+                                       args.bits_people)
     (out / REPORT).write_text(json.dumps(report, indent=2))
     print(render(report))
     return 0

@@ -118,6 +118,21 @@ def test_update_anchored_on_the_replayed_rows_runs(base_run, tmp_path, capsys):
     assert (out / "export" / "model.safetensors").is_file()
 
 
+def test_update_reports_the_bits_stored_when_asked(base_run, tmp_path, capsys):
+    out = tmp_path / "update-bits"
+    assert update_main([str(base_run), "--out", str(out), "--new-people", "6", "--changed-facts", "0", "--steps", "3",
+                        "--trainable", "experts", "--max-examples", "2", "--bits-people", "2"]) == 0
+    stored = json.loads((out / "update_eval.json").read_text())["stored"]
+    assert stored["people"] == 6 and stored["base"]["after"]["people_scored"] == 2
+    # Only the experts trained: every changed tensor is an expert weight, and knowledge off cannot have moved.
+    assert stored["changed_parameters"] and all(".ffn.experts." in n for n in stored["changed_parameters"])
+    assert stored["knowledge_off"]["gained"] == {"bits": 0.0, "fano_bits": 0.0}
+    assert "stored about 6 new people" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        update_main([str(base_run), "--out", str(tmp_path / "bad"), "--bits-people", "-1"])
+    assert "--bits-people must be >= 0, got -1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert update_main([str(base_run), "--out", str(out), "--replay", "-1", "--steps", "2"]) == 2
