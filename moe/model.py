@@ -58,17 +58,24 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(q_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(kv_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor, cos_SQ: torch.Tensor, sin_SQ: torch.Tensor,
-                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
-        """mask_B1SS: None (causal over the whole sequence) or [B, 1, S, S] bool, True where a query may attend."""
+    def queries_keys(self, x_BSD: torch.Tensor, cos_SQ: torch.Tensor,
+                     sin_SQ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries [B, H, S, Q] and keys [B, G, S, Q] of x_BSD (QK-normed where the model is), as the
+        attention scores them; public so that diagnostics can recompute attention weights."""
         batch, seq, _ = x_BSD.shape
-        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHSQ = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGSQ = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGSQ = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSQ, k_BGSQ = apply_rope(q_BHSQ, cos_SQ, sin_SQ), apply_rope(k_BGSQ, cos_SQ, sin_SQ)
+        return apply_rope(q_BHSQ, cos_SQ, sin_SQ), apply_rope(k_BGSQ, cos_SQ, sin_SQ)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SQ: torch.Tensor, sin_SQ: torch.Tensor,
+                mask_B1SS: torch.Tensor | None = None) -> torch.Tensor:
+        """mask_B1SS: None (causal over the whole sequence) or [B, 1, S, S] bool, True where a query may attend."""
+        batch, seq, _ = x_BSD.shape
+        q_BHSQ, k_BGSQ = self.queries_keys(x_BSD, cos_SQ, sin_SQ)
+        v_BGSQ = self.wv(x_BSD).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out_BHSQ = F.scaled_dot_product_attention(
             q_BHSQ, k_BGSQ, v_BGSQ, attn_mask=mask_B1SS, is_causal=mask_B1SS is None,
             enable_gqa=self.num_kv_heads != self.num_heads,

@@ -9,8 +9,8 @@ for two queries of fresh birth-date reading drills (people never trained on, one
 
     python scripts/date_copy_attention.py runs/<run> [runs/<run> ...]
 
-Attention weights are recomputed from each block's inputs (a forward hook; RoPE and QK-norm as the model has
-them; causal, one drill per forward). Uniform attention over a 200-token context is 0.005.
+Attention weights are recomputed from each block's inputs (a forward hook on ``Attention.queries_keys``, the
+queries and keys the model scores; causal, one drill per forward). Uniform attention over a 200-token context is 0.005.
 The diagnostic behind results/protocol.md's "No copy of the year" section.
 """
 
@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-from pure_reasoner.moe.model import apply_rope
 from pure_reasoner.train.evaluation.evaluate import ablated_forward, load
 from pure_reasoner.train.world.generator import build_world, load_world_config
 from pure_reasoner.train.world.splits import reading_drills
@@ -29,13 +28,8 @@ from pure_reasoner.train.world.text import continuation
 def attention_hook(store: dict, layer: int):
     """A forward hook that stores the layer's attention probabilities [H, S, S] of batch row 0."""
     def hook(attn, args, _kwargs, _out):
-        x_BSD, cos_SQ, sin_SQ = args[:3]
-        batch, seq, _ = x_BSD.shape
-        q, k = attn.wq(x_BSD), attn.wk(x_BSD)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q_BHSQ = apply_rope(q.view(batch, seq, attn.num_heads, attn.head_dim).transpose(1, 2), cos_SQ, sin_SQ)
-        k_BGSQ = apply_rope(k.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2), cos_SQ, sin_SQ)
+        q_BHSQ, k_BGSQ = attn.queries_keys(*args[:3])
+        seq = q_BHSQ.shape[2]
         k_BHSQ = k_BGSQ.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
         scores_HSS = (q_BHSQ @ k_BHSQ.transpose(-1, -2))[0] / math.sqrt(attn.head_dim)
         future_SS = torch.ones(seq, seq, dtype=torch.bool).triu(1)
