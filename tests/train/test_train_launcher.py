@@ -41,12 +41,11 @@ OVERLAPPED = ("deepspeed=zero2", "deepspeed.overlap_comm=true", "deepspeed.reduc
 BF16_WIRE = ("deepspeed=zero2", "deepspeed.reduce_scatter=false", "deepspeed.communication_data_type=bf16")
 
 
-@pytest.mark.parametrize("ep_size, zero, loss_tol", [(1, (), 1e-4), (2, (), 1e-4), (1, OVERLAPPED, 1e-4),
-                                                     (1, BF16_WIRE, 3e-3)],
+@pytest.mark.parametrize("ep_size, zero", [(1, ()), (2, ()), (1, OVERLAPPED), (1, BF16_WIRE)],
                          ids=["dp", "ep", "zero2-overlap", "zero2-bf16-wire"])
-def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size, zero, loss_tol):
-    """loss_tol: 1e-4 where only the summation order differs; bf16 on the wire rounds each rank's gradient to 8
-    mantissa bits (relative error <= 2^-9 per element) before the sum, so the steps drift apart a little."""
+def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size, zero):
+    """bf16 on the wire rounds each rank's gradient to 8 mantissa bits before the sum; over these 12 steps that stays
+    inside the same tolerance as a change of summation order (measured; a looser bound would hide more)."""
     if ep_size == 2:
         run_dir, out = expert_parallel
     else:
@@ -56,8 +55,8 @@ def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size, 
     assert [r["step"] for r in rows] == [r["step"] for r in one_rank]
     for row, ref in zip(rows, one_rank, strict=True):
         # Same sequences per micro-batch; only float summation order differs (all-reduce vs accumulation).
-        assert row["loss"] == pytest.approx(ref["loss"], rel=loss_tol, abs=loss_tol)
-        assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=10 * loss_tol)
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-4)
+        assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
         assert row["consult_rate_l1"] == pytest.approx(ref["consult_rate_l1"], abs=2e-3)
     if ep_size == 2:
         ckpt = run_dir / "checkpoints" / "step_00000012"
