@@ -372,7 +372,8 @@ def run(cfg: Config, run_dir: Path, resolved_config: str, grad_masks: dict[str, 
         train_data.packed.num_sequences,
         cfg.data.seq_len,
         peak / 1e9,
-        f"resuming from {resumed}" if resumed else "from scratch",
+        f"resuming from {resumed}" if resumed else (f"starting from {cfg.train.init_from}" if cfg.train.init_from
+                                                    else "from scratch"),
     )
     logger = MetricsLogger(run_dir, start_step) if info.rank == 0 else None
     try:
