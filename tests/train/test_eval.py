@@ -20,6 +20,7 @@ from pure_reasoner.train.evaluation.evaluate import (
     greedy_generate,
     knowledge_bits,
     main,
+    routing_specificity,
     score_continuations,
 )
 from pure_reasoner.train.objectives import in_context_tokens, lm_loss, shift_targets
@@ -119,6 +120,43 @@ def test_routing_specificity_metric():
     out = em.routing_specificity(6, 10, 20, 200)
     assert out["answer_rate"] == 0.6 and out["other_rate"] == 0.1 and out["ratio"] == pytest.approx(6.0)
     assert em.routing_specificity(1, 10, 0, 50)["ratio"] is None
+    # 10 answer positions (6 consult), 40 names (36 consult), 160 others (4 consult)
+    out = em.routing_specificity(6, 10, 4, 160, 36, 40)
+    assert out["other_rate"] == pytest.approx(40 / 200) and out["other_tokens"] == 200
+    assert out["key_rate"] == pytest.approx(0.9) and out["rest_rate"] == pytest.approx(0.025)
+    assert out["ratio"] == pytest.approx(3.0) and out["ratio_beyond_keys"] == pytest.approx(24.0)
+    assert em.routing_specificity(6, 10, 4, 160)["key_rate"] is None
+
+
+def test_routing_specificity_splits_names_from_the_rest():
+    """Byte tokens: position i is character i, so each group's positions are found from the text directly and the
+    consult map gives the expected counts."""
+    model, codec = _tiny_model(max_seq_len=64), Codec()
+    examples = [{"prompt": "Q: Where did Ana Vel study?\nA:", "answer": "Brim", "spans": [
+                    {"start": 13, "end": 20, "type": "name"}, {"start": 31, "end": 35, "type": "answer"}]},
+                {"prompt": "Q: Who was born earlier, Bo Ka or Li Mu?\nA:", "answer": "Bo Ka", "spans": [
+                    {"start": 25, "end": 30, "type": "name"}, {"start": 34, "end": 39, "type": "name"}]},
+                {"prompt": "x" * 80 + " Zed Q?\nA:", "answer": "Yo", "spans": [  # cut to fit: the name survives
+                    {"start": 81, "end": 84, "type": "name"}]}]
+    got = routing_specificity(model, codec, examples, batch_size=2)
+    want = {"answer": [0.0, 0], "key": [0.0, 0], "rest": [0.0, 0]}
+    for ex in examples:
+        text = ex["prompt"] + " " + ex["answer"] + "."
+        text = text[-(model.cfg.max_seq_len + 1):][:-1]  # the model's input: the last 65 characters, less the last
+        cut = len(ex["prompt"] + " " + ex["answer"] + ".") - (model.cfg.max_seq_len + 1)
+        consulted_S = consult_map(model, torch.tensor([list(text.encode())])).float().mean(0)[0]
+        answer_at = len(ex["prompt"]) - max(cut, 0) - 1  # the prompt's last character predicts the first answer byte
+        answer = set(range(answer_at, answer_at + len(" " + ex["answer"])))
+        names = {ex["prompt"].index(n) - max(cut, 0) + j for n in [ex["prompt"][sp["start"]:sp["end"]]
+                 for sp in ex["spans"] if sp["type"] == "name"] for j in range(len(n))}
+        for i in range(len(text)):
+            group = "answer" if i in answer else "key" if i in names else "rest"
+            want[group][0] += float(consulted_S[i])
+            want[group][1] += 1
+    for group in want:
+        assert got[f"{group}_tokens"] == want[group][1] > 0
+        assert got[f"{group}_rate"] == pytest.approx(want[group][0] / want[group][1], abs=1e-6)
+    assert got["other_tokens"] == want["key"][1] + want["rest"][1]
 
 
 def _tiny_model(max_seq_len=64, mechanism="gate", vocab_size=256):
@@ -170,6 +208,9 @@ def test_tokenizer_json_codec(tmp_path):
     assert codec.name == "tokenizer.json"
     text = "Q: Where was Thom Fibiabou born?\nA: Drodath."
     assert codec.decode(codec.encode(text)) == text and len(codec.encode(text)) < len(text)
+    offsets = codec.offsets(text)
+    assert [text[a:b] for a, b in offsets] == [codec.decode([i]) for i in codec.encode(text)]
+    assert Codec().offsets("añb") == [(0, 1), (1, 2), (1, 2), (2, 3)]  # the two bytes of ñ cover its character
     (logprob,), _, _ = score_continuations(loaded, codec, [("Q: Where?\nA:", " Drodath.")])
     ids = codec.encode("Q: Where?\nA:") + codec.encode(" Drodath.")
     n = len(codec.encode(" Drodath."))

@@ -101,6 +101,13 @@ class Codec:
             return list(text.encode("utf-8"))
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Per token of ``encode(text)``, the [begin, end) character span of ``text`` it covers (a byte of a
+        multi-byte character covers that character)."""
+        if self.tokenizer is not None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False).offsets)
+        return [(i, i + 1) for i, ch in enumerate(text) for _ in ch.encode("utf-8")]
+
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return bytes(ids).decode("utf-8", errors="replace")
@@ -225,35 +232,53 @@ def consult_map(model: PureReasonerLM, idx_BS: torch.Tensor) -> torch.Tensor:
     return torch.stack([(ids_TK >= 0).any(-1).view(idx_BS.shape) for ids_TK in captured]).cpu()
 
 
+def _name_positions(codec: Codec, prompt: str, spans: Sequence[dict], length: int) -> list[int]:
+    """Positions of ``codec.encode(prompt)`` (of ``length`` tokens, the prompt's last ones when cut to fit) whose
+    characters overlap a ``name`` span of the example (what its fact is about: the keys of ``recall_keys``)."""
+    names = [(sp["start"], sp["end"]) for sp in spans if sp.get("type") == "name"]
+    offsets = codec.offsets(prompt)
+    cut = len(offsets) - length
+    return [i - cut for i, (a, b) in enumerate(offsets)
+            if i >= cut and any(a < end and begin < b for begin, end in names)]
+
+
 def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], batch_size: int = 16) -> dict:
-    """Consult rates on answer positions vs other positions, per MoE layer and over all layers."""
+    """Consult rates on answer positions (those that predict an answer token) vs other positions, per MoE layer
+    and over all layers. The other positions are split once more into the name tokens of the examples' ``name``
+    spans (``key_*``: where ``objective.consult_targets=recall_keys`` teaches the experts to be consulted) and the
+    rest (``rest_*``; ``ratio_beyond_keys`` = answer rate / rest rate)."""
     limit = model.cfg.max_seq_len + 1
     num_layers = len(model.moe_layers())
-    ans_hits, ans_n = torch.zeros(num_layers), 0
-    other_hits, other_n = torch.zeros(num_layers), 0
+    hits = {group: torch.zeros(num_layers) for group in ("answer", "key", "rest")}
+    counts = dict.fromkeys(hits, 0)
     for start in range(0, len(examples), batch_size):
         batch = []
         for ex in examples[start : start + batch_size]:
-            answer_ids = codec.encode(" " + ex["answer"])
-            ids = fit(codec.encode(ex["prompt"]) + answer_ids + codec.encode("."), limit)
-            first = len(ids) - len(answer_ids) - len(codec.encode(".")) - 1  # predicts the first answer token
-            batch.append((ids[:-1], first, len(answer_ids)))
-        idx_BS = torch.zeros(len(batch), max(len(ids) for ids, _, _ in batch), dtype=torch.long)
-        answer_BS = torch.zeros(idx_BS.shape, dtype=torch.bool)
-        valid_BS = torch.zeros(idx_BS.shape, dtype=torch.bool)
-        for b, (ids, first, n) in enumerate(batch):
+            prompt_ids, answer_ids, stop_ids = (codec.encode(t) for t in (ex["prompt"], " " + ex["answer"], "."))
+            ids = fit(prompt_ids + answer_ids + stop_ids, limit)
+            first = len(ids) - len(answer_ids) - len(stop_ids) - 1  # predicts the first answer token
+            kept = len(ids) - len(answer_ids) - len(stop_ids)  # prompt tokens left after the cut
+            batch.append((ids[:-1], first, len(answer_ids),
+                          _name_positions(codec, ex["prompt"], ex.get("spans") or [], kept) if kept > 0 else []))
+        idx_BS = torch.zeros(len(batch), max(len(ids) for ids, *_ in batch), dtype=torch.long)
+        masks = {group: torch.zeros(idx_BS.shape, dtype=torch.bool) for group in ("answer", "key", "valid")}
+        for b, (ids, first, n, names) in enumerate(batch):
             idx_BS[b, : len(ids)] = torch.tensor(ids)
-            valid_BS[b, : len(ids)] = True
-            answer_BS[b, max(first, 0) : first + n] = True
+            masks["valid"][b, : len(ids)] = True
+            masks["answer"][b, max(first, 0) : first + n] = True
+            masks["key"][b, names] = True
+        masks["key"] &= ~masks["answer"]
+        masks["rest"] = masks["valid"] & ~masks["answer"] & ~masks["key"]
         consulted_LBS = consult_map(model, idx_BS.to(_device(model)))
-        other_BS = valid_BS & ~answer_BS
-        ans_hits += (consulted_LBS & answer_BS).flatten(1).sum(1)
-        other_hits += (consulted_LBS & other_BS).flatten(1).sum(1)
-        ans_n, other_n = ans_n + int(answer_BS.sum()), other_n + int(other_BS.sum())
-    per_layer = [em.routing_specificity(float(a), ans_n, float(o), other_n)
-                 for a, o in zip(ans_hits, other_hits, strict=True)]
-    overall = em.routing_specificity(float(ans_hits.mean()) if num_layers else 0.0, ans_n,
-                                     float(other_hits.mean()) if num_layers else 0.0, other_n)
+        for group in hits:
+            hits[group] += (consulted_LBS & masks[group]).flatten(1).sum(1)
+            counts[group] += int(masks[group].sum())
+
+    def rates(answer: float, key: float, rest: float) -> dict:
+        return em.routing_specificity(answer, counts["answer"], rest, counts["rest"], key, counts["key"])
+
+    per_layer = [rates(*map(float, layer)) for layer in zip(*hits.values(), strict=True)]
+    overall = rates(*(float(h.mean()) if num_layers else 0.0 for h in hits.values()))
     return {**overall, "per_layer": per_layer}
 
 

@@ -68,7 +68,8 @@ def summarize(name: str, report: dict, run: dict | None = None) -> dict:
         "bits_per_param": bits.get("bits_per_param"),
         "fano_bits": bits.get("fano_bits"),
         "fano_bits_knowledge_off": (report.get("knowledge_bits_knowledge_off") or {}).get("fano_bits"),
-        "routing": {g: {k: r.get(k) for k in ("answer_rate", "other_rate", "ratio")}
+        "routing": {g: {k: r.get(k) for k in ("answer_rate", "other_rate", "ratio", "key_rate", "rest_rate",
+                                              "ratio_beyond_keys")}
                     | {"per_layer": [{k: x.get(k) for k in ("answer_rate", "other_rate", "ratio")}
                                      for x in r.get("per_layer", [])]} for g, r in routing.items()},
         "flops": _flops(report.get("checkpoint")) or (run or {}).get("flops"),

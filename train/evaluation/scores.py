@@ -181,11 +181,22 @@ def per_parameter(bits: float, num_params: int) -> float | None:
     return bits / num_params if num_params > 0 else None
 
 
-def routing_specificity(consulted_answer: float, answer_tokens: int, consulted_other: float,
-                        other_tokens: int) -> dict:
-    """Consult rate on answer positions vs the rest, and their ratio (None where undefined)."""
-    answer_rate = consulted_answer / answer_tokens if answer_tokens else None
-    other_rate = consulted_other / other_tokens if other_tokens else None
-    ratio = answer_rate / other_rate if answer_rate is not None and other_rate else None
-    return {"answer_rate": answer_rate, "other_rate": other_rate, "ratio": ratio,
-            "answer_tokens": answer_tokens, "other_tokens": other_tokens}
+def routing_specificity(consulted_answer: float, answer_tokens: int, consulted_rest: float, rest_tokens: int,
+                        consulted_key: float = 0.0, key_tokens: int = 0) -> dict:
+    """Consult rates on answer positions, on key positions (the names facts are about) and on the rest.
+    ``other_*`` and ``ratio`` count every non-answer position (keys and rest together); ``ratio_beyond_keys``
+    divides the answer rate by the rest's alone. None where undefined."""
+
+    def rate(consulted: float, tokens: int) -> float | None:
+        return consulted / tokens if tokens else None
+
+    def ratio(numerator: float | None, denominator: float | None) -> float | None:
+        return numerator / denominator if numerator is not None and denominator else None
+
+    answer_rate = rate(consulted_answer, answer_tokens)
+    other_rate = rate(consulted_rest + consulted_key, rest_tokens + key_tokens)
+    rest_rate = rate(consulted_rest, rest_tokens)
+    return {"answer_rate": answer_rate, "other_rate": other_rate, "ratio": ratio(answer_rate, other_rate),
+            "answer_tokens": answer_tokens, "other_tokens": rest_tokens + key_tokens,
+            "key_rate": rate(consulted_key, key_tokens), "key_tokens": key_tokens,
+            "rest_rate": rest_rate, "rest_tokens": rest_tokens, "ratio_beyond_keys": ratio(answer_rate, rest_rate)}
