@@ -29,6 +29,7 @@ OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
 CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, "recall_keys")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean", "both")
+MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
@@ -357,6 +358,11 @@ class ObjectiveConfig:
         know the value, so only person-specific expert outputs can carry it. ``both``: the two passes, the
         knowledge-off one scored as above and the ``recall_mean`` one by its forget term only (its reading is the
         ordinary pass's): knowledge off must forget, and a constant key cannot satisfy the forgetting.
+    mean_tokens: which tokens the ``recall_mean`` pass (alone or in ``both``) gives the mean knowledge output:
+        ``recall`` (the recall tokens it scores, as above) or ``consulting`` (every token that consults, the mean
+        over them, as the eval's ``knowledge_mean`` ablation): with ``consult_targets=recall_keys`` the names
+        consult too, and their person-specific expert outputs, carried forward by attention, would let the
+        ``recall`` pass know the value however the experts' output at the value is replaced.
     anchor_weight: with ``kind=lm`` and ``teacher``: adds ``anchor_weight`` * KL(model || teacher) at the recall
         tokens of rows without context (as ``consult_targets=recall``), the model run with knowledge on and the
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
@@ -391,6 +397,7 @@ class ObjectiveConfig:
     forget_weight: float = 0.0
     read_weight: float = 0.0
     forget_ablation: str = "knowledge_off"
+    mean_tokens: str = "recall"
     anchor_weight: float = 0.0
     anchor_rows: str = "all"
     relocate_at: int | None = None
@@ -428,6 +435,12 @@ class ObjectiveConfig:
                  f"objective.anchor_weight > 0, got {self.anchor_weight}")
         _require(self.forget_ablation in FORGET_ABLATIONS,
                  f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
+        _require(self.mean_tokens in MEAN_TOKENS,
+                 f"objective.mean_tokens must be one of {MEAN_TOKENS}, got {self.mean_tokens!r}")
+        _require(self.mean_tokens == "recall" or self.forget_ablation in ("recall_mean", "both"),
+                 f"objective.mean_tokens={self.mean_tokens!r} chooses where the recall_mean pass replaces the "
+                 f"experts' output: it needs objective.forget_ablation recall_mean or both, got "
+                 f"{self.forget_ablation!r}")
         for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")

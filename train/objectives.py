@@ -118,14 +118,16 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
                 ) -> torch.Tensor:
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
-    the ``forget_BS`` tokens; ``both``: one pass of each, the second without the read term), scored by
-    ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    the ``forget_BS`` tokens, or at every consulting token with ``objective.mean_tokens=consulting``; ``both``: one
+    pass of each, the second without the read term), scored by ``knowledge_off_loss``. Returns the weighted loss
+    (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
     for ablation, read_weight in _forget_passes(objective):
         off = ablation == "knowledge_off"
-        with contextlib.nullcontext() if off else interventions.knowledge_mean(model, forget_BS):
+        mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
+        with contextlib.nullcontext() if off else interventions.knowledge_mean(model, mean_BS):
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,

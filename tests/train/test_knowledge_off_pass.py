@@ -91,11 +91,34 @@ def test_both_passes_add_the_knowledge_off_pass_and_an_unread_recall_mean_pass()
     torch.testing.assert_close(got, off + mean)
 
 
+def test_the_mean_pass_at_every_consulting_token():
+    """objective.mean_tokens=consulting: the mean pass replaces every consulting token's knowledge output (the
+    eval's knowledge_mean, moe.knowledge_mean without a mask), scored at the forget tokens as before."""
+    torch.manual_seed(0)
+    model = small_model("gate").eval()
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.3
+    objective = ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="recall_mean",
+                                mean_tokens="consulting")
+    with torch.no_grad():
+        got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective)
+        with knowledge_mean(model):
+            want, _ = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.5)
+        at_recall = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS,
+                                ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="recall_mean"))
+    torch.testing.assert_close(got, want)
+    assert abs(float(got - at_recall)) > 1e-4  # the other consulting tokens' outputs matter
+
+
 def test_knowledge_off_pass_config_errors():
     with pytest.raises(ValueError, match="forget_weight must be >= 0"):
         ObjectiveConfig(forget_weight=-1.0)
     with pytest.raises(ValueError, match="forget_ablation must be one of"):
         ObjectiveConfig(forget_ablation="everything")
+    with pytest.raises(ValueError, match="mean_tokens must be one of"):
+        ObjectiveConfig(forget_ablation="both", mean_tokens="names")
+    with pytest.raises(ValueError, match="mean_tokens='consulting' chooses"):
+        ObjectiveConfig(forget_weight=1.0, mean_tokens="consulting")
     with pytest.raises(ValueError, match="forget_weight / read_weight need objective.kind=lm"):
         ObjectiveConfig(kind="distill", teacher="x", read_weight=1.0)
     with pytest.raises(ValueError, match="forget_weight"):
