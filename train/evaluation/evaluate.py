@@ -44,7 +44,7 @@ from pure_reasoner.moe.model import LMOutput
 from pure_reasoner.train.evaluation import mean_reference as er
 from pure_reasoner.train.evaluation import scores as em
 from pure_reasoner.train.evaluation.batches import encode_pairs, fit, padded_batches
-from pure_reasoner.train.world.disk import WorldDir, load_world
+from pure_reasoner.train.world.disk import MENTION_TYPES, WorldDir, load_world
 from pure_reasoner.train.world.generator import SPLITS, World, build_world, load_world_config
 from pure_reasoner.train.world.splits import CLOSED_BOOK_SPLITS, split_examples
 from pure_reasoner.train.world.text import ATTRIBUTES, BIO_TEMPLATES, continuation, prefix_of
@@ -232,10 +232,17 @@ def consult_map(model: PureReasonerLM, idx_BS: torch.Tensor) -> torch.Tensor:
     return torch.stack([(ids_TK >= 0).any(-1).view(idx_BS.shape) for ids_TK in captured]).cpu()
 
 
-def _name_positions(codec: Codec, prompt: str, spans: Sequence[dict], length: int) -> list[int]:
+def _name_spans(ex: dict) -> list[tuple[int, int]]:
+    """The [start, end) character spans naming what an example's facts are about: the built-in world's typed
+    ``spans`` of a mention type, or a world directory's ``mentions``."""
+    spans = ex.get("mentions") or [sp for sp in ex.get("spans") or [] if sp.get("type") in MENTION_TYPES]
+    return [(sp["start"], sp["end"]) for sp in spans]
+
+
+def _name_positions(codec: Codec, prompt: str, names: Sequence[tuple[int, int]], length: int) -> list[int]:
     """Positions of ``codec.encode(prompt)`` (of ``length`` tokens, the prompt's last ones when cut to fit) whose
-    characters overlap a ``name`` span of the example (what its fact is about: the keys of ``recall_keys``)."""
-    names = [(sp["start"], sp["end"]) for sp in spans if sp.get("type") == "name"]
+    characters overlap one of the ``names`` spans (what the example's facts are about: the keys of
+    ``recall_keys``)."""
     offsets = codec.offsets(prompt)
     cut = len(offsets) - length
     return [i - cut for i, (a, b) in enumerate(offsets)
@@ -259,7 +266,7 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
             first = len(ids) - len(answer_ids) - len(stop_ids) - 1  # predicts the first answer token
             kept = len(ids) - len(answer_ids) - len(stop_ids)  # prompt tokens left after the cut
             batch.append((ids[:-1], first, len(answer_ids),
-                          _name_positions(codec, ex["prompt"], ex.get("spans") or [], kept) if kept > 0 else []))
+                          _name_positions(codec, ex["prompt"], _name_spans(ex), kept) if kept > 0 else []))
         idx_BS = torch.zeros(len(batch), max(len(ids) for ids, *_ in batch), dtype=torch.long)
         masks = {group: torch.zeros(idx_BS.shape, dtype=torch.bool) for group in ("answer", "key", "valid")}
         for b, (ids, first, n, names) in enumerate(batch):

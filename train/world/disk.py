@@ -176,7 +176,8 @@ def read_split(path: str | Path, split: str) -> list[dict]:
         out.append({"id": line.get("id", str, f"{split}-{lineno}"), "split": split, "prompt": prompt,
                     "context": context, "question": line.get("question", str, ""), "choices": choices, "gold": gold,
                     "answer": answer, "memorised": memorised, "person": line.get("person", str, ""),
-                    "attribute": line.get("attribute", str, ""), "facts": _facts(line, full)})
+                    "attribute": line.get("attribute", str, ""), "facts": _facts(line, full),
+                    "mentions": _mentions(line, full)})
     if not out:
         raise ValueError(f"{path} holds no examples")
     return out
@@ -291,7 +292,7 @@ def example_row(ex: dict) -> dict:
     keys = ("id", "split", "prompt", "context", "question", "choices", "gold", "answer", "memorised", "person",
             "attribute")
     full = ex["prompt"] + wt.continuation(ex["answer"])
-    return {**{k: ex[k] for k in keys}, "facts": _split_spans(ex["spans"], full)["facts"]}
+    return {**{k: ex[k] for k in keys}, **_split_spans(ex["spans"], full)}
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
