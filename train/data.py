@@ -345,6 +345,13 @@ SPAN_CODES: dict[str, Callable[[dict], list[int]]] = {
 }
 
 
+def span_overlaps(offsets: Iterable[tuple[int, int]], spans: Iterable[Sequence[int]], shift: int = 0) -> list[bool]:
+    """Per token, whether its characters ``[a + shift, b + shift)`` (``offsets``: each token's span in its text,
+    ``shift``: where that text starts) overlap one of the ``[begin, end)`` character ``spans``."""
+    spans = list(spans)
+    return [any(a + shift < end and begin < b + shift for begin, end in spans) for a, b in offsets]
+
+
 def span_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, columns: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per span column (of ``SPAN_CODES``), [L] int64 over the stream ``tokenize_in_context(docs, tok, seq_len)``
     packs: on every token whose characters overlap one of its row's spans of that column (indexed into
@@ -360,7 +367,7 @@ def span_codes(docs: datasets.Dataset, tok: Tokenizer, seq_len: int, columns: Se
     flat: dict[str, list[int]] = {name: [] for name in columns}
 
     def overlaps(offsets: Iterable[tuple[int, int]], spans: list[list[int]], code: int, shift: int = 0) -> list[int]:
-        return [code * int(any(a + shift < end and begin < b + shift for begin, end in spans)) for a, b in offsets]
+        return [code * int(hit) for hit in span_overlaps(offsets, spans, shift)]
 
     def units() -> Iterator[tuple[list[int], list[bool]]]:
         seen = 0

@@ -208,9 +208,9 @@ def test_tokenizer_json_codec(tmp_path):
     assert codec.name == "tokenizer.json"
     text = "Q: Where was Thom Fibiabou born?\nA: Drodath."
     assert codec.decode(codec.encode(text)) == text and len(codec.encode(text)) < len(text)
-    offsets = codec.offsets(text)
-    assert [text[a:b] for a, b in offsets] == [codec.decode([i]) for i in codec.encode(text)]
-    assert Codec().offsets("añb") == [(0, 1), (1, 2), (1, 2), (2, 3)]  # the two bytes of ñ cover its character
+    ids, offsets = codec.encode_offsets(text)
+    assert ids == codec.encode(text) and [text[a:b] for a, b in offsets] == [codec.decode([i]) for i in ids]
+    assert Codec().encode_offsets("añb") == (list("añb".encode()), [(0, 1), (1, 2), (1, 2), (2, 3)])
     (logprob,), _, _ = score_continuations(loaded, codec, [("Q: Where?\nA:", " Drodath.")])
     ids = codec.encode("Q: Where?\nA:") + codec.encode(" Drodath.")
     n = len(codec.encode(" Drodath."))

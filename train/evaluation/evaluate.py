@@ -41,6 +41,7 @@ from pure_reasoner.moe import PureReasonerLM
 from pure_reasoner.moe.checkpoint import FFN_FILE, load_pretrained
 from pure_reasoner.moe.interventions import mean_ablation, reasoning_off
 from pure_reasoner.moe.model import LMOutput
+from pure_reasoner.train import data
 from pure_reasoner.train.evaluation import mean_reference as er
 from pure_reasoner.train.evaluation import scores as em
 from pure_reasoner.train.evaluation.batches import encode_pairs, fit, padded_batches
@@ -101,12 +102,13 @@ class Codec:
             return list(text.encode("utf-8"))
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def offsets(self, text: str) -> list[tuple[int, int]]:
-        """Per token of ``encode(text)``, the [begin, end) character span of ``text`` it covers (a byte of a
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and, per token, the [begin, end) character span of ``text`` it covers (a byte of a
         multi-byte character covers that character)."""
         if self.tokenizer is not None:
-            return list(self.tokenizer.encode(text, add_special_tokens=False).offsets)
-        return [(i, i + 1) for i, ch in enumerate(text) for _ in ch.encode("utf-8")]
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            return encoding.ids, list(encoding.offsets)
+        return self.encode(text), [(i, i + 1) for i, ch in enumerate(text) for _ in ch.encode("utf-8")]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -239,21 +241,11 @@ def _name_spans(ex: dict) -> list[tuple[int, int]]:
     return [(sp["start"], sp["end"]) for sp in spans]
 
 
-def _name_positions(codec: Codec, prompt: str, names: Sequence[tuple[int, int]], length: int) -> list[int]:
-    """Positions of ``codec.encode(prompt)`` (of ``length`` tokens, the prompt's last ones when cut to fit) whose
-    characters overlap one of the ``names`` spans (what the example's facts are about: the keys of
-    ``recall_keys``)."""
-    offsets = codec.offsets(prompt)
-    cut = len(offsets) - length
-    return [i - cut for i, (a, b) in enumerate(offsets)
-            if i >= cut and any(a < end and begin < b for begin, end in names)]
-
-
 def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[dict], batch_size: int = 16) -> dict:
     """Consult rates on answer positions (those that predict an answer token) vs other positions, per MoE layer
-    and over all layers. The other positions are split once more into the name tokens of the examples' ``name``
-    spans (``key_*``: where ``objective.consult_targets=recall_keys`` teaches the experts to be consulted) and the
-    rest (``rest_*``; ``ratio_beyond_keys`` = answer rate / rest rate)."""
+    and over all layers. The other positions are split once more into the prompt tokens that overlap the names
+    the example is about (``_name_spans``; ``key_*``: where ``objective.consult_targets=recall_keys`` teaches the
+    experts to be consulted) and the rest (``rest_*``; ``ratio_beyond_keys`` = answer rate / rest rate)."""
     limit = model.cfg.max_seq_len + 1
     num_layers = len(model.moe_layers())
     hits = {group: torch.zeros(num_layers) for group in ("answer", "key", "rest")}
@@ -261,12 +253,13 @@ def routing_specificity(model: PureReasonerLM, codec: Codec, examples: Sequence[
     for start in range(0, len(examples), batch_size):
         batch = []
         for ex in examples[start : start + batch_size]:
-            prompt_ids, answer_ids, stop_ids = (codec.encode(t) for t in (ex["prompt"], " " + ex["answer"], "."))
+            prompt_ids, offsets = codec.encode_offsets(ex["prompt"])
+            answer_ids, stop_ids = codec.encode(" " + ex["answer"]), codec.encode(".")
             ids = fit(prompt_ids + answer_ids + stop_ids, limit)
-            first = len(ids) - len(answer_ids) - len(stop_ids) - 1  # predicts the first answer token
-            kept = len(ids) - len(answer_ids) - len(stop_ids)  # prompt tokens left after the cut
-            batch.append((ids[:-1], first, len(answer_ids),
-                          _name_positions(codec, ex["prompt"], _name_spans(ex), kept) if kept > 0 else []))
+            kept = len(ids) - len(answer_ids) - len(stop_ids)  # prompt tokens left after the cut (the last ones)
+            cut = len(prompt_ids) - kept
+            names = [i - cut for i, hit in enumerate(data.span_overlaps(offsets, _name_spans(ex))) if hit and i >= cut]
+            batch.append((ids[:-1], kept - 1, len(answer_ids), names))  # position kept - 1 predicts the answer
         idx_BS = torch.zeros(len(batch), max(len(ids) for ids, *_ in batch), dtype=torch.long)
         masks = {group: torch.zeros(idx_BS.shape, dtype=torch.bool) for group in ("answer", "key", "valid")}
         for b, (ids, first, n, names) in enumerate(batch):
