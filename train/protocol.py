@@ -1,7 +1,7 @@
 """Run a recipe under the protocol: several seeds, each its own world, init and data order; train, evaluate, record.
 
     python -m pure_reasoner.train.protocol --recipe NAME [--seeds 0 1 2] [--heldout-seeds 2] [--world-seed-offset 0]
-                             [--eval-examples 600] [--results results] [--eval-arg=--bits-people=120 ...]
+                             [--eval-examples 600] [--results results] [--eval-arg=--bits-people=120 ...] [--chain]
                              -- experiment=decoupling [overrides ...]
 
 For each seed k (at least ``MIN_SEEDS``): world seed ``w = offset + k`` (``data.generator_kwargs.seed``: its own
@@ -15,6 +15,10 @@ final scorecard keeps them.
 The world's eval splits hold ``--eval-examples`` questions (600: a 95% interval of about ±0.04); the single-hop
 splits (closed_book, open_book) are checked to reach that many before anything trains, and again in the reports.
 Training and evaluation run as subprocesses, one after another, in the current directory (``runs/<name>``).
+
+``--chain``: a recipe that starts from (or distils) earlier recipes' exports, ``runs/<recipe>-seed<k>/export``, gets
+those stages trained first where their exports are missing (``train.chain``), each with the seed's world and the
+overrides in ``train.chain.RUN_ONLY_KEYS``; the entry records their commands (``chain_commands``) and walls.
 """
 
 from __future__ import annotations
@@ -147,6 +151,37 @@ def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequenc
             "commands": [" ".join(["python", *c[1:]]) for c in (train_cmd, eval_cmd)]}
 
 
+def stage_run(run: SeedRun, stage: str) -> SeedRun:
+    """The seed run of an earlier stage of ``run``'s chain: same seed and world, only the run-only overrides."""
+    from pure_reasoner.train.chain import run_only
+
+    return SeedRun(stage, run.seed, run.world_seed, run.heldout, (f"experiment={stage}", *run_only(run.overrides)))
+
+
+def chain_stages(run: SeedRun, eval_examples: int) -> list[SeedRun]:
+    """The earlier stages ``run`` needs, in training order (``train.chain.stages``)."""
+    from pure_reasoner.train.chain import stages
+
+    def compose_stage(stage: str):
+        return compose(stage_run(run, stage).train_overrides(eval_examples))
+
+    cfg = compose(run.train_overrides(eval_examples))
+    return [stage_run(run, s) for s in stages(cfg, run.seed, compose_stage, REPO / "conf" / "experiment")]
+
+
+def train_chain(stages: Sequence[SeedRun], eval_examples: int) -> dict:
+    """Train the stages whose exports are missing, in order; the manifest fields that record them."""
+    commands, walls, reused = [], {}, []
+    for stage in stages:
+        if (Path("runs") / stage.name / "export").is_dir():
+            reused.append(stage.name)
+            continue
+        command = [sys.executable, "-m", "pure_reasoner.train", *stage.train_overrides(eval_examples)]
+        walls[stage.recipe] = round(_run(command), 1)
+        commands.append(" ".join(["python", *command[1:]]))
+    return {"chain_commands": commands, "chain_train_wall_s": walls, "chain_reused": reused}
+
+
 def record(manifest_path: Path, stem: str, entry: dict) -> None:
     """Add (or replace) one entry of the runs manifest, written atomically."""
     runs = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -183,12 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="questions per eval split (single-hop splits must reach it)")
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--eval-arg", action="append", default=[], help="passed to the evaluation (repeatable)")
+    parser.add_argument("--chain", action="store_true",
+                        help="first train the earlier recipes this one starts from, where their exports are missing")
     parser.add_argument("overrides", nargs="*", help="training overrides (after --)")
     args = parser.parse_args(argv)
     try:
         runs = plan(args.recipe, args.seeds, args.heldout_seeds, args.world_seed_offset, args.overrides)
         for run in runs:  # every seed's config and world are checked before the first one trains
             check_world(compose(run.train_overrides(args.eval_examples)), args.eval_examples)
+        chains = {run.seed: chain_stages(run, args.eval_examples) if args.chain else [] for run in runs}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -196,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     for run in runs:
         try:
-            entry = run_seed(run, args.results, args.eval_examples, args.eval_arg)
+            chain = train_chain(chains[run.seed], args.eval_examples) if args.chain else {}
+            entry = {**run_seed(run, args.results, args.eval_examples, args.eval_arg), **chain}
         except (RuntimeError, ValueError) as err:
             print(f"error: seed {run.seed}: {err}", file=sys.stderr)
             return 1

@@ -1,12 +1,14 @@
 """The protocol end to end on a tiny world (3 seeds, 2 training steps each), and its refusals."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from pure_reasoner.train import chain, protocol
 from pure_reasoner.train.evaluation import scorecard
-from pure_reasoner.train.protocol import check_world, compose, main, plan
+from pure_reasoner.train.protocol import chain_stages, check_world, compose, main, plan, train_chain
 
 TINY = ("experiment=decoupling_tiny", "model=tiny", "model.max_seq_len=384", "train.max_steps=2",
         "train.warmup_steps=1", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
@@ -57,3 +59,62 @@ def test_protocol_refuses_what_cannot_tell_recipes_apart(tmp_path, capsys):
     assert "fewer than --eval-examples=600" in capsys.readouterr().err
     with pytest.raises(ValueError, match="data.generator=pure_reasoner.train.world.generator:pretraining_corpus"):
         check_world(compose(["experiment=smoke", "data=shakespeare"]), 10)
+
+
+LEAD = "relocate_keys_cf_release_copy_release_both_anchored_consulting"
+# The lead recipe's chain, read off its configs' train.init_from and objective.teacher by hand: each stage after the
+# stages whose exports it names.
+LEAD_CHAIN = ["recall_keys_docmask", "relocate_keys_cf", "relocate_keys_cf_release",
+              "relocate_keys_cf_release_read_wide", "relocate_keys_cf_release_read_wide_release",
+              "relocate_keys_cf_release_copy",
+              "relocate_keys_cf_release_copy_read", "relocate_keys_cf_release_copy_release"]
+
+
+def test_chain_lists_the_earlier_recipes_in_training_order():
+    (run, *_) = plan(LEAD, [4, 0, 1], [4], 0, [f"experiment={LEAD}", "train.progress=false", "train.first_look=0",
+                                               "objective.read_weight=2.0"])
+    stages = chain_stages(run, 600)
+    assert [s.recipe for s in stages] == LEAD_CHAIN
+    for stage in stages:  # same seed and world; run-only overrides passed on, the recipe's loss weights not
+        assert (stage.seed, stage.world_seed, stage.heldout) == (4, 4, True)
+        assert stage.overrides == (f"experiment={stage.recipe}", "train.progress=false", "train.first_look=0")
+    assert chain_stages(plan("r", [0, 1, 2], [], 0, list(TINY))[0], 60) == []  # nothing to start from
+
+
+def test_chain_refuses_loops_and_mixed_seeds(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text("")
+
+    def cfg(name, init_from=None, teacher=None):
+        return SimpleNamespace(name=name, train=SimpleNamespace(init_from=init_from),
+                               objective=SimpleNamespace(teacher=teacher))
+
+    configs = {"a": cfg("a", "runs/b-seed3/export"), "b": cfg("b", teacher="runs/a-seed3/export")}
+    with pytest.raises(ValueError, match="loops: top -> a -> b -> a"):
+        chain.stages(cfg("top", "runs/a-seed3/export"), 3, configs.__getitem__, tmp_path)
+    with pytest.raises(ValueError, match="runs/a-seed1/export: a stage of another seed than 3"):
+        chain.needed(cfg("top", "runs/a-seed1/export"), 3, tmp_path)
+    # paths outside the pattern, or of recipes with no config, are models to load, not stages to train
+    assert chain.needed(cfg("top", "runs/c-seed3/export", "/data/teacher"), 3, tmp_path) == []
+
+
+def test_train_chain_trains_only_missing_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained = []
+
+    def fake_run(command):
+        name = next(a.split("=", 1)[1] for a in command if a.startswith("name="))
+        (tmp_path / "runs" / name / "export").mkdir(parents=True)
+        trained.append(name)
+        return 1.0
+
+    monkeypatch.setattr(protocol, "_run", fake_run)
+    (run, *_) = plan(LEAD, [0, 1, 2], [], 0, [f"experiment={LEAD}"])
+    stages = chain_stages(run, 600)
+    (tmp_path / "runs" / "recall_keys_docmask-seed0" / "export").mkdir(parents=True)
+    entry = train_chain(stages, 600)
+    assert trained == [f"{s}-seed0" for s in LEAD_CHAIN[1:]]
+    assert entry["chain_reused"] == ["recall_keys_docmask-seed0"]
+    assert list(entry["chain_train_wall_s"]) == LEAD_CHAIN[1:]
+    assert entry["chain_commands"][0].startswith("python -m pure_reasoner.train experiment=relocate_keys_cf name=")
+    assert train_chain(stages, 600)["chain_commands"] == []  # all there now
