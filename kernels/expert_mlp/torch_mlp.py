@@ -179,8 +179,8 @@ def _rows_forward(x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, slot_R, offsets_E, mas
     (offsets relative to its first row)."""
     a1_RF, a3_RF = _preactivations(x_TD, slot_R, offsets_E, w1_EDF, w3_EDF, gates_TK.shape[1], masked, w13_ED2F)
     gate_RF, up_RF = _gate_up(a1_RF, a3_RF, w1_EDF.shape[2])
-    y_RD = grouped_matmul(F.silu(gate_RF) * up_RF, w2_EFD, offsets_E)
-    y_RD = y_RD * gates_TK.reshape(-1).index_select(0, slot_R).to(y_RD.dtype).unsqueeze(1)
+    y_RD = grouped_matmul(F.silu(gate_RF).mul_(up_RF), w2_EFD, offsets_E)
+    y_RD.mul_(gates_TK.reshape(-1).index_select(0, slot_R).to(y_RD.dtype).unsqueeze(1))  # fresh: in place
     if masked:
         y_RD = torch.where(_valid_rows(slot_R.numel(), offsets_E), y_RD, 0.0)
     return y_RD, a1_RF, a3_RF
@@ -261,12 +261,20 @@ def mlp_backward(
         u_RF = torch.where(valid_R1, u_RF, 0.0)
     dgate_R = (u_RF * h_RF).sum(1)
     dw2_EFD = wgrad_like(w2_EFD, h_RF, dy_RD * gate_R1, offsets_E)
-    dh_RF = u_RF * gate_R1
-    da3_RF = dh_RF * silu_RF
-    da1_RF = torch.ops.aten.silu_backward(dh_RF * a3_RF, a1_RF)
+    del h_RF
+    # Fewer passes and fresh buffers over [R, F]: u is not needed past dgate, so dh is u scaled in place, and
+    # da1 | da3 are written straight into the [R, 2F] input of the fused GEMMs (no concatenation).
+    dh_RF = u_RF.mul_(gate_R1)
+    width = silu_RF.shape[1]
+    if w13_ED2F is not None:
+        da13_R2F = silu_RF.new_empty(num_rows, 2 * width)
+        da1_RF, da3_RF = da13_R2F[:, :width], da13_R2F[:, width:]
+    else:
+        da1_RF, da3_RF = torch.empty_like(silu_RF), torch.empty_like(silu_RF)
+    torch.mul(dh_RF, silu_RF, out=da3_RF)
+    torch.ops.aten.silu_backward.grad_input(dh_RF.mul_(a3_RF), a1_RF, grad_input=da1_RF)
     x_RD = x_TD.index_select(0, token_R)
     if w13_ED2F is not None:
-        da13_R2F = torch.cat([da1_RF, da3_RF], 1)
         dw13_ED2F = wgrad_like(w13_ED2F, x_RD, da13_R2F, offsets_E)
         dw1_EDF, dw3_EDF = w1_EDF.new_empty(0), w1_EDF.new_empty(0)  # distinct: op outputs may not alias
         dx_RD = grouped_matmul(da13_R2F, w13_ED2F.transpose(1, 2), offsets_E)
