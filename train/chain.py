@@ -25,6 +25,19 @@ def run_only(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if o.split("=")[0].lstrip("+") in RUN_ONLY_KEYS]
 
 
+def missing_export(key: str, path) -> str:
+    """The error for a missing export ``path`` given as ``key``: when it names an earlier recipe's export
+    (``runs/<recipe>-seed<k>/export``), how to train it."""
+    message = f"{key}={path} is not a directory"
+    match = _EXPORT.match(str(path))
+    if match:
+        recipe, seed = match["recipe"], match["seed"]
+        message += (f": it is recipe {recipe!r}'s model of seed {seed}; train it first with `python -m "
+                    f"pure_reasoner.train experiment={recipe} train.seed={seed}` (and this run's world overrides), "
+                    "or run this recipe through `python -m pure_reasoner.train.protocol --chain`")
+    return message
+
+
 def needed(cfg, seed: int, experiments: Path) -> list[str]:
     """The recipes whose exports ``cfg`` starts from or distils (``train.init_from``, ``objective.teacher``), for
     paths of the form ``runs/<recipe>-seed<seed>/export`` with a ``<experiments>/<recipe>.yaml``.

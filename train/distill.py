@@ -15,6 +15,7 @@ import torch
 
 from pure_reasoner.moe import LMOutput, PureReasonerLM
 from pure_reasoner.moe.checkpoint import load_pretrained
+from pure_reasoner.train.chain import missing_export
 from pure_reasoner.train.config import Config, ObjectiveConfig
 from pure_reasoner.train.init_from import adopt_tokenizer
 from pure_reasoner.train.objectives import distillation_loss, drop_context, reverse_kl
@@ -30,6 +31,8 @@ def load_teacher(cfg: Config, run_dir: Path, rank: int) -> PureReasonerLM | None
     if (cfg.objective.kind != "distill" and cfg.objective.anchor_weight == 0) or cfg.objective.relocates:
         return None
     src = Path(cfg.objective.teacher)
+    if not src.is_dir():
+        raise ValueError(missing_export("objective.teacher", cfg.objective.teacher))
     teacher = load_pretrained(src).eval().requires_grad_(False)
     if teacher.cfg.vocab_size != cfg.model.vocab_size:
         raise ValueError(

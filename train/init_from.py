@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pure_reasoner.moe import ModelConfig, PureReasonerLM
 from pure_reasoner.moe.checkpoint import load_pretrained
+from pure_reasoner.train.chain import missing_export
 from pure_reasoner.train.data import TOKENIZER
 
 
@@ -34,7 +35,7 @@ def check_source(directory: str, model_cfg: ModelConfig, ep_size: int) -> PureRe
     if ep_size != 1:
         raise ValueError(f"train.init_from needs train.ep_size=1, got {ep_size}")
     if not src.is_dir():
-        raise ValueError(f"train.init_from={src} is not a directory")
+        raise ValueError(missing_export("train.init_from", directory))
     source = load_pretrained(src)
     if source.cfg != model_cfg:
         theirs, ours = dataclasses.asdict(source.cfg), dataclasses.asdict(model_cfg)

@@ -118,3 +118,19 @@ def test_train_chain_trains_only_missing_stages(tmp_path, monkeypatch):
     assert list(entry["chain_train_wall_s"]) == LEAD_CHAIN[1:]
     assert entry["chain_commands"][0].startswith("python -m pure_reasoner.train experiment=relocate_keys_cf name=")
     assert train_chain(stages, 600)["chain_commands"] == []  # all there now
+
+
+def test_a_missing_earlier_stage_says_how_to_train_it(tmp_path):
+    from pure_reasoner.train.distill import load_teacher
+    from pure_reasoner.train.init_from import check_source
+
+    cfg = compose(["experiment=relocate_keys_cf", "train.seed=7"])
+    with pytest.raises(ValueError, match=r"train.init_from=runs/recall_keys_docmask-seed7/export is not a directory: "
+                                         r"it is recipe 'recall_keys_docmask'.s model of seed 7; .*"
+                                         r"experiment=recall_keys_docmask train.seed=7.*--chain"):
+        check_source(cfg.train.init_from, cfg.model, 1)
+    with pytest.raises(ValueError, match=r"objective.teacher=runs/recall_keys_docmask-seed7/export is not a directory: "
+                                         r"it is recipe 'recall_keys_docmask'"):
+        load_teacher(cfg, tmp_path, 0)
+    assert not list(tmp_path.iterdir())  # nothing written
+    assert chain.missing_export("train.init_from", "/data/x") == "train.init_from=/data/x is not a directory"
