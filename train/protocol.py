@@ -158,14 +158,15 @@ def stage_run(run: SeedRun, stage: str) -> SeedRun:
     return SeedRun(stage, run.seed, run.world_seed, run.heldout, (f"experiment={stage}", *run_only(run.overrides)))
 
 
-def chain_stages(run: SeedRun, eval_examples: int) -> list[SeedRun]:
-    """The earlier stages ``run`` needs, in training order (``train.chain.stages``)."""
+def chain_stages(run: SeedRun, eval_examples: int, cfg=None) -> list[SeedRun]:
+    """The earlier stages ``run`` needs, in training order (``train.chain.stages``); ``cfg``: the run's composed
+    Config when the caller has it (composed here otherwise)."""
     from pure_reasoner.train.chain import stages
 
     def compose_stage(stage: str):
         return compose(stage_run(run, stage).train_overrides(eval_examples))
 
-    cfg = compose(run.train_overrides(eval_examples))
+    cfg = compose(run.train_overrides(eval_examples)) if cfg is None else cfg
     return [stage_run(run, s) for s in stages(cfg, run.seed, compose_stage, REPO / "conf" / "experiment")]
 
 
@@ -224,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = plan(args.recipe, args.seeds, args.heldout_seeds, args.world_seed_offset, args.overrides)
-        for run in runs:  # every seed's config and world are checked before the first one trains
-            check_world(compose(run.train_overrides(args.eval_examples)), args.eval_examples)
-        chains = {run.seed: chain_stages(run, args.eval_examples) if args.chain else [] for run in runs}
+        chains = {}
+        for run in runs:  # every seed's config, world and chain are checked before the first one trains
+            cfg = compose(run.train_overrides(args.eval_examples))
+            check_world(cfg, args.eval_examples)
+            chains[run.seed] = chain_stages(run, args.eval_examples, cfg) if args.chain else []
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
