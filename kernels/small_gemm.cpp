@@ -138,7 +138,10 @@ static void rows_nn_dispatch(int rows, const float* A, int64_t a_rs, int64_t a_k
 // Rows of B per block of the NN product: a block reads KB rows of B (one 4 KB page each for a 1024-wide fp32
 // weight) a panel at a time, so the hardware prefetcher follows KB sequential streams, and C (M x the columns,
 // in L1/L2) is read and written once per block.
-constexpr int64_t KB = 32;
+#ifndef PR_KB  // overridable at build time (-DPR_KB=...) for tuning
+#define PR_KB 32
+#endif
+constexpr int64_t KB = PR_KB;
 
 // C[0:M, n0:n1] = A[0:M, :] B[:, n0:n1] (strides as in tile_nn): B streamed in blocks of KB rows, each block
 // panel by panel, every row block of A passing over a panel while it is in L1.
