@@ -73,15 +73,21 @@ static inline float hsum(vec v) {
 }
 
 // C[r, j] (+)= sum_k A[r * a_rs + k * a_ks] * B[k * b_ks + j] for r < RB, j < NB * VL, written as ``how`` says.
+// ``P``: where the rows of B KB rows further down start (the next block, fetched into L2 while this one is
+// computed), or null; ``pk``: how many of them exist.
 template <int RB, int NB>
 static inline void tile_nn(const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t b_ks, int64_t K,
-                           float* C, int64_t c_rs, Write how) {
+                           float* C, int64_t c_rs, Write how, const float* P = nullptr, int64_t pk = 0) {
     vec acc[RB][NB];
     UNROLL
     for (int r = 0; r < RB; ++r)
         UNROLL
         for (int n = 0; n < NB; ++n) acc[r][n] = how == ADD ? load(C + r * c_rs + n * VL) : vec{};
     for (int64_t k = 0; k < K; ++k) {
+        if (P != nullptr && k < pk) {
+            UNROLL
+            for (int n = 0; n < NB; ++n) __builtin_prefetch(P + k * b_ks + n * VL, 0, 2);
+        }
         vec b[NB];
         UNROLL
         for (int n = 0; n < NB; ++n) b[n] = load(B + k * b_ks + n * VL);
@@ -118,21 +124,23 @@ static inline void tile_nn_col(const float* A, int64_t a_rs, int64_t a_ks, const
 // RB rows of C, columns [n0, n1): full tiles, then one vector, then single columns.
 template <int RB>
 static void rows_nn(const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t b_ks, int64_t K,
-                    float* C, int64_t c_rs, int64_t n0, int64_t n1, Write how) {
+                    float* C, int64_t c_rs, int64_t n0, int64_t n1, Write how, const float* P, int64_t pk) {
     int64_t n = n0;
     for (; n + NN_NB * VL <= n1; n += NN_NB * VL)
-        tile_nn<RB, NN_NB>(A, a_rs, a_ks, B + n, b_ks, K, C + n, c_rs, how);
+        tile_nn<RB, NN_NB>(A, a_rs, a_ks, B + n, b_ks, K, C + n, c_rs, how, P ? P + n : nullptr, pk);
     for (; n + VL <= n1; n += VL) tile_nn<RB, 1>(A, a_rs, a_ks, B + n, b_ks, K, C + n, c_rs, how);
     for (; n < n1; ++n) tile_nn_col<RB>(A, a_rs, a_ks, B + n, b_ks, K, C + n, c_rs, how);
 }
 
 template <int RB>
 static void rows_nn_dispatch(int rows, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t b_ks,
-                             int64_t K, float* C, int64_t c_rs, int64_t n0, int64_t n1, Write how) {
+                             int64_t K, float* C, int64_t c_rs, int64_t n0, int64_t n1, Write how,
+                             const float* P = nullptr, int64_t pk = 0) {
     if constexpr (RB > 1) {
-        if (rows < RB) return rows_nn_dispatch<RB - 1>(rows, A, a_rs, a_ks, B, b_ks, K, C, c_rs, n0, n1, how);
+        if (rows < RB)
+            return rows_nn_dispatch<RB - 1>(rows, A, a_rs, a_ks, B, b_ks, K, C, c_rs, n0, n1, how, P, pk);
     }
-    rows_nn<RB>(A, a_rs, a_ks, B, b_ks, K, C, c_rs, n0, n1, how);
+    rows_nn<RB>(A, a_rs, a_ks, B, b_ks, K, C, c_rs, n0, n1, how, P, pk);
 }
 
 // Rows of B per block of the NN product: a block reads KB rows of B (one 4 KB page each for a 1024-wide fp32
@@ -142,6 +150,9 @@ static void rows_nn_dispatch(int rows, const float* A, int64_t a_rs, int64_t a_k
 #define PR_KB 32
 #endif
 constexpr int64_t KB = PR_KB;
+#ifndef PR_PREFETCH
+#define PR_PREFETCH 1
+#endif
 
 // C[0:M, n0:n1] = A[0:M, :] B[:, n0:n1] (strides as in tile_nn): B streamed in blocks of KB rows, each block
 // panel by panel, every row block of A passing over a panel while it is in L1.
@@ -152,10 +163,13 @@ static void block_nn(int64_t M, const float* A, int64_t a_rs, int64_t a_ks, cons
         const int64_t kn = K - k0 < KB ? K - k0 : KB;
         for (int64_t p = n0; p < n1; p += PANEL) {
             const int64_t p1 = p + PANEL < n1 ? p + PANEL : n1;
+            // The first row block fetches the next block's rows of this panel (PR_PREFETCH=0 turns it off).
+            const int64_t pk = PR_PREFETCH && K - k0 - KB > 0 ? (K - k0 - KB < KB ? K - k0 - KB : KB) : 0;
             for (int64_t m = 0; m < M; m += NN_RB) {
                 const int rows = static_cast<int>(M - m < NN_RB ? M - m : NN_RB);
+                const float* P = m == 0 && pk > 0 ? B + (k0 + KB) * b_ks : nullptr;
                 rows_nn_dispatch<NN_RB>(rows, A + m * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * b_ks, b_ks, kn,
-                                        C + m * c_rs, c_rs, p, p1, k0 > 0 ? ADD : SET);
+                                        C + m * c_rs, c_rs, p, p1, k0 > 0 ? ADD : SET, P, pk);
             }
         }
     }

@@ -129,3 +129,35 @@ def test_build_is_cached_per_source_and_compiler(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert small_gemm.build(tmp_path, cxx) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["w1-w3", "fused-w13"])
+def test_knowledge_mlp_on_the_small_engine_matches_the_oracle(fused, monkeypatch):
+    """The whole knowledge path (forward, every gradient) with the small engine picked for both grouped classes, on
+    weights big enough to use it; one expert gets more rows than ``SMALL_ROWS`` (handed to the runner-up)."""
+    from pure_reasoner.kernels import engines
+    from pure_reasoner.kernels.expert_mlp.random_inputs import random_mlp_inputs
+    from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
+    from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
+
+    choice = engines.EngineChoice(dense="mkl", grouped="small", grouped_wgrad="small", source="override",
+                                  gflops={"grouped": {"small": 2.0, "mkl": 1.0}})
+    monkeypatch.setattr(engines, "current", lambda: choice)
+    gen = torch.Generator().manual_seed(3)
+    x_TD, ids_TK, gates_TK, w1, w3, w2 = random_mlp_inputs(36, 512, 512, 4, 2, 0.3, torch.float32, generator=gen)
+    ids_TK[:34, 0] = 2  # expert 2: > SMALL_ROWS rows
+    assert (ids_TK == 2).sum() > small_gemm.SMALL_ROWS
+    ref = knowledge_mlp_reference(x_TD, ids_TK, gates_TK, w1, w3, w2)
+    dy_TD = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x_TD, gates_TK, w1, w3, w2], dy_TD)
+    if fused:
+        w13 = torch.cat([w1, w3], 2).detach().requires_grad_()
+        y = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, w13[..., :512], w13[..., 512:], w2, w13_ED2F=w13)
+        dx, dg, dw13, dw2 = torch.autograd.grad(y, [x_TD, gates_TK, w13, w2], dy_TD)
+        got = (dx, dg, dw13[..., :512], dw13[..., 512:], dw2)
+    else:
+        y = knowledge_mlp_torch(x_TD, ids_TK, gates_TK, w1, w3, w2)
+        got = torch.autograd.grad(y, [x_TD, gates_TK, w1, w3, w2], dy_TD)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    for name, g, w in zip(["x", "gates", "w1", "w3", "w2"], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
