@@ -19,7 +19,8 @@ setup(
     # is a top-level name another distribution could shadow (Hugging Face's `kernels` package, for one).
     packages=["pure_reasoner", *(f"pure_reasoner.{p}" for p in PACKAGES)],
     package_dir={"pure_reasoner": "pure_reasoner", **{f"pure_reasoner.{p}": p.replace(".", "/") for p in PACKAGES}},
-    package_data={"pure_reasoner.train.evaluation": [f"lm_eval_tasks/{p}" for p in ("*.yaml", "*_yaml", "*.py")]},
+    package_data={"pure_reasoner.train.evaluation": [f"lm_eval_tasks/{p}" for p in ("*.yaml", "*_yaml", "*.py")],
+                  "pure_reasoner.kernels": ["small_gemm.cpp"]},  # compiled on first use (kernels/small_gemm.py)
     install_requires=[
         "torch>=2.9,<2.14",
         "triton>=3.4,<3.10",

@@ -4,6 +4,8 @@ dense linear the rest of the model uses (oneDNN GEMMs on CPU fp32).
     routing/            routing metadata: reference, torch path, Triton kernel
     expert_mlp/         the knowledge experts' MLP: reference, torch path, Triton kernels, megablocks, dispatch
     onednn_gemm.py, onednn_linear.py     grouped and dense fp32 GEMMs through oneDNN; ``Linear``
+    small_gemm.py, small_gemm.cpp        grouped fp32 GEMMs for experts with few rows, built for the running CPU
+    engines.py          which engine runs each class of CPU fp32 GEMM, measured on the running machine
     triton_schedule.py  what every Triton kernel shares: row-block schedule, launch, the autotune table
     triton_aot.py       ahead-of-time compile of every Triton kernel for GPUs this machine does not have
     backends.py         where each optional implementation can run

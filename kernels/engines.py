@@ -7,13 +7,16 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 - ``dense``: a large dense GEMM (``kernels.Linear``), engines ``mkl`` (``torch.mm``: MKL on x86 builds)
   and ``onednn`` (``torch.ops.mkldnn._linear_pointwise``).
 - ``grouped``: per-expert GEMMs of a few dozen rows against big expert weights (the knowledge path's
-  forward and input gradient), engines ``mkl`` (a ``torch.mm`` per expert), ``onednn`` (one per expert)
-  and ``grouped_mm`` (``F.grouped_mm``).
+  forward and input gradient), engines ``mkl`` (a ``torch.mm`` per expert), ``onednn`` (one per expert),
+  ``grouped_mm`` (``F.grouped_mm``) and ``small`` (``kernels.small_gemm``: kernels built here that stream
+  each weight once; experts with many rows go to the next-best engine, ``EngineChoice.runner_up``). ``small``
+  is offered where a C++ compiler is.
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
-now, engines interleaved, the fastest of a few calls kept: ~15 GFLOP of calls in all, a fraction of a second
-on an idle 2-core machine, and at most ~3 s of calls on a busy one (``measure``'s budget: fewer repeats).
+now, engines interleaved, the fastest of a few calls kept. A grouped call streams 128 MiB of weights (or writes
+as much weight gradient), so the whole measurement takes about a second on an idle 2-core machine and ~3 s of
+calls on a busy one (``measure``'s budget: fewer repeats), plus each engine's untimed first call.
 The choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACHE_HOME/pure_reasoner`` or
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
 count and torch version, so another machine or torch build measures again. ``PURE_REASONER_GEMM_ENGINE``
@@ -40,14 +43,16 @@ ENV_OVERRIDE = "PURE_REASONER_GEMM_ENGINE"
 ENV_CACHE_DIR = "PURE_REASONER_CACHE_DIR"
 OVERRIDES = ("auto", "mkl", "onednn")
 CLASSES = ("dense", "grouped", "grouped_wgrad")
-ENGINES = {"dense": ("mkl", "onednn"), "grouped": ("mkl", "onednn", "grouped_mm"),
-           "grouped_wgrad": ("mkl", "onednn", "grouped_mm")}
+ENGINES = {"dense": ("mkl", "onednn"), "grouped": ("mkl", "onednn", "grouped_mm", "small"),
+           "grouped_wgrad": ("mkl", "onednn", "grouped_mm", "small")}
 # Representative shapes: dense [M, I] @ [I, O]; grouped E experts x rows each, [I] -> [O]. 1024-wide
-# weights and 32 rows per expert are the knowledge path's low-consult-rate regime (benchmarks/).
+# weights and 16 rows per expert are the knowledge path's low-consult-rate regime (benchmarks/), and 32 such
+# experts (128 MiB) are more than a core's caches hold, so each call streams its weights from memory as training
+# does (the weight gradients: writes them).
 _CLASS_SHAPES = {"dense": dict(rows=512, in_dim=1024, out_dim=1024),
-                 "grouped": dict(experts=4, rows=32, in_dim=1024, out_dim=1024),
-                 "grouped_wgrad": dict(experts=4, rows=32, in_dim=1024, out_dim=1024)}
-_CACHE_VERSION = 1
+                 "grouped": dict(experts=32, rows=16, in_dim=1024, out_dim=1024),
+                 "grouped_wgrad": dict(experts=32, rows=16, in_dim=1024, out_dim=1024)}
+_CACHE_VERSION = 2  # 2: the ``small`` engine joined the grouped classes
 
 Timer = Callable[[str, str, Callable[[], object]], float]
 
@@ -65,6 +70,12 @@ class EngineChoice:
     grouped_wgrad: str
     source: str
     gflops: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+
+    def runner_up(self, shape_class: str) -> str:
+        """The fastest engine of ``shape_class`` measured other than ``small`` (which hands its experts with many
+        rows to it); ``mkl`` when nothing was measured (an override)."""
+        measured = {e: g for e, g in self.gflops.get(shape_class, {}).items() if e != "small"}
+        return max(measured, key=measured.get) if measured else "mkl"
 
     def as_dict(self) -> dict:
         """JSON-ready: the engine per class, the source, the measured GFLOP/s."""
@@ -99,9 +110,12 @@ def default_cache_path() -> Path:
 
 
 def available(shape_class: str) -> tuple[str, ...]:
-    """The engines of ``shape_class`` this torch build has (oneDNN may be absent)."""
-    has_onednn = torch.backends.mkldnn.is_available()
-    return tuple(e for e in ENGINES[shape_class] if e != "onednn" or has_onednn)
+    """The engines of ``shape_class`` this machine has (oneDNN may be absent from the torch build, a C++ compiler
+    from the machine; asking builds ``small`` once)."""
+    from pure_reasoner.kernels import small_gemm
+
+    has = {"onednn": torch.backends.mkldnn.is_available, "small": small_gemm.available}
+    return tuple(e for e in ENGINES[shape_class] if has.get(e, lambda: True)())
 
 
 def _cases(shape_class: str) -> tuple[dict[str, Callable[[], object]], float]:
@@ -120,7 +134,7 @@ def _cases(shape_class: str) -> tuple[dict[str, Callable[[], object]], float]:
     offsets = torch.arange(1, s["experts"] + 1, dtype=torch.int32) * s["rows"]
     x = torch.randn(num_rows, s["in_dim"], generator=gen)
     if shape_class == "grouped":
-        w = torch.randn(s["experts"], s["in_dim"], s["out_dim"], generator=gen)
+        w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)  # faster than randn
         fns = {e: (lambda e=e: torch_mlp.grouped_matmul_with(e, x, w, offsets)) for e in available(shape_class)}
     else:
         b = torch.randn(num_rows, s["out_dim"], generator=gen)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pure_reasoner.kernels import engines, onednn_gemm
+from pure_reasoner.kernels import engines, onednn_gemm, small_gemm
 from pure_reasoner.kernels.expert_mlp.combine import combine_rows
 from pure_reasoner.kernels.routing.metadata import expert_row_ranges, routing_metadata
 
@@ -52,17 +52,28 @@ def _grouped_mm_ok(dtype: torch.dtype, *dims: int) -> bool:
     return dtype in _GROUPED_MM_DTYPES and all((n * itemsize) % _GROUPED_MM_ALIGN_BYTES == 0 for n in dims)
 
 
-def _engine(shape_class: str, x: torch.Tensor, in_dim: int, out_dim: int) -> str:
-    """The engine for these grouped GEMMs: this machine's pick (``kernels.engines``) for CPU fp32 GEMMs with
-    weights big enough to repay oneDNN's per-shape kernel compile, else ``grouped_mm``."""
+def _engine(shape_class: str, x: torch.Tensor, in_dim: int, out_dim: int) -> tuple[str, str]:
+    """The engine for these grouped GEMMs and, for ``small``, the one its experts with many rows go to: this
+    machine's picks (``kernels.engines``) for CPU fp32 GEMMs with weights big enough to repay oneDNN's per-shape
+    kernel compile, else ``grouped_mm``."""
     if engines.cpu_fp32(x) and in_dim * out_dim >= onednn_gemm.MIN_GROUPED_WEIGHT:
-        return getattr(engines.current(), shape_class)
-    return "grouped_mm"
+        choice = engines.current()
+        return getattr(choice, shape_class), choice.runner_up(shape_class)
+    return "grouped_mm", "mkl"
 
 
-def grouped_matmul_with(engine: str, x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def _matmul(engine: str):
+    """One expert's dense matmul on the named engine (what ``small`` hands its experts with many rows to)."""
+    return onednn_gemm.matmul if engine == "onednn" else torch.mm
+
+
+def grouped_matmul_with(engine: str, x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor,
+                        large: str = "mkl") -> torch.Tensor:
     """``grouped_matmul`` on the named engine: ``onednn``, ``grouped_mm`` (where its stride rule and dtype
-    allow) or ``mkl`` (a ``torch.mm`` per expert, reading the offsets on the host)."""
+    allow), ``small`` (``kernels.small_gemm``; experts with many rows on the engine ``large``) or ``mkl`` (a
+    ``torch.mm`` per expert, reading the offsets on the host)."""
+    if engine == "small":
+        return small_gemm.grouped_matmul(x_RI, w_EIO, offsets_E, large=_matmul(large))
     if engine == "onednn":
         return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
     if engine == "grouped_mm" and _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
@@ -88,13 +99,15 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     Returns:
         [R, O]
     """
-    engine = _engine("grouped", x_RI, w_EIO.shape[1], w_EIO.shape[2])
-    return grouped_matmul_with(engine, x_RI, w_EIO, offsets_E)
+    engine, large = _engine("grouped", x_RI, w_EIO.shape[1], w_EIO.shape[2])
+    return grouped_matmul_with(engine, x_RI, w_EIO, offsets_E, large)
 
 
-def grouped_matmul_wgrad_with(engine: str, a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor
-                              ) -> torch.Tensor:
+def grouped_matmul_wgrad_with(engine: str, a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor,
+                              large: str = "mkl") -> torch.Tensor:
     """``grouped_matmul_wgrad`` on the named engine (see ``grouped_matmul_with``)."""
+    if engine == "small":
+        return small_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E, large=_matmul(large))
     if engine == "onednn":
         return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
     if engine == "grouped_mm" and _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):
@@ -107,8 +120,8 @@ def grouped_matmul_wgrad_with(engine: str, a_RI: torch.Tensor, b_RO: torch.Tenso
 
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O], zero for experts with no rows."""
-    engine = _engine("grouped_wgrad", a_RI, a_RI.shape[1], b_RO.shape[1])
-    return grouped_matmul_wgrad_with(engine, a_RI, b_RO, offsets_E)
+    engine, large = _engine("grouped_wgrad", a_RI, a_RI.shape[1], b_RO.shape[1])
+    return grouped_matmul_wgrad_with(engine, a_RI, b_RO, offsets_E, large)
 
 
 def _transposed(w_EIO: torch.Tensor) -> bool:

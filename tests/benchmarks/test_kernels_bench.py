@@ -27,7 +27,7 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     # The CPU and the engine each provider ran on are named (kernels.engines chose ours on this machine).
     chosen = data["machine"]["gemm_engines"]
     assert data["machine"]["cpu_model"] and {chosen["grouped"], chosen["grouped_wgrad"]} <= {"mkl", "onednn",
-                                                                                              "grouped_mm"}
+                                                                                              "grouped_mm", "small"}
     engines = {r["provider"]: r["engine"] for r in data["records"] if r["op"] == "knowledge_mlp"}
     assert engines["hf_grouped_mm"] == "grouped_mm" and engines["reference"].startswith("mkl") and engines["torch"]
     table = kernels_markdown(data).splitlines()

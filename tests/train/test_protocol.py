@@ -134,3 +134,28 @@ def test_a_missing_earlier_stage_says_how_to_train_it(tmp_path):
         load_teacher(cfg, tmp_path, 0)
     assert not list(tmp_path.iterdir())  # nothing written
     assert chain.missing_export("train.init_from", "/data/x") == "train.init_from=/data/x is not a directory"
+
+
+def test_main_with_chain_trains_the_earlier_stage_of_each_seed_first(tmp_path, monkeypatch):
+    """``--chain`` in an empty directory: each seed's earlier stage (decoupling_smoke, 30 steps) is trained on that
+    seed's world, then the recipe starts from it (decoupling_smoke_next, 10 steps), then the eval; all recorded."""
+    monkeypatch.chdir(tmp_path)
+    recipe, stage = "decoupling_smoke_next", "decoupling_smoke"
+    assert main(["--recipe", recipe, "--seeds", "0", "1", "2", "--world-seed-offset", "20", "--eval-examples", "6",
+                 "--eval-arg=--bits-people=0", "--eval-arg=--generate=none", "--eval-arg=--splits=closed_book",
+                 "--chain", "--", f"experiment={recipe}", "train.progress=false", "train.threads=1",
+                 "train.max_steps=4", "train.warmup_steps=1"]) == 0
+    runs = json.loads((tmp_path / "results" / "runs.json").read_text())
+    for seed in (0, 1, 2):
+        entry = runs[f"{recipe}_seed{seed}"]
+        (command,) = entry["chain_commands"]
+        assert command.startswith(f"python -m pure_reasoner.train experiment={stage} train.progress=false "
+                                  f"train.threads=1 name={stage}-seed{seed} train.seed={seed} ")
+        assert "max_steps" not in command  # the recipe's override is not the earlier stage's
+        assert f"++data.generator_kwargs.seed={20 + seed}" in command
+        assert list(entry["chain_train_wall_s"]) == [stage] and entry["chain_reused"] == []
+        first = yaml.safe_load((tmp_path / "runs" / f"{stage}-seed{seed}" / "config.yaml").read_text())
+        assert first["data"]["generator_kwargs"]["seed"] == 20 + seed and first["train"]["max_steps"] == 30
+        second = yaml.safe_load((tmp_path / "runs" / f"{recipe}-seed{seed}" / "config.yaml").read_text())
+        assert second["train"]["init_from"] == f"runs/{stage}-seed{seed}/export"
+        assert second["train"]["max_steps"] == 4
