@@ -34,8 +34,9 @@ from pure_reasoner.kernels.routing.metadata import expert_row_ranges
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # Rows per expert up to which the weight-streaming kernels run; above it the GEMM has enough rows per weight
-# element for a BLAS's packed, compute-bound kernel. Measured on a 2-core Intel Xeon (64 experts, 1024 x 1024,
-# 2 threads): level with grouped_mm at 32 rows, 1.1-1.4x slower forward at 48-64.
+# element for a BLAS's packed, compute-bound kernel. Measured on a 2-core Intel Xeon (`Intel(R) Xeon(R) Processor`;
+# 64 experts, 1024 x 1024, 2 threads; benchmarks.small_gemm): 1.06-1.11x faster than grouped_mm at 32 rows, level
+# at 48, 1.04-1.09x slower forward at 64 and 1.25-1.33x at 128.
 SMALL_ROWS = 32
 
 Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,10 +103,25 @@ def available() -> bool:
     return library() is not None
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    for t in tensors:
+def _checked(rows_RI: torch.Tensor, other: torch.Tensor, offsets_E: torch.Tensor, experts: int, inner: int,
+             other_rows: int | None = None) -> ctypes.CDLL:
+    """The library, after the checks that keep the C kernels inside their buffers (ValueError naming the value):
+    CPU float32 operands, ``inner`` columns of the row operand, one offset per expert, offsets within the rows."""
+    for t in (rows_RI, other):
         if t.device.type != "cpu" or t.dtype != torch.float32:
             raise ValueError(f"the small-GEMM engine takes CPU float32 tensors, got {t.dtype} on {t.device}")
+    if rows_RI.dim() != 2 or rows_RI.shape[1] != inner:
+        raise ValueError(f"row operand must be [R, {inner}], got {tuple(rows_RI.shape)}")
+    if other_rows is not None and other_rows != rows_RI.shape[0]:
+        raise ValueError(f"both row operands must have the same rows, got {rows_RI.shape[0]} and {other_rows}")
+    if offsets_E.numel() != experts:
+        raise ValueError(f"offsets must have one entry per expert ({experts}), got {offsets_E.numel()}")
+    if experts and int(offsets_E[-1]) > rows_RI.shape[0]:
+        raise ValueError(f"offsets end at {int(offsets_E[-1])}, past the {rows_RI.shape[0]} rows")
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the small-GEMM engine is not available on this machine (no C++ compiler)")
+    return lib
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -128,12 +144,9 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
         max_rows: experts with more rows run through ``large``.
         large: (a [M, I], b [I, O]) -> a @ b, [M, O]: the matmul of an expert with more than ``max_rows`` rows.
     """
-    _check(x_RI, w_EIO)
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the small-GEMM engine is not available on this machine (no C++ compiler)")
-    x_RI = _row_major(x_RI)
     num_experts, in_dim, out_dim = w_EIO.shape
+    lib = _checked(x_RI, w_EIO, offsets_E, num_experts, in_dim)
+    x_RI = _row_major(x_RI)
     if w_EIO.stride(2) != 1 and w_EIO.stride(1) != 1:
         w_EIO = w_EIO.contiguous()
     out_RO = x_RI.new_empty(x_RI.shape[0], out_dim)
@@ -155,10 +168,7 @@ def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torc
                          max_rows: int = SMALL_ROWS, large: Matmul = torch.mm) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O] contiguous, zero for experts with no rows
     (``max_rows`` and ``large`` as in ``grouped_matmul``)."""
-    _check(a_RI, b_RO)
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the small-GEMM engine is not available on this machine (no C++ compiler)")
+    lib = _checked(a_RI, b_RO, offsets_E, offsets_E.numel(), a_RI.shape[-1], b_RO.shape[0])
     a_RI, b_RO = _row_major(a_RI), _row_major(b_RO)
     ends = _ends(offsets_E)
     num_experts, in_dim, out_dim = ends.numel(), a_RI.shape[1], b_RO.shape[1]

@@ -161,3 +161,21 @@ def test_knowledge_mlp_on_the_small_engine_matches_the_oracle(fused, monkeypatch
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
     for name, g, w in zip(["x", "gates", "w1", "w3", "w2"], got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", ["offsets-past-rows", "one-offset-too-few", "inner-dim", "wgrad-rows"])
+def test_shapes_that_would_leave_the_buffers_are_refused(case):
+    """The C kernels trust their arguments: every shape or offset that would read or write past a buffer is a
+    ValueError here, before any kernel runs."""
+    x_RI, w_EIO, b_RO = torch.randn(6, 8), torch.randn(2, 8, 4), torch.randn(6, 4)
+    offsets = torch.tensor([3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match={"offsets-past-rows": "past the 6 rows", "one-offset-too-few": "one entry",
+                                          "inner-dim": r"\[R, 8\]", "wgrad-rows": "same rows"}[case]):
+        if case == "offsets-past-rows":
+            small_gemm.grouped_matmul(x_RI, w_EIO, torch.tensor([3, 7], dtype=torch.int32))
+        elif case == "one-offset-too-few":
+            small_gemm.grouped_matmul(x_RI, w_EIO, offsets[:1])
+        elif case == "inner-dim":
+            small_gemm.grouped_matmul(x_RI[:, :5], w_EIO, offsets)
+        else:
+            small_gemm.grouped_matmul_wgrad(x_RI, b_RO[:5], offsets)
