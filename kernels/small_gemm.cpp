@@ -34,6 +34,14 @@ constexpr int NT_RB = 3, NT_OB = 3;
 
 #define UNROLL _Pragma("GCC unroll 16")
 
+// How many blocks ahead the prefetch reaches, and into which cache (3: L1, 2: L2).
+#ifndef PR_PF_DIST
+#define PR_PF_DIST 1
+#endif
+#ifndef PR_PF_HINT
+#define PR_PF_HINT 2
+#endif
+
 // Unaligned and allowed to alias float: loads and stores are plain (unaligned) vector moves.
 typedef float vec __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float)), may_alias));
 
@@ -86,7 +94,7 @@ static inline void tile_nn(const float* A, int64_t a_rs, int64_t a_ks, const flo
     for (int64_t k = 0; k < K; ++k) {
         if (P != nullptr && k < pk) {
             UNROLL
-            for (int n = 0; n < NB; ++n) __builtin_prefetch(P + k * b_ks + n * VL, 0, 2);
+            for (int n = 0; n < NB; ++n) __builtin_prefetch(P + k * b_ks + n * VL, 0, PR_PF_HINT);
         }
         vec b[NB];
         UNROLL
@@ -164,10 +172,11 @@ static void block_nn(int64_t M, const float* A, int64_t a_rs, int64_t a_ks, cons
         for (int64_t p = n0; p < n1; p += PANEL) {
             const int64_t p1 = p + PANEL < n1 ? p + PANEL : n1;
             // The first row block fetches the next block's rows of this panel (PR_PREFETCH=0 turns it off).
-            const int64_t pk = PR_PREFETCH && K - k0 - KB > 0 ? (K - k0 - KB < KB ? K - k0 - KB : KB) : 0;
+            const int64_t kp = k0 + PR_PF_DIST * KB;  // the first row to prefetch
+            const int64_t pk = PR_PREFETCH && K - kp > 0 ? (K - kp < KB ? K - kp : KB) : 0;
             for (int64_t m = 0; m < M; m += NN_RB) {
                 const int rows = static_cast<int>(M - m < NN_RB ? M - m : NN_RB);
-                const float* P = m == 0 && pk > 0 ? B + (k0 + KB) * b_ks : nullptr;
+                const float* P = m == 0 && pk > 0 ? B + kp * b_ks : nullptr;
                 rows_nn_dispatch<NN_RB>(rows, A + m * a_rs + k0 * a_ks, a_rs, a_ks, B + k0 * b_ks, b_ks, kn,
                                         C + m * c_rs, c_rs, p, p1, k0 > 0 ? ADD : SET, P, pk);
             }
@@ -242,6 +251,10 @@ static void block_nt(int64_t M, const float* A, int64_t a_rs, const float* Bt, i
 
 // Column chunk of one task: wide enough to amortise a task, narrow enough to give every thread work.
 constexpr int64_t CHUNK = 256;
+#ifndef PR_NN_CHUNK
+#define PR_NN_CHUNK 256
+#endif
+constexpr int64_t NN_CHUNK = PR_NN_CHUNK;
 
 static inline int64_t start_of(const int64_t* ends, int64_t e) { return e == 0 ? 0 : ends[e - 1]; }
 
@@ -250,14 +263,14 @@ extern "C" {
 void pr_grouped_nn(const float* x, int64_t ldx, const float* w, int64_t w_se, int64_t w_sk, float* out,
                    int64_t ldo, const int64_t* ends, int64_t E, int64_t K, int64_t N, int64_t max_rows,
                    int threads) {
-    const int64_t chunks = (N + CHUNK - 1) / CHUNK;
+    const int64_t chunks = (N + NN_CHUNK - 1) / NN_CHUNK;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int64_t task = 0; task < E * chunks; ++task) {
         const int64_t e = task / chunks, c = task % chunks;
         const int64_t r0 = start_of(ends, e), M = ends[e] - r0;
         if (M == 0 || M > max_rows) continue;
-        const int64_t n1 = (c + 1) * CHUNK < N ? (c + 1) * CHUNK : N;
-        block_nn(M, x + r0 * ldx, ldx, 1, w + e * w_se, w_sk, K, out + r0 * ldo, ldo, c * CHUNK, n1);
+        const int64_t n1 = (c + 1) * NN_CHUNK < N ? (c + 1) * NN_CHUNK : N;
+        block_nn(M, x + r0 * ldx, ldx, 1, w + e * w_se, w_sk, K, out + r0 * ldo, ldo, c * NN_CHUNK, n1);
     }
 }
 
