@@ -41,6 +41,9 @@ constexpr int NT_RB = 3, NT_OB = 3;
 #ifndef PR_PF_HINT
 #define PR_PF_HINT 2
 #endif
+#ifndef PR_NT_PF
+#define PR_NT_PF 0
+#endif
 
 // Unaligned and allowed to alias float: loads and stores are plain (unaligned) vector moves.
 typedef float vec __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float)), may_alias));
@@ -197,7 +200,7 @@ static void block_nn_rows(int64_t M, const float* A, int64_t a_rs, int64_t a_ks,
 // C[r, o] = sum_k A[r * a_rs + k] * Bt[o * bt_rs + k] for r < RB, o < OB.
 template <int RB, int OB>
 static inline void tile_nt(const float* A, int64_t a_rs, const float* Bt, int64_t bt_rs, int64_t K, float* C,
-                           int64_t c_rs) {
+                           int64_t c_rs, const float* P = nullptr, int po = 0) {
     vec acc[RB][OB];
     UNROLL
     for (int r = 0; r < RB; ++r)
@@ -205,6 +208,8 @@ static inline void tile_nt(const float* A, int64_t a_rs, const float* Bt, int64_
         for (int o = 0; o < OB; ++o) acc[r][o] = vec{};
     int64_t k = 0;
     for (; k + VL <= K; k += VL) {
+        if (P != nullptr)
+            for (int o = 0; o < po; ++o) __builtin_prefetch(P + o * bt_rs + k, 0, PR_PF_HINT);
         vec b[OB];
         UNROLL
         for (int o = 0; o < OB; ++o) b[o] = load(Bt + o * bt_rs + k);
@@ -227,24 +232,28 @@ static inline void tile_nt(const float* A, int64_t a_rs, const float* Bt, int64_
 
 template <int RB, int OB>
 static void tile_nt_dispatch(int rows, int outs, const float* A, int64_t a_rs, const float* Bt, int64_t bt_rs,
-                             int64_t K, float* C, int64_t c_rs) {
+                             int64_t K, float* C, int64_t c_rs, const float* P, int po) {
     if constexpr (RB > 1) {
-        if (rows < RB) return tile_nt_dispatch<RB - 1, OB>(rows, outs, A, a_rs, Bt, bt_rs, K, C, c_rs);
+        if (rows < RB) return tile_nt_dispatch<RB - 1, OB>(rows, outs, A, a_rs, Bt, bt_rs, K, C, c_rs, P, po);
     }
     if constexpr (OB > 1) {
-        if (outs < OB) return tile_nt_dispatch<RB, OB - 1>(rows, outs, A, a_rs, Bt, bt_rs, K, C, c_rs);
+        if (outs < OB) return tile_nt_dispatch<RB, OB - 1>(rows, outs, A, a_rs, Bt, bt_rs, K, C, c_rs, P, po);
     }
-    tile_nt<RB, OB>(A, a_rs, Bt, bt_rs, K, C, c_rs);
+    tile_nt<RB, OB>(A, a_rs, Bt, bt_rs, K, C, c_rs, P, po);
 }
 
 static void block_nt(int64_t M, const float* A, int64_t a_rs, const float* Bt, int64_t bt_rs, int64_t K, float* C,
                      int64_t c_rs, int64_t n0, int64_t n1) {
     for (int64_t o = n0; o < n1; o += NT_OB) {
         const int outs = static_cast<int>(n1 - o < NT_OB ? n1 - o : NT_OB);
+        // The first row block fetches the weight rows PR_NT_PF output blocks further on (0: none).
+        const int64_t op = o + PR_NT_PF * NT_OB;
+        const int po = PR_NT_PF > 0 && op < n1 ? static_cast<int>(n1 - op < NT_OB ? n1 - op : NT_OB) : 0;
         for (int64_t m = 0; m < M; m += NT_RB) {
             const int rows = static_cast<int>(M - m < NT_RB ? M - m : NT_RB);
             tile_nt_dispatch<NT_RB, NT_OB>(rows, outs, A + m * a_rs, a_rs, Bt + o * bt_rs, bt_rs, K,
-                                           C + m * c_rs + o, c_rs);
+                                           C + m * c_rs + o, c_rs, m == 0 && po > 0 ? Bt + op * bt_rs : nullptr,
+                                           po);
         }
     }
 }
