@@ -7,7 +7,8 @@ import torch
 from pure_reasoner.kernels import small_gemm
 
 # Skipped only where no compiler exists; with one, a source that fails to build fails these tests.
-pytestmark = pytest.mark.skipif(small_gemm.compiler() is None, reason="no C++ compiler: the small engine is not offered")
+pytestmark = pytest.mark.skipif(small_gemm.compiler() is None,
+                                reason="no C++ compiler: the small engine is not offered")
 
 # Empty experts first, in the middle and last; 1..13 rows cover every row-block remainder of both tile shapes; 70
 # rows is above max_rows=64 (the expert goes to ``large``).
