@@ -9,7 +9,7 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 - ``grouped``: per-expert GEMMs of a few dozen rows against big expert weights (the knowledge path's
   forward and input gradient), engines ``mkl`` (a ``torch.mm`` per expert), ``onednn`` (one per expert),
   ``grouped_mm`` (``F.grouped_mm``) and ``small`` (``kernels.small_gemm``: kernels built here that stream
-  each weight once; experts with many rows go to the next-best engine, ``EngineChoice.runner_up``). ``small``
+  each weight once; an expert with more rows than it serves is a dense GEMM, run on the ``dense`` pick). ``small``
   is offered where a C++ compiler is.
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
 
@@ -70,12 +70,6 @@ class EngineChoice:
     grouped_wgrad: str
     source: str
     gflops: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
-
-    def runner_up(self, shape_class: str) -> str:
-        """The fastest engine of ``shape_class`` measured other than ``small`` (which hands its experts with many
-        rows to it); ``mkl`` when nothing was measured (an override)."""
-        measured = {e: g for e, g in self.gflops.get(shape_class, {}).items() if e != "small"}
-        return max(measured, key=measured.get) if measured else "mkl"
 
     def as_dict(self) -> dict:
         """JSON-ready: the engine per class, the source, the measured GFLOP/s."""

@@ -53,17 +53,18 @@ def _grouped_mm_ok(dtype: torch.dtype, *dims: int) -> bool:
 
 
 def _engine(shape_class: str, x: torch.Tensor, in_dim: int, out_dim: int) -> tuple[str, str]:
-    """The engine for these grouped GEMMs and, for ``small``, the one its experts with many rows go to: this
-    machine's picks (``kernels.engines``) for CPU fp32 GEMMs with weights big enough to repay oneDNN's per-shape
-    kernel compile, else ``grouped_mm``."""
+    """The engine for these grouped GEMMs and, for ``small``, the one its experts with many rows go to (each such
+    expert is a dense GEMM: the ``dense`` pick): this machine's picks (``kernels.engines``) for CPU fp32 GEMMs with
+    weights big enough to repay oneDNN's per-shape kernel compile, else ``grouped_mm``."""
     if engines.cpu_fp32(x) and in_dim * out_dim >= onednn_gemm.MIN_GROUPED_WEIGHT:
         choice = engines.current()
-        return getattr(choice, shape_class), choice.runner_up(shape_class)
+        return getattr(choice, shape_class), choice.dense
     return "grouped_mm", "mkl"
 
 
 def _matmul(engine: str):
-    """One expert's dense matmul on the named engine (what ``small`` hands its experts with many rows to)."""
+    """One expert's dense matmul on the named dense engine, ``mkl`` or ``onednn`` (what ``small`` hands its experts
+    with many rows to)."""
     return onednn_gemm.matmul if engine == "onednn" else torch.mm
 
 

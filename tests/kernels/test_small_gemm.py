@@ -136,7 +136,7 @@ def test_build_is_cached_per_source_and_compiler(tmp_path):
 @pytest.mark.parametrize("fused", [False, True], ids=["w1-w3", "fused-w13"])
 def test_knowledge_mlp_on_the_small_engine_matches_the_oracle(fused, monkeypatch):
     """The whole knowledge path (forward, every gradient) with the small engine picked for both grouped classes, on
-    weights big enough to use it; one expert gets more rows than ``SMALL_ROWS`` (handed to the runner-up)."""
+    weights big enough to use it; one expert gets more rows than ``SMALL_ROWS`` (handed to the dense engine)."""
     from pure_reasoner.kernels import engines
     from pure_reasoner.kernels.expert_mlp.random_inputs import random_mlp_inputs
     from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
@@ -186,3 +186,30 @@ def test_shapes_that_would_leave_the_buffers_are_refused(case):
 def test_the_engine_builds_where_a_compiler_exists():
     """A source that does not compile is a failure here, not a silently missing engine."""
     assert small_gemm.available()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_experts_with_many_rows_run_on_the_dense_pick(monkeypatch):
+    """With ``small`` picked for the grouped GEMMs, an expert above ``SMALL_ROWS`` is a dense GEMM: it runs on the
+    machine's ``dense`` engine (here oneDNN), once, on exactly its rows; the others stay on the small kernels."""
+    from pure_reasoner.kernels import engines, onednn_gemm
+    from pure_reasoner.kernels.expert_mlp import torch_mlp
+
+    choice = engines.EngineChoice(dense="onednn", grouped="small", grouped_wgrad="small", source="override")
+    monkeypatch.setattr(engines, "current", lambda: choice)
+    calls = []
+
+    def spy(a, b):
+        calls.append(a.shape[0])
+        return torch.mm(a, b)
+
+    monkeypatch.setattr(onednn_gemm, "matmul", spy)
+    rows = [3, small_gemm.SMALL_ROWS + 5, 0, 7]
+    gen = torch.Generator().manual_seed(5)
+    x_RI = torch.randn(sum(rows), 512, generator=gen)  # 512 x 512 weights: big enough for the picks
+    w_EIO = torch.randn(len(rows), 512, 512, generator=gen)
+    offsets_E = torch.tensor(rows, dtype=torch.int32).cumsum(0).to(torch.int32)
+    got = torch_mlp.grouped_matmul(x_RI, w_EIO, offsets_E)
+    assert calls == [small_gemm.SMALL_ROWS + 5]
+    want = torch.cat([x @ w for x, w in zip(x_RI.split(rows), w_EIO, strict=True)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
