@@ -261,7 +261,7 @@ static void block_nt(int64_t M, const float* A, int64_t a_rs, const float* Bt, i
 // Column chunk of one task: wide enough to amortise a task, narrow enough to give every thread work.
 constexpr int64_t CHUNK = 256;
 #ifndef PR_NN_CHUNK
-#define PR_NN_CHUNK 256
+#define PR_NN_CHUNK 1024  // whole weight rows per task: 1.27x at 16 rows, 1.36x at 8 (64 experts, Intel Xeon)
 #endif
 constexpr int64_t NN_CHUNK = PR_NN_CHUNK;
 
