@@ -65,6 +65,22 @@ def test_grouped_wgrad_matches_float64(dims, poison):
     torch.testing.assert_close(got.double(), _oracle_wgrad(a_RI, b_RO, COUNTS), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forward_on_wide_weights_few_and_many_experts(threads):
+    """The forward's tasks: whole weight rows when the experts are at least the threads, 256-column chunks (two and a
+    remainder at 600 columns) when they are fewer; both against the float64 oracle."""
+    gen = torch.Generator().manual_seed(2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for counts in ([7], [5, 9, 3]):
+            x_RI, w_EIO = torch.randn(sum(counts), 40, generator=gen), torch.randn(len(counts), 40, 600, generator=gen)
+            torch.testing.assert_close(small_gemm.grouped_matmul(x_RI, w_EIO, _offsets(counts)).double(),
+                                       _oracle_mm(x_RI, w_EIO, counts), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_strided_row_operands_are_read_in_place():
     """Rows that are a column slice of a wider tensor (row stride > width) give the same result."""
     gen = torch.Generator().manual_seed(1)
