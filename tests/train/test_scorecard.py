@@ -160,3 +160,27 @@ def test_bad_targets_and_reports(tmp_path):
     with pytest.raises(ValueError, match="no 'splits'"):
         read_runs([report])
     assert main([str(report)]) == 2
+
+
+def test_paired_baseline_divides_by_the_same_world(reports, tmp_path, capsys):
+    # dense closed 0.40 / 0.50 / 0.60 on worlds 0 / 1 / 2; reasoner 0.50 / 0.48 / 0.55 on the same worlds:
+    # 1.25, 0.96, 0.91667 (against 1.00, 0.96, 1.10 by dense's seed mean)
+    card = score(read_runs(reports), load_targets(DEFAULT_TARGETS), paired=True)
+    closed = _rows(card, "reasoner")[0]["closed_book_adjusted"]
+    assert closed["values"] == pytest.approx([1.25, 0.96, 0.55 / 0.60])
+    assert closed["paired"] and (closed["worst_seed"], closed["verdict"]) == (2, "not met")
+    # topk's seeds 0, 1 pair with dense's worlds 0, 1: 0.30 / 0.40, 0.40 / 0.50
+    assert _rows(card, "topk")[0]["closed_book_adjusted"]["values"] == pytest.approx([0.75, 0.8])
+    # a run on a world the baseline never ran on (its run record names world 9): not measured, the world named
+    path = tmp_path / "far.json"
+    path.write_text(json.dumps(_report(0.5, 0.0, 0.7, 0.7, run={"recipe": "far", "seed": 0, "world_seed": 9})))
+    card = score(read_runs([*reports, str(path)]), load_targets(DEFAULT_TARGETS), paired=True)
+    far = _rows(card, "far")[0]["closed_book_adjusted"]
+    assert far["verdict"] == "not measured" and "worlds [9]" in far["why"]
+    # two baseline seeds on one world average: dense seeds 0 and 3 both on world 0 (0.40 and 0.20 -> 0.30)
+    extra = tmp_path / "dense_extra.json"
+    extra.write_text(json.dumps(_report(0.20, 0.20, 0.5, 0.5, run={"recipe": "dense", "seed": 3, "world_seed": 0})))
+    card = score(read_runs([*reports, str(extra)]), load_targets(DEFAULT_TARGETS), paired=True)
+    assert _rows(card, "reasoner")[0]["closed_book_adjusted"]["values"][0] == pytest.approx(0.50 / 0.30)
+    assert main([*reports, "--paired"]) == 0
+    assert "closed_book_adjusted / dense same world | 1.042 ±" in capsys.readouterr().out  # (1.25+.96+.91667)/3

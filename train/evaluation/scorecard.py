@@ -1,7 +1,8 @@
 """The science scorecard: per recipe, each target metric over seeds, the worst seed, met / not met.
 
     python -m pure_reasoner.train.evaluation.scorecard results/eval/*.json [--targets conf/scorecard/science.yaml]
-                              [--runs results/runs.json] [--baseline dense] [--exclude-heldout] [--json OUT]
+                              [--runs results/runs.json] [--baseline dense] [--paired] [--exclude-heldout]
+                              [--json OUT]
 
 Runs are grouped by recipe, one eval report (``python -m pure_reasoner.train.evaluation --json``) per seed. A report's
 recipe and seed come from its ``run`` record (``train.protocol`` writes it), else from the manifest entry of its file
@@ -11,6 +12,10 @@ Per target: the metric's mean over seeds with a 95% Student-t confidence interva
 s the sample standard deviation; none for a single seed), the worst seed (the lowest for a ``>=`` target, the
 highest for ``<=``) and the verdict: met when every seed meets the threshold, "not measured" when a report lacks
 what the metric needs. The targets are a typed table (``Target``) read from YAML.
+
+A relative target divides each seed's metric by the baseline recipe's seed mean (the targets' definition), or with
+``--paired`` by the baseline's value on the same world (a report's ``run.world_seed``, else its seed): the
+comparison that removes how hard each world is, for worlds the baseline ran on (the others are "not measured").
 """
 
 from __future__ import annotations
@@ -148,6 +153,11 @@ class Run:
     path: str
     report: dict
     heldout: bool = False
+    world_seed: int | None = None  # the world it ran on (None: its seed)
+
+    @property
+    def world(self) -> int:
+        return self.seed if self.world_seed is None else self.world_seed
 
 
 _SEED_SUFFIX = re.compile(r"^(?P<recipe>.+)_seed(?P<seed>\d+)$")
@@ -167,7 +177,9 @@ def read_runs(paths: Sequence[str | Path], manifest: dict | None = None) -> list
         match = _SEED_SUFFIX.match(path.stem)
         recipe = record.get("recipe") or (match["recipe"] if match else path.stem)
         seed = record.get("seed", int(match["seed"]) if match else 0)
-        runs.append(Run(recipe, int(seed), str(path), report, bool(record.get("heldout", False))))
+        world = record.get("world_seed")
+        runs.append(Run(recipe, int(seed), str(path), report, bool(record.get("heldout", False)),
+                        None if world is None else int(world)))
     seen: dict[tuple[str, int], str] = {}
     for run in runs:
         if (run.recipe, run.seed) in seen:
@@ -187,13 +199,13 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean, float(t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def score(runs: Sequence[Run], targets: Targets, baseline: str | None = None) -> list[dict]:
-    """Per recipe (in first-seen order), per target: seeds, values, mean, ci, worst seed and verdict."""
+def score(runs: Sequence[Run], targets: Targets, baseline: str | None = None, paired: bool = False) -> list[dict]:
+    """Per recipe (in first-seen order), per target: seeds, values, mean, ci, worst seed and verdict (``paired``:
+    relative targets divide by the baseline on the same world, not by its seed mean)."""
     baseline = baseline or targets.baseline
     recipes: dict[str, list[Run]] = {}
     for run in runs:
         recipes.setdefault(run.recipe, []).append(run)
-    base_means: dict[str, float | None] = {}
     out = []
     for recipe, members in recipes.items():
         members = sorted(members, key=lambda r: r.seed)
@@ -201,17 +213,20 @@ def score(runs: Sequence[Run], targets: Targets, baseline: str | None = None) ->
         for target in targets.targets:
             values = [METRICS[target.metric](r.report) for r in members]
             row = {"target": target.name, "metric": target.metric, "op": target.op, "threshold": target.threshold,
-                   "relative_to": baseline if target.relative_to else None, "seeds": [r.seed for r in members],
+                   "relative_to": baseline if target.relative_to else None,
+                   "paired": bool(target.relative_to) and paired, "seeds": [r.seed for r in members],
                    "values": values, "mean": None, "ci95": None, "worst_seed": None, "worst": None}
             if target.relative_to:
-                if target.metric not in base_means:
-                    base_means[target.metric] = _baseline_mean(recipes.get(baseline or ""), target.metric)
-                denominator = base_means[target.metric]
-                if denominator is None or denominator <= 0:
-                    rows.append({**row, "verdict": "not measured", "why": f"no positive seed mean of baseline "
-                                                                          f"recipe {baseline!r}"})
+                base = recipes.get(baseline or "") or []
+                denominators = (_baseline_by_world(base, target.metric, members) if paired
+                                else [_baseline_mean(base, target.metric)] * len(members))
+                lacking = [r.world for r, d in zip(members, denominators, strict=True) if d is None or d <= 0]
+                if lacking:
+                    why = (f"no positive value of baseline recipe {baseline!r} on worlds {lacking}" if paired
+                           else f"no positive seed mean of baseline recipe {baseline!r}")
+                    rows.append({**row, "verdict": "not measured", "why": why})
                     continue
-                values = [None if v is None else v / denominator for v in values]
+                values = [None if v is None else v / d for v, d in zip(values, denominators, strict=True)]
                 row["values"] = values
             missing = [r.seed for r, v in zip(members, values, strict=True) if v is None]
             if missing:
@@ -228,9 +243,18 @@ def score(runs: Sequence[Run], targets: Targets, baseline: str | None = None) ->
     return out
 
 
-def _baseline_mean(members: list[Run] | None, metric: str) -> float | None:
-    values = [METRICS[metric](r.report) for r in members or []]
+def _baseline_mean(members: list[Run], metric: str) -> float | None:
+    values = [METRICS[metric](r.report) for r in members]
     return None if not values or None in values else statistics.fmean(values)
+
+
+def _baseline_by_world(base: list[Run], metric: str, members: list[Run]) -> list[float | None]:
+    """The baseline's value of ``metric`` on each member's world, the mean of its seeds there (None where it did
+    not run there or does not record the metric)."""
+    by_world: dict[int, list[Run]] = {}
+    for run in base:
+        by_world.setdefault(run.world, []).append(run)
+    return [_baseline_mean(by_world.get(r.world, []), metric) for r in members]
 
 
 def markdown(card: list[dict]) -> str:
@@ -240,7 +264,8 @@ def markdown(card: list[dict]) -> str:
     for recipe in card:
         label = f"{recipe['recipe']} ({', '.join(map(str, recipe['seeds']))})"
         for row in recipe["targets"]:
-            metric = row["metric"] + (f" / {row['relative_to']} mean" if row["relative_to"] else "")
+            per = "same world" if row.get("paired") else "mean"
+            metric = row["metric"] + (f" / {row['relative_to']} {per}" if row["relative_to"] else "")
             ci = "" if row["ci95"] is None else f" ± {row['ci95']:.3f}"
             worst = "—" if row["worst_seed"] is None else f"{em.fmt(row['worst'])} (seed {row['worst_seed']})"
             verdict = row["verdict"] + (f" ({row['why']})" if row["why"] else "")
@@ -257,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", default=None, help="the runs manifest (results/runs.json) for recipe and seed")
     parser.add_argument("--baseline", default=None, help="recipe the relative targets divide by (default: the "
                                                          "table's)")
+    parser.add_argument("--paired", action="store_true",
+                        help="relative targets divide by the baseline on the same world instead of its seed mean")
     parser.add_argument("--exclude-heldout", action="store_true",
                         help="leave out runs on held-out world seeds (while choosing a recipe)")
     parser.add_argument("--json", default=None, help="also write the scorecard here")
@@ -270,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.exclude_heldout:
         runs = [r for r in runs if not r.heldout]
-    card = score(runs, targets, args.baseline)
+    card = score(runs, targets, args.baseline, args.paired)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"targets": [asdict(t) for t in targets.targets], "recipes": card},
