@@ -191,12 +191,15 @@ def machine() -> dict:
 def ours_engine(in_dim: int, out_dim: int) -> str:
     """The CPU fp32 engines of our torch knowledge path on experts with [in_dim, out_dim] weights: forward and
     input gradient, then weight gradient (``kernels.engines``). What benchmark rows name in ``engine``."""
+    from pure_reasoner.kernels import small_gemm
     from pure_reasoner.kernels.onednn_gemm import MIN_GROUPED_WEIGHT
 
     choice = engines.current()
     if in_dim * out_dim < MIN_GROUPED_WEIGHT:
         return "grouped_mm"
-    return f"{choice.grouped} (wgrad {choice.grouped_wgrad})"
+    large = (f"; experts over {small_gemm.SMALL_ROWS} rows {choice.grouped_large}"
+             if "small" in (choice.grouped, choice.grouped_wgrad) else "")
+    return f"{choice.grouped} (wgrad {choice.grouped_wgrad}{large})"
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:

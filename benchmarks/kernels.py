@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
     tuned = "GLIBC_TUNABLES" in os.environ or "jemalloc" in os.environ.get("LD_PRELOAD", "")
     if huge_pages != "1" and not tuned:
-        print("note: no malloc tuning (train.malloc_tuning, jemalloc) nor THP_MEM_ALLOC_ENABLE=1: every call "
+        print("note: no malloc tuning (kernels.malloc_tuning, jemalloc) nor THP_MEM_ALLOC_ENABLE=1: every call "
               "re-faults its fresh large tensors (weight gradients) page by page")
 
     rows, roof = run(workloads, repeats, "cpu", torch.float32, args.quick)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+    from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
 
-    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see train.malloc_tuning
+    reexec_with_malloc_tunables()  # keeps freed memory, huge pages: see kernels.malloc_tuning
     main()

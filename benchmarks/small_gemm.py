@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+    from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
 
     reexec_with_malloc_tunables()  # keeps freed memory: the weight gradients are fresh every call
     main()

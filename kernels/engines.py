@@ -9,9 +9,13 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 - ``grouped``: per-expert GEMMs of a few dozen rows against big expert weights (the knowledge path's
   forward and input gradient), engines ``mkl`` (a ``torch.mm`` per expert), ``onednn`` (one per expert),
   ``grouped_mm`` (``F.grouped_mm``) and ``small`` (``kernels.small_gemm``: kernels built here that stream
-  each weight once; an expert with more rows than it serves is a dense GEMM, run on the ``dense`` pick). ``small``
-  is offered where a C++ compiler is.
+  each weight once; an expert with more rows than it serves is a dense GEMM, run on the ``grouped_large`` pick).
+  ``small`` is offered where a C++ compiler is.
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
+- ``grouped_large``: per-expert GEMMs of a hundred rows and more against the same weights (what ``small`` hands
+  on), engines ``mkl`` and ``onednn``, one call per expert. Not the ``dense`` pick: oneDNN takes the weight as
+  [O, I] and an expert's is [I, O], so the two engines' order can differ between the classes (a 2-core Intel Xeon
+  measured them level on dense GEMMs, oneDNN 10% behind on expert GEMMs of 128 rows).
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
 now, engines interleaved, the fastest of a few calls kept. A grouped call streams 128 MiB of weights (or writes
@@ -42,17 +46,18 @@ import torch
 ENV_OVERRIDE = "PURE_REASONER_GEMM_ENGINE"
 ENV_CACHE_DIR = "PURE_REASONER_CACHE_DIR"
 OVERRIDES = ("auto", "mkl", "onednn")
-CLASSES = ("dense", "grouped", "grouped_wgrad")
+CLASSES = ("dense", "grouped", "grouped_wgrad", "grouped_large")
 ENGINES = {"dense": ("mkl", "onednn"), "grouped": ("mkl", "onednn", "grouped_mm", "small"),
-           "grouped_wgrad": ("mkl", "onednn", "grouped_mm", "small")}
+           "grouped_wgrad": ("mkl", "onednn", "grouped_mm", "small"), "grouped_large": ("mkl", "onednn")}
 # Representative shapes: dense [M, I] @ [I, O]; grouped E experts x rows each, [I] -> [O]. 1024-wide
 # weights and 16 rows per expert are the knowledge path's low-consult-rate regime (benchmarks/), and 32 such
 # experts (128 MiB) are more than a core's caches hold, so each call streams its weights from memory as training
 # does (the weight gradients: writes them).
 _CLASS_SHAPES = {"dense": dict(rows=512, in_dim=1024, out_dim=1024),
                  "grouped": dict(experts=32, rows=16, in_dim=1024, out_dim=1024),
-                 "grouped_wgrad": dict(experts=32, rows=16, in_dim=1024, out_dim=1024)}
-_CACHE_VERSION = 2  # 2: the ``small`` engine joined the grouped classes
+                 "grouped_wgrad": dict(experts=32, rows=16, in_dim=1024, out_dim=1024),
+                 "grouped_large": dict(experts=8, rows=128, in_dim=1024, out_dim=1024)}
+_CACHE_VERSION = 3  # 2: the ``small`` engine joined the grouped classes; 3: the ``grouped_large`` class
 
 Timer = Callable[[str, str, Callable[[], object]], float]
 
@@ -68,6 +73,7 @@ class EngineChoice:
     dense: str
     grouped: str
     grouped_wgrad: str
+    grouped_large: str
     source: str
     gflops: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
 
@@ -89,10 +95,14 @@ def cpu_model() -> str:
 
 
 def machine_key(threads: int, model: str | None = None) -> str:
-    """What a measurement holds for: CPU model, cores, threads, torch version (and oneDNN presence)."""
+    """What a measurement holds for: CPU model, cores, threads, torch version (and oneDNN presence) and the
+    allocator (``kernels.malloc_tuning.regime``: with glibc's defaults every call that allocates a 128 MiB
+    weight gradient faults it in afresh, which decides that class's ranking on its own)."""
+    from pure_reasoner.kernels.malloc_tuning import regime
+
     onednn = "onednn" if torch.backends.mkldnn.is_available() else "no-onednn"
     return (f"{model or cpu_model()} | {os.cpu_count()} cores | {threads} threads | torch {torch.__version__}"
-            f" | {onednn}")
+            f" | {onednn} | malloc {regime(os.environ)}")
 
 
 def default_cache_path() -> Path:
@@ -127,7 +137,7 @@ def _cases(shape_class: str) -> tuple[dict[str, Callable[[], object]], float]:
     num_rows = s["experts"] * s["rows"]
     offsets = torch.arange(1, s["experts"] + 1, dtype=torch.int32) * s["rows"]
     x = torch.randn(num_rows, s["in_dim"], generator=gen)
-    if shape_class == "grouped":
+    if shape_class in ("grouped", "grouped_large"):
         w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)  # faster than randn
         fns = {e: (lambda e=e: torch_mlp.grouped_matmul_with(e, x, w, offsets)) for e in available(shape_class)}
     else:

@@ -1,6 +1,7 @@
 """``python -m pure_reasoner.kernels.measure_engines``: measure this machine's GEMM engines again (with the
 thread count torch uses here), update the cache (``kernels.engines``) and print the key and the choice. For a
-choice first measured while the machine was busy."""
+choice first measured while the machine was busy. Runs under the entry points' malloc tuning
+(``kernels.malloc_tuning``), so it measures the choice they use."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import torch
 
 from pure_reasoner.kernels import engines
+from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,4 +24,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()
     main()

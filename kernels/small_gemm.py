@@ -10,9 +10,9 @@ The source is compiled on first use for the running CPU (``-march=native``, Open
 loaded with ctypes. Without a C++ compiler (``$CXX``, else ``c++``) the engine is simply not offered.
 
 Experts with more than ``max_rows`` rows (default ``SMALL_ROWS``) are not small: they run through ``large``, a
-dense matmul per expert (``torch.mm`` unless the caller passes the engine measured next best, see
-``kernels.engines``). Offsets are read on the host (CPU only). Shapes: R rows sorted by expert, E experts, I input
-and O output width.
+dense matmul per expert written into its rows of the result (``torch.mm`` unless the caller passes the engine
+``kernels.engines`` measured for such experts). Offsets are read on the host (CPU only). Shapes: R rows sorted by
+expert, E experts, I input and O output width.
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # at 48, 1.04-1.09x slower forward at 64 and 1.25-1.33x at 128.
 SMALL_ROWS = 32
 
-Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (a [M, I], b [I, O], out [M, O]) -> None: out = a @ b
+MatmulInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+def mm_into(a_MI: torch.Tensor, b_IO: torch.Tensor, out_MO: torch.Tensor) -> None:
+    """``out = a @ b`` with ``torch.mm`` writing straight into ``out`` (MKL on x86 builds)."""
+    torch.mm(a_MI, b_IO, out=out_MO)
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -134,7 +140,7 @@ def _ends(offsets_E: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor,
-                   max_rows: int = SMALL_ROWS, large: Matmul = torch.mm) -> torch.Tensor:
+                   max_rows: int = SMALL_ROWS, large: MatmulInto = mm_into) -> torch.Tensor:
     """Rows ``[offsets[e-1], offsets[e])`` of x times ``w[e]``: [R, O]; rows past ``offsets[-1]`` unwritten.
 
     Args:
@@ -142,7 +148,8 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
         w_EIO: [E, I, O] weights, contiguous along O, or a transposed view contiguous along I (read as is).
         offsets_E: [E] end offsets.
         max_rows: experts with more rows run through ``large``.
-        large: (a [M, I], b [I, O]) -> a @ b, [M, O]: the matmul of an expert with more than ``max_rows`` rows.
+        large: (a [M, I], b [I, O], out [M, O]) writes a @ b into out: the matmul of an expert with more than
+            ``max_rows`` rows.
     """
     num_experts, in_dim, out_dim = w_EIO.shape
     lib = _checked(x_RI, w_EIO, offsets_E, num_experts, in_dim)
@@ -160,12 +167,12 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
         lib.pr_grouped_nt(*args, w_EIO.data_ptr(), w_EIO.stride(0), w_EIO.stride(2), *tail)
     for e, start, end in expert_row_ranges(ends):
         if end - start > max_rows:
-            out_RO[start:end] = large(x_RI[start:end], w_EIO[e])
+            large(x_RI[start:end], w_EIO[e], out_RO[start:end])
     return out_RO
 
 
 def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torch.Tensor,
-                         max_rows: int = SMALL_ROWS, large: Matmul = torch.mm) -> torch.Tensor:
+                         max_rows: int = SMALL_ROWS, large: MatmulInto = mm_into) -> torch.Tensor:
     """Per expert, the sum over its rows of ``a[r]ᵀ b[r]``: [E, I, O] contiguous, zero for experts with no rows
     (``max_rows`` and ``large`` as in ``grouped_matmul``)."""
     lib = _checked(a_RI, b_RO, offsets_E, offsets_E.numel(), a_RI.shape[-1], b_RO.shape[0])
@@ -177,5 +184,5 @@ def grouped_matmul_wgrad(a_RI: torch.Tensor, b_RO: torch.Tensor, offsets_E: torc
                          ends.data_ptr(), num_experts, in_dim, out_dim, max_rows, torch.get_num_threads())
     for e, start, end in expert_row_ranges(ends):
         if end - start > max_rows:
-            out_EIO[e] = large(a_RI[start:end].t(), b_RO[start:end])
+            large(a_RI[start:end].t(), b_RO[start:end], out_EIO[e])
     return out_EIO

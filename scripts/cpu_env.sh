@@ -1,7 +1,7 @@
 # Optional, where libjemalloc2 is installed:  source scripts/cpu_env.sh
 #
 # `python -m pure_reasoner.train` and the CPU benchmarks already tune glibc malloc to keep freed pages on huge pages
-# (train/malloc_tuning.py: nothing to install); a preloaded jemalloc takes precedence over that.
+# (kernels/malloc_tuning.py: nothing to install); a preloaded jemalloc takes precedence over that.
 #
 # PyTorch's CPU allocator hands big blocks back to the OS on free, so every step re-faults its
 # activations and fresh weight gradients page by page (~75 ms per 256 MiB here, and much worse

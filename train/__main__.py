@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-if __name__ == "__main__":  # before anything else: it may replace the process (train.malloc_tuning)
-    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+if __name__ == "__main__":  # before anything else: it may replace the process (kernels.malloc_tuning)
+    from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
 
     reexec_with_malloc_tunables()
 

@@ -53,19 +53,23 @@ def _grouped_mm_ok(dtype: torch.dtype, *dims: int) -> bool:
 
 
 def _engine(shape_class: str, x: torch.Tensor, in_dim: int, out_dim: int) -> tuple[str, str]:
-    """The engine for these grouped GEMMs and, for ``small``, the one its experts with many rows go to (each such
-    expert is a dense GEMM: the ``dense`` pick): this machine's picks (``kernels.engines``) for CPU fp32 GEMMs with
-    weights big enough to repay oneDNN's per-shape kernel compile, else ``grouped_mm``."""
+    """The engine for these grouped GEMMs and, for ``small``, the one its experts with many rows go to (the
+    ``grouped_large`` pick): this machine's picks (``kernels.engines``) for CPU fp32 GEMMs with weights big enough to
+    repay oneDNN's per-shape kernel compile, else ``grouped_mm``."""
     if engines.cpu_fp32(x) and in_dim * out_dim >= onednn_gemm.MIN_GROUPED_WEIGHT:
         choice = engines.current()
-        return getattr(choice, shape_class), choice.dense
+        return getattr(choice, shape_class), choice.grouped_large
     return "grouped_mm", "mkl"
 
 
-def _matmul(engine: str):
-    """One expert's dense matmul on the named dense engine, ``mkl`` or ``onednn`` (what ``small`` hands its experts
-    with many rows to)."""
-    return onednn_gemm.matmul if engine == "onednn" else torch.mm
+def _mm_onednn_into(a_MI: torch.Tensor, b_IO: torch.Tensor, out_MO: torch.Tensor) -> None:
+    out_MO.copy_(onednn_gemm.matmul(a_MI, b_IO))  # the op has no out= form
+
+
+def _matmul(engine: str) -> small_gemm.MatmulInto:
+    """One expert's matmul written into a given output, on the named engine, ``mkl`` (``torch.mm(out=)``: no copy)
+    or ``onednn`` (what ``small`` hands its experts with many rows to)."""
+    return _mm_onednn_into if engine == "onednn" else small_gemm.mm_into
 
 
 def grouped_matmul_with(engine: str, x_RI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor,

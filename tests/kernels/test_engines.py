@@ -22,6 +22,7 @@ FAKE_S = {
     "dense": {"mkl": 2.0, "onednn": 1.0},
     "grouped": {"mkl": 3.0, "onednn": 5.0, "grouped_mm": 4.0, "small": 3.5},
     "grouped_wgrad": {"mkl": 3.0, "onednn": 2.5, "grouped_mm": 0.5, "small": 1.5},
+    "grouped_large": {"mkl": 1.0, "onednn": 1.5},
 }
 
 
@@ -60,7 +61,7 @@ def test_measure_uses_the_fastest_call_not_the_first():
         return 2.0
 
     choice = engines.measure(timer, repeats=3, budget_s=float("inf"))
-    assert (choice.dense, choice.grouped, choice.grouped_wgrad) == ("onednn",) * 3
+    assert (choice.dense, choice.grouped, choice.grouped_wgrad, choice.grouped_large) == ("onednn",) * 4
     assert choice.gflops["dense"]["onednn"] == pytest.approx(2 * 512 * 1024**2 / 1.0 / 1e9, abs=0.05)  # rounded to 0.1
 
 
@@ -85,7 +86,15 @@ def test_cache_is_used_on_the_same_machine_and_remeasured_on_another(tmp_path, m
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     assert engines.machine_key(2, model="Test CPU A") != key
     assert engines.load_or_measure(path, engines.machine_key(2, model="Test CPU A"), timer).source == "measured"
-    assert len(json.loads(path.read_text())["entries"]) == 4  # every measurement kept under its own key
+    monkeypatch.undo()
+    for var in ("GLIBC_TUNABLES", "LD_PRELOAD"):  # another allocator: its own measurement
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert engines.machine_key(2, model="Test CPU A") != key
+    assert engines.load_or_measure(path, engines.machine_key(2, model="Test CPU A"), timer).source == "measured"
+    monkeypatch.undo()
+    assert engines.machine_key(2, model="Test CPU A") == key
+    assert len(json.loads(path.read_text())["entries"]) == 5  # every measurement kept under its own key
     assert engines.load_or_measure(path, key, timer, fresh=True).source == "measured"  # kernels.measure_engines
 
 

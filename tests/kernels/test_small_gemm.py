@@ -98,9 +98,9 @@ def test_strided_row_operands_are_read_in_place():
 def test_only_experts_above_max_rows_go_to_large():
     calls = []
 
-    def spy(a, b):
+    def spy(a, b, out):
         calls.append((tuple(a.shape), tuple(b.shape)))
-        return a @ b
+        out.copy_(a @ b)
 
     counts = [3, 9, 0, 10]
     x_RI = torch.randn(sum(counts), 8)
@@ -158,7 +158,8 @@ def test_knowledge_mlp_on_the_small_engine_matches_the_oracle(fused, monkeypatch
     from pure_reasoner.kernels.expert_mlp.reference import knowledge_mlp_reference
     from pure_reasoner.kernels.expert_mlp.torch_mlp import knowledge_mlp_torch
 
-    choice = engines.EngineChoice(dense="mkl", grouped="small", grouped_wgrad="small", source="override",
+    choice = engines.EngineChoice(dense="mkl", grouped="small", grouped_wgrad="small", grouped_large="mkl",
+                                  source="override",
                                   gflops={"grouped": {"small": 2.0, "mkl": 1.0}})
     monkeypatch.setattr(engines, "current", lambda: choice)
     gen = torch.Generator().manual_seed(3)
@@ -205,13 +206,15 @@ def test_the_engine_builds_where_a_compiler_exists():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-def test_experts_with_many_rows_run_on_the_dense_pick(monkeypatch):
-    """With ``small`` picked for the grouped GEMMs, an expert above ``SMALL_ROWS`` is a dense GEMM: it runs on the
-    machine's ``dense`` engine (here oneDNN), once, on exactly its rows; the others stay on the small kernels."""
+def test_experts_with_many_rows_run_on_the_grouped_large_pick(monkeypatch):
+    """With ``small`` picked for the grouped GEMMs, an expert above ``SMALL_ROWS`` is one GEMM on the machine's
+    ``grouped_large`` engine (here oneDNN, the dense pick being MKL), once, on exactly its rows; the others stay on
+    the small kernels."""
     from pure_reasoner.kernels import engines, onednn_gemm
     from pure_reasoner.kernels.expert_mlp import torch_mlp
 
-    choice = engines.EngineChoice(dense="onednn", grouped="small", grouped_wgrad="small", source="override")
+    choice = engines.EngineChoice(dense="mkl", grouped="small", grouped_wgrad="small", grouped_large="onednn",
+                                  source="override")
     monkeypatch.setattr(engines, "current", lambda: choice)
     calls = []
 

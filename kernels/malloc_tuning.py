@@ -48,6 +48,16 @@ def tuned_environment(env: Mapping[str, str], libc: str) -> dict[str, str] | Non
     return {**env, "GLIBC_TUNABLES": TUNABLES, ENV_MARKER: "1"}
 
 
+def regime(env: Mapping[str, str]) -> str:
+    """The allocator this process runs with, in a word or two: a preloaded allocator's name, else ``glibc`` (with
+    ``tuned`` when GLIBC_TUNABLES is set). What a GEMM timing depends on when every call allocates its output."""
+    preload = env.get("LD_PRELOAD", "")
+    for name in _OTHER_ALLOCATORS:
+        if name in preload:
+            return name
+    return "glibc tuned" if env.get("GLIBC_TUNABLES") else "glibc"
+
+
 def reexec_with_malloc_tunables() -> None:
     """Re-execute this command once with ``TUNABLES`` in GLIBC_TUNABLES (see the module docstring).
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pure_reasoner.train import malloc_tuning as mt
+from pure_reasoner.kernels import malloc_tuning as mt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_leaves_the_process_alone(env, libc):
 # untuned glibc serves it from an mmap (unmapped again on free); tuned, from the heap, which keeps it.
 _CHILD = textwrap.dedent("""
     import ctypes, os, sys
-    from pure_reasoner.train.malloc_tuning import reexec_with_malloc_tunables
+    from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
     print("start", os.getpid(), flush=True)
     reexec_with_malloc_tunables()
     libc = ctypes.CDLL("libc.so.6")
@@ -69,3 +69,9 @@ def test_reexec_keeps_big_blocks_on_the_heap(opt_out):
         # Started twice in the same process (execve keeps the PID); the block came from the heap.
         assert len(starts) == 2 and len({s.split()[1] for s in starts}) == 1
         assert result[1] == mt.TUNABLES and int(result[-1]) == 0 and int(result[-3]) >= 1024  # + 1 GiB top pad
+
+
+def test_regime_names_the_allocator_in_force():
+    assert mt.regime({}) == "glibc"
+    assert mt.regime({"GLIBC_TUNABLES": mt.TUNABLES}) == "glibc tuned"
+    assert mt.regime({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "GLIBC_TUNABLES": "x"}) == "jemalloc"
