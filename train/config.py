@@ -363,6 +363,10 @@ class ObjectiveConfig:
         over them, as the eval's ``knowledge_mean`` ablation): with ``consult_targets=recall_keys`` the names
         consult too, and their person-specific expert outputs, carried forward by attention, would let the
         ``recall`` pass know the value however the experts' output at the value is replaced.
+    mean_read_weight: with ``forget_ablation=both``, the read term of the ``recall_mean`` pass (0: that pass only
+        forgets): ``mean_read_weight`` * CE on the same reading tokens as the knowledge-off pass's read term, the
+        model run with the experts' output replaced by its mean, so reading from context is trained without the
+        person-specific output of the experts as well as without any.
     anchor_weight: with ``kind=lm`` and ``teacher``: adds ``anchor_weight`` * KL(model || teacher) at the recall
         tokens of rows without context (as ``consult_targets=recall``), the model run with knowledge on and the
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
@@ -398,6 +402,7 @@ class ObjectiveConfig:
     read_weight: float = 0.0
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
+    mean_read_weight: float = 0.0
     anchor_weight: float = 0.0
     anchor_rows: str = "all"
     relocate_at: int | None = None
@@ -441,7 +446,10 @@ class ObjectiveConfig:
                  f"objective.mean_tokens={self.mean_tokens!r} chooses where the recall_mean pass replaces the "
                  f"experts' output: it needs objective.forget_ablation recall_mean or both, got "
                  f"{self.forget_ablation!r}")
-        for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight"):
+        _require(self.mean_read_weight == 0 or self.forget_ablation == "both",
+                 f"objective.mean_read_weight={self.mean_read_weight} is the read term of the second pass of "
+                 f"objective.forget_ablation=both, got forget_ablation={self.forget_ablation!r}")
+        for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight", "mean_read_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
         _require(not self.route_knowledge or self.kind == "lm",

@@ -119,8 +119,8 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
     the ``forget_BS`` tokens, or at every consulting token with ``objective.mean_tokens=consulting``; ``both``: one
-    pass of each, the second without the read term), scored by ``knowledge_off_loss``. Returns the weighted loss
-    (0-d)."""
+    pass of each, the second with ``objective.mean_read_weight`` as its read weight), scored by
+    ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
@@ -139,7 +139,7 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
 def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float]]:
     """(ablation, read weight) of each pass ``objective.forget_ablation`` runs."""
     if objective.forget_ablation == "both":
-        return [("knowledge_off", objective.read_weight), ("recall_mean", 0.0)]
+        return [("knowledge_off", objective.read_weight), ("recall_mean", objective.mean_read_weight)]
     return [(objective.forget_ablation, objective.read_weight)]
 
 

@@ -147,3 +147,26 @@ def test_forget_run_end_to_end(tmp_path, ablation):
     cfg = compose_config(*SMALL_RUN, *overrides)
     expected = flops.nominal(cfg.model, 384).flops_per_token + forget_pass_flops(cfg.model, cfg.objective, 384)
     assert [row["flops_per_token"] for row in rows] == pytest.approx([expected] * len(rows), rel=0.05)
+
+
+def test_the_mean_pass_reads_with_mean_read_weight():
+    """objective.mean_read_weight: the recall_mean pass of ``both`` scored with that read weight (the oracle: the
+    two ablations by hand); only with forget_ablation=both."""
+    torch.manual_seed(0)
+    model = small_model("gate").eval()
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.3
+    with torch.no_grad():
+        got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS,
+                          ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both",
+                                          mean_read_weight=0.4))
+        off, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
+                                    0.7, 0.5)
+        with knowledge_mean(model, forget_BS):
+            mean, parts = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.4)
+    assert parts["read"] > 0
+    torch.testing.assert_close(got, off + mean)
+    with pytest.raises(ValueError, match="mean_read_weight=0.4 is the read term of the second pass"):
+        ObjectiveConfig(forget_weight=1.0, mean_read_weight=0.4)
+    with pytest.raises(ValueError, match="mean_read_weight must be >= 0"):
+        ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_read_weight=-1.0)
