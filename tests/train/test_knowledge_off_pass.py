@@ -73,21 +73,24 @@ def test_forget_pass_flops_are_what_the_pass_costs(ablation, monkeypatch):
     assert sum(counts.values()) / idx_BS.numel() == pytest.approx(logged, rel=0.01)
 
 
-def test_both_passes_add_the_knowledge_off_pass_and_an_unread_recall_mean_pass():
+@pytest.mark.parametrize("mean_read", [0.0, 0.4], ids=["unread", "mean_read_weight"])
+def test_both_passes_add_the_knowledge_off_pass_and_a_recall_mean_pass(mean_read):
     """The oracle: the two ablations run by hand (knowledge_off; moe.knowledge_mean at the forget tokens) and scored
-    by knowledge_off_loss, the second without its read term."""
+    by knowledge_off_loss, the second with ``objective.mean_read_weight`` as its read weight (0 by default)."""
     torch.manual_seed(0)
     model = small_model("gate").eval()
     idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
     forget_BS = torch.rand(2, SEQ) < 0.3
     with torch.no_grad():
         got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS,
-                          ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both"))
+                          ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both",
+                                          mean_read_weight=mean_read))
         off, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
                                     0.7, 0.5)
         with knowledge_mean(model, forget_BS):
-            mean, _ = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.0)
-    assert mean > 0 and off > mean
+            mean, parts = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7,
+                                             mean_read)
+    assert mean > 0 and parts["read"] > 0
     torch.testing.assert_close(got, off + mean)
 
 
@@ -149,23 +152,8 @@ def test_forget_run_end_to_end(tmp_path, ablation):
     assert [row["flops_per_token"] for row in rows] == pytest.approx([expected] * len(rows), rel=0.05)
 
 
-def test_the_mean_pass_reads_with_mean_read_weight():
-    """objective.mean_read_weight: the recall_mean pass of ``both`` scored with that read weight (the oracle: the
-    two ablations by hand); only with forget_ablation=both."""
-    torch.manual_seed(0)
-    model = small_model("gate").eval()
-    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
-    forget_BS = torch.rand(2, SEQ) < 0.3
-    with torch.no_grad():
-        got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS,
-                          ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both",
-                                          mean_read_weight=0.4))
-        off, _ = knowledge_off_loss(model(idx_BS, knowledge_off=True).logits_BSV, targets_BS, forget_BS, ~forget_BS,
-                                    0.7, 0.5)
-        with knowledge_mean(model, forget_BS):
-            mean, parts = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.4)
-    assert parts["read"] > 0
-    torch.testing.assert_close(got, off + mean)
+
+def test_mean_read_weight_config_errors():
     with pytest.raises(ValueError, match="mean_read_weight=0.4 is the read term of the second pass"):
         ObjectiveConfig(forget_weight=1.0, mean_read_weight=0.4)
     with pytest.raises(ValueError, match="mean_read_weight must be >= 0"):
