@@ -19,7 +19,8 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
 now, engines interleaved, the fastest of a few calls kept. A grouped call streams 128 MiB of weights (or writes
-as much weight gradient), so the whole measurement takes 1.5 s on an idle 2-core Xeon and ~3 s of
+as much weight gradient), so the whole measurement takes 1.2 s on an idle 2-core Intel Xeon (`Intel(R) Xeon(R)
+Processor`, four classes, measured 2026-12-06) and ~3 s of
 calls on a busy one (``measure``'s budget: fewer repeats), plus each engine's untimed first call.
 The choice is cached in a JSON file (``$PURE_REASONER_CACHE_DIR`` or ``$XDG_CACHE_HOME/pure_reasoner`` or
 ``~/.cache/pure_reasoner``, file ``engines.json``) under a key naming the CPU model, core count, thread
