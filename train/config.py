@@ -31,6 +31,7 @@ CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, "recall_keys")
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean", "both")
 MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
+ALWAYS_ON_GRADS = ("all", "ablated")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
 _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
@@ -367,6 +368,14 @@ class ObjectiveConfig:
         forgets): ``mean_read_weight`` * CE on the same reading tokens as the knowledge-off pass's read term, the
         model run with the experts' output replaced by its mean, so reading from context is trained without the
         person-specific output of the experts as well as without any.
+    always_on_grad: which losses train the always-on path (attention, embeddings, norms, head, reasoning experts):
+        ``all`` (every term) or ``ablated`` (only the knowledge-off pass and the ``recall_mean`` pass: in the
+        ordinary pass, run with knowledge on, the always-on parameters are detached, ``train.trainable.
+        call_always_on_detached``, so its cross-entropy, the anchor and the consult supervision train only the
+        knowledge experts and routers). The always-on path then never learns from the experts' person-specific
+        output: it can learn to read without them, to forget the facts with them off or at their mean, and not to
+        read through them. Needs the knowledge-off pass (``forget_weight`` or ``read_weight`` > 0) and
+        ``train.trainable=all``.
     anchor_weight: with ``kind=lm`` and ``teacher``: adds ``anchor_weight`` * KL(model || teacher) at the recall
         tokens of rows without context (as ``consult_targets=recall``), the model run with knowledge on and the
         frozen teacher reading the same tokens. With ``train.init_from`` the teacher's own weights, it keeps
@@ -403,6 +412,7 @@ class ObjectiveConfig:
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
     mean_read_weight: float = 0.0
+    always_on_grad: str = "all"
     anchor_weight: float = 0.0
     anchor_rows: str = "all"
     relocate_at: int | None = None
@@ -449,6 +459,12 @@ class ObjectiveConfig:
         _require(self.mean_read_weight == 0 or self.forget_ablation == "both",
                  f"objective.mean_read_weight={self.mean_read_weight} is the read term of the second pass of "
                  f"objective.forget_ablation=both, got forget_ablation={self.forget_ablation!r}")
+        _require(self.always_on_grad in ALWAYS_ON_GRADS,
+                 f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
+        _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),
+                 f"objective.always_on_grad={self.always_on_grad!r} trains the always-on path by the knowledge-off "
+                 f"pass only: it needs objective.kind=lm and forget_weight or read_weight > 0, got kind="
+                 f"{self.kind!r}, forget_weight={self.forget_weight}, read_weight={self.read_weight}")
         for key in ("kl_weight", "ce_weight", "forget_weight", "read_weight", "anchor_weight", "mean_read_weight"):
             _require(getattr(self, key) >= 0, f"objective.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.temperature > 0, f"objective.temperature must be > 0, got {self.temperature}")
@@ -520,6 +536,11 @@ class Config:
             f"ffn=pure_reasoner and MoE layers, got ffn={self.ffn!r} and "
             f"{sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE layers "
             f"(fine-tune a dense model with train.trainable=all)",
+        )
+        _require(
+            self.objective.always_on_grad == "all" or self.train.trainable == "all",
+            f"objective.always_on_grad={self.objective.always_on_grad!r} splits the always-on path's gradient "
+            f"between passes: it needs train.trainable=all, got {self.train.trainable!r}",
         )
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")

@@ -31,7 +31,7 @@ from pure_reasoner.train.guards import collapse_warnings
 from pure_reasoner.train.metrics import MetricsLogger, StepMetrics
 from pure_reasoner.train.relocation import Relocation
 from pure_reasoner.train.slots import mask_gradients
-from pure_reasoner.train.trainable import set_trainable
+from pure_reasoner.train.trainable import call_always_on_detached, knowledge_parameter_names, set_trainable
 from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
 
@@ -405,6 +405,7 @@ def _one_step(
     ``distill.anchor_loss``."""
     t = cfg.train
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts, info.device)
+    knowledge = (knowledge_parameter_names(engine.module) if cfg.objective.always_on_grad == "ablated" else None)
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
@@ -414,7 +415,9 @@ def _one_step(
             out = distill.distill_forward(engine, teacher, batch["idx_BS"], batch["targets_BS"], cfg.objective)
         else:
             with nullcontext() if frozen_BS is None else interventions.gradient_routing(engine.module, frozen_BS):
-                out = engine(**batch)
+                # always_on_grad=ablated: this pass trains only the knowledge path (the forget pass trains the rest)
+                out = (engine(**batch) if knowledge is None
+                       else call_always_on_detached(engine.module, knowledge, **batch))
             if consult_BS is not None:
                 consult = objectives.consult_supervision(out.stats, consult_BS, cfg.model.knowledge.consult_loss_coef)
                 out = out._replace(loss=out.loss + consult, aux_loss=out.aux_loss + consult)

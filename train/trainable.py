@@ -15,9 +15,14 @@ baseline) has no knowledge path: it fine-tunes ``all``.
 balance controllers too, so routing stays the starting model's) and everything else trains. A phase that
 teaches reading (drills whose people are not the world's) then cannot write those people into the experts over
 the world's facts.
+
+``call_always_on_detached`` serves ``objective.always_on_grad=ablated``: one forward whose always-on parameters
+(every one but the knowledge experts' and routers') are detached, so its loss trains only the knowledge path.
 """
 
 from __future__ import annotations
+
+import torch
 
 from pure_reasoner.moe import PureReasonerLM
 from pure_reasoner.train.config import TRAINABLE
@@ -60,3 +65,16 @@ def set_trainable(model: PureReasonerLM, mode: str) -> list[str]:
         if not train:
             frozen.append(name)
     return frozen
+
+
+def call_always_on_detached(model: PureReasonerLM, knowledge: set[str], **inputs):
+    """``model(**inputs)`` with every parameter not named in ``knowledge`` detached (``torch.func.functional_call``):
+    the forward values are the model's own, gradients still flow through the detached weights to the activations
+    (and from them to the knowledge parameters of every layer), but no always-on parameter gets one.
+
+    Args:
+        model: the module to call (a PureReasonerLM, or a DeepSpeed engine's ``module``).
+        knowledge: ``knowledge_parameter_names(model)``, the parameters that keep their gradient.
+    """
+    detached = {name: param.detach() for name, param in model.named_parameters() if name not in knowledge}
+    return torch.func.functional_call(model, detached, args=(), kwargs=inputs, strict=False)

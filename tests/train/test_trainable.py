@@ -1,9 +1,10 @@
 """train.trainable: which parameters a knowledge update trains, and the config checks around it."""
 
 import pytest
+import torch
 
 from pure_reasoner.moe import KnowledgeConfig, ModelConfig, PureReasonerLM
-from pure_reasoner.train.trainable import set_trainable
+from pure_reasoner.train.trainable import call_always_on_detached, knowledge_parameter_names, set_trainable
 from tests.train.helpers import compose_config
 
 TINY = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, max_seq_len=16, reasoning_width=48,
@@ -69,3 +70,44 @@ def test_reasoner_freezes_exactly_what_knowledge_trains():
     with pytest.raises(ValueError, match="trainable=reasoner needs MoE layers"):
         set_trainable(PureReasonerLM(ModelConfig(**{**TINY.__dict__, "dense_first_layers": 3, "dense_width": 64})),
                       "reasoner")
+
+
+def _grads(model: PureReasonerLM, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_always_on_detached_call_trains_only_the_knowledge_path():
+    # The oracle: the plain call's gradients, which detaching weights must keep for the knowledge parameters (the
+    # activations still carry the gradient through every detached weight) and drop for every other one.
+    torch.manual_seed(0)
+    model = PureReasonerLM(TINY).eval()  # eval: no sampling noise, so both calls route alike
+    idx_BS, targets_BS = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    knowledge = {n for n, _ in model.named_parameters() if _knowledge_by_name(n)}
+    assert knowledge_parameter_names(model) == knowledge
+    plain = model(idx_BS, targets_BS=targets_BS)
+    detached = call_always_on_detached(model, knowledge, idx_BS=idx_BS, targets_BS=targets_BS)
+    assert torch.equal(detached.logits_BSV, plain.logits_BSV)
+    want, got = _grads(model, plain.loss), _grads(model, detached.loss)
+    assert set(got) == set(want) & knowledge
+    assert any(".ffn.experts." in n for n in got) and any(".ffn.router." in n for n in got)
+    # the lowest MoE layer's experts get theirs only through the layers above it, whose weights are detached
+    first = min(i for i in range(TINY.n_layers) if TINY.is_moe_layer(i))
+    assert first < TINY.n_layers - 1 and any(n.startswith(f"blocks.{first}.ffn.experts.") for n in got)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    assert all(p.requires_grad for p in model.parameters())  # nothing stays detached after the call
+
+
+def test_config_checks_always_on_grad():
+    base = ("experiment=relocate_keys_cf_release_copy_release_both_anchored_consulting", "name=x")
+    cfg = compose_config(*base, "objective.always_on_grad=ablated")
+    assert cfg.objective.always_on_grad == "ablated"
+    with pytest.raises(ValueError, match="always_on_grad must be one of"):
+        compose_config(*base, "objective.always_on_grad=some")
+    with pytest.raises(ValueError, match="always_on_grad='ablated'.*forget_weight or read_weight > 0"):
+        compose_config(*base, "objective.always_on_grad=ablated", "objective.forget_weight=0",
+                       "objective.read_weight=0")
+    with pytest.raises(ValueError, match="always_on_grad='ablated'.*train.trainable=all, got 'knowledge'"):
+        compose_config(*base, "objective.always_on_grad=ablated", "train.trainable=knowledge")
