@@ -32,6 +32,7 @@ FORGET_ABLATIONS = ("knowledge_off", "recall_mean", "both")
 MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
 ALWAYS_ON_GRADS = ("all", "ablated")
+READ_ROWS = ("all", "drills")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
 _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
@@ -352,6 +353,12 @@ class ObjectiveConfig:
         recall tokens of rows without context (as ``consult_targets=recall``) plus ``read_weight`` * CE on the
         tokens outside such rows (context rows' text, reading drills). It about doubles the training FLOPs per token
         (``train.objectives.forget_pass_flops``, counted in the logged MFU) and the step time.
+    read_rows: which tokens the read terms (``read_weight``, ``mean_read_weight``) score: ``all`` (every token
+        outside rows without context: context rows about the world's people, drills) or ``drills`` (only the
+        ``data.fresh_drills`` sequences: drills about freshly generated people and counterfactual drills, whose
+        answers are in the context and nowhere in memory). On a context row about a known person the ablated pass
+        can produce the value by reading it or by recalling it, so ``all`` rewards the always-on path for holding
+        the world's facts as much as for reading; ``drills`` rewards reading only. Needs ``data.fresh_drills``.
     forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
@@ -413,6 +420,7 @@ class ObjectiveConfig:
     mean_tokens: str = "recall"
     mean_read_weight: float = 0.0
     always_on_grad: str = "all"
+    read_rows: str = "all"
     anchor_weight: float = 0.0
     anchor_rows: str = "all"
     relocate_at: int | None = None
@@ -459,6 +467,10 @@ class ObjectiveConfig:
         _require(self.mean_read_weight == 0 or self.forget_ablation == "both",
                  f"objective.mean_read_weight={self.mean_read_weight} is the read term of the second pass of "
                  f"objective.forget_ablation=both, got forget_ablation={self.forget_ablation!r}")
+        _require(self.read_rows in READ_ROWS, f"objective.read_rows must be one of {READ_ROWS}, got {self.read_rows!r}")
+        _require(self.read_rows == "all" or self.knowledge_off_pass,
+                 f"objective.read_rows={self.read_rows!r} chooses the knowledge-off pass's read tokens: it needs "
+                 f"forget_weight or read_weight > 0, got {self.forget_weight} and {self.read_weight}")
         _require(self.always_on_grad in ALWAYS_ON_GRADS,
                  f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
         _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),
@@ -536,6 +548,11 @@ class Config:
             f"ffn=pure_reasoner and MoE layers, got ffn={self.ffn!r} and "
             f"{sum(map(self.model.is_moe_layer, range(self.model.n_layers)))} MoE layers "
             f"(fine-tune a dense model with train.trainable=all)",
+        )
+        _require(
+            self.objective.read_rows == "all" or self.data.fresh_drills > 0,
+            f"objective.read_rows={self.objective.read_rows!r} scores the fresh drills only: it needs "
+            f"data.fresh_drills > 0, got {self.data.fresh_drills}",
         )
         _require(
             self.objective.always_on_grad == "all" or self.train.trainable == "all",

@@ -71,7 +71,8 @@ class TrainData:
         ``objective.route_tokens`` / ``consult_targets`` ``=recall`` only those whose target is a fact value,
         ``data.recall_tokens``; with ``consult_targets=recall_keys`` those and the closed-book tokens of names,
         ``data.key_tokens``); with the knowledge-off pass (``objective.forget_weight`` / ``read_weight``)
-        also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows); with
+        also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows; with
+        ``objective.read_rows=drills`` every token of the drill sequences only); with
         ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
         marked for it) as anchor_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
@@ -100,6 +101,8 @@ class TrainData:
             batch["doc_ids_BS"] = data.doc_ids(idx_BS, self.eod_id)
         if cfg.objective.knowledge_off_pass:
             batch["read_BS"] = ~closed_BS
+            if cfg.objective.read_rows == "drills":  # the last `fresh` sequences are the drills
+                batch["read_BS"][: idx_BS.shape[0] - fresh] = False
             batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
         if cfg.objective.anchor_weight > 0:
             batch["anchor_BS"] = anchor_BS

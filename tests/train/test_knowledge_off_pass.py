@@ -20,8 +20,9 @@ from tests.train.helpers import SMALL_RUN, compose_config, metrics, run_in_proce
 FORGET = ("experiment=decoupling_tiny", "name=t", "objective.forget_weight=1.0", "objective.read_weight=0.5")
 
 
-def test_micro_batch_masks_forget_recall_tokens_and_read_everything_else():
-    cfg = compose_config(*FORGET, "data.fresh_drills=2")
+def _micro_batch(*overrides: str):
+    """A micro-batch of a decoupling_tiny run with 2 fresh drills; with its packed corpus, positions, corpus rows."""
+    cfg = compose_config(*FORGET, "data.fresh_drills=2", *overrides)
     docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens)
     tok = data.train_tokenizer(docs, "bpe", cfg.model.vocab_size)
     stream, mask = data.tokenize_in_context(docs, tok, cfg.data.seq_len)
@@ -30,13 +31,30 @@ def test_micro_batch_masks_forget_recall_tokens_and_read_everything_else():
     packed = data.PackedSequences(stream, cfg.data.seq_len, 0, loss_mask=mask, closed=closed, recall=recall)
     drills = FreshDrills(build_world(corpus_world_config(**cfg.data.generator_kwargs)), tok, cfg.data.seq_len)
     batch = TrainData(packed, drills).micro_batch(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")), step=2, micro=0)
-    assert "consult_target_BS" not in batch and "reasoning_frozen_BS" not in batch  # nothing else switched on
     positions = data.micro_batch_positions(2, 0, 0, cfg.train.micro_batch_size - 2, 1, 1)
-    corpus = cfg.train.micro_batch_size - 2
+    return batch, packed, positions, cfg.train.micro_batch_size - 2
+
+
+def test_micro_batch_masks_forget_recall_tokens_and_read_everything_else():
+    batch, packed, positions, corpus = _micro_batch()
+    assert "consult_target_BS" not in batch and "reasoning_frozen_BS" not in batch  # nothing else switched on
     assert torch.equal(batch["forget_BS"][:corpus], packed.recall(positions))
     assert torch.equal(batch["read_BS"][:corpus], ~packed.closed(positions))
     assert batch["forget_BS"].any() and not (batch["forget_BS"] & batch["read_BS"]).any()
     assert batch["read_BS"][corpus:].all() and not batch["forget_BS"][corpus:].any()  # drills: read, never forget
+
+
+def test_read_rows_drills_reads_the_drill_sequences_only():
+    batch, packed, positions, corpus = _micro_batch("objective.read_rows=drills")
+    assert torch.equal(batch["forget_BS"][:corpus], packed.recall(positions))  # forgetting unchanged
+    assert (~packed.closed(positions)).any()  # context rows the default would read
+    assert not batch["read_BS"][:corpus].any() and batch["read_BS"][corpus:].all()
+    with pytest.raises(ValueError, match="read_rows='drills' scores the fresh drills only.*fresh_drills > 0, got 0"):
+        compose_config(*FORGET, "objective.read_rows=drills")
+    with pytest.raises(ValueError, match="read_rows='drills'.*forget_weight or read_weight > 0"):
+        ObjectiveConfig(read_rows="drills")
+    with pytest.raises(ValueError, match="read_rows must be one of"):
+        ObjectiveConfig(forget_weight=1.0, read_rows="context")
 
 
 @pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean"])
