@@ -2,6 +2,7 @@
 
     python -m pure_reasoner.train.protocol --recipe NAME [--seeds 0 1 2] [--heldout-seeds 2] [--world-seed-offset 0]
                              [--eval-examples 600] [--results results] [--eval-arg=--bits-people=120 ...] [--chain]
+                             [--chain-only] [--probe]
                              -- experiment=decoupling [overrides ...]
 
 For each seed k (at least ``MIN_SEEDS``): world seed ``w = offset + k`` (``data.generator_kwargs.seed``: its own
@@ -19,6 +20,11 @@ Training and evaluation run as subprocesses, one after another, in the current d
 ``--chain``: a recipe that starts from (or distils) earlier recipes' exports, ``runs/<recipe>-seed<k>/export``, gets
 those stages trained first where their exports are missing (``train.chain``), each with the seed's world and the
 overrides in ``train.chain.RUN_ONLY_KEYS``; the entry records their commands (``chain_commands``) and walls.
+``--chain-only`` trains those stages and stops: each seed's entry ``<recipe>_seed<k>_chain`` records them, and a
+later run of any recipe on the same chain reuses them.
+
+``--probe``: one or two seeds, none held out, to ask a question on worlds already used for choosing; the entries and
+reports are marked ``probe`` (a probe is an anecdote, not a claim: the scorecard needs three seeds for that).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class SeedRun:
     world_seed: int
     heldout: bool
     overrides: tuple[str, ...]
+    probe: bool = False
 
     @property
     def name(self) -> str:
@@ -144,7 +151,8 @@ def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequenc
              if s in report["splits"] and report["splits"][s]["base"]["n"] < eval_examples}
     if short:
         raise ValueError(f"{report_path}: single-hop splits scored on {short} questions, fewer than {eval_examples}")
-    record = {"recipe": run.recipe, "seed": run.seed, "world_seed": run.world_seed, "heldout": run.heldout}
+    record = {"recipe": run.recipe, "seed": run.seed, "world_seed": run.world_seed, "heldout": run.heldout,
+              **({"probe": True} if run.probe else {})}
     report["run"] = record
     report_path.write_text(json.dumps(report, indent=2))
     return {**record, "commit": commit(), "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
@@ -193,19 +201,26 @@ def record(manifest_path: Path, stem: str, entry: dict) -> None:
 
 
 def plan(recipe: str, seeds: Sequence[int], heldout: Sequence[int], offset: int,
-         overrides: Sequence[str]) -> list[SeedRun]:
-    """The seed runs of a recipe; ValueError on fewer than MIN_SEEDS distinct seeds or a held-out seed not run."""
+         overrides: Sequence[str], probe: bool = False) -> list[SeedRun]:
+    """The seed runs of a recipe; ValueError on fewer than MIN_SEEDS distinct seeds (a ``probe``: fewer, and none
+    held out) or a held-out seed not run."""
     if not recipe or "/" in recipe:
         raise ValueError(f"--recipe must be a non-empty name without '/', got {recipe!r}")
-    if len(set(seeds)) != len(seeds) or len(seeds) < MIN_SEEDS:
-        raise ValueError(f"the protocol needs >= {MIN_SEEDS} distinct seeds, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds must be distinct and at least one, got {list(seeds)}")
+    if probe and (heldout or len(seeds) >= MIN_SEEDS):
+        raise ValueError(f"--probe asks a question on fewer than {MIN_SEEDS} worlds used for choosing: got seeds "
+                         f"{list(seeds)}, held out {list(heldout)}; run the protocol without --probe")
+    if not probe and len(seeds) < MIN_SEEDS:
+        raise ValueError(f"the protocol needs >= {MIN_SEEDS} distinct seeds, got {list(seeds)} (--probe for fewer, "
+                         "not a claim)")
     if not set(heldout) <= set(seeds):
         raise ValueError(f"--heldout-seeds {sorted(set(heldout) - set(seeds))} are not among --seeds {list(seeds)}")
     reserved = [o for o in overrides if o.split("=")[0].lstrip("+") in ("name", "train.seed",
                                                                          "data.generator_kwargs.seed")]
     if reserved:
         raise ValueError(f"the protocol sets {reserved} itself (name, train.seed, the world seed)")
-    return [SeedRun(recipe, s, offset + s, s in heldout, tuple(overrides)) for s in seeds]
+    return [SeedRun(recipe, s, offset + s, s in heldout, tuple(overrides), probe) for s in seeds]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,15 +236,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-arg", action="append", default=[], help="passed to the evaluation (repeatable)")
     parser.add_argument("--chain", action="store_true",
                         help="first train the earlier recipes this one starts from, where their exports are missing")
+    parser.add_argument("--chain-only", action="store_true",
+                        help="train the earlier recipes (as --chain) and stop; record them per seed")
+    parser.add_argument("--probe", action="store_true",
+                        help=f"fewer than {MIN_SEEDS} seeds, none held out: a question, not a claim (marked probe)")
     parser.add_argument("overrides", nargs="*", help="training overrides (after --)")
     args = parser.parse_args(argv)
+    chained = args.chain or args.chain_only
     try:
-        runs = plan(args.recipe, args.seeds, args.heldout_seeds, args.world_seed_offset, args.overrides)
+        runs = plan(args.recipe, args.seeds, args.heldout_seeds, args.world_seed_offset, args.overrides, args.probe)
         chains = {}
         for run in runs:  # every seed's config, world and chain are checked before the first one trains
             cfg = compose(run.train_overrides(args.eval_examples))
             check_world(cfg, args.eval_examples)
-            chains[run.seed] = chain_stages(run, args.eval_examples, cfg) if args.chain else []
+            chains[run.seed] = chain_stages(run, args.eval_examples, cfg) if chained else []
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -237,7 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     for run in runs:
         try:
-            chain = train_chain(chains[run.seed], args.eval_examples) if args.chain else {}
+            chain = train_chain(chains[run.seed], args.eval_examples) if chained else {}
+            if args.chain_only:
+                record(manifest, f"{run.stem}_chain", {"recipe": run.recipe, "seed": run.seed,
+                                                       "world_seed": run.world_seed, "commit": commit(), **chain})
+                print(f"{run.stem}: chain of world seed {run.world_seed} trained {chain['chain_train_wall_s']}, "
+                      f"reused {chain['chain_reused']}")
+                continue
             entry = {**run_seed(run, args.results, args.eval_examples, args.eval_arg), **chain}
         except (RuntimeError, ValueError) as err:
             print(f"error: seed {run.seed}: {err}", file=sys.stderr)

@@ -159,3 +159,38 @@ def test_main_with_chain_trains_the_earlier_stage_of_each_seed_first(tmp_path, m
         second = yaml.safe_load((tmp_path / "runs" / f"{recipe}-seed{seed}" / "config.yaml").read_text())
         assert second["train"]["init_from"] == f"runs/{stage}-seed{seed}/export"
         assert second["train"]["max_steps"] == 4
+
+
+def test_a_probe_runs_fewer_seeds_on_choosing_worlds_only():
+    (run,) = plan("r", [6], [], 0, [], probe=True)
+    assert (run.seed, run.world_seed, run.heldout, run.probe) == (6, 6, False, True)
+    with pytest.raises(ValueError, match="--probe for fewer"):
+        plan("r", [6], [], 0, [])
+    with pytest.raises(ValueError, match="--probe asks .* held out \\[6\\]"):
+        plan("r", [6], [6], 0, [], probe=True)
+    with pytest.raises(ValueError, match="--probe asks .* seeds \\[0, 1, 2\\]"):
+        plan("r", [0, 1, 2], [], 0, [], probe=True)
+    with pytest.raises(ValueError, match="distinct and at least one"):
+        plan("r", [], [], 0, [], probe=True)
+
+
+def test_chain_only_then_a_probe_on_the_trained_chain(tmp_path, monkeypatch):
+    """``--chain-only`` trains the earlier stage and records it without running the recipe; a ``--probe`` of the
+    recipe on that seed then reuses it, and its entry and report say probe."""
+    monkeypatch.chdir(tmp_path)
+    recipe, stage = "decoupling_smoke_next", "decoupling_smoke"
+    common = ["--recipe", recipe, "--seeds", "4", "--world-seed-offset", "20", "--eval-examples", "6", "--probe"]
+    overrides = ["--", f"experiment={recipe}", "train.progress=false", "train.threads=1", "train.max_steps=4",
+                 "train.warmup_steps=1"]
+    assert main([*common, "--chain-only", *overrides]) == 0
+    runs = json.loads((tmp_path / "results" / "runs.json").read_text())
+    assert list(runs) == [f"{recipe}_seed4_chain"] and not (tmp_path / "runs" / f"{recipe}-seed4").exists()
+    entry = runs[f"{recipe}_seed4_chain"]
+    assert list(entry["chain_train_wall_s"]) == [stage] and (entry["seed"], entry["world_seed"]) == (4, 24)
+    assert (tmp_path / "runs" / f"{stage}-seed4" / "export").is_dir()
+    assert main([*common, "--chain", "--eval-arg=--bits-people=0", "--eval-arg=--generate=none",
+                 "--eval-arg=--splits=closed_book", *overrides]) == 0
+    entry = json.loads((tmp_path / "results" / "runs.json").read_text())[f"{recipe}_seed4"]
+    assert entry["chain_reused"] == [f"{stage}-seed4"] and entry["chain_commands"] == [] and entry["probe"] is True
+    report = json.loads((tmp_path / "results" / "eval" / f"{recipe}_seed4.json").read_text())
+    assert report["run"] == {"recipe": recipe, "seed": 4, "world_seed": 24, "heldout": False, "probe": True}
