@@ -400,15 +400,17 @@ def run(cfg: Config, run_dir: Path, resolved_config: str, grad_masks: dict[str, 
 
 
 def _one_step(
-    cfg: Config, engine, train_data: TrainData, info: DistInfo, run_dir: Path, step: int, teacher=None
+    cfg: Config, engine, train_data: TrainData, info: DistInfo, run_dir: Path, step: int, teacher=None,
+    knowledge: set[str] | None = None,
 ) -> StepStats:
     """Forward/backward every micro-batch of ``step`` and let DeepSpeed step; returns the reduced stats.
 
     With ``objective.kind=distill`` the loss is ``distill.distill_forward``'s; ``objective.anchor_weight`` adds
-    ``distill.anchor_loss``."""
+    ``distill.anchor_loss``; with ``objective.always_on_grad=ablated`` the knowledge-on pass detaches every parameter
+    not in ``knowledge`` (``knowledge_parameter_names``, named once per run)."""
     t = cfg.train
     acc = StepStats(len(engine.module.moe_layers()), cfg.model.knowledge.num_experts, info.device)
-    knowledge = (knowledge_parameter_names(engine.module) if cfg.objective.always_on_grad == "ablated" else None)
+    knowledge = knowledge if cfg.objective.always_on_grad == "ablated" else None
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
@@ -492,6 +494,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
     """Steps ``start_step .. max_steps - 1``: update, steer the controllers, log, checkpoint; at
     ``objective.relocate_at`` the relocation phase starts (``train.relocation``)."""
     t, model = cfg.train, engine.module
+    knowledge = knowledge_parameter_names(model) if cfg.objective.always_on_grad == "ablated" else None
     bar = tqdm(total=t.max_steps, initial=start_step, disable=info.rank != 0 or not t.progress, desc="train")
     losses, steps, window = [], [], []
     history = max(t.collapse_window, 1)
@@ -500,7 +503,7 @@ def _train_steps(cfg, engine, train_data, info, run_dir, start_step, peak, logge
             teacher = relocation.switch(engine, info)
         phase_cfg = relocation.config(step)  # cfg, or its phase before / from relocate_at
         tick, lr = time.perf_counter(), engine.get_lr()[0]
-        acc = _one_step(phase_cfg, engine, train_data, info, run_dir, step, teacher)
+        acc = _one_step(phase_cfg, engine, train_data, info, run_dir, step, teacher, knowledge)
         if engine.was_step_applied() and model.moe_layers() and t.trainable not in FROZEN_ROUTING:
             model.update_controllers(acc.moe_stats())  # the same all-reduced counts on every rank
         last = _metrics(phase_cfg, engine, info, step, acc, lr, time.perf_counter() - tick, peak, teacher)

@@ -111,3 +111,28 @@ def test_config_checks_always_on_grad():
                        "objective.read_weight=0")
     with pytest.raises(ValueError, match="always_on_grad='ablated'.*train.trainable=all, got 'knowledge'"):
         compose_config(*base, "objective.always_on_grad=ablated", "train.trainable=knowledge")
+
+
+@pytest.mark.parametrize("always_on_grad", ["all", "ablated"])
+def test_the_loop_detaches_the_always_on_path_in_the_knowledge_on_pass_only_when_asked(tmp_path, monkeypatch,
+                                                                                       always_on_grad):
+    from pure_reasoner.train import loop
+    from tests.train.helpers import run_in_process
+
+    calls = []
+
+    def spy(model, knowledge, **inputs):
+        calls.append((set(knowledge), {n for n, _ in model.named_parameters() if _knowledge_by_name(n)}))
+        return call_always_on_detached(model, knowledge, **inputs)
+
+    monkeypatch.setattr(loop, "call_always_on_detached", spy)
+    run_in_process(tmp_path / "run", "data=world", "data.in_context_fraction=0.5", "+data.generator_kwargs.preset=tiny",
+                   "data.seq_len=384", "model.max_seq_len=384", "data.max_chars=null", "objective.forget_weight=1.0",
+                   "objective.read_weight=0.5", "train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2",
+                   f"objective.always_on_grad={always_on_grad}")
+    if always_on_grad == "all":
+        assert calls == []
+        return
+    assert len(calls) == 2  # one knowledge-on pass per micro-batch, grad_accum 1
+    for named, expected in calls:
+        assert named == expected and named
