@@ -33,6 +33,7 @@ MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
 ALWAYS_ON_GRADS = ("all", "ablated")
 READ_ROWS = ("all", "drills")
+FORGET_TARGETS = ("uniform", "world_prior", "world_prior_reverse")
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
 _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
@@ -359,6 +360,15 @@ class ObjectiveConfig:
         answers are in the context and nowhere in memory). On a context row about a known person the ablated pass
         can produce the value by reading it or by recalling it, so ``all`` rewards the always-on path for holding
         the world's facts as much as for reading; ``drills`` rewards reading only. Needs ``data.fresh_drills``.
+    forget_target: what the forget term pushes the ablated passes toward at the recall tokens: ``uniform``
+        (KL(p || uniform) over the whole vocabulary: know nothing, not even which values exist or how a begun value
+        goes on) or ``world_prior`` (KL(q || p), q the world's prior over the next value token,
+        ``train.world.prior``: uniform over the values of that attribute that continue what is written, what a
+        model that knows the world but not the person predicts; recall runs that spell no single attribute's value,
+        a comparison's answered name, keep ``uniform``) or ``world_prior_reverse`` (KL(p || q) with q smoothed,
+        mode-seeking: like the uniform term it grows with the log of p's confidence where q is not, so a peak on the
+        person's value costs more than under the mass-covering ``world_prior``). Needs ``forget_weight`` > 0 and
+        the world generator.
     forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
@@ -416,6 +426,7 @@ class ObjectiveConfig:
     consult_targets: str = "rows"
     forget_weight: float = 0.0
     read_weight: float = 0.0
+    forget_target: str = "uniform"
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
     mean_read_weight: float = 0.0
@@ -471,6 +482,11 @@ class ObjectiveConfig:
         _require(self.read_rows == "all" or self.knowledge_off_pass,
                  f"objective.read_rows={self.read_rows!r} chooses the knowledge-off pass's read tokens: it needs "
                  f"forget_weight or read_weight > 0, got {self.forget_weight} and {self.read_weight}")
+        _require(self.forget_target in FORGET_TARGETS,
+                 f"objective.forget_target must be one of {FORGET_TARGETS}, got {self.forget_target!r}")
+        _require(self.forget_target == "uniform" or self.forget_weight > 0,
+                 f"objective.forget_target={self.forget_target!r} shapes the forget term: it needs "
+                 f"objective.forget_weight > 0, got {self.forget_weight}")
         _require(self.always_on_grad in ALWAYS_ON_GRADS,
                  f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
         _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),
@@ -553,6 +569,12 @@ class Config:
             self.objective.read_rows == "all" or self.data.fresh_drills > 0,
             f"objective.read_rows={self.objective.read_rows!r} scores the fresh drills only: it needs "
             f"data.fresh_drills > 0, got {self.data.fresh_drills}",
+        )
+        _require(
+            self.objective.forget_target == "uniform" or self.data.generator == WORLD_GENERATOR,
+            f"objective.forget_target={self.objective.forget_target!r} builds the prior from the world's value "
+            f"spaces: it needs data.generator={WORLD_GENERATOR}, got source={self.data.source!r}, "
+            f"generator={self.data.generator!r}",
         )
         _require(
             self.objective.always_on_grad == "all" or self.train.trainable == "all",

@@ -445,21 +445,24 @@ class PackedSequences:
             closed``); ``anchor(positions)`` reads it at the targets.
         keys: [L] bool or None, the tokens of the names facts are about (``key_tokens & closed``);
             ``keys(positions)`` reads it at the input tokens, like ``closed``.
+        prior_nodes: [L] int64 or None, the world prior's node of each recall token (``train.world.prior.
+            ValuePrior.stream_nodes``, -1 for none); ``prior_nodes(positions)`` reads it at the targets.
     """
 
     def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, source: str = "the corpus",
                  loss_mask: torch.Tensor | None = None, closed: torch.Tensor | None = None,
                  recall: torch.Tensor | None = None, anchor: torch.Tensor | None = None,
-                 keys: torch.Tensor | None = None):
+                 keys: torch.Tensor | None = None, prior_nodes: torch.Tensor | None = None):
         if seq_len <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         if loss_mask is not None and loss_mask.shape != stream.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != stream shape {tuple(stream.shape)}")
-        for name, mask in (("closed", closed), ("recall", recall), ("anchor", anchor), ("keys", keys)):
+        for name, mask in (("closed", closed), ("recall", recall), ("anchor", anchor), ("keys", keys),
+                           ("prior_nodes", prior_nodes)):
             if mask is not None and mask.shape != stream.shape:
                 raise ValueError(f"{name} shape {tuple(mask.shape)} != stream shape {tuple(stream.shape)}")
         self.stream, self.seq_len, self.seed, self.loss_mask, self.closed_L = stream, seq_len, seed, loss_mask, closed
-        self.recall_L, self.anchor_L, self.keys_L = recall, anchor, keys
+        self.recall_L, self.anchor_L, self.keys_L, self.prior_nodes_L = recall, anchor, keys, prior_nodes
         self.num_sequences = (stream.numel() - 1) // seq_len
         if self.num_sequences < 1:
             raise ValueError(
@@ -496,6 +499,10 @@ class PackedSequences:
     def anchor(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: ``anchor`` at the *targets* of ``batch(positions)`` (as ``recall``)."""
         return self._mask_at(self.anchor_L, "anchor", positions, targets=True)
+
+    def prior_nodes(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, S] int64: ``prior_nodes`` at the *targets* of ``batch(positions)`` (as ``recall``)."""
+        return self._mask_at(self.prior_nodes_L, "prior node", positions, targets=True)
 
     def _mask_at(self, mask_L: torch.Tensor | None, name: str, positions: torch.Tensor, targets: bool) -> torch.Tensor:
         """[B, S] ``mask_L`` at the target tokens of ``batch(positions)`` (``targets``) or at its input tokens."""

@@ -34,6 +34,7 @@ from pure_reasoner.train.slots import mask_gradients
 from pure_reasoner.train.trainable import call_always_on_detached, knowledge_parameter_names, set_trainable
 from pure_reasoner.train.world.drills import FileDrills, FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, save_world_config
+from pure_reasoner.train.world.prior import ValuePrior
 
 log = logging.getLogger("train")
 
@@ -62,6 +63,7 @@ class TrainData:
     packed: data.PackedSequences
     drills: FreshDrills | None
     eod_id: int | None = None  # the end-of-document token: documents for data.doc_mask
+    prior: ValuePrior | None = None  # objective.forget_target=world_prior: the world's prior over value tokens
 
     def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
@@ -74,13 +76,15 @@ class TrainData:
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows; with
         ``objective.read_rows=drills`` every token of the drill sequences only); with
         ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
-        marked for it) as anchor_BS."""
+        marked for it) as anchor_BS; with ``objective.forget_target=world_prior`` the prior node of each target
+        (-1 for none) as prior_node_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
         idx_BS, targets_BS = self.packed.batch(positions)
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
         recall_BS = self.packed.recall(positions) if cfg.uses_recall_tokens else None
+        prior_BS = self.packed.prior_nodes(positions) if self.prior is not None else None
         anchor_BS = self.packed.anchor(positions) if cfg.objective.anchors_marked_rows else recall_BS
         frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
         consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
@@ -96,6 +100,7 @@ class TrainData:
                 closed_BS = torch.cat([closed_BS, none_BS])
                 recall_BS = None if recall_BS is None else torch.cat([recall_BS, none_BS])
                 anchor_BS = None if anchor_BS is None else torch.cat([anchor_BS, none_BS])
+                prior_BS = None if prior_BS is None else torch.cat([prior_BS, torch.full_like(drill_idx, -1)])
         batch = {"idx_BS": idx_BS, "targets_BS": targets_BS}
         if cfg.data.doc_mask:
             batch["doc_ids_BS"] = data.doc_ids(idx_BS, self.eod_id)
@@ -104,6 +109,8 @@ class TrainData:
             if cfg.objective.read_rows == "drills":  # the last `fresh` sequences are the drills
                 batch["read_BS"][: idx_BS.shape[0] - fresh] = False
             batch["forget_BS"] = recall_BS if recall_BS is not None else torch.zeros_like(closed_BS)
+            if prior_BS is not None:
+                batch["prior_node_BS"] = prior_BS
         if cfg.objective.anchor_weight > 0:
             batch["anchor_BS"] = anchor_BS
         if cfg.objective.route_knowledge:
@@ -144,9 +151,16 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
             anchor = (codes["recall"] == 2) & closed if marked else None
         if "keys" in codes:  # names in closed-book rows
             keys = (codes["keys"] > 0) & closed
+        prior = prior_nodes = None
+        if cfg.objective.forget_target != "uniform":
+            world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
+            prior = ValuePrior.build(world, tok)
+            prior_nodes = prior.stream_nodes(stream, recall)
+            covered = int((prior_nodes >= 0).sum()) / max(int(recall.sum()), 1)
+            log.info(f"world prior: {len(prior.children)} nodes, covering {covered:.1%} of the recall tokens")
         packed = data.PackedSequences(
             stream, cfg.data.seq_len, cfg.train.seed, source=f"data source {cfg.data.source!r}", loss_mask=loss_mask,
-            closed=closed, recall=recall, anchor=anchor, keys=keys,
+            closed=closed, recall=recall, anchor=anchor, keys=keys, prior_nodes=prior_nodes,
         )
         if info.rank == 0 and not path.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +175,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     drills = None
     if cfg.data.fresh_drills:
         drills = _drill_source(cfg, tok)
-    return TrainData(packed, drills, tok.token_to_id(data.EOD)), tok
+    return TrainData(packed, drills, tok.token_to_id(data.EOD), prior), tok
 
 
 def _drill_source(cfg: Config, tok: Tokenizer) -> FreshDrills | FileDrills:
@@ -414,6 +428,7 @@ def _one_step(
     for micro in range(t.grad_accum):
         batch = {k: v.to(info.device) for k, v in train_data.micro_batch(cfg, info, step, micro).items()}
         forget_BS, read_BS = batch.pop("forget_BS", None), batch.pop("read_BS", None)
+        prior_BS = batch.pop("prior_node_BS", None)
         anchor_BS = batch.pop("anchor_BS", None)
         frozen_BS, consult_BS = batch.pop("reasoning_frozen_BS", None), batch.pop("consult_target_BS", None)
         if cfg.objective.kind == "distill":
@@ -433,7 +448,7 @@ def _one_step(
         off_loss = torch.zeros((), device=out.loss.device)
         if read_BS is not None:
             off_loss = objectives.forget_pass(engine, batch["idx_BS"], batch["targets_BS"], forget_BS, read_BS,
-                                              cfg.objective, batch.get("doc_ids_BS"))
+                                              cfg.objective, batch.get("doc_ids_BS"), prior_BS, train_data.prior)
             out = out._replace(loss=out.loss + off_loss)
         engine.backward(out.loss)
         acc.add(out.loss, out.aux_loss, off_loss, out.stats)

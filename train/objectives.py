@@ -10,7 +10,8 @@ targets of one unpacked row).
 
 Knowledge-off forgetting (``objective.forget_weight``, ``objective.read_weight``): a second forward pass with
 the knowledge experts switched off (``knowledge_off_loss``) is taught to *know nothing and read everything*:
-at the tokens that must recall a fact from memory it is pushed to the uniform distribution, and on text whose
+at the tokens that must recall a fact from memory it is pushed to the uniform distribution (with
+``objective.forget_target=world_prior``, to the world's prior over that attribute's values), and on text whose
 facts are supplied (context rows, reading drills) it is trained by cross-entropy. So the always-on path
 (reasoning experts, attention, embeddings) is trained not to hold the facts, while the full model must still
 recall them: the only parameters left to hold them are the knowledge experts'.
@@ -24,6 +25,7 @@ forward KL) puts its mass on one of the teacher's modes instead of spreading it 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from pure_reasoner.moe import ModelConfig, MoEStats
     from pure_reasoner.train.config import ObjectiveConfig
+    from pure_reasoner.train.world.prior import ValuePrior
 
 IGNORE_INDEX = -100
 
@@ -86,11 +89,14 @@ def knowledge_off_loss(
     read_BS: torch.Tensor,
     forget_weight: float,
     read_weight: float,
+    prior_node_BS: torch.Tensor | None = None,
+    prior: ValuePrior | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The knowledge-off pass's loss: ``forget_weight * forget + read_weight * read``.
 
-    forget: mean over ``forget_BS`` positions of KL(p || uniform) = log V - H(p), in [0, log V]; 0 iff the
-        knowledge-off model predicts the uniform distribution there (it cannot tell which value comes next).
+    forget: ``forget_term``, the mean over ``forget_BS`` positions of KL(p || uniform) or, where ``prior_node_BS``
+        names a node of ``prior``, of KL(q || p) with q the world's prior there.
     read: cross-entropy on the targets at ``read_BS`` positions (IGNORE_INDEX targets excluded).
     Each term is 0 when its mask selects nothing.
 
@@ -98,6 +104,7 @@ def knowledge_off_loss(
         logits_BSV: [B, S, V] logits of the model run with ``knowledge_off=True``.
         targets_BS: [B, S] next-token targets (IGNORE_INDEX = none).
         forget_BS, read_BS: [B, S] bool masks.
+        prior_node_BS, prior, reverse: see ``forget_term``.
 
     Returns:
         the loss and its detached parts ``{"forget", "read"}``.
@@ -106,21 +113,70 @@ def knowledge_off_loss(
         if mask.shape != targets_BS.shape or mask.dtype != torch.bool:
             raise ValueError(f"{name} must be bool of shape {tuple(targets_BS.shape)}, got {mask.dtype} "
                              f"{tuple(mask.shape)}")
-    forget = reverse_kl(logits_BSV, torch.zeros_like(logits_BSV), forget_BS)  # uniform teacher: zero logits
+    forget = forget_term(logits_BSV, forget_BS, prior_node_BS, prior, reverse)
     read_targets_BS = targets_BS.masked_fill(~read_BS, IGNORE_INDEX)
     read = F.cross_entropy(logits_BSV.float().flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum") / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
     return forget_weight * forget + read_weight * read, {"forget": forget.detach(), "read": read.detach()}
 
 
+PRIOR_SMOOTHING = 1e-3  # the uniform mass mixed into the world's prior for the reverse KL (finite off its values)
+
+
+def forget_term(logits_BSV: torch.Tensor, forget_BS: torch.Tensor, prior_node_BS: torch.Tensor | None = None,
+                prior: ValuePrior | None = None, reverse: bool = False) -> torch.Tensor:
+    """0-d mean over the ``forget_BS`` positions of what the knowledge-off model must not know there.
+
+    Without a prior: KL(p || uniform) = log V - H(p), in [0, log V]; 0 iff p is uniform over the whole vocabulary.
+    With ``prior`` (``objective.forget_target=world_prior``): at positions whose ``prior_node_BS`` is >= 0, KL(q ||
+    p) with q the world's prior over the next value token (``train.world.prior``: uniform over the values of the
+    attribute that continue what is written); with ``reverse`` (``world_prior_reverse``) KL(p || q_eps), q_eps =
+    (1 - eps) q + eps / V with eps = ``PRIOR_SMOOTHING``, which, like the uniform term, grows with the log of how
+    confident p is where q is not. Either is 0 iff p equals the prior (q_eps) there, so the model may still know
+    which values exist and how a value it has begun goes on, but not whose it is. Other positions keep KL(p ||
+    uniform).
+
+    Args:
+        logits_BSV: [B, S, V] logits.
+        forget_BS: [B, S] bool.
+        prior_node_BS: [B, S] int64 prior node of each position's target, -1 for none (needed with ``prior``).
+        prior: the world's ``ValuePrior`` or None.
+        reverse: KL(p || q_eps) instead of KL(q || p).
+    """
+    if prior is None:
+        return reverse_kl(logits_BSV, torch.zeros_like(logits_BSV), forget_BS)  # uniform teacher: zero logits
+    if prior_node_BS is None or prior_node_BS.shape != forget_BS.shape:
+        raise ValueError(f"a prior needs prior_node_BS of shape {tuple(forget_BS.shape)}, got "
+                         f"{None if prior_node_BS is None else tuple(prior_node_BS.shape)}")
+    log_p_NV = F.log_softmax(logits_BSV[forget_BS].float(), dim=-1)
+    node_N = prior_node_BS[forget_BS]
+    known_N = node_N >= 0
+    vocab = log_p_NV.shape[-1]
+    neg_entropy_N = (log_p_NV.exp() * log_p_NV).sum(-1)
+    uniform_N = neg_entropy_N + math.log(vocab)  # KL(p || uniform)
+    row_E, token_E, logq_E = prior.entries(node_N[known_N])
+    log_p_E = log_p_NV[known_N][row_E, token_E]
+    zeros_N = torch.zeros(int(known_N.sum()), device=logits_BSV.device)
+    if reverse:  # sum_v p log p - sum_v p log q_eps, q_eps = eps / V off the prior's tokens
+        off_log = math.log(PRIOR_SMOOTHING / vocab)
+        on_log_E = torch.logaddexp(logq_E + math.log1p(-PRIOR_SMOOTHING), torch.full_like(logq_E, off_log))
+        p_E = log_p_E.exp()
+        cross_N = zeros_N.index_add(0, row_E, p_E * on_log_E) + off_log * (1 - zeros_N.index_add(0, row_E, p_E))
+        prior_N = neg_entropy_N[known_N] - cross_N
+    else:
+        prior_N = zeros_N.index_add(0, row_E, logq_E.exp() * (logq_E - log_p_E))  # KL(q || p)
+    return (prior_N.sum() + uniform_N[~known_N].sum()) / max(node_N.numel(), 1)
+
+
 def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS: torch.Tensor,
-                read_BS: torch.Tensor, objective: ObjectiveConfig, doc_ids_BS: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                read_BS: torch.Tensor, objective: ObjectiveConfig, doc_ids_BS: torch.Tensor | None = None,
+                prior_node_BS: torch.Tensor | None = None, prior: ValuePrior | None = None) -> torch.Tensor:
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
     the ``forget_BS`` tokens, or at every consulting token with ``objective.mean_tokens=consulting``; ``both``: one
     pass of each, the second with ``objective.mean_read_weight`` as its read weight), scored by
-    ``knowledge_off_loss``. Returns the weighted loss (0-d)."""
+    ``knowledge_off_loss`` (with ``prior``, its forget term against the world's prior at ``prior_node_BS``).
+    Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
@@ -131,7 +187,8 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
-                                     read_weight)
+                                     read_weight, prior_node_BS, prior,
+                                     reverse=objective.forget_target == "world_prior_reverse")
         total = total + loss
     return total
 
