@@ -369,6 +369,9 @@ class ObjectiveConfig:
         mode-seeking: like the uniform term it grows with the log of p's confidence where q is not, so a peak on the
         person's value costs more than under the mass-covering ``world_prior``). Needs ``forget_weight`` > 0 and
         the world generator.
+    mean_forget_target: the ``recall_mean`` pass's forget target (alone or in ``both``), as ``forget_target``;
+        None: ``forget_target``. So the knowledge-off pass can keep the uniform term while the mean pass, which
+        only has to remove what is person-specific behind the experts' mean output, is scored against the prior.
     forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
@@ -427,6 +430,7 @@ class ObjectiveConfig:
     forget_weight: float = 0.0
     read_weight: float = 0.0
     forget_target: str = "uniform"
+    mean_forget_target: str | None = None
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
     mean_read_weight: float = 0.0
@@ -447,6 +451,11 @@ class ObjectiveConfig:
     def anchors_marked_rows(self) -> bool:
         """Whether the anchor reads only the recall tokens of rows marked for it (``anchor_rows=marked``)."""
         return self.anchor_weight > 0 and self.anchor_rows == "marked"
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether a forget pass is scored against the world's prior (``forget_target`` / ``mean_forget_target``)."""
+        return self.forget_target != "uniform" or self.mean_forget_target not in (None, "uniform")
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -487,6 +496,14 @@ class ObjectiveConfig:
         _require(self.forget_target == "uniform" or self.forget_weight > 0,
                  f"objective.forget_target={self.forget_target!r} shapes the forget term: it needs "
                  f"objective.forget_weight > 0, got {self.forget_weight}")
+        _require(self.mean_forget_target is None or self.mean_forget_target in FORGET_TARGETS,
+                 f"objective.mean_forget_target must be null or one of {FORGET_TARGETS}, got "
+                 f"{self.mean_forget_target!r}")
+        _require(self.mean_forget_target is None or (self.forget_ablation in ("recall_mean", "both")
+                                                     and self.forget_weight > 0),
+                 f"objective.mean_forget_target={self.mean_forget_target!r} is the recall_mean pass's forget target: "
+                 f"it needs objective.forget_ablation recall_mean or both and forget_weight > 0, got "
+                 f"{self.forget_ablation!r} and {self.forget_weight}")
         _require(self.always_on_grad in ALWAYS_ON_GRADS,
                  f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
         _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),
@@ -571,8 +588,9 @@ class Config:
             f"data.fresh_drills > 0, got {self.data.fresh_drills}",
         )
         _require(
-            self.objective.forget_target == "uniform" or self.data.generator == WORLD_GENERATOR,
-            f"objective.forget_target={self.objective.forget_target!r} builds the prior from the world's value "
+            not self.objective.uses_prior or self.data.generator == WORLD_GENERATOR,
+            f"objective.forget_target={self.objective.forget_target!r} / mean_forget_target="
+            f"{self.objective.mean_forget_target!r} build the prior from the world's value "
             f"spaces: it needs data.generator={WORLD_GENERATOR}, got source={self.data.source!r}, "
             f"generator={self.data.generator!r}",
         )

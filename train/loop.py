@@ -63,7 +63,7 @@ class TrainData:
     packed: data.PackedSequences
     drills: FreshDrills | None
     eod_id: int | None = None  # the end-of-document token: documents for data.doc_mask
-    prior: ValuePrior | None = None  # objective.forget_target=world_prior: the world's prior over value tokens
+    prior: ValuePrior | None = None  # objective.uses_prior: the world's prior over value tokens
 
     def micro_batch(self, cfg: Config, info: DistInfo, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The model's inputs for micro-step ``micro`` of ``step`` on this rank: idx_BS, targets_BS and the
@@ -76,7 +76,7 @@ class TrainData:
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows; with
         ``objective.read_rows=drills`` every token of the drill sequences only); with
         ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
-        marked for it) as anchor_BS; with ``objective.forget_target=world_prior`` the prior node of each target
+        marked for it) as anchor_BS; with a forget pass scored against the world's prior the prior node of each target
         (-1 for none) as prior_node_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
@@ -152,7 +152,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         if "keys" in codes:  # names in closed-book rows
             keys = (codes["keys"] > 0) & closed
         prior = prior_nodes = None
-        if cfg.objective.forget_target != "uniform":
+        if cfg.objective.uses_prior:
             world = build_world(corpus_world_config(**cfg.data.generator_kwargs))
             prior = ValuePrior.build(world, tok)
             prior_nodes = prior.stream_nodes(stream, recall)

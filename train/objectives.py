@@ -175,29 +175,35 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
     the ``forget_BS`` tokens, or at every consulting token with ``objective.mean_tokens=consulting``; ``both``: one
     pass of each, the second with ``objective.mean_read_weight`` as its read weight), scored by
-    ``knowledge_off_loss`` (with ``prior``, its forget term against the world's prior at ``prior_node_BS``).
+    ``knowledge_off_loss`` (a pass whose forget target, ``objective.forget_target`` or for the ``recall_mean`` pass
+    ``objective.mean_forget_target``, is not ``uniform`` scores it against ``prior`` at ``prior_node_BS``).
     Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
-    for ablation, read_weight in _forget_passes(objective):
+    for ablation, read_weight, target in _forget_passes(objective):
         off = ablation == "knowledge_off"
         mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
         with contextlib.nullcontext() if off else interventions.knowledge_mean(model, mean_BS):
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
-                                     read_weight, prior_node_BS, prior,
-                                     reverse=objective.forget_target == "world_prior_reverse")
+                                     read_weight, prior_node_BS, prior if target != "uniform" else None,
+                                     reverse=target == "world_prior_reverse")
         total = total + loss
     return total
 
 
-def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float]]:
-    """(ablation, read weight) of each pass ``objective.forget_ablation`` runs."""
+def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float, str]]:
+    """(ablation, read weight, forget target) of each pass ``objective.forget_ablation`` runs: the ``recall_mean``
+    pass's target is ``objective.mean_forget_target`` where set."""
+    mean_target = objective.mean_forget_target or objective.forget_target
     if objective.forget_ablation == "both":
-        return [("knowledge_off", objective.read_weight), ("recall_mean", objective.mean_read_weight)]
-    return [(objective.forget_ablation, objective.read_weight)]
+        return [("knowledge_off", objective.read_weight, objective.forget_target),
+                ("recall_mean", objective.mean_read_weight, mean_target)]
+    if objective.forget_ablation == "recall_mean":
+        return [("recall_mean", objective.read_weight, mean_target)]
+    return [(objective.forget_ablation, objective.read_weight, objective.forget_target)]
 
 
 def consult_loss(consult_logit_T: torch.Tensor | None, consult_target_T: torch.Tensor) -> torch.Tensor:
@@ -243,7 +249,7 @@ def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_le
 
     cost = {"knowledge_off": lambda: flops.knowledge_off(model_cfg, seq_len).flops_per_token,
             "recall_mean": lambda: flops.knowledge_mean(model_cfg, seq_len, stats).flops_per_token}
-    return sum(cost[ablation]() for ablation, _ in _forget_passes(objective))
+    return sum(cost[ablation]() for ablation, *_ in _forget_passes(objective))
 
 
 def reverse_kl(

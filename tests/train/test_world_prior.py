@@ -190,3 +190,52 @@ def test_world_prior_run_end_to_end(tmp_path):
     log = (tmp_path / "run" / "train_rank0.log").read_text()
     covered = float(log.split("world prior: ")[1].split("covering ")[1].split("%")[0])
     assert 80 < covered < 100  # every value resolved; the comparisons' answered names are not
+
+
+def _toy_prior() -> ValuePrior:
+    """One space of two values over a 40-token vocabulary: token 3 then 5 (a quarter of the values) or token 7."""
+    return ValuePrior(torch.tensor([0, 2, 3, 3, 3]), torch.tensor([3, 7, 5]), torch.tensor([0.25, 0.75, 1.0]).log(),
+                      ({3: 1, 7: 2}, {5: 3}, {}, {}), (False, False, True, True), {"x": 0})
+
+
+@pytest.mark.parametrize("forget_target, mean_target", [("uniform", "world_prior_reverse"),
+                                                        ("world_prior", None), ("world_prior_reverse", "uniform")])
+def test_each_pass_is_scored_against_its_own_target(forget_target, mean_target):
+    """The oracle: the two ablations run by hand and scored by knowledge_off_loss, each with its own target."""
+    from pure_reasoner.moe import knowledge_mean
+    from pure_reasoner.train.objectives import forget_pass
+    from tests.moe.flop_count import SEQ, small_model
+
+    torch.manual_seed(0)
+    model = small_model("gate").eval()
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.4
+    node_BS = torch.randint(-1, 2, (2, SEQ))  # -1 (uniform), the root or the node after token 3
+    prior = _toy_prior()
+    objective = ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both",
+                                forget_target=forget_target, mean_forget_target=mean_target)
+    mean_target = mean_target or forget_target
+
+    def score(logits_BSV, read_weight, target):
+        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, read_weight, node_BS,
+                                     None if target == "uniform" else prior, target == "world_prior_reverse")
+        return loss
+
+    with torch.no_grad():
+        got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective, None, node_BS, prior)
+        off = score(model(idx_BS, knowledge_off=True).logits_BSV, 0.5, forget_target)
+        with knowledge_mean(model, forget_BS):
+            mean_BSV = model(idx_BS).logits_BSV
+        want = off + score(mean_BSV, 0.0, mean_target)
+        uniform = off + score(mean_BSV, 0.0, "uniform")
+    torch.testing.assert_close(got, want)
+    assert mean_target == "uniform" or abs(float(got - uniform)) > 1e-3  # the target matters
+
+
+def test_mean_forget_target_config_errors():
+    with pytest.raises(ValueError, match="mean_forget_target must be null or one of"):
+        ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_target="names")
+    with pytest.raises(ValueError, match="mean_forget_target='world_prior' is the recall_mean pass's"):
+        ObjectiveConfig(forget_weight=1.0, mean_forget_target="world_prior")  # no mean pass
+    assert ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_target="world_prior").uses_prior
+    assert not ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_target="uniform").uses_prior
