@@ -369,6 +369,7 @@ class ObjectiveConfig:
         mode-seeking: like the uniform term it grows with the log of p's confidence where q is not, so a peak on the
         person's value costs more than under the mass-covering ``world_prior``). Needs ``forget_weight`` > 0 and
         the world generator.
+    mean_forget_weight: the ``recall_mean`` pass's forget weight (alone or in ``both``); None: ``forget_weight``.
     mean_forget_target: the ``recall_mean`` pass's forget target (alone or in ``both``), as ``forget_target``;
         None: ``forget_target``. So the knowledge-off pass can keep the uniform term while the mean pass, which
         only has to remove what is person-specific behind the experts' mean output, is scored against the prior.
@@ -430,6 +431,7 @@ class ObjectiveConfig:
     forget_weight: float = 0.0
     read_weight: float = 0.0
     forget_target: str = "uniform"
+    mean_forget_weight: float | None = None
     mean_forget_target: str | None = None
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
@@ -496,6 +498,11 @@ class ObjectiveConfig:
         _require(self.forget_target == "uniform" or self.forget_weight > 0,
                  f"objective.forget_target={self.forget_target!r} shapes the forget term: it needs "
                  f"objective.forget_weight > 0, got {self.forget_weight}")
+        _require(self.mean_forget_weight is None or (self.forget_ablation in ("recall_mean", "both")
+                                                     and self.forget_weight > 0 and self.mean_forget_weight >= 0),
+                 f"objective.mean_forget_weight={self.mean_forget_weight} is the recall_mean pass's forget weight "
+                 f"(>= 0): it needs objective.forget_ablation recall_mean or both and forget_weight > 0, got "
+                 f"{self.forget_ablation!r} and {self.forget_weight}")
         _require(self.mean_forget_target is None or self.mean_forget_target in FORGET_TARGETS,
                  f"objective.mean_forget_target must be null or one of {FORGET_TARGETS}, got "
                  f"{self.mean_forget_target!r}")

@@ -174,36 +174,39 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     """One micro-batch's knowledge-off pass: ``model`` (a PureReasonerLM or its engine) run with
     ``objective.forget_ablation`` (``knowledge_off``, or ``recall_mean``: ``moe.interventions.knowledge_mean`` at
     the ``forget_BS`` tokens, or at every consulting token with ``objective.mean_tokens=consulting``; ``both``: one
-    pass of each, the second with ``objective.mean_read_weight`` as its read weight), scored by
+    pass of each, the second with ``objective.mean_read_weight`` as its read weight and ``objective.
+    mean_forget_weight``, where set, as its forget weight), scored by
     ``knowledge_off_loss`` (a pass whose forget target, ``objective.forget_target`` or for the ``recall_mean`` pass
     ``objective.mean_forget_target``, is not ``uniform`` scores it against ``prior`` at ``prior_node_BS``).
     Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
-    for ablation, read_weight, target in _forget_passes(objective):
+    for ablation, forget_weight, read_weight, target in _forget_passes(objective):
         off = ablation == "knowledge_off"
         mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
         with contextlib.nullcontext() if off else interventions.knowledge_mean(model, mean_BS):
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
-        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, objective.forget_weight,
+        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, forget_weight,
                                      read_weight, prior_node_BS, prior if target != "uniform" else None,
                                      reverse=target == "world_prior_reverse")
         total = total + loss
     return total
 
 
-def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float, str]]:
-    """(ablation, read weight, forget target) of each pass ``objective.forget_ablation`` runs: the ``recall_mean``
-    pass's target is ``objective.mean_forget_target`` where set."""
+def _forget_passes(objective: ObjectiveConfig) -> list[tuple[str, float, float, str]]:
+    """(ablation, forget weight, read weight, forget target) of each pass ``objective.forget_ablation`` runs: the
+    ``recall_mean`` pass's forget weight and target are ``objective.mean_forget_weight`` / ``mean_forget_target``
+    where set."""
+    mean_weight = objective.forget_weight if objective.mean_forget_weight is None else objective.mean_forget_weight
     mean_target = objective.mean_forget_target or objective.forget_target
     if objective.forget_ablation == "both":
-        return [("knowledge_off", objective.read_weight, objective.forget_target),
-                ("recall_mean", objective.mean_read_weight, mean_target)]
+        return [("knowledge_off", objective.forget_weight, objective.read_weight, objective.forget_target),
+                ("recall_mean", mean_weight, objective.mean_read_weight, mean_target)]
     if objective.forget_ablation == "recall_mean":
-        return [("recall_mean", objective.read_weight, mean_target)]
-    return [(objective.forget_ablation, objective.read_weight, objective.forget_target)]
+        return [("recall_mean", mean_weight, objective.read_weight, mean_target)]
+    return [(objective.forget_ablation, objective.forget_weight, objective.read_weight, objective.forget_target)]
 
 
 def consult_loss(consult_logit_T: torch.Tensor | None, consult_target_T: torch.Tensor) -> torch.Tensor:

@@ -198,9 +198,10 @@ def _toy_prior() -> ValuePrior:
                       ({3: 1, 7: 2}, {5: 3}, {}, {}), (False, False, True, True), {"x": 0})
 
 
-@pytest.mark.parametrize("forget_target, mean_target", [("uniform", "world_prior_reverse"),
-                                                        ("world_prior", None), ("world_prior_reverse", "uniform")])
-def test_each_pass_is_scored_against_its_own_target(forget_target, mean_target):
+@pytest.mark.parametrize("forget_target, mean_target, mean_weight", [
+    ("uniform", "world_prior_reverse", None), ("world_prior", None, None), ("world_prior_reverse", "uniform", None),
+    ("uniform", "world_prior", 3.0)])
+def test_each_pass_is_scored_against_its_own_target(forget_target, mean_target, mean_weight):
     """The oracle: the two ablations run by hand and scored by knowledge_off_loss, each with its own target."""
     from pure_reasoner.moe import knowledge_mean
     from pure_reasoner.train.objectives import forget_pass
@@ -213,11 +214,12 @@ def test_each_pass_is_scored_against_its_own_target(forget_target, mean_target):
     node_BS = torch.randint(-1, 2, (2, SEQ))  # -1 (uniform), the root or the node after token 3
     prior = _toy_prior()
     objective = ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both",
-                                forget_target=forget_target, mean_forget_target=mean_target)
+                                forget_target=forget_target, mean_forget_target=mean_target,
+                                mean_forget_weight=mean_weight)
     mean_target = mean_target or forget_target
 
-    def score(logits_BSV, read_weight, target):
-        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, read_weight, node_BS,
+    def score(logits_BSV, read_weight, target, forget_weight=0.7):
+        loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, ~forget_BS, forget_weight, read_weight, node_BS,
                                      None if target == "uniform" else prior, target == "world_prior_reverse")
         return loss
 
@@ -226,7 +228,7 @@ def test_each_pass_is_scored_against_its_own_target(forget_target, mean_target):
         off = score(model(idx_BS, knowledge_off=True).logits_BSV, 0.5, forget_target)
         with knowledge_mean(model, forget_BS):
             mean_BSV = model(idx_BS).logits_BSV
-        want = off + score(mean_BSV, 0.0, mean_target)
+        want = off + score(mean_BSV, 0.0, mean_target, mean_weight or 0.7)
         uniform = off + score(mean_BSV, 0.0, "uniform")
     torch.testing.assert_close(got, want)
     assert mean_target == "uniform" or abs(float(got - uniform)) > 1e-3  # the target matters
@@ -239,3 +241,7 @@ def test_mean_forget_target_config_errors():
         ObjectiveConfig(forget_weight=1.0, mean_forget_target="world_prior")  # no mean pass
     assert ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_target="world_prior").uses_prior
     assert not ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_target="uniform").uses_prior
+    with pytest.raises(ValueError, match="mean_forget_weight=2.0 is the recall_mean pass's forget weight"):
+        ObjectiveConfig(forget_weight=1.0, mean_forget_weight=2.0)  # no mean pass
+    with pytest.raises(ValueError, match="mean_forget_weight=-1.0"):
+        ObjectiveConfig(forget_weight=1.0, forget_ablation="both", mean_forget_weight=-1.0)
