@@ -96,6 +96,7 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_release_both_anchored_prior_split", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior4", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_meanprior16", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_prior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior4", "recall_keys_docmask"),
