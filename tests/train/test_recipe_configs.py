@@ -97,7 +97,6 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior4", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior16", "recall_keys_docmask"),
-    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_prior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior4", "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
