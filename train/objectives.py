@@ -96,7 +96,8 @@ def knowledge_off_loss(
     """The knowledge-off pass's loss: ``forget_weight * forget + read_weight * read``.
 
     forget: ``forget_term``, the mean over ``forget_BS`` positions of KL(p || uniform) or, where ``prior_node_BS``
-        names a node of ``prior``, of KL(q || p) with q the world's prior there.
+        names a node of ``prior``, of a KL between p and the world's prior q there (KL(q || p), or KL(p || q) with
+        ``reverse``).
     read: cross-entropy on the targets at ``read_BS`` positions (IGNORE_INDEX targets excluded).
     Each term is 0 when its mask selects nothing.
 
