@@ -174,7 +174,7 @@ def test_world_prior_config_errors():
         ObjectiveConfig(read_weight=1.0, forget_target="world_prior")
     with pytest.raises(ValueError, match="forget_target='world_prior_reverse' shapes the forget term"):
         ObjectiveConfig(read_weight=1.0, forget_target="world_prior_reverse")
-    with pytest.raises(ValueError, match="forget_target='world_prior' builds the prior.*data.generator"):
+    with pytest.raises(ValueError, match="'world_prior' / mean_forget_target=None build the prior.*data.generator"):
         compose_config("data=world_dir", "data.path=x", "objective.forget_weight=1.0",
                        "objective.forget_target=world_prior")
 
