@@ -498,19 +498,17 @@ class ObjectiveConfig:
         _require(self.forget_target == "uniform" or self.forget_weight > 0,
                  f"objective.forget_target={self.forget_target!r} shapes the forget term: it needs "
                  f"objective.forget_weight > 0, got {self.forget_weight}")
-        _require(self.mean_forget_weight is None or (self.forget_ablation in ("recall_mean", "both")
-                                                     and self.forget_weight > 0 and self.mean_forget_weight >= 0),
-                 f"objective.mean_forget_weight={self.mean_forget_weight} is the recall_mean pass's forget weight "
-                 f"(>= 0): it needs objective.forget_ablation recall_mean or both and forget_weight > 0, got "
-                 f"{self.forget_ablation!r} and {self.forget_weight}")
+        for key in ("mean_forget_weight", "mean_forget_target"):  # the mean pass's own forget weight / target
+            value = getattr(self, key)
+            _require(value is None or (self.forget_ablation in ("recall_mean", "both") and self.forget_weight > 0),
+                     f"objective.{key}={value!r} is the recall_mean pass's own: it needs objective.forget_ablation "
+                     f"recall_mean or both and forget_weight > 0, got {self.forget_ablation!r} and "
+                     f"{self.forget_weight}")
+        _require(self.mean_forget_weight is None or self.mean_forget_weight >= 0,
+                 f"objective.mean_forget_weight must be >= 0, got {self.mean_forget_weight}")
         _require(self.mean_forget_target is None or self.mean_forget_target in FORGET_TARGETS,
                  f"objective.mean_forget_target must be null or one of {FORGET_TARGETS}, got "
                  f"{self.mean_forget_target!r}")
-        _require(self.mean_forget_target is None or (self.forget_ablation in ("recall_mean", "both")
-                                                     and self.forget_weight > 0),
-                 f"objective.mean_forget_target={self.mean_forget_target!r} is the recall_mean pass's forget target: "
-                 f"it needs objective.forget_ablation recall_mean or both and forget_weight > 0, got "
-                 f"{self.forget_ablation!r} and {self.forget_weight}")
         _require(self.always_on_grad in ALWAYS_ON_GRADS,
                  f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
         _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),

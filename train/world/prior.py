@@ -79,15 +79,15 @@ class ValuePrior:
                     node = children[node][token]
                     weight[node] += 1
                 ends[node] = True
-        ptr, tokens, logq = [0], [], []
+        ptr, tokens, shares = [0], [], []
         for kids in children:
             total = sum(weight[c] for c in kids.values())
             for token, child in kids.items():
                 tokens.append(token)
-                logq.append(weight[child] / total)
+                shares.append(weight[child] / total)
             ptr.append(len(tokens))
         return cls(torch.tensor(ptr, dtype=torch.int64), torch.tensor(tokens, dtype=torch.int64),
-                   torch.tensor(logq, dtype=torch.float64).log().float(), tuple(children), tuple(ends), roots)
+                   torch.tensor(shares, dtype=torch.float64).log().float(), tuple(children), tuple(ends), roots)
 
     def walk(self, tokens: Sequence[int]) -> list[int] | None:
         """The nodes before each of ``tokens`` if they spell one whole value of exactly one space, else None."""
