@@ -12,7 +12,7 @@ Conventions (stated once, used everywhere):
   forward, twice that backward. A full training pass: ``6 N + 12 L H Q S``; inference ``2 N + 4 L H Q S``.
 - Passes that skip part of the layer pay only for what runs: ``knowledge_off`` runs neither router nor
   experts; ``knowledge_mean`` (``moe.interventions.knowledge_mean``) runs both forward only (the ablation detaches the
-  knowledge path).
+  knowledge path), or forward and backward when the mean keeps its gradient (``detach=False``).
 
 CLI: ``python -m pure_reasoner.moe.flops --preset NAME [--seq-len S] [--json]``.
 """
@@ -177,8 +177,8 @@ def knowledge_off(cfg: ModelConfig, seq_len: int | None = None) -> Accounting:
     return _account(cfg, [0.0] * len(_nominal_experts(cfg)), seq_len or cfg.max_seq_len, router=False)
 
 
-def knowledge_mean(cfg: ModelConfig, seq_len: int | None = None, stats: Sequence[MoEStats] | None = None
-                   ) -> Accounting:
+def knowledge_mean(cfg: ModelConfig, seq_len: int | None = None, stats: Sequence[MoEStats] | None = None,
+                   detached: bool = True) -> Accounting:
     """Cost per token of a training pass under the ``knowledge_mean`` ablation (the forget pass with
     ``objective.forget_ablation=recall_mean``): routers and routed experts run forward only, since the ablation
     detaches the knowledge path; everything else forward and backward.
@@ -187,9 +187,11 @@ def knowledge_mean(cfg: ModelConfig, seq_len: int | None = None, stats: Sequence
         cfg: the model.
         seq_len: context length (default ``cfg.max_seq_len``).
         stats: that pass's MoEStats per MoE layer (its routed rows); None: the target consult rate.
+        detached: False for ``knowledge_mean(detach=False)`` (``objective.mean_grad``): the mean keeps its
+            gradient, so routers and experts run backward too (a full training pass on those rows).
     """
     experts = _nominal_experts(cfg) if stats is None else _realized_experts(stats)
-    return _account(cfg, experts, seq_len or cfg.max_seq_len, knowledge_backward=False)
+    return _account(cfg, experts, seq_len or cfg.max_seq_len, knowledge_backward=not detached)
 
 
 def realized(cfg: ModelConfig, stats: Sequence[MoEStats], seq_len: int) -> Accounting:

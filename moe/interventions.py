@@ -132,19 +132,23 @@ class TokenMask:
 
 
 @contextmanager
-def knowledge_mean(model: nn.Module, mask_BS: torch.Tensor | None = None) -> Iterator[TokenMask]:
+def knowledge_mean(model: nn.Module, mask_BS: torch.Tensor | None = None, detach: bool = True
+                   ) -> Iterator[TokenMask]:
     """Inside the ``with`` block, routing is unchanged but every consulting token of each MoE layer receives the
     mean of that layer's knowledge outputs over the call's consulting tokens instead of its own: what the experts
     add that does not depend on the token (a constant "key") survives it, what they store about particular tokens
     (facts about a person) does not. With ``mask_BS`` only the masked consulting tokens are replaced, by the mean
     over them (the others keep their own output), e.g. the positions that predict an answer: a key specific to
-    such positions survives that too. The knowledge path sends no gradient inside the block; the experts run
-    forward only.
+    such positions survives that too. By default the knowledge path sends no gradient inside the block (the
+    experts run forward only); with ``detach=False`` the replaced tokens' constant is their mean with its
+    gradient, so a loss on the ablated call trains the experts' and routers' mean output (and the kept tokens
+    keep their own gradient).
 
     Args:
         model: a module holding PureReasonerMoE layers (a PureReasonerLM, or one layer).
         mask_BS: None, or a bool mask over the tokens of the next calls (x's shape without D); change it
             between calls through the yielded object's ``mask_BS``.
+        detach: whether the knowledge output is cut from the graph (the eval's ablation) or not.
 
     Yields:
         TokenMask. Hooks are removed on exit, even on error.
@@ -156,7 +160,8 @@ def knowledge_mean(model: nn.Module, mask_BS: torch.Tensor | None = None) -> Ite
     def hook(_index: int):
         def replaced(module, args, knowledge_TD):
             selected_T = _selected(args[1], state.mask_BS, "knowledge_mean's mask_BS")
-            knowledge_TD = knowledge_TD.detach()
+            if detach:
+                knowledge_TD = knowledge_TD.detach()
             mean_D = masked_mean(knowledge_TD, selected_T)
             return torch.where(selected_T.unsqueeze(1), mean_D, knowledge_TD)
 

@@ -385,6 +385,10 @@ class ObjectiveConfig:
         over them, as the eval's ``knowledge_mean`` ablation): with ``consult_targets=recall_keys`` the names
         consult too, and their person-specific expert outputs, carried forward by attention, would let the
         ``recall`` pass know the value however the experts' output at the value is replaced.
+    mean_grad: whether the ``recall_mean`` pass's constant (the mean of the knowledge outputs it replaces) carries
+        gradient into the experts and routers (``moe.interventions.knowledge_mean(detach=False)``). False (the
+        eval's ablation): the pass trains only the always-on path, so with ``train.trainable=knowledge`` it trains
+        nothing. True: the experts also learn a mean output that unlocks no recall in the always-on path.
     mean_read_weight: with ``forget_ablation=both``, the read term of the ``recall_mean`` pass (0: that pass only
         forgets): ``mean_read_weight`` * CE on the same reading tokens as the knowledge-off pass's read term, the
         model run with the experts' output replaced by its mean, so reading from context is trained without the
@@ -435,6 +439,7 @@ class ObjectiveConfig:
     mean_forget_target: str | None = None
     forget_ablation: str = "knowledge_off"
     mean_tokens: str = "recall"
+    mean_grad: bool = False
     mean_read_weight: float = 0.0
     always_on_grad: str = "all"
     read_rows: str = "all"
@@ -486,6 +491,9 @@ class ObjectiveConfig:
                  f"objective.mean_tokens={self.mean_tokens!r} chooses where the recall_mean pass replaces the "
                  f"experts' output: it needs objective.forget_ablation recall_mean or both, got "
                  f"{self.forget_ablation!r}")
+        _require(not self.mean_grad or self.forget_ablation in ("recall_mean", "both"),
+                 f"objective.mean_grad=true sends the recall_mean pass's gradient into the experts: it needs "
+                 f"objective.forget_ablation recall_mean or both, got {self.forget_ablation!r}")
         _require(self.mean_read_weight == 0 or self.forget_ablation == "both",
                  f"objective.mean_read_weight={self.mean_read_weight} is the read term of the second pass of "
                  f"objective.forget_ablation=both, got forget_ablation={self.forget_ablation!r}")

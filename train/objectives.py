@@ -178,7 +178,8 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     pass of each, the second with ``objective.mean_read_weight`` as its read weight and ``objective.
     mean_forget_weight``, where set, as its forget weight), scored by
     ``knowledge_off_loss`` (a pass whose forget target, ``objective.forget_target`` or for the ``recall_mean`` pass
-    ``objective.mean_forget_target``, is not ``uniform`` scores it against ``prior`` at ``prior_node_BS``).
+    ``objective.mean_forget_target``, is not ``uniform`` scores it against ``prior`` at ``prior_node_BS``; with
+    ``objective.mean_grad`` the ``recall_mean`` pass's constant keeps its gradient into the experts and routers).
     Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
@@ -186,7 +187,8 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     for ablation, forget_weight, read_weight, target in _forget_passes(objective):
         off = ablation == "knowledge_off"
         mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
-        with contextlib.nullcontext() if off else interventions.knowledge_mean(model, mean_BS):
+        mean = interventions.knowledge_mean(model, mean_BS, detach=not objective.mean_grad)
+        with contextlib.nullcontext() if off else mean:
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, forget_weight,
@@ -247,12 +249,14 @@ def consult_supervision(stats: Sequence[MoEStats], consult_target_BS: torch.Tens
 def forget_pass_flops(model_cfg: ModelConfig, objective: ObjectiveConfig, seq_len: int,
                       stats: Sequence[MoEStats] | None = None) -> float:
     """Training FLOPs per token of ``forget_pass``: ``knowledge_off`` runs no router and no expert
-    (``moe.flops.knowledge_off``); ``recall_mean`` runs both forward only (``moe.flops.knowledge_mean``) on the
+    (``moe.flops.knowledge_off``); ``recall_mean`` runs both forward only (``moe.flops.knowledge_mean``; forward
+    and backward with ``objective.mean_grad``) on the
     routed rows of ``stats`` (None: the target rate); ``both`` the sum."""
     from pure_reasoner.moe import flops
 
     cost = {"knowledge_off": lambda: flops.knowledge_off(model_cfg, seq_len).flops_per_token,
-            "recall_mean": lambda: flops.knowledge_mean(model_cfg, seq_len, stats).flops_per_token}
+            "recall_mean": lambda: flops.knowledge_mean(model_cfg, seq_len, stats,
+                                                        detached=not objective.mean_grad).flops_per_token}
     return sum(cost[ablation]() for ablation, *_ in _forget_passes(objective))
 
 

@@ -361,3 +361,30 @@ def test_knowledge_mean_equals_hand_computation_on_the_model_call():
     assert 0 < int(replaced_T.sum()) < int(consulted_T.sum())
     expected_TD = reasoning_TD + torch.where(replaced_T.unsqueeze(1), knowledge_TD[replaced_T].mean(0), knowledge_TD)
     torch.testing.assert_close(outputs[0].reshape(-1, model.cfg.d_model), expected_TD, **FP32)
+
+
+@pytest.mark.parametrize("mechanism", ["gate", "always"])
+def test_knowledge_mean_with_gradient_trains_the_experts_mean(mechanism):
+    """detach=False: the replaced tokens get the mean of their knowledge outputs with its gradient, the others
+    their own output. Oracle: the layer's output from the loop reference on the same weights, differentiated."""
+    layer = _layer(mechanism)
+    x_TD = torch.randn(14, 16)
+    mask_T = torch.rand(14) < 0.6
+    weight_TD = torch.randn(14, 16)
+    with knowledge_mean(layer, mask_T, detach=False):
+        (layer(x_TD)[0] * weight_TD).sum().backward()
+    got = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    reasoning_TD, knowledge_TD, consulted_T = _by_hand(layer, x_TD)
+    replaced_T = consulted_T & mask_T
+    assert 0 < int(replaced_T.sum()) < len(x_TD) or mechanism == "always"
+    y_TD = reasoning_TD + torch.where(replaced_T.unsqueeze(1), knowledge_TD[replaced_T].mean(0), knowledge_TD)
+    (y_TD * weight_TD).sum().backward()
+    want = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and any(name.startswith("experts.") for name in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **FP32, msg=name)
+    layer.zero_grad(set_to_none=True)
+    with knowledge_mean(layer, torch.ones(14, dtype=torch.bool)):  # detached (the default): the experts learn nothing
+        (layer(x_TD)[0] * weight_TD).sum().backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in layer.experts.parameters())

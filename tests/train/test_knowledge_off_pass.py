@@ -77,14 +77,16 @@ def test_the_knowledge_off_pass_trains_the_always_on_path_only(ablation):
     assert model.embed.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("ablation", ["knowledge_off", "recall_mean", "both"])
-def test_forget_pass_flops_are_what_the_pass_costs(ablation, monkeypatch):
-    """What the loop logs for the forget pass against PyTorch's FLOP counter on the pass the loop runs."""
+@pytest.mark.parametrize("ablation,mean_grad", [("knowledge_off", False), ("recall_mean", False), ("both", False),
+                                                ("recall_mean", True), ("both", True)])
+def test_forget_pass_flops_are_what_the_pass_costs(ablation, mean_grad, monkeypatch):
+    """What the loop logs for the forget pass against PyTorch's FLOP counter on the pass the loop runs (with
+    objective.mean_grad the mean pass's experts run backward too)."""
     model = small_model("gate")
     exact_rate(model, monkeypatch)  # the ordinary pass and the forget pass route the same number of rows
     idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
     forget_BS = torch.rand(2, SEQ) < 0.3
-    objective = ObjectiveConfig(forget_weight=1.0, read_weight=0.5, forget_ablation=ablation)
+    objective = ObjectiveConfig(forget_weight=1.0, read_weight=0.5, forget_ablation=ablation, mean_grad=mean_grad)
     counts = counted(lambda: forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective).backward())
     stats = model(idx_BS).stats  # the ordinary pass's routing, as the loop passes it
     logged = forget_pass_flops(model.cfg, objective, SEQ, stats)
@@ -131,7 +133,41 @@ def test_the_mean_pass_at_every_consulting_token():
     assert abs(float(got - at_recall)) > 1e-4  # the other consulting tokens' outputs matter
 
 
+def test_the_mean_pass_with_gradient_trains_the_experts_mean():
+    """objective.mean_grad: the mean pass's loss equals the detached pass's (same forward), and its gradient reaches
+    the experts and routers exactly as through moe.knowledge_mean(detach=False) run by hand; detached, it does not
+    reach them."""
+    torch.manual_seed(0)
+    model = small_model("gate")
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.3
+    knowledge = [p for layer in model.moe_layers() for p in (*layer.experts.parameters(), *layer.router.parameters())]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad for p in knowledge]
+
+    def objective(mean_grad):
+        return ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="recall_mean",
+                               mean_tokens="consulting", mean_grad=mean_grad)
+
+    trained = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective(True))
+    got = grads(trained)
+    with knowledge_mean(model, detach=False):
+        want, _ = knowledge_off_loss(model(idx_BS).logits_BSV, targets_BS, forget_BS, ~forget_BS, 0.7, 0.5)
+    torch.testing.assert_close(trained, want)
+    for g, w in zip(got, grads(want), strict=True):
+        torch.testing.assert_close(g, w)
+    assert all(g is not None for g in got) and any(float(g.abs().max()) > 0 for g in got)
+    detached = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective(False))
+    torch.testing.assert_close(detached, trained)
+    assert all(g is None or float(g.abs().max()) == 0 for g in grads(detached))
+
+
 def test_knowledge_off_pass_config_errors():
+    with pytest.raises(ValueError, match="mean_grad=true sends the recall_mean pass's gradient into the experts"):
+        ObjectiveConfig(forget_weight=1.0, mean_grad=True)
     with pytest.raises(ValueError, match="forget_weight must be >= 0"):
         ObjectiveConfig(forget_weight=-1.0)
     with pytest.raises(ValueError, match="forget_ablation must be one of"):
