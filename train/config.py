@@ -34,6 +34,7 @@ ANCHOR_ROWS = ("all", "marked")
 ALWAYS_ON_GRADS = ("all", "ablated")
 READ_ROWS = ("all", "drills")
 FORGET_TARGETS = ("uniform", "world_prior", "world_prior_reverse")
+MEAN_FORGET_TARGETS = (*FORGET_TARGETS, "knowledge_off")  # the mean pass may also match the knowledge-off pass
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
 _FORMER_WORLD_GENERATOR = "train" + ".world:pretraining_corpus"  # split: a path rewrite must not touch it
@@ -373,6 +374,9 @@ class ObjectiveConfig:
     mean_forget_target: the ``recall_mean`` pass's forget target (alone or in ``both``), as ``forget_target``;
         None: ``forget_target``. So the knowledge-off pass can keep the uniform term while the mean pass, which
         only has to remove what is person-specific behind the experts' mean output, is scored against the prior.
+        Or ``knowledge_off`` (with ``forget_ablation=both``): KL(p_mean || p_off) at the recall tokens, p_off the
+        same micro-batch's knowledge-off prediction (detached): at the experts' mean the model may know exactly
+        what it knows without them, and no more.
     forget_ablation: what that pass switches off: ``knowledge_off`` (every knowledge expert) or ``recall_mean``
         (the knowledge path's output at those recall tokens is replaced by its mean over them, the
         ``knowledge_mean`` ablation restricted to them; elsewhere it is kept): then a constant the experts add
@@ -462,7 +466,7 @@ class ObjectiveConfig:
     @property
     def uses_prior(self) -> bool:
         """Whether a forget pass is scored against the world's prior (``forget_target`` / ``mean_forget_target``)."""
-        return self.forget_target != "uniform" or self.mean_forget_target not in (None, "uniform")
+        return self.forget_target != "uniform" or self.mean_forget_target in ("world_prior", "world_prior_reverse")
 
     @property
     def knowledge_off_pass(self) -> bool:
@@ -514,9 +518,12 @@ class ObjectiveConfig:
                      f"{self.forget_weight}")
         _require(self.mean_forget_weight is None or self.mean_forget_weight >= 0,
                  f"objective.mean_forget_weight must be >= 0, got {self.mean_forget_weight}")
-        _require(self.mean_forget_target is None or self.mean_forget_target in FORGET_TARGETS,
-                 f"objective.mean_forget_target must be null or one of {FORGET_TARGETS}, got "
+        _require(self.mean_forget_target is None or self.mean_forget_target in MEAN_FORGET_TARGETS,
+                 f"objective.mean_forget_target must be null or one of {MEAN_FORGET_TARGETS}, got "
                  f"{self.mean_forget_target!r}")
+        _require(self.mean_forget_target != "knowledge_off" or self.forget_ablation == "both",
+                 f"objective.mean_forget_target='knowledge_off' scores the mean pass against the knowledge-off "
+                 f"pass's prediction: it needs objective.forget_ablation=both, got {self.forget_ablation!r}")
         _require(self.always_on_grad in ALWAYS_ON_GRADS,
                  f"objective.always_on_grad must be one of {ALWAYS_ON_GRADS}, got {self.always_on_grad!r}")
         _require(self.always_on_grad == "all" or (self.kind == "lm" and self.knowledge_off_pass),

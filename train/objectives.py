@@ -92,12 +92,14 @@ def knowledge_off_loss(
     prior_node_BS: torch.Tensor | None = None,
     prior: ValuePrior | None = None,
     reverse: bool = False,
+    target_logits_BSV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The knowledge-off pass's loss: ``forget_weight * forget + read_weight * read``.
 
     forget: ``forget_term``, the mean over ``forget_BS`` positions of KL(p || uniform) or, where ``prior_node_BS``
         names a node of ``prior``, of a KL between p and the world's prior q there (KL(q || p), or KL(p || q) with
-        ``reverse``).
+        ``reverse``); with ``target_logits_BSV`` (another pass's [B, S, V] logits, detached here), KL(p || softmax
+        of them) at every ``forget_BS`` position instead.
     read: cross-entropy on the targets at ``read_BS`` positions (IGNORE_INDEX targets excluded).
     Each term is 0 when its mask selects nothing.
 
@@ -114,7 +116,10 @@ def knowledge_off_loss(
         if mask.shape != targets_BS.shape or mask.dtype != torch.bool:
             raise ValueError(f"{name} must be bool of shape {tuple(targets_BS.shape)}, got {mask.dtype} "
                              f"{tuple(mask.shape)}")
-    forget = forget_term(logits_BSV, forget_BS, prior_node_BS, prior, reverse)
+    if target_logits_BSV is None:
+        forget = forget_term(logits_BSV, forget_BS, prior_node_BS, prior, reverse)
+    else:
+        forget = reverse_kl(logits_BSV, target_logits_BSV.detach(), forget_BS)
     read_targets_BS = targets_BS.masked_fill(~read_BS, IGNORE_INDEX)
     read = F.cross_entropy(logits_BSV.float().flatten(0, 1), read_targets_BS.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum") / (read_targets_BS != IGNORE_INDEX).sum().clamp(min=1)
@@ -178,12 +183,14 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     pass of each, the second with ``objective.mean_read_weight`` as its read weight and ``objective.
     mean_forget_weight``, where set, as its forget weight), scored by
     ``knowledge_off_loss`` (a pass whose forget target, ``objective.forget_target`` or for the ``recall_mean`` pass
-    ``objective.mean_forget_target``, is not ``uniform`` scores it against ``prior`` at ``prior_node_BS``; with
+    ``objective.mean_forget_target``, is a world prior scores it against ``prior`` at ``prior_node_BS``; a mean
+    pass whose target is ``knowledge_off`` against the knowledge-off pass's prediction, detached; with
     ``objective.mean_grad`` the ``recall_mean`` pass's constant keeps its gradient into the experts and routers).
     Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
 
     total = torch.zeros((), device=idx_BS.device)
+    off_logits_BSV = None  # the knowledge-off pass's, for a mean pass scored against it (it runs first)
     for ablation, forget_weight, read_weight, target in _forget_passes(objective):
         off = ablation == "knowledge_off"
         mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
@@ -191,9 +198,13 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
         with contextlib.nullcontext() if off else mean:
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
+        prior_target = target in ("world_prior", "world_prior_reverse")
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, forget_weight,
-                                     read_weight, prior_node_BS, prior if target != "uniform" else None,
-                                     reverse=target == "world_prior_reverse")
+                                     read_weight, prior_node_BS, prior if prior_target else None,
+                                     reverse=target == "world_prior_reverse",
+                                     target_logits_BSV=off_logits_BSV if target == "knowledge_off" else None)
+        if off:
+            off_logits_BSV = logits_BSV.detach()
         total = total + loss
     return total
 

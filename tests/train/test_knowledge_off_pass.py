@@ -1,6 +1,7 @@
 """Knowledge-off forgetting (objective.forget_weight / read_weight): the masks a micro-batch carries, the
 parameters the knowledge-off pass trains, config errors and a run end to end."""
 
+import math
 from contextlib import nullcontext
 
 import pytest
@@ -165,7 +166,43 @@ def test_the_mean_pass_with_gradient_trains_the_experts_mean():
     assert all(g is None or float(g.abs().max()) == 0 for g in grads(detached))
 
 
+def test_the_mean_pass_against_the_knowledge_off_prediction():
+    """mean_forget_target=knowledge_off: the mean pass's forget term is KL(p_mean || p_off) at the forget tokens,
+    p_off the knowledge-off pass's prediction as a fixed target (no gradient through it). Oracle: the loss written
+    out by hand from the two ablations, its value and every parameter's gradient."""
+    torch.manual_seed(0)
+    model = small_model("gate")
+    idx_BS, targets_BS = torch.randint(0, 40, (2, SEQ)), torch.randint(0, 40, (2, SEQ))
+    forget_BS = torch.rand(2, SEQ) < 0.3
+    objective = ObjectiveConfig(forget_weight=0.7, read_weight=0.5, forget_ablation="both", mean_tokens="consulting",
+                                mean_forget_target="knowledge_off", mean_forget_weight=2.0, mean_grad=True)
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    got = forget_pass(model, idx_BS, targets_BS, forget_BS, ~forget_BS, objective)
+    got_grads = grads(got)
+    log_off = model(idx_BS, knowledge_off=True).logits_BSV.log_softmax(-1)
+    with knowledge_mean(model, detach=False):
+        log_mean = model(idx_BS).logits_BSV.log_softmax(-1)
+    off_N, mean_N, fixed_N = log_off[forget_BS], log_mean[forget_BS], log_off[forget_BS].detach()
+    uniform = (off_N.exp() * (off_N + math.log(40))).sum(-1).mean()  # the knowledge-off pass: KL(p || uniform)
+    matched = (mean_N.exp() * (mean_N - fixed_N)).sum(-1).mean()
+    read = torch.nn.functional.nll_loss(log_off[~forget_BS], targets_BS[~forget_BS])
+    want = 0.7 * uniform + 0.5 * read + 2.0 * matched
+    assert float(matched) > 1e-3
+    torch.testing.assert_close(got, want)
+    want_grads = grads(want)
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=name)
+
+
 def test_knowledge_off_pass_config_errors():
+    with pytest.raises(ValueError, match="mean_forget_target='knowledge_off' scores the mean pass against"):
+        ObjectiveConfig(forget_weight=1.0, forget_ablation="recall_mean", mean_forget_target="knowledge_off")
     with pytest.raises(ValueError, match="mean_grad=true sends the recall_mean pass's gradient into the experts"):
         ObjectiveConfig(forget_weight=1.0, mean_grad=True)
     with pytest.raises(ValueError, match="forget_weight must be >= 0"):

@@ -99,6 +99,10 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_release_both_anchored_meanprior16", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_meanprior4", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_prior", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_matched", "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
 ])
 def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
@@ -113,14 +117,18 @@ def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
         overrides += ["objective.relocate_at=1", "objective.relocate_warmup_steps=0"]
     summary = run_in_process(tmp_path / recipe, *overrides, base=())
     assert summary.steps == 2 and (tmp_path / recipe / "export" / "model.safetensors").is_file()
-    if compose_config(f"experiment={recipe}").train.trainable == "reasoner":
-        _assert_only_the_reasoner_moved(phase_one[start], tmp_path / recipe / "export")
+    trainable = compose_config(f"experiment={recipe}").train.trainable
+    if trainable in ("reasoner", "knowledge"):
+        _assert_only_one_side_moved(phase_one[start], tmp_path / recipe / "export", trainable)
 
 
-def _assert_only_the_reasoner_moved(before: Path, after: Path) -> None:
+def _assert_only_one_side_moved(before: Path, after: Path, trainable: str) -> None:
+    """trainable=reasoner: the knowledge experts and routers are the starting model's exactly, the rest moved;
+    trainable=knowledge: the other way round."""
     from pure_reasoner.moe.checkpoint import load_pretrained
 
     old, new = (load_pretrained(path).state_dict() for path in (before, after))
     knowledge = {n for n in old if ".ffn.experts." in n or ".ffn.router." in n}
-    assert knowledge and all(torch.equal(old[n], new[n]) for n in knowledge)
-    assert not all(torch.equal(old[n], new[n]) for n in old.keys() - knowledge)
+    frozen, moved = (knowledge, old.keys() - knowledge) if trainable == "reasoner" else (old.keys() - knowledge, knowledge)
+    assert frozen and all(torch.equal(old[n], new[n]) for n in frozen)
+    assert not all(torch.equal(old[n], new[n]) for n in moved)
