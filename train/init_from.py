@@ -15,6 +15,10 @@ from pure_reasoner.moe.checkpoint import load_pretrained
 from pure_reasoner.train.chain import missing_export
 from pure_reasoner.train.data import TOKENIZER
 
+# Knowledge-config fields that weight a training loss and nothing else: a run may start from a model trained with
+# other values of them (the weights mean the same).
+LOSS_COEFFICIENTS = ("consult_loss_coef", "balance_loss_coef", "z_loss_coef")
+
 
 def adopt_tokenizer(src: Path, run_dir: Path, rank: int, what: str) -> None:
     """Rank 0 copies ``src``'s tokenizer into ``run_dir`` when the run has none yet, so the run reads the same
@@ -30,14 +34,17 @@ def check_source(directory: str, model_cfg: ModelConfig, ep_size: int) -> PureRe
     """The model exported in ``directory`` (``train.init_from``), loaded on CPU, checked before anything is written.
 
     Raises ValueError naming the directory when it is missing or unreadable, or the fields of the model config that
-    differ from ``model_cfg``, or when ``ep_size`` > 1 (each rank would hold only its own experts)."""
+    differ from ``model_cfg`` (the knowledge config's ``LOSS_COEFFICIENTS`` may differ), or when ``ep_size`` > 1
+    (each rank would hold only its own experts)."""
     src = Path(directory)
     if ep_size != 1:
         raise ValueError(f"train.init_from needs train.ep_size=1, got {ep_size}")
     if not src.is_dir():
         raise ValueError(missing_export("train.init_from", directory))
     source = load_pretrained(src)
-    if source.cfg != model_cfg:
+    ours_knowledge = {key: getattr(model_cfg.knowledge, key) for key in LOSS_COEFFICIENTS}
+    compared = dataclasses.replace(source.cfg, knowledge=dataclasses.replace(source.cfg.knowledge, **ours_knowledge))
+    if compared != model_cfg:
         theirs, ours = dataclasses.asdict(source.cfg), dataclasses.asdict(model_cfg)
         diff = {key: (theirs[key], ours[key]) for key in ours if theirs.get(key) != ours[key]}
         raise ValueError(f"train.init_from={src} has another model config; (theirs, ours): {diff}")

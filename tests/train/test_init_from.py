@@ -1,6 +1,8 @@
 """Runs that start from an export (train.init_from) and the recall anchor (objective.anchor_weight): what is
 copied, what is refused before anything is written, and a relocation run end to end."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -38,10 +40,27 @@ def test_init_from_refuses_other_configs_and_missing_dirs(tmp_path):
     wider = ModelConfig(**{**TINY.__dict__, "d_model": 64})
     with pytest.raises(ValueError, match="another model config.*d_model"):
         check_source(str(tmp_path / "export"), wider, ep_size=1)
+    with pytest.raises(ValueError, match="another model config.*knowledge.*'top_k': 1"):
+        check_source(str(tmp_path / "export"), _knowledge(TINY, top_k=1), ep_size=1)
     with pytest.raises(ValueError, match="is not a directory"):
         check_source(str(tmp_path / "nowhere"), TINY, ep_size=1)
     with pytest.raises(ValueError, match="ep_size=1"):
         check_source(str(tmp_path / "export"), TINY, ep_size=2)
+
+
+def _knowledge(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, **changes))
+
+
+def test_init_from_accepts_other_loss_coefficients(tmp_path):
+    """A run may weight the router's losses differently from the run it starts from: the weights mean the same."""
+    save_pretrained(PureReasonerLM(TINY), tmp_path / "export")
+    other = _knowledge(TINY, consult_loss_coef=1.0, balance_loss_coef=0.5, z_loss_coef=0.0)
+    source = check_source(str(tmp_path / "export"), other, ep_size=1)
+    model = PureReasonerLM(other)
+    init_weights(model, source)
+    assert model.cfg.knowledge.consult_loss_coef == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True))
 
 
 def test_anchor_loss_is_the_reverse_kl_at_the_anchored_positions():
