@@ -102,8 +102,10 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_prior", "recall_keys_docmask"),
-    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_matched", "recall_keys_docmask"),
-    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_free", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_matched",
+     "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_free",
+     "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_values",
      "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_values10",
@@ -134,6 +136,7 @@ def _assert_only_one_side_moved(before: Path, after: Path, trainable: str) -> No
 
     old, new = (load_pretrained(path).state_dict() for path in (before, after))
     knowledge = {n for n in old if ".ffn.experts." in n or ".ffn.router." in n}
-    frozen, moved = (knowledge, old.keys() - knowledge) if trainable == "reasoner" else (old.keys() - knowledge, knowledge)
+    rest = old.keys() - knowledge
+    frozen, moved = (knowledge, rest) if trainable == "reasoner" else (rest, knowledge)
     assert frozen and all(torch.equal(old[n], new[n]) for n in frozen)
     assert not all(torch.equal(old[n], new[n]) for n in moved)
