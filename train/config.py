@@ -33,7 +33,8 @@ MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
 ALWAYS_ON_GRADS = ("all", "ablated")
 READ_ROWS = ("all", "drills")
-FORGET_TARGETS = ("uniform", "world_prior", "world_prior_reverse")
+PRIOR_TARGETS = ("world_prior", "world_prior_reverse")  # forget targets scored against the world's prior
+FORGET_TARGETS = ("uniform", *PRIOR_TARGETS)
 MEAN_FORGET_TARGETS = (*FORGET_TARGETS, "knowledge_off")  # the mean pass may also match the knowledge-off pass
 WORLD_GENERATOR = "pure_reasoner.train.world.generator:pretraining_corpus"
 # The same generator under the module path that configs saved by earlier versions of the package name.
@@ -466,7 +467,7 @@ class ObjectiveConfig:
     @property
     def uses_prior(self) -> bool:
         """Whether a forget pass is scored against the world's prior (``forget_target`` / ``mean_forget_target``)."""
-        return self.forget_target != "uniform" or self.mean_forget_target in ("world_prior", "world_prior_reverse")
+        return self.forget_target in PRIOR_TARGETS or self.mean_forget_target in PRIOR_TARGETS
 
     @property
     def knowledge_off_pass(self) -> bool:

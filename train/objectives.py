@@ -188,6 +188,7 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     ``objective.mean_grad`` the ``recall_mean`` pass's constant keeps its gradient into the experts and routers).
     Returns the weighted loss (0-d)."""
     from pure_reasoner.moe import interventions
+    from pure_reasoner.train.config import PRIOR_TARGETS
 
     total = torch.zeros((), device=idx_BS.device)
     off_logits_BSV = None  # the knowledge-off pass's, for a mean pass scored against it (it runs first)
@@ -198,12 +199,11 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
         with contextlib.nullcontext() if off else mean:
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
-        prior_target = target in ("world_prior", "world_prior_reverse")
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, forget_weight,
-                                     read_weight, prior_node_BS, prior if prior_target else None,
+                                     read_weight, prior_node_BS, prior if target in PRIOR_TARGETS else None,
                                      reverse=target == "world_prior_reverse",
                                      target_logits_BSV=off_logits_BSV if target == "knowledge_off" else None)
-        if off:
+        if off and objective.mean_forget_target == "knowledge_off":
             off_logits_BSV = logits_BSV.detach()
         total = total + loss
     return total
