@@ -23,8 +23,7 @@ from pathlib import Path
 from pure_reasoner.train.evaluation.evaluate import evaluate_split, load
 from pure_reasoner.train.evaluation.mean_reference import reference_means
 from pure_reasoner.train.world.generator import build_world, load_world_config, pretraining_rows
-from pure_reasoner.train.world.splits import REFERENCE_SEQUENCES, reference_pairs, split_examples
-from pure_reasoner.train.world.text import ATTRIBUTES, TWO_HOP
+from pure_reasoner.train.world.splits import reference_closed_count, reference_pairs, split_examples
 
 
 def _row_text(row: dict) -> str:
@@ -37,9 +36,7 @@ def constant_sets(world) -> dict[str, list[tuple[str, str]]]:
     written = [(_row_text(r), " x") for r in rows if r["kind"] != "drill"][:128]
     drills = [(_row_text(r), " x") for r in rows if r["kind"] == "drill"][:64]
     reference = reference_pairs(world)
-    # reference_pairs: the closed-book questions first, as many as half the set or the QA people's facts allow
-    closed = min(REFERENCE_SEQUENCES // 2, len(world.qa_people) * len(ATTRIBUTES + TWO_HOP))
-    return {"eval": reference, "closed_only": reference[:closed], "corpus": written,
+    return {"eval": reference, "closed_only": reference[:reference_closed_count(world)], "corpus": written,
             "corpus_drills": written[:64] + drills}
 
 

@@ -195,8 +195,9 @@ def forget_pass(model, idx_BS: torch.Tensor, targets_BS: torch.Tensor, forget_BS
     for ablation, forget_weight, read_weight, target in _forget_passes(objective):
         off = ablation == "knowledge_off"
         mean_BS = forget_BS if objective.mean_tokens == "recall" else None  # None: every consulting token
-        mean = interventions.knowledge_mean(model, mean_BS, detach=not objective.mean_grad)
-        with contextlib.nullcontext() if off else mean:
+        ablated = (contextlib.nullcontext() if off
+                   else interventions.knowledge_mean(model, mean_BS, detach=not objective.mean_grad))
+        with ablated:
             # doc_ids_BS: the ordinary pass's document mask (data.doc_mask)
             logits_BSV = model(idx_BS, knowledge_off=off, doc_ids_BS=doc_ids_BS).logits_BSV
         loss, _ = knowledge_off_loss(logits_BSV, targets_BS, forget_BS, read_BS, forget_weight,

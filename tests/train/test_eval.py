@@ -25,7 +25,7 @@ from pure_reasoner.train.evaluation.evaluate import (
 )
 from pure_reasoner.train.objectives import in_context_tokens, lm_loss, shift_targets
 from pure_reasoner.train.world.generator import SPLITS, build_world, pretraining_corpus, save_world_config, world_config
-from pure_reasoner.train.world.splits import reference_pairs, split_examples
+from pure_reasoner.train.world.splits import reference_closed_count, reference_pairs, split_examples
 from pure_reasoner.train.world.text import continuation
 from tests.train.lm_eval_check import assert_lm_eval_matches_train_eval
 
@@ -501,6 +501,10 @@ def test_reference_set_holds_no_eval_example():
     assert not eval_prompts & {prompt for prompt, _ in pairs}
     closed = [prompt for prompt, _ in pairs if prompt.startswith("Q: ")]
     assert len(closed) == 20
+    for count in (40, 256):  # half the set, or (tiny world, 256) as many as the QA people's facts allow
+        every = reference_pairs(world, count)
+        questions = [pair for pair in every if pair[0].startswith("Q: ")]
+        assert questions and every[:reference_closed_count(world, count)] == questions
     heldout = [p.name for p in world.heldout_people]
     assert not [q for q in closed if any(name in q for name in heldout)]
     assert all(any(p.name in q for p in world.qa_people) for q in closed)

@@ -233,6 +233,11 @@ def drill_rows(world: World, step: int | str, count: int, stream: str = "drill",
     return rows
 
 
+def reference_closed_count(world: World, count: int = REFERENCE_SEQUENCES) -> int:
+    """How many of ``reference_pairs(world, count)`` are closed-book questions (they come first)."""
+    return min(count // 2, len(world.qa_people) * len(ATTRIBUTES + TWO_HOP))
+
+
 def reference_pairs(world: World, count: int = REFERENCE_SEQUENCES) -> list[tuple[str, str]]:
     """(prompt, continuation) pairs of the mean ablations' reference set (``train.evaluation.mean_reference``),
     deterministic in the world's seed: up to ``count // 2`` closed-book questions (as many as the QA people's facts
@@ -241,7 +246,7 @@ def reference_pairs(world: World, count: int = REFERENCE_SEQUENCES) -> list[tupl
         raise ValueError(f"the reference set needs >= 2 sequences (closed and open book), got {count}")
     rng = random.Random(f"{world.cfg.seed}:mean-reference")
     facts = [(p, a) for p in world.qa_people for a in ATTRIBUTES + TWO_HOP]
-    asked = rng.sample(facts, min(count // 2, len(facts)))
+    asked = rng.sample(facts, reference_closed_count(world, count))
     closed = [closed_book(world, rng, "reference", i, p, a) for i, (p, a) in enumerate(asked)]
     drills = reading_drills(world, "mean-reference", count - len(closed), stream="reference")
     return [(ex["prompt"], wt.continuation(ex["answer"])) for ex in closed + drills]
