@@ -110,6 +110,15 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
      "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_values10",
      "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_release_both_anchored_consulting_knowledge_meangrad_light_relocated",
+     "recall_keys_docmask"),
+    ("relocate_keys_cf_release_read_wide_keep", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_read_wide_keep_release", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy_read", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy_release", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy_release_both_anchored_consulting_knowledge_meangrad_light",
+     "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
 ])
 def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
