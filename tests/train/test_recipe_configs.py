@@ -119,6 +119,11 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_keep_copy_release", "recall_keys_docmask"),
     ("relocate_keys_cf_release_keep_copy_release_both_anchored_consulting_knowledge_meangrad_light",
      "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy_both_anchored_consulting_knowledge_meangrad_light", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_light_copy", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_light_copy_read", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_light_copy_both_anchored_consulting_knowledge_meangrad_light",
+     "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
 ])
 def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
