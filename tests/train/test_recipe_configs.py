@@ -120,6 +120,8 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_keep_copy_release_both_anchored_consulting_knowledge_meangrad_light",
      "recall_keys_docmask"),
     ("relocate_keys_cf_release_keep_copy_both_anchored_consulting_knowledge_meangrad_light", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_keep_copy_both_anchored_consulting_knowledge_meangrad_lighter",
+     "recall_keys_docmask"),
     ("relocate_keys_cf_release_keep_light_copy", "recall_keys_docmask"),
     ("relocate_keys_cf_release_keep_light_copy_read", "recall_keys_docmask"),
     ("relocate_keys_cf_release_keep_light_copy_both_anchored_consulting_knowledge_meangrad_light",
