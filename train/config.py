@@ -9,6 +9,7 @@ and the model presets are ConfigStore nodes built from ``moe.preset`` so no numb
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -414,6 +415,11 @@ class ObjectiveConfig:
     anchor_rows: which rows' recall tokens the anchor reads: ``all`` or ``marked`` (only the rows whose ``anchor``
         field is True, from a generator that writes one: ``train.world_update``'s update corpus marks its replayed
         rows, so the old facts are held at the base model's while the new values are learned freely).
+    anchor_skip: None (off) or a regular expression: the recall tokens of spans whose text matches it (``re.search``
+        on the span's characters) are left out of the anchor, the forget pass and the consult targets keeping them.
+        E.g. ``[0-9]`` leaves out the birth dates, the only values with digits: a counterfactual drill then teaches
+        the copy of a date with no anchor pulling the same tokens toward the memorised one. Needs
+        ``anchor_weight`` > 0.
     relocate_at: in-run relocation (``train.relocation``): None (off) or the step at which the run turns into a
         relocation run. Steps ``0 .. relocate_at - 1`` train exactly as the same config without the relocation
         weights (``anchor_weight``, ``forget_weight``, ``read_weight``, all three off) and ``train.max_steps=
@@ -450,6 +456,7 @@ class ObjectiveConfig:
     read_rows: str = "all"
     anchor_weight: float = 0.0
     anchor_rows: str = "all"
+    anchor_skip: str | None = None
     relocate_at: int | None = None
     relocate_lr: float | None = None
     relocate_warmup_steps: int | None = None
@@ -463,6 +470,11 @@ class ObjectiveConfig:
     def anchors_marked_rows(self) -> bool:
         """Whether the anchor reads only the recall tokens of rows marked for it (``anchor_rows=marked``)."""
         return self.anchor_weight > 0 and self.anchor_rows == "marked"
+
+    @property
+    def anchors_subset(self) -> bool:
+        """Whether the anchor reads fewer tokens than every recall token (marked rows or skipped spans)."""
+        return self.anchors_marked_rows or (self.anchor_weight > 0 and self.anchor_skip is not None)
 
     @property
     def uses_prior(self) -> bool:
@@ -488,6 +500,15 @@ class ObjectiveConfig:
         _require(self.anchor_rows == "all" or self.anchor_weight > 0,
                  f"objective.anchor_rows={self.anchor_rows!r} chooses the anchor's rows: it needs "
                  f"objective.anchor_weight > 0, got {self.anchor_weight}")
+        _require(self.anchor_skip is None or self.anchor_weight > 0,
+                 f"objective.anchor_skip={self.anchor_skip!r} leaves spans out of the anchor: it needs "
+                 f"objective.anchor_weight > 0, got {self.anchor_weight}")
+        if self.anchor_skip is not None:
+            try:
+                re.compile(self.anchor_skip)
+            except re.error as err:
+                raise ValueError(f"objective.anchor_skip={self.anchor_skip!r} is not a regular expression: {err}") \
+                    from None
         _require(self.forget_ablation in FORGET_ABLATIONS,
                  f"objective.forget_ablation must be one of {FORGET_ABLATIONS}, got {self.forget_ablation!r}")
         _require(self.mean_tokens in MEAN_TOKENS,

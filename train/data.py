@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -342,7 +343,21 @@ def _recall_codes(rows: dict) -> list[int]:
 SPAN_CODES: dict[str, Callable[[dict], list[int]]] = {
     "recall": _recall_codes,
     "keys": lambda rows: [1] * len(rows["text"]),
+    "anchor_skip": lambda rows: [1] * len(rows["text"]),
 }
+
+
+def with_skipped_spans(docs: datasets.Dataset, pattern: str) -> datasets.Dataset:
+    """``docs`` plus an ``anchor_skip`` column: per row, the ``recall`` spans whose characters (of ``context +
+    text``) match ``pattern`` (``re.search``), which ``objective.anchor_skip`` leaves out of the anchor."""
+    found = re.compile(pattern).search
+
+    def skipped(row: dict) -> dict:
+        full = row.get("context", "") + row["text"]
+        return {"anchor_skip": [[b, e] for b, e in row["recall"] if found(full[b:e])]}
+
+    return docs.map(skipped, features=datasets.Features({**docs.features, "anchor_skip": docs.features["recall"]}),
+                    keep_in_memory=True)
 
 
 def span_overlaps(offsets: Iterable[tuple[int, int]], spans: Iterable[Sequence[int]], shift: int = 0) -> list[bool]:

@@ -76,8 +76,9 @@ class TrainData:
         also its masks: forget_BS (those recall tokens) and read_BS (every token outside closed-book rows; with
         ``objective.read_rows=drills`` every token of the drill sequences only); with
         ``objective.anchor_weight`` those recall tokens (with ``objective.anchor_rows=marked``, those of the rows
-        marked for it) as anchor_BS; with a forget pass scored against the world's prior the prior node of each target
-        (-1 for none) as prior_node_BS."""
+        marked for it; with ``objective.anchor_skip``, not those of the spans it matches) as anchor_BS; with a
+        forget pass scored against the world's prior the prior node of each target (-1 for none) as
+        prior_node_BS."""
         t, fresh = cfg.train, cfg.data.fresh_drills
         positions = data.micro_batch_positions(step, micro, info.rank, t.micro_batch_size - fresh, t.grad_accum,
                                                info.world_size)
@@ -85,7 +86,7 @@ class TrainData:
         closed_BS = self.packed.closed(positions) if cfg.uses_closed_book_tokens else None
         recall_BS = self.packed.recall(positions) if cfg.uses_recall_tokens else None
         prior_BS = self.packed.prior_nodes(positions) if self.prior is not None else None
-        anchor_BS = self.packed.anchor(positions) if cfg.objective.anchors_marked_rows else recall_BS
+        anchor_BS = self.packed.anchor(positions) if cfg.objective.anchors_subset else recall_BS
         frozen_BS = recall_BS if cfg.routes_recall_tokens else closed_BS
         consult_BS = recall_BS if cfg.consults_recall_tokens else closed_BS
         if cfg.consults_key_tokens:
@@ -125,7 +126,10 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
         marked = cfg.objective.anchors_marked_rows
+        skip = cfg.objective.anchor_skip if cfg.objective.anchor_weight > 0 else None
         docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked, keys=cfg.consults_key_tokens)
+        if skip is not None:
+            docs = data.with_skipped_spans(docs, skip)
         if data.num_chars(docs) == 0:
             raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():
@@ -143,12 +147,14 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         closed = recall = anchor = keys = None
         if cfg.uses_closed_book_tokens:
             closed = data.closed_book_tokens(stream, loss_mask, tok.token_to_id(data.EOD))
-        columns = [name for name, used in (("recall", cfg.uses_recall_tokens), ("keys", cfg.consults_key_tokens))
-                   if used]
+        columns = [name for name, used in (("recall", cfg.uses_recall_tokens), ("keys", cfg.consults_key_tokens),
+                                           ("anchor_skip", skip is not None)) if used]
         codes = data.span_codes(docs, tok, cfg.data.seq_len, columns) if columns else {}
         if "recall" in codes:  # values in closed-book rows (and those of rows marked for the anchor)
             recall = (codes["recall"] > 0) & closed
             anchor = (codes["recall"] == 2) & closed if marked else None
+            if skip is not None:  # the anchor's tokens less those of the spans it skips
+                anchor = (recall if anchor is None else anchor) & (codes["anchor_skip"] == 0)
         if "keys" in codes:  # names in closed-book rows
             keys = (codes["keys"] > 0) & closed
         prior = prior_nodes = None

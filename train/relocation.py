@@ -45,7 +45,8 @@ class Relocation:
             obj = cfg.objective
             once = {"relocate_at": None, "relocate_lr": None, "relocate_warmup_steps": None}
             self.before = dataclasses.replace(cfg, objective=dataclasses.replace(
-                obj, anchor_weight=0.0, anchor_rows="all", forget_weight=0.0, read_weight=0.0, **once))
+                obj, anchor_weight=0.0, anchor_rows="all", anchor_skip=None, forget_weight=0.0, read_weight=0.0,
+                **once))
             self.after = dataclasses.replace(cfg, objective=dataclasses.replace(
                 obj, teacher=str(self.teacher_dir), **once))
 

@@ -135,6 +135,13 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_read_keep2", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_read_keep2_both_anchored_consulting_knowledge_meangrad_light",
      "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_read_keep_rehearsed", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_anchored", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_anchored_read", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_dateless", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_dateless_read", "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_dateless_read_both_anchored_consulting_knowledge_meangrad_light",
+     "recall_keys_docmask"),
     ("dense_cont_cf", "dense_docmask"), ("capacity", None), ("recall_keys_docmask_numbers", None),
 ])
 def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
