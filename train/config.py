@@ -417,9 +417,9 @@ class ObjectiveConfig:
         rows, so the old facts are held at the base model's while the new values are learned freely).
     anchor_skip: None (off) or a regular expression: the recall tokens of spans whose text matches it (``re.search``
         on the span's characters) are left out of the anchor, the forget pass and the consult targets keeping them.
-        E.g. ``[0-9]`` leaves out the birth dates, the only values with digits: a counterfactual drill then teaches
-        the copy of a date with no anchor pulling the same tokens toward the memorised one. Needs
-        ``anchor_weight`` > 0.
+        E.g. ``[0-9]`` leaves out the birth dates, the only values with digits, so no anchor pulls a date's tokens
+        toward the memorised one while counterfactual drills teach its copy (on world 11 that did not get dates
+        copied: results/protocol.md). Needs ``anchor_weight`` > 0.
     relocate_at: in-run relocation (``train.relocation``): None (off) or the step at which the run turns into a
         relocation run. Steps ``0 .. relocate_at - 1`` train exactly as the same config without the relocation
         weights (``anchor_weight``, ``forget_weight``, ``read_weight``, all three off) and ``train.max_steps=
