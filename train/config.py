@@ -474,7 +474,7 @@ class ObjectiveConfig:
     @property
     def anchors_subset(self) -> bool:
         """Whether the anchor reads fewer tokens than every recall token (marked rows or skipped spans)."""
-        return self.anchors_marked_rows or (self.anchor_weight > 0 and self.anchor_skip is not None)
+        return self.anchors_marked_rows or self.anchor_skip is not None  # anchor_skip needs anchor_weight > 0
 
     @property
     def uses_prior(self) -> bool:

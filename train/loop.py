@@ -126,7 +126,7 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
     path = run_dir / data.TOKENIZER
     with rank_zero_first(info.rank):
         marked = cfg.objective.anchors_marked_rows
-        skip = cfg.objective.anchor_skip if cfg.objective.anchor_weight > 0 else None
+        skip = cfg.objective.anchor_skip
         docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked, keys=cfg.consults_key_tokens)
         if skip is not None:
             docs = data.with_skipped_spans(docs, skip)
