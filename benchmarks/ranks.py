@@ -141,4 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from pure_reasoner.kernels.malloc_tuning import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # the JSON's engine record is then measured under the runs' allocator
     main()
