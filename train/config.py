@@ -28,7 +28,8 @@ COMMUNICATION_DTYPES = ("fp32", "bf16", "fp16")
 ON_NONFINITE = ("abort", "skip")
 OBJECTIVES = ("lm", "distill")
 KNOWLEDGE_TOKENS = ("rows", "recall")
-CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, "recall_keys")
+KEY_TARGETS = ("recall_keys", "recall_key_tails")  # consult targets that include the names
+CONSULT_TARGETS = (*KNOWLEDGE_TOKENS, *KEY_TARGETS)
 FORGET_ABLATIONS = ("knowledge_off", "recall_mean", "both")
 MEAN_TOKENS = ("recall", "consulting")
 ANCHOR_ROWS = ("all", "marked")
@@ -350,7 +351,8 @@ class ObjectiveConfig:
         where recall from memory is needed; world generator only) or ``recall_keys`` (those recall tokens and
         also the tokens of those rows that name what a fact is about, ``train.data.key_tokens``: a person's name,
         a bridge fact's city or company, where Physics of LMs 3.1 finds attributes stored; world generator as
-        ``data.source=generator`` only).
+        ``data.source=generator`` only) or ``recall_key_tails`` (as ``recall_keys``, the names cut to their last
+        word, ``train.data.with_key_tails``: consulted where the whole name has been read).
     forget_weight, read_weight: knowledge-off forgetting (``train.objectives.knowledge_off_loss``; with ``lm``,
         ``data.in_context_fraction``, the world generator and MoE layers): when either is > 0, every micro-batch
         also runs the model with its knowledge experts off, and adds ``forget_weight`` * KL(p || uniform) at the
@@ -670,8 +672,8 @@ class Config:
         )
         _require(
             not self.consults_key_tokens or self.data.source == "generator",
-            f"objective.consult_targets=recall_keys reads the rows' key spans: it needs data.source=generator (the "
-            f"world generator), got source={self.data.source!r}",
+            f"objective.consult_targets={self.objective.consult_targets} reads the rows' key spans: it needs "
+            f"data.source=generator (the world generator), got source={self.data.source!r}",
         )
         _require(
             not self.objective.anchors_marked_rows or self.data.source == "generator",
@@ -736,12 +738,13 @@ class Config:
         """Whether the consult targets are the recall tokens of closed-book rows (with ``recall_keys``, among
         others)."""
         targets = self.objective.consult_targets
-        return self.model.knowledge.consult_loss_coef > 0 and targets in ("recall", "recall_keys")
+        return self.model.knowledge.consult_loss_coef > 0 and targets in ("recall", *KEY_TARGETS)
 
     @property
     def consults_key_tokens(self) -> bool:
-        """Whether the consult targets include the key tokens (names) of closed-book rows (``recall_keys``)."""
-        return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets == "recall_keys"
+        """Whether the consult targets include the key tokens (names, or their last words) of closed-book rows
+        (``recall_keys``, ``recall_key_tails``)."""
+        return self.model.knowledge.consult_loss_coef > 0 and self.objective.consult_targets in KEY_TARGETS
 
     @property
     def uses_recall_tokens(self) -> bool:

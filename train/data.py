@@ -360,6 +360,19 @@ def with_skipped_spans(docs: datasets.Dataset, pattern: str) -> datasets.Dataset
                     keep_in_memory=True)
 
 
+def with_key_tails(docs: datasets.Dataset) -> datasets.Dataset:
+    """``docs`` with each ``keys`` span cut to its last word (the characters after its last space, of ``context +
+    text``): a person's surname, a bridge fact's company's last word, a one-word city whole. What
+    ``objective.consult_targets=recall_key_tails`` teaches the gate to consult at: where the whole name has been
+    read."""
+
+    def tails(row: dict) -> dict:
+        full = row.get("context", "") + row["text"]
+        return {"keys": [[full.rfind(" ", b, e) + 1 or b, e] for b, e in row["keys"]]}
+
+    return docs.map(tails, features=docs.features, keep_in_memory=True)
+
+
 def span_overlaps(offsets: Iterable[tuple[int, int]], spans: Iterable[Sequence[int]], shift: int = 0) -> list[bool]:
     """Per token, whether its characters ``[a + shift, b + shift)`` (``offsets``: each token's span in its text,
     ``shift``: where that text starts) overlap one of the ``[begin, end)`` character ``spans``."""

@@ -130,6 +130,8 @@ def prepare_data(cfg: Config, run_dir: Path, info: DistInfo) -> tuple[TrainData,
         docs = data.load_documents(cfg.data, recall=cfg.uses_recall_tokens, anchor=marked, keys=cfg.consults_key_tokens)
         if skip is not None:
             docs = data.with_skipped_spans(docs, skip)
+        if cfg.consults_key_tokens and cfg.objective.consult_targets == "recall_key_tails":
+            docs = data.with_key_tails(docs)
         if data.num_chars(docs) == 0:
             raise ValueError(f"data source {cfg.data.source!r} {cfg.data.files or cfg.data.generator or ''} is empty")
         if path.exists():

@@ -10,7 +10,7 @@ import torch
 from pure_reasoner.train import data
 from pure_reasoner.train.config import ObjectiveConfig
 from pure_reasoner.train.dist import DistInfo
-from pure_reasoner.train.loop import TrainData
+from pure_reasoner.train.loop import TrainData, prepare_data
 from pure_reasoner.train.world.drills import FreshDrills
 from pure_reasoner.train.world.generator import build_world, corpus_world_config, pretraining_corpus
 from tests.train.helpers import compose_config
@@ -113,3 +113,40 @@ def test_key_targets_config_errors():
         compose_config("data.source=world", "data.path=/nonexistent", "model.knowledge.consult_loss_coef=0.1",
                        "objective.consult_targets=recall_keys")
     # a source or generator rows without key spans: tests/train/test_recall_targets.py
+
+
+def test_key_tails_hand_made():
+    """The last word of each key span, counted over ``context + text``; a one-word key stays whole."""
+    rows = datasets.Dataset.from_dict({
+        "text": ["Bririam Troupei works for Thastudrei Systems.", "Q: Where was Bo born?\nA: Rome."],
+        "context": ["", "Ann Lee: Rome. "], "keys": [[[0, 15], [26, 44]], [[0, 7], [28, 30]]]})
+    tails = data.with_key_tails(rows)
+    assert tails["keys"] == [[[8, 15], [37, 44]], [[4, 7], [28, 30]]]
+    assert [(r["context"] + r["text"])[b:e] for r in tails for b, e in r["keys"]] == ["Troupei", "Systems", "Lee", "Bo"]
+    assert tails["text"] == rows["text"] and tails["context"] == rows["context"]
+
+
+def _prepared_batch(tmp_path, targets: str):
+    """A micro-batch as training builds it (``loop.prepare_data``: corpus, spans, tokenizer, packing)."""
+    cfg = compose_config("experiment=decoupling_tiny", "name=t", "model.knowledge.consult_loss_coef=0.1",
+                         "data.fresh_drills=2", f"objective.consult_targets={targets}")
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    train_data, tok = prepare_data(cfg, tmp_path / targets, info)
+    return train_data.micro_batch(cfg, info, step=3, micro=0), tok
+
+
+def test_micro_batch_key_tails_are_the_names_last_words(tmp_path):
+    """``recall_key_tails``: the recall targets stay; the name targets are a strict subset of ``recall_keys``'s:
+    of each run of name tokens, the ones left out come before the ones kept (a name's last word ends it)."""
+    (keys, tok), (tails, _), (recall, _) = (_prepared_batch(tmp_path, t)
+                                             for t in ("recall_keys", "recall_key_tails", "recall"))
+    keys_BS, tails_BS, recall_BS = (b["consult_target_BS"] for b in (keys, tails, recall))
+    assert torch.equal(tails["idx_BS"], keys["idx_BS"])
+    assert not (recall_BS & ~tails_BS).any() and not (tails_BS & ~keys_BS).any()
+    name_BS, tail_BS = keys_BS & ~recall_BS, tails_BS & ~recall_BS
+    assert 0 < tail_BS.sum() < name_BS.sum()
+    idx_BS = keys["idx_BS"]
+    for b, s in zip(*torch.nonzero(name_BS & ~tail_BS, as_tuple=True), strict=True):
+        run = name_BS[b, s:]
+        end = run.numel() if run.all() else int(run.long().argmin())
+        assert tail_BS[b, s : s + end].any(), tok.decode(idx_BS[b, s : s + end].tolist())
