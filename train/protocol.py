@@ -8,10 +8,11 @@
 For each seed k (at least ``MIN_SEEDS``): world seed ``w = offset + k`` (``data.generator_kwargs.seed``: its own
 people, facts and questions), ``train.seed=k`` (init and data order) and ``name=<recipe>-seed<k>``; then
 ``python -m pure_reasoner.train.evaluation`` on its export into ``<results>/eval/<recipe>_seed<k>.json`` (with a
-``run`` record: recipe, seed, world seed, held out), and an entry ``<recipe>_seed<k>`` in ``<results>/runs.json``
-(commands, seed, world seed, commit, wall times). Seeds in ``--heldout-seeds`` run on world seeds never looked at while
-choosing a recipe: ``python -m pure_reasoner.train.evaluation.scorecard --exclude-heldout`` leaves them out, the
-final scorecard keeps them.
+``run`` record: recipe, seed, world seed, held out; for a model that routes, ``routing.train_stream`` from
+``train.evaluation.stream_rate``: its overall consult rate on its own training stream), and an entry
+``<recipe>_seed<k>`` in ``<results>/runs.json`` (commands, seed, world seed, commit, wall times). Seeds in
+``--heldout-seeds`` run on world seeds never looked at while choosing a recipe: ``python -m
+pure_reasoner.train.evaluation.scorecard --exclude-heldout`` leaves them out, the final scorecard keeps them.
 
 The world's eval splits hold ``--eval-examples`` questions (600: a 95% interval of about ±0.04); the single-hop
 splits (closed_book, open_book) are checked to reach that many before anything trains, and again in the reports.
@@ -146,6 +147,12 @@ def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequenc
                 "--checkpoint", str(Path("runs") / run.name / "export"), "--json", str(report_path), *eval_args]
     train_s = _run(train_cmd)
     eval_s = _run(eval_cmd)
+    commands = [train_cmd, eval_cmd]
+    if json.loads(report_path.read_text()).get("routing"):  # a model that routes: its rate on its training stream
+        stream_cmd = [sys.executable, "-m", "pure_reasoner.train.evaluation.stream_rate", str(Path("runs") / run.name),
+                      "--report", str(report_path)]
+        eval_s += _run(stream_cmd)
+        commands.append(stream_cmd)
     report = json.loads(report_path.read_text())
     short = {s: report["splits"][s]["base"]["n"] for s in SINGLE_HOP
              if s in report["splits"] and report["splits"][s]["base"]["n"] < eval_examples}
@@ -156,7 +163,7 @@ def run_seed(run: SeedRun, results: Path, eval_examples: int, eval_args: Sequenc
     report["run"] = record
     report_path.write_text(json.dumps(report, indent=2))
     return {**record, "commit": commit(), "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
-            "commands": [" ".join(["python", *c[1:]]) for c in (train_cmd, eval_cmd)]}
+            "commands": [" ".join(["python", *c[1:]]) for c in commands]}
 
 
 def stage_run(run: SeedRun, stage: str) -> SeedRun:

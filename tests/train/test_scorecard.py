@@ -5,7 +5,15 @@ import math
 
 import pytest
 
-from pure_reasoner.train.evaluation.scorecard import DEFAULT_TARGETS, Target, load_targets, main, read_runs, score
+from pure_reasoner.train.evaluation.scorecard import (
+    DEFAULT_TARGETS,
+    METRICS,
+    Target,
+    load_targets,
+    main,
+    read_runs,
+    score,
+)
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (tables: 4.303)
 T_975_DF1 = 12.706204736174707  # 1 degree of freedom (tables: 12.706)
@@ -15,7 +23,8 @@ def _split(**by_ablation):
     return {a: {"acc_adjusted": v, "n": 600} for a, v in by_ablation.items()}
 
 
-def _report(closed, closed_off, open_, open_off, two_hop=None, mean=None, faith=None, routing=None, run=None):
+def _report(closed, closed_off, open_, open_off, two_hop=None, mean=None, faith=None, routing=None, run=None,
+            stream=None):
     mean_ablation = {"knowledge_mean": mean} if mean is not None else {}
     closed_book = _split(base=closed, knowledge_off=closed_off, **mean_ablation)
     splits = {"closed_book": closed_book, "open_book": _split(base=open_, knowledge_off=open_off)}
@@ -29,6 +38,8 @@ def _report(closed, closed_off, open_, open_off, two_hop=None, mean=None, faith=
         report["routing"] = {"closed_book": {"answer_rate": answer_rate, "other_rate": other_rate,
                                              "ratio": answer_rate / other_rate, "answer_tokens": 100,
                                              "other_tokens": 900, "target_rate": target}}
+    if stream is not None:  # the overall consult rate on the training stream, and its target
+        report.setdefault("routing", {})["train_stream"] = {"rate": stream[0], "target_rate": stream[1]}
     if run is not None:
         report["run"] = run
     return report
@@ -52,9 +63,10 @@ def reports(tmp_path):
         (0.48, 0.06, 0.80, 0.78, (0.5, 0.40), 0.123, 0.92, (0.5, 0.1, 0.14)),
         (0.55, 0.04, 0.62, 0.62, None, 0.167, 0.91, (0.4, 0.2, 0.20)),
     ]
+    streams = [(0.125, 0.125), (0.10, 0.125), (0.16, 0.125)]  # the training stream's rate, target
     for seed, (c, co, o, oo, th, m, f, r) in enumerate(reasoner):
         put(f"r{seed}", _report(c, co, o, oo, th, m, f, r, run={"recipe": "reasoner", "seed": seed,
-                                                               "heldout": seed == 2}))
+                                                               "heldout": seed == 2}, stream=streams[seed]))
     for seed in (0, 1):
         put(f"topk_seed{seed}", _report(0.3 + 0.1 * seed, 0.2, 0.5, 0.5))
     return files
@@ -106,9 +118,12 @@ def test_hand_computed_scorecard(reports):
     assert (rows["recall_consult_rate"]["worst_seed"], rows["recall_consult_rate"]["verdict"]) == (2, "not met")
     assert rows["recall_consult_ratio"]["values"] == pytest.approx([6.0, 5.0, 2.0])
     # overall rate (100 answer + 900 other tokens): 0.15 / 0.15, 0.14 / 0.14, (40 + 180) / 1000 = 0.22 / 0.20
-    error = rows["consult_rate_error"]
-    assert error["values"] == pytest.approx([0.0, 0.0, 0.1], abs=1e-9) and error["verdict"] == "met"
-    assert error["worst_seed"] == 2
+    assert METRICS["consult_rate_error"](read_runs(reports[3:4])[0].report) == pytest.approx(0.0, abs=1e-9)
+    assert METRICS["consult_rate_error"](read_runs(reports[5:6])[0].report) == pytest.approx(0.1, abs=1e-9)
+    # the target is on the training stream: 0.125 / 0.125, 0.10 / 0.125, 0.16 / 0.125 -> errors 0, 0.2, 0.28
+    error = rows["stream_consult_rate_error"]
+    assert error["values"] == pytest.approx([0.0, 0.2, 0.28], abs=1e-9) and error["verdict"] == "not met"
+    assert error["worst_seed"] == 2 and "consult_rate_error" not in rows
 
     dense, _ = _rows(card, "dense")
     assert dense["closed_book_adjusted"]["values"] == pytest.approx([0.8, 1.0, 1.2])

@@ -78,6 +78,16 @@ def _consult_rate_error(report: dict) -> float | None:
     return abs(overall / r["target_rate"] - 1)
 
 
+def _stream_consult_rate_error(report: dict) -> float | None:
+    """|overall consult rate / target rate - 1| on the run's own training stream after its last step
+    (``routing.train_stream``, written by ``train.evaluation.stream_rate``): the population the router's target
+    is set on."""
+    r = (report.get("routing") or {}).get("train_stream") or {}
+    if r.get("rate") is None or not r.get("target_rate"):
+        return None
+    return abs(r["rate"] / r["target_rate"] - 1)
+
+
 # metric name -> value of one eval report (None: the report does not record what it needs)
 METRICS: dict[str, Callable[[dict], float | None]] = {
     "closed_book_adjusted": lambda r: _acc(r, "closed_book", "base"),
@@ -90,6 +100,7 @@ METRICS: dict[str, Callable[[dict], float | None]] = {
     "recall_consult_rate": lambda r: _routing(r).get("answer_rate"),
     "recall_consult_ratio": lambda r: _routing(r).get("ratio"),
     "consult_rate_error": _consult_rate_error,
+    "stream_consult_rate_error": _stream_consult_rate_error,
 }
 
 

@@ -1,0 +1,117 @@
+"""The consult rate on a run's own training stream (``train.evaluation.stream_rate``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from pure_reasoner.train.evaluation import stream_rate
+from tests.train.helpers import RECIPE_RUN, run_in_process
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stream_rate") / "run"
+    run_in_process(run_dir, "data.doc_mask=true", base=RECIPE_RUN)  # the science runs' packing
+    return run_dir
+
+
+def _hooked_rates(run_dir: Path, steps: list[int]) -> list[float]:
+    """The oracle: per MoE layer, the share of tokens whose routed expert ids hold any real expert (the router's
+    own output, read by a hook), over the run's micro-batches of ``steps``, rebuilt here from its config."""
+    from pure_reasoner.moe.checkpoint import load_pretrained
+    from pure_reasoner.train.dist import DistInfo
+    from pure_reasoner.train.export import load_run_config
+    from pure_reasoner.train.loop import prepare_data
+
+    cfg = load_run_config(run_dir)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(run_dir / "tokenizer.json", Path(scratch) / "tokenizer.json")
+        train_data, _ = prepare_data(cfg, Path(scratch), info)
+    model = load_pretrained(run_dir / "export").eval()
+    layers = model.moe_layers()
+    consulted, tokens = [0] * len(layers), 0
+    captured: list[torch.Tensor] = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
+             for layer in layers]
+    try:
+        with torch.no_grad():
+            for step in steps:
+                batch = train_data.micro_batch(cfg, info, step, 0)
+                captured.clear()
+                model(batch["idx_BS"], doc_ids_BS=batch["doc_ids_BS"])
+                for i, ids_TK in enumerate(captured):
+                    consulted[i] += int((ids_TK >= 0).any(1).sum())
+                tokens += batch["idx_BS"].numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [c / tokens for c in consulted]
+
+
+def test_rate_matches_the_routers_own_decisions_after_the_last_step(trained):
+    from pure_reasoner.train.export import load_run_config
+
+    cfg = load_run_config(trained)
+    assert cfg.train.grad_accum == 1 and cfg.data.doc_mask
+    measured = stream_rate.measure_run(trained, 3)
+    last = cfg.train.max_steps
+    assert measured["steps"] == [last, last + 2]
+    assert measured["micro_batches"] == 3
+    assert measured["tokens"] == 3 * cfg.train.micro_batch_size * cfg.data.seq_len
+    expected = _hooked_rates(trained, [last, last + 1, last + 2])
+    assert measured["per_layer"] == pytest.approx(expected, abs=1e-12)
+    assert measured["rate"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    assert measured["target_rate"] == cfg.model.knowledge.consult_rate
+    assert 0.0 < measured["rate"] < 1.0  # the trained thresholds consult some tokens, not all
+
+
+@pytest.mark.parametrize("threshold, rate", [(-float("inf"), 1.0), (float("inf"), 0.0)])
+def test_rate_follows_the_thresholds(trained, threshold, rate):
+    from pure_reasoner.moe.checkpoint import load_pretrained
+
+    model = load_pretrained(trained / "export")
+    for layer in model.moe_layers():
+        layer.router.margin_threshold.fill_(threshold)
+    idx_BS = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    measured = stream_rate.consult_rate(model, [{"idx_BS": idx_BS}])
+    assert measured["per_layer"] == [rate] * len(model.moe_layers())
+    assert measured["tokens"] == 32 and model.training  # the model's mode is given back
+
+
+def test_cli_writes_into_the_report_and_keeps_the_rest(trained, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"splits": {"closed_book": {}}, "routing": {"closed_book": {"ratio": 2.5}}}))
+    assert stream_rate.main([str(trained), "--micro-batches", "2", "--report", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert written["splits"] == {"closed_book": {}}
+    assert written["routing"]["closed_book"] == {"ratio": 2.5}
+    assert written["routing"]["train_stream"]["micro_batches"] == 2
+    assert "train stream: consult rate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["no_run", "zero_batches", "corrupt_report", "missing_report"])
+def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case):
+    report = tmp_path / "report.json"
+    original = "{not json" if case == "corrupt_report" else json.dumps({"routing": {}})
+    if case != "missing_report":
+        report.write_text(original)
+    run_dir = tmp_path / "empty" if case == "no_run" else trained
+    run_dir.mkdir(exist_ok=True)
+    batches = "0" if case == "zero_batches" else "1"
+    assert stream_rate.main([str(run_dir), "--micro-batches", batches, "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    expected = {"no_run": "config.yaml", "zero_batches": "micro_batches must be > 0, got 0",
+                "corrupt_report": "not a readable JSON report", "missing_report": "is not a file"}[case]
+    assert expected in err
+    if case == "missing_report":
+        assert not report.exists()
+    else:
+        assert report.read_text() == original
