@@ -115,3 +115,44 @@ def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case):
         assert not report.exists()
     else:
         assert report.read_text() == original
+
+
+def test_calibrated_thresholds_consult_the_target_share_of_their_sample(trained):
+    stream = stream_rate.RunStream(trained)
+    assert stream.model.cfg.knowledge.mechanism == "gate"
+    batches = stream.batches(0, 3)
+    target = stream.model.cfg.knowledge.consult_rate
+    stream_rate.calibrate(stream.model, batches)
+    # the oracle: each layer's routed expert ids on the same micro-batches, counted through a hook
+    captured: list[torch.Tensor] = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
+             for layer in stream.model.moe_layers()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                stream.model(batch["idx_BS"], doc_ids_BS=batch["doc_ids_BS"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = len(stream.model.moe_layers())
+    tokens = sum(b["idx_BS"].numel() for b in batches)
+    for layer in range(layers):
+        consulted = sum(int((ids_TK >= 0).any(1).sum()) for ids_TK in captured[layer::layers])
+        assert abs(consulted - target * tokens) <= 2  # the quantile between two order statistics
+
+
+def test_calibrated_copy_writes_a_new_export_and_leaves_the_run_alone(trained, tmp_path):
+    export = trained / "export"
+    original = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
+    out = tmp_path / "calibrated"
+    done = stream_rate.calibrated_copy(trained, out, 2, 2)
+    assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == original
+    assert sorted(p.name for p in out.iterdir()) == sorted(original)
+    from pure_reasoner.moe.checkpoint import load_pretrained
+
+    thresholds = [float(layer.router.margin_threshold) for layer in load_pretrained(out).moe_layers()]
+    assert thresholds == pytest.approx(done["thresholds"], abs=0.0)
+    last = done["before"]["steps"][0]
+    assert done["calibration_steps"] == [last - 2, last - 1]  # measured after the calibration's micro-batches
+    with pytest.raises(ValueError, match="exists"):
+        stream_rate.calibrated_copy(trained, out, 2, 2)

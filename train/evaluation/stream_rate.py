@@ -1,6 +1,6 @@
 """The overall consult rate where the router's target holds it: on the run's own training stream, after training.
 
-    python -m pure_reasoner.train.evaluation.stream_rate RUN_DIR [--micro-batches 16] [--report REPORT.json]
+    python -m pure_reasoner.train.evaluation.stream_rate RUN_DIR [--micro-batches 32] [--report REPORT.json]
 
 ``model.knowledge.consult_rate`` is the share of *training* tokens the consult controller aims at. The evaluation's
 closed-book questions are the densest recall text the world has (the answers alone are about a fifth of their
@@ -54,33 +54,114 @@ def consult_rate(model: PureReasonerLM, batches: Iterable[dict[str, torch.Tensor
     return {"rate": sum(per_layer) / len(per_layer), "per_layer": per_layer, "tokens": tokens, "micro_batches": count}
 
 
+@torch.no_grad()
+def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
+    """Set each MoE layer's ``margin_threshold`` to the margin that a ``consult_rate`` share of the tokens of
+    ``batches`` exceeds (the quantile ``refresh_threshold`` takes, over this sample instead of the router's ring of
+    one step's inputs), layer after layer from the first (a layer's inputs depend on the thresholds below it).
+    Returns the thresholds set. ``log_rate_offset`` and the reference ring are left as they are."""
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("the model has no MoE layer: there is no threshold to calibrate")
+    was_training = model.training
+    model.eval()
+    thresholds = []
+    try:
+        for layer in layers:
+            router = layer.router
+            margins: list[torch.Tensor] = []
+            hook = router.register_forward_pre_hook(
+                lambda module, args, into=margins: into.append(module.consult_margins(args[0])))
+            try:
+                for batch in batches:
+                    model(batch["idx_BS"], doc_ids_BS=batch.get("doc_ids_BS"))
+            finally:
+                hook.remove()
+            if not margins or margins[0] is None:
+                raise ValueError(f"knowledge.mechanism={router.cfg.mechanism!r} has no consult margin to calibrate")
+            all_M = torch.cat([m.reshape(-1) for m in margins]).double()
+            threshold = torch.quantile(all_M, 1.0 - router.cfg.consult_rate).to(router.margin_threshold)
+            router.margin_threshold.copy_(threshold)
+            thresholds.append(float(threshold))
+    finally:
+        model.train(was_training)
+    return thresholds
+
+
+class RunStream:
+    """A finished run's export and its own training stream, rebuilt from its ``config.yaml`` and tokenizer: the
+    micro-batches of the steps after its last (``batches(skip, count)``: from step ``max_steps`` on, the first
+    ``skip`` left out). Raises ValueError for a directory that is not a finished training run."""
+
+    def __init__(self, run_dir: Path):
+        from pure_reasoner.moe.checkpoint import load_pretrained
+        from pure_reasoner.train import data
+        from pure_reasoner.train.dist import DistInfo
+        from pure_reasoner.train.export import EXPORT, load_run_config
+        from pure_reasoner.train.loop import prepare_data
+
+        self.run_dir = run_dir
+        self.cfg = load_run_config(run_dir)
+        tokenizer = run_dir / data.TOKENIZER
+        if not tokenizer.is_file():
+            raise ValueError(f"{run_dir} has no {data.TOKENIZER}: its training stream cannot be rebuilt")
+        self.export = run_dir / EXPORT
+        self.model = load_pretrained(self.export)
+        self.info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+        with tempfile.TemporaryDirectory() as scratch:  # prepare_data writes world files into its run directory
+            shutil.copy(tokenizer, Path(scratch) / data.TOKENIZER)
+            self.data, _ = prepare_data(self.cfg, Path(scratch), self.info)
+
+    def steps(self, skip: int, count: int) -> list[int]:
+        """The optimizer step of each of the ``count`` micro-batches after the first ``skip``."""
+        accum = self.cfg.train.grad_accum
+        return [self.cfg.train.max_steps + i // accum for i in range(skip, skip + count)]
+
+    def batches(self, skip: int, count: int) -> list[dict[str, torch.Tensor]]:
+        if count <= 0:
+            raise ValueError(f"micro_batches must be > 0, got {count}")
+        accum = self.cfg.train.grad_accum
+        return [self.data.micro_batch(self.cfg, self.info, step, i % accum)
+                for i, step in zip(range(skip, skip + count), self.steps(skip, count), strict=True)]
+
+    def measure(self, skip: int, count: int) -> dict:
+        """``consult_rate`` on ``batches(skip, count)``, with the steps it read and the target."""
+        steps = self.steps(skip, count)
+        measured = consult_rate(self.model, self.batches(skip, count))
+        return {**measured, "steps": [steps[0], steps[-1]], "target_rate": self.model.cfg.knowledge.consult_rate,
+                "run": str(self.run_dir)}
+
+
 def measure_run(run_dir: Path, micro_batches: int) -> dict:
     """``consult_rate`` of ``run_dir``'s export on ``micro_batches`` micro-batches of its own training stream, the
-    steps after its last (see the module docstring). Raises ValueError for a directory that is not a finished
-    training run of a pure reasoner."""
-    from pure_reasoner.moe.checkpoint import load_pretrained
-    from pure_reasoner.train import data
-    from pure_reasoner.train.dist import DistInfo
-    from pure_reasoner.train.export import EXPORT, load_run_config
-    from pure_reasoner.train.loop import prepare_data
-
+    steps after its last (see the module docstring)."""
     if micro_batches <= 0:
         raise ValueError(f"micro_batches must be > 0, got {micro_batches}")
-    cfg = load_run_config(run_dir)
-    tokenizer = run_dir / data.TOKENIZER
-    if not tokenizer.is_file():
-        raise ValueError(f"{run_dir} has no {data.TOKENIZER}: its training stream cannot be rebuilt")
-    model = load_pretrained(run_dir / EXPORT)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    with tempfile.TemporaryDirectory() as scratch:  # prepare_data writes world files into its run directory
-        shutil.copy(tokenizer, Path(scratch) / data.TOKENIZER)
-        train_data, _ = prepare_data(cfg, Path(scratch), info)
-    first = cfg.train.max_steps
-    steps = [first + i // cfg.train.grad_accum for i in range(micro_batches)]
-    batches = (train_data.micro_batch(cfg, info, step, i % cfg.train.grad_accum) for i, step in enumerate(steps))
-    measured = consult_rate(model, batches)
-    return {**measured, "steps": [steps[0], steps[-1]], "target_rate": model.cfg.knowledge.consult_rate,
-            "run": str(run_dir)}
+    return RunStream(run_dir).measure(0, micro_batches)
+
+
+def calibrated_copy(run_dir: Path, out: Path, calibration: int, micro_batches: int) -> dict:
+    """Write ``run_dir``'s export with thresholds ``calibrate``d on the first ``calibration`` micro-batches after its
+    last step into ``out`` (a copy: the other files as they are), and measure the copy on the ``micro_batches``
+    after those. Raises ValueError when ``out`` exists (nothing is overwritten)."""
+    from pure_reasoner.moe.checkpoint import save_pretrained
+
+    if out.exists():
+        raise ValueError(f"{out} exists; choose a new directory for the calibrated copy")
+    if calibration <= 0 or micro_batches <= 0:
+        raise ValueError(f"calibration and micro_batches must be > 0, got {calibration} and {micro_batches}")
+    stream = RunStream(run_dir)
+    before = stream.measure(calibration, micro_batches)
+    thresholds = calibrate(stream.model, stream.batches(0, calibration))
+    after = stream.measure(calibration, micro_batches)
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # all or nothing: renamed into place at the end
+        staged = Path(scratch) / out.name
+        shutil.copytree(stream.export, staged)
+        save_pretrained(stream.model, staged)
+        staged.rename(out)
+    steps = stream.steps(0, calibration)
+    return {"calibration_steps": [steps[0], steps[-1]], "thresholds": thresholds, "before": before, "after": after,
+            "out": str(out)}
 
 
 def write_into(report_path: Path, measured: dict) -> None:
@@ -101,14 +182,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pure_reasoner.train.evaluation.stream_rate",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a finished training run (config.yaml, tokenizer.json, export/)")
-    parser.add_argument("--micro-batches", type=int, default=16)
+    parser.add_argument("--micro-batches", type=int, default=32)
     parser.add_argument("--report", type=Path, default=None,
                         help="an evaluation report (JSON) to write the measurement into, under routing.train_stream")
+    parser.add_argument("--calibrate-into", type=Path, default=None,
+                        help="write a copy of the export whose thresholds are calibrated on the stream here, and "
+                             "measure it on the micro-batches after the calibration's")
+    parser.add_argument("--calibration-micro-batches", type=int, default=64)
     args = parser.parse_args(argv)
     try:
         if args.report is not None and not args.report.is_file():
             raise ValueError(f"--report {args.report} is not a file")
-        measured = measure_run(args.run_dir, args.micro_batches)
+        if args.calibrate_into is not None:
+            done = calibrated_copy(args.run_dir, args.calibrate_into, args.calibration_micro_batches,
+                                   args.micro_batches)
+            print(json.dumps({k: v for k, v in done.items() if k not in ("before", "after")}))
+            print(f"before: {done['before']['rate']:.4f}")
+            measured = done["after"]
+        else:
+            measured = measure_run(args.run_dir, args.micro_batches)
         if args.report is not None:
             write_into(args.report, measured)
     except ValueError as err:
