@@ -144,7 +144,7 @@ def test_calibrated_thresholds_consult_the_target_share_of_their_sample(trained)
 def test_calibrated_copy_writes_a_new_export_and_leaves_the_run_alone(trained, tmp_path):
     export = trained / "export"
     original = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
-    out = tmp_path / "calibrated"
+    out = tmp_path / "calibrated" / "export"  # its parent made on the way
     done = stream_rate.calibrated_copy(trained, out, 2, 2)
     assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == original
     assert sorted(p.name for p in out.iterdir()) == sorted(original)

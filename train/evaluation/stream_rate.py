@@ -154,11 +154,19 @@ def calibrated_copy(run_dir: Path, out: Path, calibration: int, micro_batches: i
     before = stream.measure(calibration, micro_batches)
     thresholds = calibrate(stream.model, stream.batches(0, calibration))
     after = stream.measure(calibration, micro_batches)
-    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # all or nothing: renamed into place at the end
-        staged = Path(scratch) / out.name
-        shutil.copytree(stream.export, staged)
-        save_pretrained(stream.model, staged)
-        staged.rename(out)
+    made = [p for p in reversed(out.parents) if not p.exists()]  # parents this call creates
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # all or nothing: renamed into place at the end
+            staged = Path(scratch) / out.name
+            shutil.copytree(stream.export, staged)
+            save_pretrained(stream.model, staged, hf=True)  # as train.export writes it
+            staged.rename(out)
+    except BaseException:
+        for parent in reversed(made):  # no empty directories left behind
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        raise
     steps = stream.steps(0, calibration)
     return {"calibration_steps": [steps[0], steps[-1]], "thresholds": thresholds, "before": before, "after": after,
             "out": str(out)}
