@@ -1,6 +1,7 @@
 """The overall consult rate where the router's target holds it: on the run's own training stream, after training.
 
     python -m pure_reasoner.train.evaluation.stream_rate RUN_DIR [--micro-batches 32] [--report REPORT.json]
+                                                         [--calibrate-into DIR [--calibration-micro-batches 64]]
 
 ``model.knowledge.consult_rate`` is the share of *training* tokens the consult controller aims at. The evaluation's
 closed-book questions are the densest recall text the world has (the answers alone are about a fifth of their
@@ -14,6 +15,12 @@ micro-batch counts, as in training's ``consult_rate_l*`` columns.
 Writes ``{"rate", "per_layer", "tokens", "micro_batches", "steps", "target_rate"}`` (``rate``: the mean over MoE
 layers of the share of tokens that consult any knowledge expert) into ``routing.train_stream`` of ``--report``
 (rewritten atomically; nothing is written on an error), or prints it.
+
+``--calibrate-into DIR`` writes a copy of the export whose thresholds are each layer's quantile over
+``--calibration-micro-batches`` micro-batches of the stream (``calibrate``), where training leaves the quantile of the
+last step's inputs alone, and measures the copy on the micro-batches after those.
+
+Shape legend: B batch, S sequence, T tokens, L MoE layers.
 """
 
 from __future__ import annotations
