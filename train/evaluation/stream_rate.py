@@ -65,8 +65,9 @@ def consult_rate(model: PureReasonerLM, batches: Iterable[dict[str, torch.Tensor
 def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
     """Set each MoE layer's ``margin_threshold`` to the margin that a ``consult_rate`` share of the tokens of
     ``batches`` exceeds (the quantile ``refresh_threshold`` takes, over this sample instead of the router's ring of
-    one step's inputs), layer after layer from the first (a layer's inputs depend on the thresholds below it).
-    Returns the thresholds set. ``log_rate_offset`` and the reference ring are left as they are."""
+    one step's inputs, and at ``consult_rate`` itself: the training-time correction ``log_rate_offset`` is not
+    applied, though left as it is, as is the ring), layer after layer from the first (a layer's inputs depend on the
+    thresholds below it). Returns the thresholds set."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("the model has no MoE layer: there is no threshold to calibrate")
