@@ -215,6 +215,10 @@ class TrainConfig:
         the slot-selected update trains them (``python -m pure_reasoner.train.update --slots N``). ``reasoner``: the
         complement of ``knowledge`` (knowledge experts, routers and routing controllers frozen, the rest trains), for a
         reading phase that must not rewrite the facts the experts hold.
+    calibrate_micro_batches: 0, or the export's consult thresholds re-taken over this many micro-batches of the
+        training stream after the last step (``train.calibration``; 64 holds the rate within a few percent of
+        ``model.knowledge.consult_rate``), where training leaves each at its quantile over the last step's one
+        micro-batch. Needs a consult mechanism with margins (``gate`` or ``null``); one process reads the stream.
     """
 
     max_steps: int = 200
@@ -245,6 +249,7 @@ class TrainConfig:
     first_look: int = 200
     compile: bool = False
     trainable: str = "all"
+    calibrate_micro_batches: int = 0
 
     def __post_init__(self) -> None:
         for key in (
@@ -274,6 +279,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.threads is None or self.threads > 0, f"train.threads must be > 0, got {self.threads}")
         _require(self.first_look >= 0, f"train.first_look must be >= 0, got {self.first_look}")
+        _require(self.calibrate_micro_batches >= 0,
+                 f"train.calibrate_micro_batches must be >= 0, got {self.calibrate_micro_batches}")
         _require(self.trainable in TRAINABLE, f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         _require(self.trainable == "all" or self.init_from is not None,
                  f"train.trainable={self.trainable} freezes what train.init_from holds: set train.init_from=DIR")
@@ -642,6 +649,14 @@ class Config:
             self.objective.always_on_grad == "all" or self.train.trainable == "all",
             f"objective.always_on_grad={self.objective.always_on_grad!r} splits the always-on path's gradient "
             f"between passes: it needs train.trainable=all, got {self.train.trainable!r}",
+        )
+        _require(
+            self.train.calibrate_micro_batches == 0
+            or (self.ffn == "pure_reasoner" and kcfg.mechanism != "always"
+                and any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))),
+            f"train.calibrate_micro_batches={self.train.calibrate_micro_batches} calibrates consult thresholds: it "
+            f"needs ffn=pure_reasoner, MoE layers and a consult mechanism with margins, got ffn={self.ffn!r}, "
+            f"mechanism={kcfg.mechanism!r}",
         )
         if self.ffn == "deepspeed_residual":
             _require(kcfg.top_k in (1, 2), f"DeepSpeed's MoE gate supports top_k 1 or 2, got {kcfg.top_k}")

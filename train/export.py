@@ -43,8 +43,13 @@ def load_run_config(run_dir: Path) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
 
 
-def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | None = None) -> Path:
-    """Write the checkpoint ``tag`` (default: the latest) of ``run_dir`` as a pretrained model directory."""
+def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | None = None, calibrated: bool = True,
+                      train_data=None) -> Path:
+    """Write the checkpoint ``tag`` (default: the latest) of ``run_dir`` as a pretrained model directory.
+
+    With ``train.calibrate_micro_batches`` (and ``calibrated``, the default: False exports the thresholds as trained)
+    the consult thresholds are first re-taken over that many micro-batches of the run's stream after its last step
+    (``train.calibration``), read from ``train_data`` (the run's ``TrainData``; rebuilt from the run when None)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     cfg = load_run_config(run_dir)
@@ -69,6 +74,11 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
     if cfg.train.trainable != "all":
         state = _with_frozen_from_source(model, state, cfg)
     model.load_state_dict(state, strict=True)
+    if calibrated and cfg.train.calibrate_micro_batches:
+        from pure_reasoner.train import calibration
+
+        data = train_data if train_data is not None else calibration.run_stream_data(run_dir, cfg)
+        calibration.calibrate(model, calibration.stream_batches(data, cfg, 0, cfg.train.calibrate_micro_batches))
     out = out_dir or run_dir / EXPORT
     out.mkdir(parents=True, exist_ok=True)
     _copy_run_files(run_dir, out)  # first: the transformers files describe the tokenizer
@@ -100,9 +110,11 @@ def _copy_run_files(run_dir: Path, out: Path) -> None:
             os.replace(tmp, out / name)
 
 
-def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo, name: str = EXPORT) -> None:
-    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export`` (``run_dir/name``); the
-    others wait. In-run relocation (``train.relocation``) exports its teacher the same way.
+def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo, name: str = EXPORT,
+                       train_data=None) -> None:
+    """At the end of training: rank 0 exports the latest checkpoint to ``run_dir/export`` (``run_dir/name``; only
+    ``export`` gets the thresholds ``train.calibrate_micro_batches`` calibrates, from ``train_data``); the others
+    wait. In-run relocation (``train.relocation``) exports its teacher the same way.
 
     The residual_moe baseline (``ffn=deepspeed_residual``, one expert-parallel rank, fp32) is exported from the
     engine's module, whose fp32 weights are the trained ones (DeepSpeed keeps MoE experts outside the
@@ -118,7 +130,7 @@ def export_from_engine(engine, cfg: Config, run_dir: Path, info: DistInfo, name:
 
             _copy_run_files(run_dir, save_residual_pretrained(engine.module, tmp))
         else:
-            export_checkpoint(run_dir, out_dir=tmp)
+            export_checkpoint(run_dir, out_dir=tmp, calibrated=name == EXPORT, train_data=train_data)
         shutil.rmtree(run_dir / name, ignore_errors=True)
         os.rename(tmp, run_dir / name)
     barrier()

@@ -409,7 +409,7 @@ def run(cfg: Config, run_dir: Path, resolved_config: str, grad_masks: dict[str, 
             logger.close()
     exportable = cfg.ffn == "pure_reasoner" or (cfg.train.ep_size == 1 and cfg.deepspeed.precision == "fp32")
     if cfg.train.export and exportable and (start_step < cfg.train.max_steps or not exported):
-        export_from_engine(engine, cfg, run_dir, info)
+        export_from_engine(engine, cfg, run_dir, info, train_data=train_data)
     return Summary(
         steps=cfg.train.max_steps,
         final_loss=losses[-1] if losses else math.nan,

@@ -109,3 +109,48 @@ def metrics(run_dir: Path) -> list[dict]:
 
     with open(run_dir / "metrics.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def rebuilt_micro_batches(run_dir: Path, steps: list[int]) -> list[dict]:
+    """A finished run's micro-batches (micro-step 0) of ``steps``, rebuilt from its config and tokenizer as one
+    rank of one reads them: the data ``train.evaluation.stream_rate`` and ``train.calibration`` are checked on."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from pure_reasoner.train.dist import DistInfo
+    from pure_reasoner.train.export import load_run_config
+    from pure_reasoner.train.loop import prepare_data
+
+    cfg = load_run_config(run_dir)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copy(run_dir / "tokenizer.json", Path(scratch) / "tokenizer.json")
+        train_data, _ = prepare_data(cfg, Path(scratch), info)
+    return [train_data.micro_batch(cfg, info, step, 0) for step in steps]
+
+
+def routed_shares(model, batches: list[dict]) -> list[float]:
+    """The oracle of a consult rate: per MoE layer, the share of the tokens of ``batches`` whose expert ids (the
+    router's own output, read by a hook; the model in eval mode) hold any real expert."""
+    import torch
+
+    model.eval()
+    layers = model.moe_layers()
+    consulted, tokens = [0] * len(layers), 0
+    captured: list[torch.Tensor] = []
+    hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
+             for layer in layers]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                captured.clear()
+                model(batch["idx_BS"], doc_ids_BS=batch["doc_ids_BS"])
+                for i, ids_TK in enumerate(captured):
+                    consulted[i] += int((ids_TK >= 0).any(1).sum())
+                tokens += batch["idx_BS"].numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [c / tokens for c in consulted]

@@ -140,6 +140,8 @@ def phase_one(tmp_path_factory) -> dict[str, Path]:
     ("relocate_keys_cf_release_copy_read_keep_strong", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_read_keep_strong_both_anchored_consulting_knowledge_meangrad_light",
      "recall_keys_docmask"),
+    ("relocate_keys_cf_release_copy_read_keep_strong_both_anchored_consulting_knowledge_meangrad_light_calibrated",
+     "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_anchored", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_anchored_read", "recall_keys_docmask"),
     ("relocate_keys_cf_release_copy_dateless", "recall_keys_docmask"),
@@ -158,6 +160,8 @@ def test_recipe_runs_end_to_end_at_toy_size(phase_one, tmp_path, recipe, start):
             overrides.append(f"objective.teacher={phase_one[start]}")
     if recipe == "capacity":  # in-run relocation: the switch must fall inside the 2 steps
         overrides += ["objective.relocate_at=1", "objective.relocate_warmup_steps=0"]
+    if compose_config(f"experiment={recipe}").train.calibrate_micro_batches:  # its 64 at toy size: a few seconds
+        overrides.append("train.calibrate_micro_batches=2")
     summary = run_in_process(tmp_path / recipe, *overrides, base=())
     assert summary.steps == 2 and (tmp_path / recipe / "export" / "model.safetensors").is_file()
     trainable = compose_config(f"experiment={recipe}").train.trainable

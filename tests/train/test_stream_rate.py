@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
+from pure_reasoner.train.calibration import calibrate
 from pure_reasoner.train.evaluation import stream_rate
-from tests.train.helpers import RECIPE_RUN, run_in_process
+from tests.train.helpers import RECIPE_RUN, rebuilt_micro_batches, routed_shares, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -19,45 +17,6 @@ def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stream_rate") / "run"
     run_in_process(run_dir, "data.doc_mask=true", base=RECIPE_RUN)  # the science runs' packing
     return run_dir
-
-
-def _hooked_rates(run_dir: Path, steps: list[int]) -> list[float]:
-    """The oracle: per MoE layer, the share of tokens whose routed expert ids hold any real expert (the router's
-    own output, read by a hook), over the run's micro-batches of ``steps``, rebuilt here from its config."""
-    from pure_reasoner.moe.checkpoint import load_pretrained
-    from pure_reasoner.train.dist import DistInfo
-    from pure_reasoner.train.export import load_run_config
-    from pure_reasoner.train.loop import prepare_data
-
-    cfg = load_run_config(run_dir)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-    with tempfile.TemporaryDirectory() as scratch:
-        shutil.copy(run_dir / "tokenizer.json", Path(scratch) / "tokenizer.json")
-        train_data, _ = prepare_data(cfg, Path(scratch), info)
-    model = load_pretrained(run_dir / "export").eval()
-    return _routed_shares(model, [train_data.micro_batch(cfg, info, step, 0) for step in steps])
-
-
-def _routed_shares(model, batches: list[dict]) -> list[float]:
-    """Per MoE layer, the share of the tokens of ``batches`` whose expert ids (the router's output, read by a hook)
-    hold any real expert."""
-    layers = model.moe_layers()
-    consulted, tokens = [0] * len(layers), 0
-    captured: list[torch.Tensor] = []
-    hooks = [layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.expert_ids_TK))
-             for layer in layers]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                captured.clear()
-                model(batch["idx_BS"], doc_ids_BS=batch["doc_ids_BS"])
-                for i, ids_TK in enumerate(captured):
-                    consulted[i] += int((ids_TK >= 0).any(1).sum())
-                tokens += batch["idx_BS"].numel()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [c / tokens for c in consulted]
 
 
 def test_rate_matches_the_routers_own_decisions_after_the_last_step(trained):
@@ -70,7 +29,10 @@ def test_rate_matches_the_routers_own_decisions_after_the_last_step(trained):
     assert measured["steps"] == [last, last + 2]
     assert measured["micro_batches"] == 3
     assert measured["tokens"] == 3 * cfg.train.micro_batch_size * cfg.data.seq_len
-    expected = _hooked_rates(trained, [last, last + 1, last + 2])
+    from pure_reasoner.moe.checkpoint import load_pretrained
+
+    batches = rebuilt_micro_batches(trained, [last, last + 1, last + 2])
+    expected = routed_shares(load_pretrained(trained / "export"), batches)
     assert measured["per_layer"] == pytest.approx(expected, abs=1e-12)
     assert measured["rate"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
     assert measured["target_rate"] == cfg.model.knowledge.consult_rate
@@ -127,9 +89,9 @@ def test_calibrated_thresholds_consult_the_target_share_of_their_sample(trained)
     assert stream.model.cfg.knowledge.mechanism == "gate"
     batches = stream.batches(0, 3)
     target = stream.model.cfg.knowledge.consult_rate
-    stream_rate.calibrate(stream.model, batches)
+    calibrate(stream.model, batches)
     tokens = sum(b["idx_BS"].numel() for b in batches)
-    for share in _routed_shares(stream.model.eval(), batches):  # the routers' own decisions on the same sample
+    for share in routed_shares(stream.model.eval(), batches):  # the routers' own decisions on the same sample
         assert abs(share * tokens - target * tokens) <= 2  # the quantile between two order statistics
 
 

@@ -29,11 +29,11 @@ def _capture_trained_state(patch) -> dict:
 
     captured, real = {}, train_export.export_from_engine
 
-    def export_from_engine(engine, *args):
+    def export_from_engine(engine, *args, **kwargs):
         captured["state"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         captured["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone()
                             for n, p in engine.module.named_parameters()}
-        return real(engine, *args)
+        return real(engine, *args, **kwargs)
 
     patch.setattr(train_export, "export_from_engine", export_from_engine)
     return captured

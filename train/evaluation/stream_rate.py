@@ -10,15 +10,17 @@ population the target is set on. This measures it on that population: micro-batc
 (``train.loop.prepare_data`` on its ``config.yaml``) at the steps after its last one (``train.max_steps`` onward:
 the corpus sequences in an order not trained on, reading drills never seen), each one forward pass of the exported
 model in eval mode (the thresholds frozen, no controller update), with the run's document mask. Every token of a
-micro-batch counts, as in training's ``consult_rate_l*`` columns.
+micro-batch counts, as in training's ``consult_rate_l*`` columns. A run whose export was calibrated
+(``train.calibrate_micro_batches``, ``train.calibration``) is measured on the micro-batches after those.
 
 Writes ``{"rate", "per_layer", "tokens", "micro_batches", "steps", "target_rate"}`` (``rate``: the mean over MoE
 layers of the share of tokens that consult any knowledge expert) into ``routing.train_stream`` of ``--report``
 (rewritten atomically; nothing is written on an error), or prints it.
 
 ``--calibrate-into DIR`` writes a copy of the export whose thresholds are each layer's quantile over
-``--calibration-micro-batches`` micro-batches of the stream (``calibrate``), where training leaves the quantile of the
-last step's inputs alone, and measures the copy on the micro-batches after those.
+``--calibration-micro-batches`` micro-batches of the stream (``train.calibration.calibrate``), where training leaves
+the quantile of the last step's inputs alone, and measures the copy on the micro-batches after those: for a run
+trained without ``train.calibrate_micro_batches``, the export that setting would have written.
 
 Shape legend: B batch, S sequence, T tokens, L MoE layers.
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from pure_reasoner.moe import PureReasonerLM
+from pure_reasoner.train.calibration import calibrate, run_stream_data, stream_batches, stream_steps
 
 
 @torch.no_grad()
@@ -61,41 +64,6 @@ def consult_rate(model: PureReasonerLM, batches: Iterable[dict[str, torch.Tensor
     return {"rate": sum(per_layer) / len(per_layer), "per_layer": per_layer, "tokens": tokens, "micro_batches": count}
 
 
-@torch.no_grad()
-def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
-    """Set each MoE layer's ``margin_threshold`` to the margin that a ``consult_rate`` share of the tokens of
-    ``batches`` exceeds (the quantile ``refresh_threshold`` takes, over this sample instead of the router's ring of
-    one step's inputs, and at ``consult_rate`` itself: the training-time correction ``log_rate_offset`` is not
-    applied, though left as it is, as is the ring), layer after layer from the first (a layer's inputs depend on the
-    thresholds below it). Returns the thresholds set."""
-    layers = model.moe_layers()
-    if not layers:
-        raise ValueError("the model has no MoE layer: there is no threshold to calibrate")
-    was_training = model.training
-    model.eval()
-    thresholds = []
-    try:
-        for layer in layers:
-            router = layer.router
-            margins: list[torch.Tensor] = []
-            hook = router.register_forward_pre_hook(
-                lambda module, args, into=margins: into.append(module.consult_margins(args[0])))
-            try:
-                for batch in batches:
-                    model(batch["idx_BS"], doc_ids_BS=batch.get("doc_ids_BS"))
-            finally:
-                hook.remove()
-            if not margins or margins[0] is None:
-                raise ValueError(f"knowledge.mechanism={router.cfg.mechanism!r} has no consult margin to calibrate")
-            all_M = torch.cat([m.reshape(-1) for m in margins]).double()
-            threshold = torch.quantile(all_M, 1.0 - router.cfg.consult_rate).to(router.margin_threshold)
-            router.margin_threshold.copy_(threshold)
-            thresholds.append(float(threshold))
-    finally:
-        model.train(was_training)
-    return thresholds
-
-
 class RunStream:
     """A finished run's export and its own training stream, rebuilt from its ``config.yaml`` and tokenizer: the
     micro-batches of the steps after its last (``batches(skip, count)``: from step ``max_steps`` on, the first
@@ -103,34 +71,20 @@ class RunStream:
 
     def __init__(self, run_dir: Path):
         from pure_reasoner.moe.checkpoint import load_pretrained
-        from pure_reasoner.train import data
-        from pure_reasoner.train.dist import DistInfo
         from pure_reasoner.train.export import EXPORT, load_run_config
-        from pure_reasoner.train.loop import prepare_data
 
         self.run_dir = run_dir
         self.cfg = load_run_config(run_dir)
-        tokenizer = run_dir / data.TOKENIZER
-        if not tokenizer.is_file():
-            raise ValueError(f"{run_dir} has no {data.TOKENIZER}: its training stream cannot be rebuilt")
         self.export = run_dir / EXPORT
         self.model = load_pretrained(self.export)
-        self.info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
-        with tempfile.TemporaryDirectory() as scratch:  # prepare_data writes world files into its run directory
-            shutil.copy(tokenizer, Path(scratch) / data.TOKENIZER)
-            self.data, _ = prepare_data(self.cfg, Path(scratch), self.info)
+        self.data = run_stream_data(run_dir, self.cfg)
 
     def steps(self, skip: int, count: int) -> list[int]:
         """The optimizer step of each of the ``count`` micro-batches after the first ``skip``."""
-        accum = self.cfg.train.grad_accum
-        return [self.cfg.train.max_steps + i // accum for i in range(skip, skip + count)]
+        return stream_steps(self.cfg, skip, count)
 
     def batches(self, skip: int, count: int) -> list[dict[str, torch.Tensor]]:
-        if count <= 0:
-            raise ValueError(f"micro_batches must be > 0, got {count}")
-        accum = self.cfg.train.grad_accum
-        return [self.data.micro_batch(self.cfg, self.info, step, i % accum)
-                for i, step in zip(range(skip, skip + count), self.steps(skip, count), strict=True)]
+        return stream_batches(self.data, self.cfg, skip, count)
 
     def measure(self, skip: int, count: int) -> dict:
         """``consult_rate`` on ``batches(skip, count)``, with the steps it read and the target."""
@@ -142,10 +96,12 @@ class RunStream:
 
 def measure_run(run_dir: Path, micro_batches: int) -> dict:
     """``consult_rate`` of ``run_dir``'s export on ``micro_batches`` micro-batches of its own training stream, the
-    steps after its last (see the module docstring)."""
+    steps after its last and after those its export was calibrated on (``train.calibrate_micro_batches``; see the
+    module docstring)."""
     if micro_batches <= 0:
         raise ValueError(f"micro_batches must be > 0, got {micro_batches}")
-    return RunStream(run_dir).measure(0, micro_batches)
+    stream = RunStream(run_dir)
+    return stream.measure(stream.cfg.train.calibrate_micro_batches, micro_batches)
 
 
 def calibrated_copy(run_dir: Path, out: Path, calibration: int, micro_batches: int) -> dict:
