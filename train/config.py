@@ -123,9 +123,10 @@ class DataConfig:
         _require(self.fresh_drills >= 0, f"data.fresh_drills must be >= 0, got {self.fresh_drills}")
         _require(
             not self.fresh_drills or self.source == "world"
-            or (self.generator == WORLD_GENERATOR and self.in_context_fraction is not None),
+            or (self.generator in (WORLD_GENERATOR, UPDATE_GENERATOR) and self.in_context_fraction is not None),
             f"data.fresh_drills={self.fresh_drills} needs data.source=world, or data.generator={WORLD_GENERATOR} "
-            f"and data.in_context_fraction set, got source={self.source!r}, generator={self.generator!r}, "
+            f"(or a knowledge update's, {UPDATE_GENERATOR}: drills of its base world) and data.in_context_fraction "
+            f"set, got source={self.source!r}, generator={self.generator!r}, "
             f"in_context_fraction={self.in_context_fraction}",
         )
         _require(0.0 <= self.counterfactual_drills <= 1.0,

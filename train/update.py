@@ -19,7 +19,9 @@ is the base run's config (model, sequence length, objective, optimizer, seed) wi
                 base world's pretraining rows (module ``train.slots``: TF-IDF, as Sparse Memory Finetuning picks
                 memory slots) train; routers and every other unit stay bit for bit (``trainable=experts``, weight
                 decay 0); the choice is written to ``OUT/slots.json``;
-    ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last.
+    ``--set``   any further override of the typed config (``train.lr=1e-3``), applied last; ``data.fresh_drills=N``
+                puts N reading drills of the base world (contexts it reads, people it never memorised) in every
+                micro-batch, in place of N update rows.
 The run directory is ``--out`` (default ``BASE_RUN-update-s<seed>``, ``...-replay<R>`` with replay, then
 ``-anchor-replayed`` with that, ``-slots<N>`` with slots; same command, same directory: it resumes).
 Multi-process: ``deepspeed --no_local_rank --num_gpus N --module pure_reasoner.train.update ...``.

@@ -175,3 +175,21 @@ def test_slot_update_refuses_what_it_cannot_do(base_run, tmp_path, capsys):
     assert update_main([str(base_run), "--out", str(out), "--slots", "100000", *small]) == 2
     assert "slots per layer must be in 1.." in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_update_with_reading_drills_of_the_base_world(base_run, tmp_path):
+    """``--set data.fresh_drills=N``: the update's micro-batches end with N reading drills of its base world."""
+    from pure_reasoner.train.calibration import one_rank
+    from pure_reasoner.train.loop import prepare_data
+
+    out = tmp_path / "update-drills"
+    assert update_main([str(base_run), "--out", str(out), "--seed", "1", "--new-people", "6", "--changed-facts", "4",
+                        "--steps", "2", "--no-eval", "--set", "data.fresh_drills=1"]) == 0
+    cfg = load_run_config(out)
+    assert cfg.data.fresh_drills == 1 and cfg.data.generator_kwargs["update"]["seed"] == 1
+    train_data, _ = prepare_data(cfg, out, one_rank())
+    assert train_data.drills is not None
+    assert train_data.drills.world.cfg == load_world_config(base_run / "export" / "world.json")
+    batch = train_data.micro_batch(cfg, one_rank(), 0, 0)
+    assert batch["idx_BS"].shape[0] == cfg.train.micro_batch_size
+    assert torch.equal(batch["idx_BS"][-1], train_data.drills.batch(0, 1)[0][0])

@@ -202,7 +202,9 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
     return datasets.Dataset.from_list(rows)
 
 
-CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "drill_questions", "epoch", "context_column")
+# Keyword arguments of the corpus functions that are not WorldConfig fields (``update``: a knowledge update's, which
+# ``train.world_update.update_corpus`` takes on top of its base world's fields).
+CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "drill_questions", "epoch", "context_column", "update")
 
 
 def corpus_world_config(world: dict | None = None, **kwargs) -> WorldConfig:
