@@ -65,7 +65,8 @@ def stream_batches(train_data, cfg, skip: int, count: int) -> list[dict[str, tor
     read other shards of the same sequences)."""
     if count <= 0 or skip < 0:
         raise ValueError(f"micro-batches: skip must be >= 0 and count > 0, got {skip} and {count}")
-    return [train_data.micro_batch(cfg, one_rank(), step, i % cfg.train.grad_accum)
+    info = one_rank()
+    return [train_data.micro_batch(cfg, info, step, i % cfg.train.grad_accum)
             for i, step in zip(range(skip, skip + count), stream_steps(cfg, skip, count), strict=True)]
 
 

@@ -16,8 +16,8 @@ setting apart from that noise. Per target of ``train.update_eval``:
     reading:   per reading split, the reports' accuracy change (mean, half-width, worst) and how many of them stay
                within the 95% interval before.
 
-Reports of several worlds can be pooled the same way (each ratio is to its own base); the summary says which worlds
-and update seeds it holds.
+Reports of several worlds can be pooled the same way (each ratio is to its own base); the summary lists the reports
+and their update settings (``update``: seed, new people, changed facts, replay).
 """
 
 from __future__ import annotations
@@ -46,11 +46,14 @@ def pooled_new(reports: Sequence[dict], split: str) -> dict:
     chance = sum(after["chance"] * after["n"] for after, _ in parts) / n
     pretrained = sum(before["acc_adjusted"] * after["n"] for after, before in parts) / n
     adjusted = em.chance_adjusted(correct / n, chance)
-    low, high = (em.chance_adjusted(a, chance) / pretrained for a in em.wilson_interval(correct, n))
+    ratio, interval = None, None  # no knowledge before: no ratio (as train.update_eval)
+    if pretrained > 0:
+        ratio = adjusted / pretrained
+        interval = [em.chance_adjusted(a, chance) / pretrained for a in em.wilson_interval(correct, n)]
     own = [r["new"][split]["vs_pretrained"] for r in reports if r["new"][split]["vs_pretrained"] is not None]
     return {"n": n, "correct": correct, "chance": chance, "acc_adjusted": adjusted,
-            "pretrained_acc_adjusted": pretrained, "vs_pretrained": adjusted / pretrained,
-            "vs_pretrained_interval": [low, high], "per_report": _spread(own) if own else None}
+            "pretrained_acc_adjusted": pretrained, "vs_pretrained": ratio, "vs_pretrained_interval": interval,
+            "per_report": _spread(own) if own else None}
 
 
 def summarize(reports: Sequence[dict], names: Sequence[str]) -> dict:
@@ -84,12 +87,14 @@ def render(summary: dict) -> str:
     count = len(summary["reports"])
     lines = [f"{count} update reports pooled"]
     for split, r in summary["new"].items():
-        low, high = r["vs_pretrained_interval"]
-        own = r["per_report"]
+        ratio, own = "no ratio (no recall before)", r["per_report"]
+        if r["vs_pretrained"] is not None:
+            low, high = r["vs_pretrained_interval"]
+            ratio = f"x{r['vs_pretrained']:.2f} [{low:.2f}, {high:.2f}] (target >= {TARGET_NEW_RATIO})"
+        per_report = "" if own is None else f"; per report x{own['mean']:.2f}{_half(own['half_width'])}, worst " \
+                                            f"x{own['min']:.2f}"
         lines.append(f"new ({split}): {r['correct']}/{r['n']} right, adjusted {r['acc_adjusted']:+.3f} vs "
-                     f"pretraining {r['pretrained_acc_adjusted']:+.3f}: x{r['vs_pretrained']:.2f} [{low:.2f}, "
-                     f"{high:.2f}] (target >= {TARGET_NEW_RATIO}); per report x{own['mean']:.2f}"
-                     f"{_half(own['half_width'])}, worst x{own['min']:.2f}")
+                     f"pretraining {r['pretrained_acc_adjusted']:+.3f}: {ratio}{per_report}")
     for split, r in summary["retained"].items():
         lines.append(f"retained ({split}): x{r['mean']:.2f}{_half(r['half_width'])}, worst x{r['min']:.2f} "
                      f"(target >= {TARGET_RETAINED})")

@@ -13,10 +13,11 @@ from pure_reasoner.train import update_summary
 def _report(new_acc: float, pretrained_adjusted: float, retained: float | None, delta: float, within: bool) -> dict:
     """A ``train.update_eval`` report with 100 one-hop new-people questions at chance 0.25."""
     new_adjusted = (new_acc - 0.25) / 0.75
+    ratio = new_adjusted / pretrained_adjusted if pretrained_adjusted > 0 else None
     return {
         "splits": {"new_people": {"after": {"n": 100, "acc": new_acc, "chance": 0.25}},
                    "closed_book": {"before": {"acc_adjusted": pretrained_adjusted}}},
-        "new": {"new_people": {"vs_pretrained": new_adjusted / pretrained_adjusted}},
+        "new": {"new_people": {"vs_pretrained": ratio}},
         "retained": {"closed_book": {"relative": retained}},
         "reading": {"open_book": {"delta": delta, "within_ci": within}},
         "update": {"seed": 1},
@@ -34,12 +35,19 @@ def test_new_people_are_pooled_over_questions_with_scipys_wilson_interval():
     assert new["vs_pretrained"] == pytest.approx((0.40 / 0.75) / 0.55)
     ci = stats.binomtest(130, 200).proportion_ci(confidence_level=0.95, method="wilson")
     expected = [((bound - 0.25) / 0.75) / 0.55 for bound in (ci.low, ci.high)]
-    assert new["vs_pretrained_interval"] == pytest.approx(expected, abs=1e-3)  # scipy's z is 1.95996, ours 1.96
+    assert new["vs_pretrained_interval"] == pytest.approx(expected, abs=1e-4)  # scipy's z is 1.95996, ours 1.96
     own = [(0.35 / 0.75) / 0.5, (0.45 / 0.75) / 0.6]
     low, high = stats.t.interval(0.95, 1, loc=sum(own) / 2, scale=stats.sem(own))
     assert new["per_report"]["mean"] == pytest.approx(sum(own) / 2)
     assert new["per_report"]["half_width"] == pytest.approx((high - low) / 2)
     assert new["per_report"]["min"] == pytest.approx(own[0])
+
+
+def test_no_ratio_without_recall_before():
+    reports = [_report(0.60, 0.0, 0.95, -0.02, True)]  # no ratio in the report either, as train.update_eval writes it
+    new = update_summary.summarize(reports, ["a"])["new"]["new_people"]
+    assert new["vs_pretrained"] is None and new["vs_pretrained_interval"] is None and new["per_report"] is None
+    assert "no ratio (no recall before)" in update_summary.render(update_summary.summarize(reports, ["a"]))
 
 
 def test_retained_and_reading_summarize_the_reports_values():
