@@ -14,7 +14,8 @@ is the base run's config (model, sequence length, objective, optimizer, seed) wi
                 held where they are rehearsed, the new values free to move;
     train       ``init_from=BASE_RUN/export``, ``trainable=--trainable`` (``knowledge``: only knowledge experts
                 and routers, the pure reasoner's update; ``all``: fine-tune everything, the dense baseline's),
-                ``max_steps=--steps``, one checkpoint at the end, no first-look table;
+                ``max_steps=--steps``, one checkpoint at the end, no first-look table, the base export's consult
+                thresholds kept (``calibrate_micro_batches=0``: not re-taken on the update's rows);
     slots       ``--slots N``: only the N expert units per MoE layer that the update's rows use most against the
                 base world's pretraining rows (module ``train.slots``: TF-IDF, as Sparse Memory Finetuning picks
                 memory slots) train; routers and every other unit stay bit for bit (``trainable=experts``, weight
@@ -76,6 +77,9 @@ def run_config(base_run: Path, out: Path, update: UpdateConfig, trainable: str, 
         "train.init_from": str(export), "train.trainable": trainable, "train.max_steps": steps,
         "train.warmup_steps": min(base.train.warmup_steps, steps // 10), "train.ckpt_every": steps,
         "train.first_look": 0,
+        # The update keeps the base model's consult thresholds: calibrated on the update's own rows, they would
+        # move the old facts' routing (and with --slots the routers are frozen by contract).
+        "train.calibrate_micro_batches": 0,
     }
     if anchor_replayed:
         if not update.replay:

@@ -140,6 +140,20 @@ def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_update_keeps_the_base_exports_consult_thresholds(base_run, tmp_path):
+    """A base trained with its export calibrated (train.calibrate_micro_batches) must not have its thresholds
+    re-taken on the update's rows: the update's config turns the calibration off."""
+    base = tmp_path / "base_calibrated"
+    shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (base / "config.yaml").read_text()
+    assert "calibrate_micro_batches: 0" in text
+    (base / "config.yaml").write_text(text.replace("calibrate_micro_batches: 0", "calibrate_micro_batches: 8"))
+    assert load_run_config(base).train.calibrate_micro_batches == 8
+    for slots in (0, 5):
+        cfg, _ = run_config(base, tmp_path / f"out{slots}", UPDATE, "knowledge", 4, slots=slots)
+        assert cfg.train.calibrate_micro_batches == 0
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_slot_update_moves_only_the_chosen_units(base_run, tmp_path, zero_stage):
     out = tmp_path / "update-slots"
