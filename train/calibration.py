@@ -27,8 +27,9 @@ def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]])
     ``batches`` (each with ``idx_BS`` [B, S] and optionally ``doc_ids_BS`` [B, S]) exceeds: the quantile
     ``refresh_threshold`` takes, over this sample instead of the router's ring of one step's inputs, and at
     ``consult_rate`` itself (the training-time correction ``log_rate_offset`` is not applied, though left as it is,
-    as is the ring). Layer after layer from the first: a layer's inputs depend on the thresholds below it. The
-    model is left in the mode it came in. Returns the thresholds set."""
+    as is the ring). Layer after layer from the first: a layer's inputs depend on the thresholds below it, and each
+    forward stops at the router being calibrated. The model is left in the mode it came in. Returns the thresholds
+    set."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("the model has no MoE layer: there is no threshold to calibrate")
@@ -41,11 +42,13 @@ def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]])
         for layer in layers:
             router = layer.router
             margins: list[torch.Tensor] = []
-            hook = router.register_forward_pre_hook(
-                lambda module, args, into=margins: into.append(module.consult_margins(args[0])))
+            hook = router.register_forward_pre_hook(lambda module, args, into=margins: _take_margins(module, args, into))
             try:
                 for batch in batches:
-                    model(batch["idx_BS"], doc_ids_BS=batch.get("doc_ids_BS"))
+                    try:
+                        model(batch["idx_BS"], doc_ids_BS=batch.get("doc_ids_BS"))
+                    except _RouterReached:
+                        pass  # the layers above this router do not change its inputs
             finally:
                 hook.remove()
             if margins[0] is None:
@@ -57,6 +60,17 @@ def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]])
     finally:
         model.train(was_training)
     return thresholds
+
+
+class _RouterReached(Exception):
+    """Raised by the calibrating hook once it has the margins: the rest of the forward is not needed."""
+
+
+def _take_margins(router, args, into: list) -> None:
+    """A router forward pre-hook: append the margins of its inputs (``consult_margins``) to ``into``, then stop the
+    forward (``_RouterReached``)."""
+    into.append(router.consult_margins(args[0]))
+    raise _RouterReached
 
 
 def stream_batches(train_data, cfg, skip: int, count: int) -> list[dict[str, torch.Tensor]]:
