@@ -77,14 +77,19 @@ def test_run_config_refuses_what_is_not_a_trained_run(tmp_path, base_run):
     assert not (tmp_path / "out").exists()
 
 
+def base_with(base_run, out, line: str, replacement: str):
+    """A copy of ``base_run`` (checkpoints left out) at ``out`` whose config.yaml has ``line`` replaced."""
+    shutil.copytree(base_run, out, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (out / "config.yaml").read_text()
+    assert line in text
+    (out / "config.yaml").write_text(text.replace(line, replacement))
+    return out
+
+
 def test_run_config_of_a_base_trained_with_counterfactual_drills(base_run, tmp_path):
     """The update has no drills, so a base run's counterfactual share of them must not carry over (it would fail
     validation: a share of zero fresh drills)."""
-    base = tmp_path / "base_cf"
-    shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints"))
-    text = (base / "config.yaml").read_text()
-    assert "counterfactual_drills: 0.0" in text
-    (base / "config.yaml").write_text(text.replace("counterfactual_drills: 0.0", "counterfactual_drills: 0.5"))
+    base = base_with(base_run, tmp_path / "base_cf", "counterfactual_drills: 0.0", "counterfactual_drills: 0.5")
     assert load_run_config(base).data.counterfactual_drills == 0.5
     cfg, _ = run_config(base, tmp_path / "out", UPDATE, "knowledge", 4)
     assert (cfg.data.fresh_drills, cfg.data.counterfactual_drills) == (0, 0.0)
@@ -143,11 +148,7 @@ def test_update_refuses_a_bad_replay(base_run, tmp_path, capsys):
 def test_update_keeps_the_base_exports_consult_thresholds(base_run, tmp_path):
     """A base trained with its export calibrated (train.calibrate_micro_batches) must not have its thresholds
     re-taken on the update's rows: the update's config turns the calibration off."""
-    base = tmp_path / "base_calibrated"
-    shutil.copytree(base_run, base, ignore=shutil.ignore_patterns("checkpoints"))
-    text = (base / "config.yaml").read_text()
-    assert "calibrate_micro_batches: 0" in text
-    (base / "config.yaml").write_text(text.replace("calibrate_micro_batches: 0", "calibrate_micro_batches: 8"))
+    base = base_with(base_run, tmp_path / "base_calibrated", "calibrate_micro_batches: 0", "calibrate_micro_batches: 8")
     assert load_run_config(base).train.calibrate_micro_batches == 8
     for slots in (0, 5):
         cfg, _ = run_config(base, tmp_path / f"out{slots}", UPDATE, "knowledge", 4, slots=slots)
