@@ -13,6 +13,7 @@ Shape legend: B batch, S sequence, M margins.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def calibrate(model: PureReasonerLM, batches: Sequence[dict[str, torch.Tensor]])
         for layer in layers:
             router = layer.router
             margins: list[torch.Tensor] = []
-            hook = router.register_forward_pre_hook(lambda module, args, into=margins: _take_margins(module, args, into))
+            hook = router.register_forward_pre_hook(functools.partial(_take_margins, into=margins))
             try:
                 for batch in batches:
                     try:
