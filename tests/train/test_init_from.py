@@ -64,6 +64,32 @@ def test_init_from_accepts_other_loss_coefficients(tmp_path):
     assert all(torch.equal(copied[name], saved[name]) for name in saved)
 
 
+
+@pytest.mark.parametrize("rows", [64, 4])
+def test_init_from_resizes_the_reference_ring(tmp_path, rows):
+    """A run may keep a longer (or shorter) reference ring than its source: the ring is refilled from the source's
+    rows, every parameter and the threshold copied as they are."""
+    torch.manual_seed(0)
+    trained = PureReasonerLM(_knowledge(TINY, reference_tokens=16))
+    for layer in trained.moe_layers():
+        layer.router.reference_x_RD.normal_()
+        layer.router.reference_next.fill_(5)
+        layer.router.margin_threshold.fill_(0.37)
+    save_pretrained(trained, tmp_path / "export")
+    other = _knowledge(TINY, reference_tokens=rows)
+    model = PureReasonerLM(other)
+    init_weights(model, check_source(str(tmp_path / "export"), other, ep_size=1))
+    saved, copied = load_file(tmp_path / "export" / "model.safetensors"), model.state_dict()
+    for name, tensor in saved.items():
+        if name.endswith("reference_x_RD"):  # 16 rows: each repeated 4 times (64), or every 4th row (4)
+            expected = tensor.repeat_interleave(4, 0) if rows == 64 else tensor[::4]
+            assert torch.equal(copied[name], expected), name
+        elif name.endswith("reference_next"):
+            assert int(copied[name]) == 0, name
+        else:
+            assert torch.equal(copied[name], tensor), name
+    assert all(float(layer.router.margin_threshold) == pytest.approx(0.37) for layer in model.moe_layers())
+
 def test_anchor_loss_is_the_reverse_kl_at_the_anchored_positions():
     torch.manual_seed(0)
     teacher = PureReasonerLM(TINY).eval()
