@@ -187,7 +187,8 @@ def replay_rows(update: WorldUpdate, count: int, *, in_context_fraction: float =
 
 
 def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_drills: int = 0,
-                drill_questions: int = 1, epoch: int = 0, anchor_column: bool = False) -> list[dict]:
+                drill_questions: int = 1, epoch: int = 0, anchor_column: bool = False,
+                replay_in_context_fraction: float | None = None) -> list[dict]:
     """The update's training rows, shuffled (``pretraining_corpus``'s schema; kinds bio / qa / comparison / drill,
     and ``world`` among the replayed rows; with ``anchor_column`` also ``anchor``: True on the replayed rows only,
     the rows ``objective.anchor_rows=marked`` anchors to the base model).
@@ -196,10 +197,16 @@ def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_dr
     ``in_context_fraction`` with their facts as context). Changed facts: restatement rows (kind ``bio``, never a
     context). ``num_drills`` reading drills about people in neither the world nor the update (none by default:
     the update teaches facts; drills would also train reading). Replay: ``round(update.cfg.replay * R)`` rows of
-    ``replay_rows`` (R: the rows above; a share ``in_context_fraction`` with a context, as pretraining has them).
+    ``replay_rows`` (R: the rows above; a share ``replay_in_context_fraction`` with a context, as pretraining has
+    them; None: ``in_context_fraction``), so replayed rows may carry their facts in context while the update's own
+    rows do not.
     """
-    if not 0.0 <= in_context_fraction <= 1.0:
-        raise ValueError(f"in_context_fraction must be in [0, 1], got {in_context_fraction}")
+    if replay_in_context_fraction is None:
+        replay_in_context_fraction = in_context_fraction
+    for name, value in (("in_context_fraction", in_context_fraction),
+                        ("replay_in_context_fraction", replay_in_context_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     if num_drills < 0:
         raise ValueError(f"num_drills must be >= 0, got {num_drills}")
     seed, key = update.world.cfg.seed, update.cfg.seed
@@ -215,8 +222,8 @@ def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_dr
     # Drill people must be neither known, unseen nor new: the world's exclusion list, with the new people added.
     guard = dataclasses.replace(update.world, unseen=update.world.unseen + update.new_people)
     rows += drill_rows(guard, f"update:{key}:{epoch}", num_drills, stream="update", questions=drill_questions)
-    replayed = replay_rows(update, round(update.cfg.replay * len(rows)), in_context_fraction=in_context_fraction,
-                           epoch=epoch)
+    replayed = replay_rows(update, round(update.cfg.replay * len(rows)),
+                           in_context_fraction=replay_in_context_fraction, epoch=epoch)
     if anchor_column:
         rows, replayed = [{**r, "anchor": False} for r in rows], [{**r, "anchor": True} for r in replayed]
     rows += replayed
@@ -226,7 +233,8 @@ def update_rows(update: WorldUpdate, *, in_context_fraction: float = 0.0, num_dr
 
 def update_corpus(world: dict | None = None, *, update: dict | UpdateConfig | None = None,
                   in_context_fraction: float = 0.0, num_drills: int = 0, drill_questions: int = 1, epoch: int = 0,
-                  context_column: bool = True, **overrides) -> datasets.Dataset:
+                  context_column: bool = True, replay_in_context_fraction: float | None = None,
+                  **overrides) -> datasets.Dataset:
     """The training rows of an update as a ``datasets.Dataset``
     (``data.generator=pure_reasoner.train.world_update:update_corpus``).
 
@@ -234,12 +242,14 @@ def update_corpus(world: dict | None = None, *, update: dict | UpdateConfig | No
         world, overrides: the base world as ``pretraining_corpus`` takes it (a dict of WorldConfig fields plus
             ``preset``, and/or the fields as keyword arguments).
         update: ``UpdateConfig`` fields (seed, new_people, changed_facts, replay) or an UpdateConfig.
-        in_context_fraction, num_drills, drill_questions, epoch: see ``update_rows``.
+        in_context_fraction, num_drills, drill_questions, epoch, replay_in_context_fraction: see ``update_rows``
+            (``data.generator_kwargs.replay_in_context_fraction`` sets the last).
         context_column: False merges each context into its text (for pipelines without loss masking).
     The rows carry ``update_rows``'s ``anchor`` column.
     """
     rows = update_rows(_resolve(world, update, overrides), in_context_fraction=in_context_fraction,
-                       num_drills=num_drills, drill_questions=drill_questions, epoch=epoch, anchor_column=True)
+                       num_drills=num_drills, drill_questions=drill_questions, epoch=epoch, anchor_column=True,
+                       replay_in_context_fraction=replay_in_context_fraction)
     if not context_column:
         rows = [{**{k: v for k, v in r.items() if k != "context"}, "text": r["context"] + r["text"]} for r in rows]
     return datasets.Dataset.from_list(rows)

@@ -193,6 +193,24 @@ def test_replay_never_restates_a_changed_value_or_names_a_new_person():
         assert not any(p.name in full for p in update.new_people)
 
 
+@pytest.mark.parametrize("replay_fraction", [0.0, 1.0])
+def test_replayed_rows_alone_can_carry_contexts(replay_fraction):
+    """``replay_in_context_fraction`` sets the contexts of the replayed rows apart from the update's own rows."""
+    update = build_update(WORLD, dataclasses.replace(CFG, replay=2.0))
+    rows = update_rows(update, in_context_fraction=1.0 - replay_fraction, anchor_column=True,
+                       replay_in_context_fraction=replay_fraction)
+    own, replayed = [r for r in rows if not r["anchor"]], [r for r in rows if r["anchor"]]
+    assert own and replayed
+    # The replayed rows as pretraining writes them at their own fraction (the oracle: the corpus itself).
+    oracle = {_key(r) for r in pretraining_corpus(WORLD.cfg, num_drills=0, in_context_fraction=replay_fraction)
+              .to_list()}
+    assert all(_key({k: v for k, v in r.items() if k != "anchor"}) in oracle for r in replayed)
+    assert any(r["context"] for r in replayed) == (replay_fraction == 1.0)
+    assert any(r["context"] for r in own) == (replay_fraction == 0.0)  # the update's own rows at theirs
+    with pytest.raises(ValueError, match="replay_in_context_fraction must be in"):
+        update_rows(update, replay_in_context_fraction=1.5)
+
+
 def test_replay_rows_get_contexts_as_pretraining_writes_them():
     update = build_update(WORLD, dataclasses.replace(CFG, replay=7.0))
     own = Counter(map(_key, update_rows(build_update(WORLD, CFG), in_context_fraction=0.5)))

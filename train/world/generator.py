@@ -204,7 +204,8 @@ def pretraining_corpus(world: World | WorldConfig | dict | None = None, *, in_co
 
 # Keyword arguments of the corpus functions that are not WorldConfig fields (``update``: a knowledge update's, which
 # ``train.world_update.update_corpus`` takes on top of its base world's fields).
-CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "drill_questions", "epoch", "context_column", "update")
+CORPUS_ONLY_KWARGS = ("in_context_fraction", "num_drills", "drill_questions", "epoch", "context_column", "update",
+                      "replay_in_context_fraction")
 
 
 def corpus_world_config(world: dict | None = None, **kwargs) -> WorldConfig:
