@@ -64,7 +64,6 @@ def test_init_from_accepts_other_loss_coefficients(tmp_path):
     assert all(torch.equal(copied[name], saved[name]) for name in saved)
 
 
-
 @pytest.mark.parametrize("rows", [64, 4])
 def test_init_from_resizes_the_reference_ring(tmp_path, rows):
     """A run may keep a longer (or shorter) reference ring than its source: the ring is refilled from the source's
@@ -89,6 +88,7 @@ def test_init_from_resizes_the_reference_ring(tmp_path, rows):
         else:
             assert torch.equal(copied[name], tensor), name
     assert all(float(layer.router.margin_threshold) == pytest.approx(0.37) for layer in model.moe_layers())
+
 
 def test_anchor_loss_is_the_reverse_kl_at_the_anchored_positions():
     torch.manual_seed(0)
