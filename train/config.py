@@ -208,6 +208,9 @@ class TrainConfig:
     compile: run the model's forward under ``torch.compile`` (Inductor), in place, so checkpoints and exports
         are unchanged. With ``ffn=pure_reasoner`` and ``ep_size=1`` the forward is one graph (``fullgraph=True``);
         the first step (and the first knowledge-off pass) pays the compile. Not part of a checkpoint's identity.
+    fused_adam: torch's fused AdamW kernel (one pass over parameters, gradients and moments) instead of its
+        per-operation default: several times faster per optimizer step on CPU, and the same update but for the last
+        bits of each element. Off by default, so runs recorded without it rebuild bit for bit.
     trainable: ``all`` (every parameter) or ``knowledge`` (only the MoE layers' knowledge experts and routers; the
         rest is frozen before the engine is built, ``train.trainable``): a knowledge update of a trained pure
         reasoner (``python -m pure_reasoner.train.update``, docs/knowledge_update.md). Needs MoE layers and
@@ -249,6 +252,7 @@ class TrainConfig:
     init_from: str | None = None
     first_look: int = 200
     compile: bool = False
+    fused_adam: bool = False
     trainable: str = "all"
     calibrate_micro_batches: int = 0
 
@@ -297,7 +301,12 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The DeepSpeed engine: ZeRO stage (1 or 2) and precision (``fp32`` or ``bf16`` with fp32 master weights).
+    """The DeepSpeed engine: ZeRO stage (0, 1 or 2) and precision (``fp32`` or ``bf16`` with fp32 master weights).
+
+    zero_stage 0 is plain data parallelism: one all-reduce of the gradients per step, and every rank keeps the whole
+    optimizer state and steps all of it, so no all-gather of the updated weights follows (ZeRO-1 all-reduces the
+    gradients too, then all-gathers the weights each rank updated). With fp32 only (its checkpoint holds the module's
+    weights, which are the fp32 masters only then).
 
     overlap_comm, reduce_bucket_size, allgather_bucket_size, contiguous_gradients: ZeRO's gradient communication,
     passed to ``zero_optimization`` as they are (DeepSpeed's defaults): with ``overlap_comm`` and ZeRO-2 the
@@ -319,7 +328,9 @@ class DeepSpeedConfig:
     communication_data_type: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (1, 2), f"deepspeed.zero_stage must be 1 or 2, got {self.zero_stage}")
+        _require(self.zero_stage in (0, 1, 2), f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _require(self.zero_stage > 0 or self.precision == "fp32",
+                 f"deepspeed.zero_stage=0 trains in fp32 only, got deepspeed.precision={self.precision!r}")
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, key)
             _require(not isinstance(value, bool) and isinstance(value, int) and value > 0,
@@ -621,6 +632,9 @@ class Config:
             kcfg.num_experts % self.train.ep_size == 0,
             f"model.knowledge.num_experts={kcfg.num_experts} is not divisible by train.ep_size={self.train.ep_size}",
         )
+        _require(self.deepspeed.zero_stage > 0 or self.train.ep_size == 1,
+                 f"deepspeed.zero_stage=0 with train.ep_size={self.train.ep_size}: without ZeRO the gradient norm is "
+                 "taken over each rank's own parameters, which expert parallelism splits")
         _require(
             self.deepspeed.reduce_scatter or self.train.ep_size == 1 or self.deepspeed.zero_stage == 1,
             f"deepspeed.reduce_scatter=false with train.ep_size={self.train.ep_size}: DeepSpeed's ZeRO-2 reduces "

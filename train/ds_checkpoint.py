@@ -74,6 +74,14 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def module_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The module's weights in DeepSpeed's model-states file of one checkpoint directory, in fp32 (the trained
+    weights of fp32 runs without ZeRO partitions; bf16 runs' are rounded)."""
+    with safe_torch_load():
+        module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
 def latest(run_dir: Path) -> tuple[str, dict] | None:
     """(tag, trainer state) of the newest complete checkpoint, or None when there is none."""
     pointer = run_dir / CHECKPOINTS / LATEST

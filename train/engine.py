@@ -20,7 +20,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": t.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: train.plain_dp clips
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -29,6 +29,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
                 "torch_adam": True,
+                **({"fused": True} if t.fused_adam else {}),
             },
         },
         "scheduler": {

@@ -148,12 +148,10 @@ def gather_expert_state(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
     ``layer_<l>_expert_<e>_...`` file; experts are stacked back into GroupedExperts' [E, ...] tensors.
     (These are the module weights: exact for fp32 runs, bf16-rounded for bf16 runs.)
     """
-    from pure_reasoner.train.ds_checkpoint import safe_torch_load
+    from pure_reasoner.train.ds_checkpoint import module_state, safe_torch_load
 
     ckpt = root / tag
-    with safe_torch_load():
-        module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)["module"]
-    state = {k: v.float() for k, v in module.items()}
+    state = module_state(ckpt)
     per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for path in sorted(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         with safe_torch_load():

@@ -3,7 +3,8 @@ our stack (``moe.checkpoint.load_pretrained``, ``train.evaluation.evaluate``) an
 (``AutoConfig``, ``AutoModelForCausalLM``, ``AutoTokenizer``; see ``moe.hf_files`` and docs/huggingface.md) both load.
 
 The fp32 master weights are rebuilt from the DeepSpeed checkpoint itself (DeepSpeed's ``zero_to_fp32``
-merges the ZeRO-1/2 partitions of every rank), so the export is exact for fp32 and bf16 runs alike.
+merges the ZeRO-1/2 partitions of every rank; without ZeRO, ``deepspeed.zero_stage=0``, fp32 only, the module's
+weights are the masters), so the export is exact for fp32 and bf16 runs alike.
 
 CLI: ``python -m pure_reasoner.train.export RUN_DIR [--tag step_00000300] [--out DIR]`` (default ``RUN_DIR/export``).
 """
@@ -67,6 +68,8 @@ def export_checkpoint(run_dir: Path, tag: str | None = None, out_dir: Path | Non
         from pure_reasoner.train.expert_parallel import gather_expert_state
 
         state = gather_expert_state(root, tag, cfg)
+    elif cfg.deepspeed.zero_stage == 0:  # no ZeRO partitions: the module's fp32 weights are the trained ones
+        state = checkpoint.module_state(root / tag)
     else:
         with checkpoint.safe_torch_load():
             state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

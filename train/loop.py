@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pure_reasoner.kernels import engines
 from pure_reasoner.moe import MoEStats, flops, interventions
-from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives
+from pure_reasoner.train import data, distill, ds_checkpoint, init_from, objectives, plain_dp
 from pure_reasoner.train.build_model import build_model
 from pure_reasoner.train.config import FROZEN_ROUTING, UPDATE_GENERATOR, WORLD_GENERATOR, Config, current_generator
 from pure_reasoner.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_zero_first, set_threads
@@ -460,8 +460,12 @@ def _one_step(
             out = out._replace(loss=out.loss + off_loss)
         engine.backward(out.loss)
         acc.add(out.loss, out.aux_loss, off_loss, out.stats)
+        if cfg.deepspeed.zero_stage == 0 and micro == t.grad_accum - 1:  # the gradients are all-reduced by now
+            grad_norm = plain_dp.before_step(engine, t.grad_clip)
         engine.step()
-    acc.reduce(info, engine.get_global_grad_norm())  # the step's one collective and one read-back
+    if cfg.deepspeed.zero_stage > 0:
+        grad_norm = engine.get_global_grad_norm()
+    acc.reduce(info, grad_norm)  # the step's one collective and one read-back
     if t.on_nonfinite == "abort" and acc.host_sums[4] > 0:
         # Every rank sees the same reduced sums, so all stop together and none waits on a dead peer. The step's
         # weights are never checkpointed (DeepSpeed also drops an update whose gradients are non-finite).
@@ -472,8 +476,9 @@ def _one_step(
             f"{found[0] if found else 'none'}"
         )
     if not engine.was_step_applied():
-        # DeepSpeed found non-finite gradients (the overflow flag is agreed over ranks) and dropped the update.
-        what = f"non-finite gradients at step {step}; DeepSpeed dropped the update"
+        # Non-finite gradients (agreed over ranks: DeepSpeed's overflow flag, or without ZeRO the norm of the
+        # all-reduced gradients, train.plain_dp) and the update was dropped.
+        what = f"non-finite gradients at step {step}; the update was dropped"
         if t.on_nonfinite == "abort":
             found = ds_checkpoint.latest(run_dir)
             raise TrainingAborted(f"{what}; last good checkpoint: {found[0] if found else 'none'}")

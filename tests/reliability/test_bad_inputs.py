@@ -64,7 +64,7 @@ CONFIG_CASES = {
     "negative_batch": (["train.micro_batch_size=-1"], ValueError, r"train.micro_batch_size must be > 0, got -1"),
     "zero_seq_len": (["data.seq_len=0"], ValueError, r"data.seq_len must be > 0, got 0"),
     "seq_over_max": (["data.seq_len=100000"], ValueError, r"data.seq_len=100000 exceeds model.max_seq_len"),
-    "zero3_with_moe": (["deepspeed.zero_stage=3"], ValueError, r"deepspeed.zero_stage must be 1 or 2, got 3"),
+    "zero3_with_moe": (["deepspeed.zero_stage=3"], ValueError, r"deepspeed.zero_stage must be 0, 1 or 2, got 3"),
     "missing_deepspeed_file": (["deepspeed=[zero9]"], MissingConfigException, r"deepspeed/zero9"),
     "unknown_precision": (["deepspeed.precision=fp16"], ValueError, r"got 'fp16'"),
     "unknown_nonfinite_policy": (["train.on_nonfinite=ignore"], ValueError, r"got 'ignore'"),

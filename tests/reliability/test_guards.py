@@ -63,12 +63,13 @@ def _nan_grads_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(moe_model.PureReasonerLM, "forward", forward)
 
 
-def test_nonfinite_gradients_abort_within_the_step(tmp_path, monkeypatch, dist_info):
+@pytest.mark.parametrize("zero", ["deepspeed=zero1", "deepspeed=zero0"])
+def test_nonfinite_gradients_abort_within_the_step(tmp_path, monkeypatch, dist_info, zero):
     _nan_grads_at(monkeypatch, 7)  # step index 6, after the checkpoint of step 4
     with pytest.raises(
         TrainingAborted, match=r"non-finite gradients at step 6; .* last good checkpoint: step_00000004"
     ):
-        run_in_process(tmp_path, "train.max_steps=8")
+        run_in_process(tmp_path, "train.max_steps=8", zero)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
@@ -78,7 +79,26 @@ def test_nonfinite_gradients_skip_warns_and_goes_on(tmp_path, monkeypatch, dist_
         summary = run_in_process(tmp_path, "train.max_steps=4", "train.warmup_steps=1", "train.on_nonfinite=skip")
     assert all(torch.isfinite(torch.tensor(summary.losses)))  # the loss itself was finite throughout
     assert [int(r["skipped"]) for r in metrics(tmp_path)] == [0, 0, 1, 0]
-    assert "non-finite gradients at step 2; DeepSpeed dropped the update (train.on_nonfinite=skip)" in caplog.text
+    assert "non-finite gradients at step 2; the update was dropped (train.on_nonfinite=skip)" in caplog.text
+
+
+def test_nonfinite_gradients_skip_without_zero_as_zero_does(tmp_path, dist_info):
+    """Without ZeRO (``train.plain_dp``) the step with non-finite gradients is dropped as DeepSpeed's ZeRO-1 drops it:
+    the same steps skipped, and the same losses and gradient norms after it (the weights and the optimizer state
+    were left as they were; only the float summation order of the two optimizers differs)."""
+    runs = {}
+    for zero in ("zero1", "zero0"):
+        with pytest.MonkeyPatch.context() as patch:
+            _nan_grads_at(patch, 3)
+            run_in_process(tmp_path / zero, "train.max_steps=5", "train.warmup_steps=1", "train.on_nonfinite=skip",
+                           f"deepspeed={zero}", "train.export=false")
+        runs[zero] = metrics(tmp_path / zero)
+    for zero in runs:
+        assert [int(r["skipped"]) for r in runs[zero]] == [0, 0, 1, 0, 0], zero
+    for row, ref in zip(runs["zero0"], runs["zero1"], strict=True):
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        if not int(ref["skipped"]):
+            assert row["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
 
 
 def test_collapse_warning_reaches_the_log(tmp_path, monkeypatch, dist_info, caplog):

@@ -41,8 +41,12 @@ OVERLAPPED = ("deepspeed=zero2", "deepspeed.overlap_comm=true", "deepspeed.reduc
 BF16_WIRE = ("deepspeed=zero2", "deepspeed.reduce_scatter=false", "deepspeed.communication_data_type=bf16")
 
 
-@pytest.mark.parametrize("ep_size, zero", [(1, ()), (2, ()), (1, OVERLAPPED), (1, BF16_WIRE)],
-                         ids=["dp", "ep", "zero2-overlap", "zero2-bf16-wire"])
+# No ZeRO: the gradients all-reduced once per step, every rank stepping the whole optimizer.
+PLAIN_DP = ("deepspeed=zero0",)
+
+
+@pytest.mark.parametrize("ep_size, zero", [(1, ()), (2, ()), (1, OVERLAPPED), (1, BF16_WIRE), (1, PLAIN_DP)],
+                         ids=["dp", "ep", "zero2-overlap", "zero2-bf16-wire", "zero0"])
 def test_two_ranks_track_one_rank(tmp_path, one_rank, expert_parallel, ep_size, zero):
     """bf16 on the wire rounds each rank's gradient to 8 mantissa bits before the sum; over these 12 steps that stays
     inside the same tolerance as a change of summation order (measured; a looser bound would hide more)."""

@@ -213,3 +213,30 @@ def test_zero2_bf16_exports_fp32_master_weights(tmp_path, dist_info):
         torch.testing.assert_close(exported[name].to(working.dtype), working, rtol=0, atol=0, msg=name)
     w = exported["blocks.0.attn.wq.weight"]
     assert (w != w.bfloat16().float()).any()  # the fp32 master copy, not the bf16 working weights
+
+
+def test_zero0_resumes_exactly_and_exports_the_engine(tmp_path, dist_info):
+    """Without ZeRO (``deepspeed=zero0``) the checkpoint holds the module's weights and the whole optimizer: a crashed
+    run resumes bitwise, and the export is the engine's weights (no ZeRO partitions for ``zero_to_fp32`` to merge)."""
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
+    with pytest.MonkeyPatch.context() as patch:
+        captured, real = {}, train_export.export_from_engine
+
+        def export_from_engine(engine, *args, **kwargs):
+            captured.update({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+            return real(engine, *args, **kwargs)
+
+        patch.setattr(train_export, "export_from_engine", export_from_engine)
+        ref = run_in_process(ref_dir, "deepspeed=zero0")
+    assert not list((ref_dir / "checkpoints" / "step_00000012").glob("zero_pp_rank_*"))  # no ZeRO partitions
+    exported = load_pretrained(ref_dir / "export").state_dict()
+    assert exported.keys() == captured.keys()
+    for name, tensor in captured.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
+    with pytest.MonkeyPatch.context() as patch:
+        crash_at_step(patch, 10)
+        with pytest.raises(Crash):
+            run_in_process(run_dir, "deepspeed=zero0")
+    resumed = run_in_process(run_dir, "deepspeed=zero0")
+    assert resumed.resumed_from == "step_00000008"
+    assert resumed.losses == ref.losses[8:]
