@@ -20,9 +20,10 @@ def uninterrupted(tmp_path_factory, dist_info):
     return run_dir, summary
 
 
-def _capture_trained_state(patch) -> dict:
+def _capture_trained_state(patch, masters: bool = True) -> dict:
     """Make the end-of-training export first copy what the engine holds: its module's state (weights and
-    controller buffers) and DeepSpeed's fp32 master copy of every parameter."""
+    controller buffers) and, with ``masters`` (ZeRO runs; without ZeRO the module's weights are the only copy),
+    DeepSpeed's fp32 master copy of every parameter."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from pure_reasoner.train import export as train_export
@@ -31,8 +32,9 @@ def _capture_trained_state(patch) -> dict:
 
     def export_from_engine(engine, *args, **kwargs):
         captured["state"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        captured["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone()
-                            for n, p in engine.module.named_parameters()}
+        if masters:
+            captured["fp32"] = {n: safe_get_full_fp32_param(p).detach().clone()
+                                for n, p in engine.module.named_parameters()}
         return real(engine, *args, **kwargs)
 
     patch.setattr(train_export, "export_from_engine", export_from_engine)
@@ -220,18 +222,12 @@ def test_zero0_resumes_exactly_and_exports_the_engine(tmp_path, dist_info):
     run resumes bitwise, and the export is the engine's weights (no ZeRO partitions for ``zero_to_fp32`` to merge)."""
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "crashed"
     with pytest.MonkeyPatch.context() as patch:
-        captured, real = {}, train_export.export_from_engine
-
-        def export_from_engine(engine, *args, **kwargs):
-            captured.update({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
-            return real(engine, *args, **kwargs)
-
-        patch.setattr(train_export, "export_from_engine", export_from_engine)
+        trained = _capture_trained_state(patch, masters=False)
         ref = run_in_process(ref_dir, "deepspeed=zero0")
     assert not list((ref_dir / "checkpoints" / "step_00000012").glob("zero_pp_rank_*"))  # no ZeRO partitions
     exported = load_pretrained(ref_dir / "export").state_dict()
-    assert exported.keys() == captured.keys()
-    for name, tensor in captured.items():
+    assert exported.keys() == trained["state"].keys()
+    for name, tensor in trained["state"].items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     with pytest.MonkeyPatch.context() as patch:
         crash_at_step(patch, 10)
