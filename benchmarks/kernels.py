@@ -11,7 +11,8 @@ GPU also ``triton`` and ``megablocks``; each prints a "skipped: ..." line when i
 Each row reports the realized FLOPs and the least bytes the op must move (each input and each weight
 of a used expert read once, each output and gradient written once), the achieved GFLOP/s and GB/s, the
 roofline time ``max(FLOPs / P, bytes / W)`` with P and W measured in the same run
-(``benchmarks.common.measure_roofline``), and time / roofline.
+(``benchmarks.common.measure_roofline``), and time / roofline. fwd+bwd rows also give time over the two
+passes' rooflines added up (``x_pass_bound``: the backward reads the weights again, ``common.with_pass_bound``).
 
 On CPU, run under ``source scripts/cpu_env.sh`` (jemalloc that keeps freed pages, on huge pages): a
 backward writes fresh [E, D, F] weight gradients, and PyTorch's own allocator returns them to the OS
@@ -40,6 +41,7 @@ from pure_reasoner.benchmarks.common import (
     ours_engine,
     print_table,
     time_interleaved,
+    with_pass_bound,
     write_json,
 )
 from pure_reasoner.kernels import NOT_CONSULTED, knowledge_mlp
@@ -229,7 +231,7 @@ def bench_mlp(w: Workload, rate: float, inputs, roof: Roofline, repeats: int, de
     for (provider, mode), t in timings.items():
         flops, bytes_ = mlp_cost(w, inputs[1], mode, itemsize)
         rows.append(_row(w, rate, "knowledge_mlp", provider, mode, t, flops, bytes_, roof, where))
-    return rows
+    return with_pass_bound(rows, ("device", "workload", "rate", "op", "provider"), "roofline_ms", "ms")
 
 
 def _where(device: str, dtype: torch.dtype) -> str:
@@ -251,7 +253,7 @@ def run(workloads, repeats: int, device: str, dtype: torch.dtype, quick: bool) -
 
 
 COLUMNS = ["device", "workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s"]
-COLUMNS += ["roofline_ms", "x_roofline", "engine"]
+COLUMNS += ["roofline_ms", "x_roofline", "x_pass_bound", "engine"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ from pure_reasoner.benchmarks.common import (
     measure_roofline,
     peak_memory,
     time_interleaved,
+    with_pass_bound,
     write_json,
 )
 from pure_reasoner.benchmarks.layer_report import check_targets, plot, print_report
@@ -205,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     roof = Roofline(max(roof_before.matmul_gflops, roof_after.matmul_gflops),
                     max(roof_before.copy_gbs, roof_after.copy_gbs),
                     {k: max(v, roof_after.engines.get(k, 0.0)) for k, v in roof_before.engines.items()})
-    records = [_judge(r, roof) for r in records]
+    records = with_pass_bound([_judge(r, roof) for r in records], ("case", "provider", "consult_rate"), "roofline_s",
+                              "time_s")
     targets = check_targets(records, memory_checks)
     print_report(records, targets, roof_before, roof_after)
     meta = {

@@ -131,7 +131,7 @@ def print_report(records: Sequence[dict], targets: Sequence[dict], roof_before: 
             "act MiB": r["activation_bytes"] / 2**20 if "activation_bytes" in r else "",
         } for r in records if r["case"] == case]
         print_table(rows, ["provider", "rate", "mode", "time_s", "spread", "tokens_per_s", "gflops_per_s", "peak%",
-                           "roofline_s", "vs_roofline", "act MiB"], title=f"layer: {case}")
+                           "roofline_s", "vs_roofline", "x_pass_bound", "act MiB"], title=f"layer: {case}")
         sp = [{**s, "rate": _rate(s["rate"])} for s in speedups(records, case)]
         if sp:
             print_table(sp, ["rate", "peer", "measured", "roofline", "share", "flop_ratio"],
@@ -203,7 +203,7 @@ def markdown(result: dict) -> str:
                     "act MiB": r["activation_bytes"] / 2**20 if "activation_bytes" in r else ""}
                    for r in records if (r["case"], r["mode"]) == (case, mode)],
                   ["provider", "rate", "time_s", "spread", "tokens_per_s", "gflops_per_s", "peak %", "roofline_s",
-                   "vs_roofline", "act MiB", "engine"])
+                   "vs_roofline", "x_pass_bound", "act MiB", "engine"])
         sp = speedups(records, case)
         if sp:
             lines.extend([f"**{case}, fwd+bwd: speedup of ours over peers, measured vs roofline**", ""])

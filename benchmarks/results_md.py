@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pure_reasoner.benchmarks.layer_report import markdown as layer_markdown
 
 KERNEL_COLUMNS = ["workload", "rate", "op", "provider", "mode", "ms", "min_ms", "GFLOP/s", "GB/s", "roofline_ms",
-                  "x_roofline", "engine"]
+                  "x_roofline", "x_pass_bound", "engine"]
 
 
 def _fmt(value) -> str:
@@ -30,7 +30,7 @@ def kernels_markdown(result: dict) -> str:
         lines.append(f"roofline ({where}): P = {roof['matmul_gflops']:.1f} GFLOP/s ({engines}), "
                      f"W = {roof['copy_gbs']:.1f} GB/s")
     lines += ["", "| " + " | ".join(KERNEL_COLUMNS) + " |", "|" + "---|" * len(KERNEL_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in KERNEL_COLUMNS) + " |" for r in result["records"]]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in KERNEL_COLUMNS) + " |" for r in result["records"]]
     return "\n".join(lines)
 
 

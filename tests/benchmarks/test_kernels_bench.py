@@ -24,6 +24,9 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     for r in data["records"]:
         assert r["ms"] > 0 and r["roofline_ms"] > 0 and r["x_roofline"] > 0, r
         assert r["op"] == "routing" or r["flops"] > 0
+        # Two passes cannot move fewer bytes nor do fewer FLOPs than one: their bound is at least the roofline.
+        assert ("x_pass_bound" in r) == (r["mode"] == "fwd+bwd" and r["op"] == "knowledge_mlp"), r
+        assert r.get("pass_bound_ms", r["roofline_ms"]) >= r["roofline_ms"] * (1 - 1e-12), r
     # The CPU and the engine each provider ran on are named (kernels.engines chose ours on this machine).
     chosen = data["machine"]["gemm_engines"]
     assert data["machine"]["cpu_model"] and {chosen["grouped"], chosen["grouped_wgrad"]} <= {"mkl", "onednn",

@@ -100,6 +100,10 @@ def test_quick_run_writes_every_record(tmp_path):
     small = {r["provider"] for r in records if r["case"] == "small"}
     assert {"oracle", "qwen2moe-eager"} <= small
     assert all("activation_bytes" in r for r in records if r["mode"] == "fwd+bwd")
+    for case, (modes, _, _) in layer.QUICK_PLAN.items():  # where both passes ran, fwd+bwd has their bound
+        both = [r for r in records if (r["case"], r["mode"]) == (case, "fwd+bwd")]
+        if {"fwd", "bwd"} <= set(modes):
+            assert all(r["pass_bound_s"] >= r["roofline_s"] * (1 - 1e-12) for r in both), case
     assert {t["target"] for t in out["targets"]} >= {"ours <= 1.5x roofline", "rate 0 <= 1.10x reasoning alone"}
     assert plot_path.stat().st_size > 0
 
