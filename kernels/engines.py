@@ -13,9 +13,11 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
   ``small`` is offered where a C++ compiler is.
 - ``grouped_wgrad``: the same rows' weight gradients (``aᵀ b`` per expert), same engines.
 - ``grouped_large``: per-expert GEMMs of a hundred rows and more against the same weights (what ``small`` hands
-  on), engines ``mkl`` and ``onednn``, one call per expert. Not the ``dense`` pick: oneDNN takes the weight as
-  [O, I] and an expert's is [I, O], so the two engines' order can differ between the classes (a 2-core Intel Xeon
-  measured them level on dense GEMMs, oneDNN 10% behind on expert GEMMs of 128 rows).
+  on), engines ``mkl`` and ``onednn``, one call per expert, timed over the three GEMMs such an expert runs in a
+  training step (x @ w, dy @ wᵀ, the weight gradient) through ``small``'s hand-off where it is built. Not the
+  ``dense`` pick: oneDNN takes the weight as [O, I] and an expert's is [I, O], so the two engines' order can differ
+  between the classes and between the three GEMMs (a 2-core Intel Xeon: oneDNN 7% behind MKL on x @ w, 6% ahead on
+  dy @ wᵀ, 22% behind on the weight gradient; timed on x @ w alone, the pick flipped with a 3% difference).
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
 now, engines interleaved, the fastest of a few calls kept. A grouped call streams 128 MiB of weights (or writes
@@ -58,7 +60,8 @@ _CLASS_SHAPES = {"dense": dict(rows=512, in_dim=1024, out_dim=1024),
                  "grouped": dict(experts=32, rows=16, in_dim=1024, out_dim=1024),
                  "grouped_wgrad": dict(experts=32, rows=16, in_dim=1024, out_dim=1024),
                  "grouped_large": dict(experts=8, rows=128, in_dim=1024, out_dim=1024)}
-_CACHE_VERSION = 3  # 2: the ``small`` engine joined the grouped classes; 3: the ``grouped_large`` class
+_CACHE_VERSION = 4  # 2: the ``small`` engine joined the grouped classes; 3: the ``grouped_large`` class; 4: that
+# class timed over the three GEMMs of a training step
 
 Timer = Callable[[str, str, Callable[[], object]], float]
 
@@ -138,13 +141,34 @@ def _cases(shape_class: str) -> tuple[dict[str, Callable[[], object]], float]:
     num_rows = s["experts"] * s["rows"]
     offsets = torch.arange(1, s["experts"] + 1, dtype=torch.int32) * s["rows"]
     x = torch.randn(num_rows, s["in_dim"], generator=gen)
-    if shape_class in ("grouped", "grouped_large"):
+    if shape_class == "grouped_large":
         w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)  # faster than randn
+        dy = torch.randn(num_rows, s["out_dim"], generator=gen)
+        fns = {e: _large_step(e, x, w, dy, offsets) for e in available(shape_class)}
+        return fns, 3 * 2.0 * num_rows * s["in_dim"] * s["out_dim"]
+    if shape_class == "grouped":
+        w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)
         fns = {e: (lambda e=e: torch_mlp.grouped_matmul_with(e, x, w, offsets)) for e in available(shape_class)}
     else:
         b = torch.randn(num_rows, s["out_dim"], generator=gen)
         fns = {e: (lambda e=e: torch_mlp.grouped_matmul_wgrad_with(e, x, b, offsets)) for e in available(shape_class)}
     return fns, 2.0 * num_rows * s["in_dim"] * s["out_dim"]
+
+
+def _large_step(engine: str, x_RI, w_EIO, dy_RO, offsets_E) -> Callable[[], object]:
+    """x @ w, dy @ wᵀ and the weight gradient of experts with many rows, on ``engine``: through ``small``'s hand-off
+    (every expert above its row limit) where ``small`` is built, else through the engine's own grouped calls."""
+    from pure_reasoner.kernels import small_gemm
+    from pure_reasoner.kernels.expert_mlp import torch_mlp
+
+    if small_gemm.available():
+        large = torch_mlp.large_matmul(engine)
+        return lambda: (small_gemm.grouped_matmul(x_RI, w_EIO, offsets_E, max_rows=0, large=large),
+                        small_gemm.grouped_matmul(dy_RO, w_EIO.transpose(1, 2), offsets_E, max_rows=0, large=large),
+                        small_gemm.grouped_matmul_wgrad(x_RI, dy_RO, offsets_E, max_rows=0, large=large))
+    return lambda: (torch_mlp.grouped_matmul_with(engine, x_RI, w_EIO, offsets_E),
+                    torch_mlp.grouped_matmul_with(engine, dy_RO, w_EIO.transpose(1, 2), offsets_E),
+                    torch_mlp.grouped_matmul_wgrad_with(engine, x_RI, dy_RO, offsets_E))
 
 
 def wall_timer(shape_class: str, engine: str, fn: Callable[[], object]) -> float:

@@ -66,7 +66,7 @@ def _mm_onednn_into(a_MI: torch.Tensor, b_IO: torch.Tensor, out_MO: torch.Tensor
     out_MO.copy_(onednn_gemm.matmul(a_MI, b_IO))  # the op has no out= form
 
 
-def _matmul(engine: str) -> small_gemm.MatmulInto:
+def large_matmul(engine: str) -> small_gemm.MatmulInto:
     """One expert's matmul written into a given output, on the named engine, ``mkl`` (``torch.mm(out=)``: no copy)
     or ``onednn`` (what ``small`` hands its experts with many rows to)."""
     return _mm_onednn_into if engine == "onednn" else small_gemm.mm_into
@@ -78,7 +78,7 @@ def grouped_matmul_with(engine: str, x_RI: torch.Tensor, w_EIO: torch.Tensor, of
     allow), ``small`` (``kernels.small_gemm``; experts with many rows on the engine ``large``) or ``mkl`` (a
     ``torch.mm`` per expert, reading the offsets on the host)."""
     if engine == "small":
-        return small_gemm.grouped_matmul(x_RI, w_EIO, offsets_E, large=_matmul(large))
+        return small_gemm.grouped_matmul(x_RI, w_EIO, offsets_E, large=large_matmul(large))
     if engine == "onednn":
         return onednn_gemm.grouped_matmul(x_RI, w_EIO, offsets_E)
     if engine == "grouped_mm" and _grouped_mm_ok(x_RI.dtype, *x_RI.shape[1:], *w_EIO.shape[1:]):
@@ -112,7 +112,7 @@ def grouped_matmul_wgrad_with(engine: str, a_RI: torch.Tensor, b_RO: torch.Tenso
                               large: str = "mkl") -> torch.Tensor:
     """``grouped_matmul_wgrad`` on the named engine (see ``grouped_matmul_with``)."""
     if engine == "small":
-        return small_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E, large=_matmul(large))
+        return small_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E, large=large_matmul(large))
     if engine == "onednn":
         return onednn_gemm.grouped_matmul_wgrad(a_RI, b_RO, offsets_E)
     if engine == "grouped_mm" and _grouped_mm_ok(a_RI.dtype, *a_RI.shape[1:], *b_RO.shape[1:]):

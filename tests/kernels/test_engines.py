@@ -65,6 +65,29 @@ def test_measure_uses_the_fastest_call_not_the_first():
     assert choice.gflops["dense"]["onednn"] == pytest.approx(2 * 512 * 1024**2 / 1.0 / 1e9, abs=0.05)  # rounded to 0.1
 
 
+@pytest.mark.parametrize("engine", engines.ENGINES["grouped_large"])
+def test_large_experts_are_timed_over_a_training_steps_three_gemms(engine):
+    """The ``grouped_large`` case computes x @ w, dy @ wᵀ and xᵀ dy per expert (a float64 einsum is the oracle), on
+    the engine named, and counts the FLOPs of all three."""
+    if engine not in engines.available("grouped_large"):
+        pytest.skip(f"{engine} is not available in this build")
+    fns, flops = engines._cases("grouped_large")
+    shape = engines._CLASS_SHAPES["grouped_large"]
+    y_RO, dx_RI, dw_EIO = fns[engine]()
+    num_experts, rows = shape["experts"], shape["rows"]
+    gen = torch.Generator().manual_seed(0)  # the case's own inputs, drawn again in its order
+    x = torch.randn(num_experts * rows, shape["in_dim"], generator=gen).double()
+    w = torch.empty(num_experts, shape["in_dim"], shape["out_dim"]).uniform_(-1, 1, generator=gen).double()
+    dy = torch.randn(num_experts * rows, shape["out_dim"], generator=gen).double()
+    x_ERI, dy_ERO = x.view(num_experts, rows, -1), dy.view(num_experts, rows, -1)
+    torch.testing.assert_close(y_RO.double(), torch.einsum("eri,eio->ero", x_ERI, w).reshape_as(dy), rtol=1e-4,
+                               atol=1e-3)
+    torch.testing.assert_close(dx_RI.double(), torch.einsum("ero,eio->eri", dy_ERO, w).reshape_as(x), rtol=1e-4,
+                               atol=1e-3)
+    torch.testing.assert_close(dw_EIO.double(), torch.einsum("eri,ero->eio", x_ERI, dy_ERO), rtol=1e-4, atol=1e-3)
+    assert flops == 3 * 2 * num_experts * rows * shape["in_dim"] * shape["out_dim"]
+
+
 def test_measurement_stops_repeating_past_its_budget():
     timer = FakeTimer()
     engines.measure(timer, repeats=50, budget_s=1.0)  # every fake call takes >= 0.5 s: two rounds per class
