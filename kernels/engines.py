@@ -16,8 +16,9 @@ Intel Xeon of the same size MKL is ~15% ahead. So each shape class gets the engi
   on), engines ``mkl`` and ``onednn``, one call per expert, timed over the three GEMMs such an expert runs in a
   training step (x @ w, dy @ wᵀ, the weight gradient) through ``small``'s hand-off where it is built. Not the
   ``dense`` pick: oneDNN takes the weight as [O, I] and an expert's is [I, O], so the two engines' order can differ
-  between the classes and between the three GEMMs (a 2-core Intel Xeon: oneDNN 7% behind MKL on x @ w, 6% ahead on
-  dy @ wᵀ, 22% behind on the weight gradient; timed on x @ w alone, the pick flipped with a 3% difference).
+  between the classes and between the three GEMMs (a 2-core Intel Xeon, through ``small``'s hand-off: oneDNN 5%
+  behind MKL on x @ w, 2% ahead on dy @ wᵀ, 22% behind on the weight gradient; timed on x @ w alone, the pick
+  flipped on a 3% difference).
 
 Each class is timed at one representative shape (``_CLASS_SHAPES``) with the threads the process uses
 now, engines interleaved, the fastest of a few calls kept. A grouped call streams 128 MiB of weights (or writes
@@ -141,13 +142,12 @@ def _cases(shape_class: str) -> tuple[dict[str, Callable[[], object]], float]:
     num_rows = s["experts"] * s["rows"]
     offsets = torch.arange(1, s["experts"] + 1, dtype=torch.int32) * s["rows"]
     x = torch.randn(num_rows, s["in_dim"], generator=gen)
-    if shape_class == "grouped_large":
+    if shape_class in ("grouped", "grouped_large"):
         w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)  # faster than randn
-        dy = torch.randn(num_rows, s["out_dim"], generator=gen)
-        fns = {e: _large_step(e, x, w, dy, offsets) for e in available(shape_class)}
-        return fns, 3 * 2.0 * num_rows * s["in_dim"] * s["out_dim"]
-    if shape_class == "grouped":
-        w = torch.empty(s["experts"], s["in_dim"], s["out_dim"]).uniform_(-1, 1, generator=gen)
+        if shape_class == "grouped_large":
+            dy = torch.randn(num_rows, s["out_dim"], generator=gen)
+            fns = {e: _large_step(e, x, w, dy, offsets) for e in available(shape_class)}
+            return fns, 3 * 2.0 * num_rows * s["in_dim"] * s["out_dim"]
         fns = {e: (lambda e=e: torch_mlp.grouped_matmul_with(e, x, w, offsets)) for e in available(shape_class)}
     else:
         b = torch.randn(num_rows, s["out_dim"], generator=gen)

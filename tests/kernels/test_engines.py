@@ -65,12 +65,18 @@ def test_measure_uses_the_fastest_call_not_the_first():
     assert choice.gflops["dense"]["onednn"] == pytest.approx(2 * 512 * 1024**2 / 1.0 / 1e9, abs=0.05)  # rounded to 0.1
 
 
+@pytest.mark.parametrize("small_built", [True, False], ids=["small-hand-off", "no-small"])
 @pytest.mark.parametrize("engine", engines.ENGINES["grouped_large"])
-def test_large_experts_are_timed_over_a_training_steps_three_gemms(engine):
+def test_large_experts_are_timed_over_a_training_steps_three_gemms(engine, small_built, monkeypatch):
     """The ``grouped_large`` case computes x @ w, dy @ wᵀ and xᵀ dy per expert (a float64 einsum is the oracle), on
-    the engine named, and counts the FLOPs of all three."""
-    if engine not in engines.available("grouped_large"):
-        pytest.skip(f"{engine} is not available in this build")
+    the engine named, through ``small``'s hand-off or, where ``small`` is not built, the engine's own grouped calls,
+    and counts the FLOPs of all three."""
+    from pure_reasoner.kernels import small_gemm
+
+    if engine not in engines.available("grouped_large") or (small_built and not small_gemm.available()):
+        pytest.skip(f"{engine} (or the small engine) is not available in this build")
+    if not small_built:
+        monkeypatch.setattr(small_gemm, "available", lambda: False)
     fns, flops = engines._cases("grouped_large")
     shape = engines._CLASS_SHAPES["grouped_large"]
     y_RO, dx_RI, dw_EIO = fns[engine]()
